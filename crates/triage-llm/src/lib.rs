@@ -1,0 +1,39 @@
+//! The language-model side of triage: open a GGUF file defensively, read its metadata, build
+//! its tokenizer from the GGUF itself, and render prompts with its own chat template.
+
+mod chat;
+mod gguf;
+mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use gguf::{GgufFile, ModelInfo};
+pub use tokenizer::Tokenizer;
+
+/// Errors from loading or using a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a usable GGUF model.
+    #[error("{path}: {message}")]
+    BadGguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Tokenizer failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Chat template failure.
+    #[error("chat template: {0}")]
+    Template(String),
+}

@@ -1,0 +1,88 @@
+//! `triage`: turn free-text IT incidents into strict, schema-valid JSON tickets.
+//!
+//! A thin command-line layer over the library crates: `triage-taxonomy` (taxonomy, schema,
+//! validation), `triage-registry` (model download and cache) and `triage-llm` (GGUF,
+//! tokenizer, chat template). Results go to stdout, logs and progress to stderr.
+
+mod model_cmd;
+mod taxonomy_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Turn free-text IT incidents into strict, schema-valid JSON tickets.
+#[derive(Parser)]
+#[command(name = "triage", version, about, propagate_version = true)]
+struct Cli {
+    /// Taxonomy file (TOML). Default: the built-in `configs/taxonomy/default.toml`.
+    #[arg(long, global = true, env = "TRIAGE_TAXONOMY", value_name = "FILE")]
+    taxonomy: Option<PathBuf>,
+    /// Model: a registry name or alias (`triage model list`) or a path to a .gguf file.
+    #[arg(long, global = true, env = "TRIAGE_MODEL", value_name = "NAME|PATH")]
+    model: Option<String>,
+    /// Model registry file. Default: the built-in `configs/models.toml`.
+    #[arg(long, global = true, env = "TRIAGE_REGISTRY", value_name = "FILE")]
+    registry: Option<PathBuf>,
+    /// Cache directory for models. Default: $XDG_CACHE_HOME/triage or ~/.cache/triage.
+    #[arg(long, global = true, env = "TRIAGE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the ticket JSON Schema generated from the taxonomy.
+    Schema,
+    /// Validate a ticket (JSON from stdin or FILE); exit 1 and list every violation if invalid.
+    Validate {
+        /// Ticket file; `-` or absent reads stdin.
+        file: Option<PathBuf>,
+    },
+    /// Check a taxonomy file and summarise it.
+    Taxonomy {
+        /// Taxonomy file to check (default: --taxonomy, else the built-in one).
+        file: Option<PathBuf>,
+    },
+    /// Download, locate, verify and inspect models.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,triage=info,triage_registry=info",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match &cli.command {
+        Command::Schema => taxonomy_cmd::schema(&cli),
+        Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
+        Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),
+        Command::Model(cmd) => model_cmd::run(&cli, cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
