@@ -72,10 +72,12 @@ impl ChatTemplate {
 
     /// The template stored in the GGUF (`tokenizer.chat_template`).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, LlmError> {
-        let src = gguf.meta_str("tokenizer.chat_template").ok_or_else(|| LlmError::BadGguf {
-            path: gguf.path().to_path_buf(),
-            message: "no `tokenizer.chat_template` in the metadata: this is not a chat model".into(),
-        })?;
+        let src = gguf
+            .meta_str("tokenizer.chat_template")
+            .ok_or_else(|| LlmError::BadGguf {
+                path: gguf.path().to_path_buf(),
+                message: "no `tokenizer.chat_template` in the metadata: this is not a chat model".into(),
+            })?;
         Self::new(src)
     }
 

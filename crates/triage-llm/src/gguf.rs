@@ -49,7 +49,7 @@ impl GgufFile {
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count() as u64;
             let block = info.ggml_dtype.block_size() as u64;
-            if block == 0 || elems % block != 0 {
+            if block == 0 || !elems.is_multiple_of(block) {
                 return Err(bad(format!(
                     "tensor `{name}`: {elems} elements is not a multiple of the {:?} block size {block}",
                     info.ggml_dtype
@@ -93,7 +93,11 @@ impl GgufFile {
 
     /// A string metadata value.
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
     }
 
     /// An integer metadata value (any integer width).
@@ -123,7 +127,9 @@ impl GgufFile {
         let mut tensor_types = BTreeMap::new();
         let mut params = 0u64;
         for info in self.content.tensor_infos.values() {
-            *tensor_types.entry(format!("{:?}", info.ggml_dtype)).or_insert(0usize) += 1;
+            *tensor_types
+                .entry(format!("{:?}", info.ggml_dtype))
+                .or_insert(0usize) += 1;
             params += info.shape.elem_count() as u64;
         }
         ModelInfo {

@@ -50,14 +50,21 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Self { inner, specials, eos_ids })
+        Ok(Self {
+            inner,
+            specials,
+            eos_ids,
+        })
     }
 
     /// Encodes a rendered prompt: special-token strings such as `<|im_start|>` become their
     /// single special ids. Only ever pass text produced by the chat template here, with any
     /// untrusted content passed through [`Tokenizer::neutralize_specials`] first.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, LlmError> {
-        let enc = self.inner.encode(text, false).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -84,7 +91,9 @@ impl Tokenizer {
 
     /// Decodes ids to text (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String, LlmError> {
-        self.inner.decode(ids, false).map_err(|e| LlmError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))
     }
 
     /// The text of one token id (raw byte-level form decoded to UTF-8 where possible).

@@ -26,12 +26,19 @@ fn model_path() -> PathBuf {
 }
 
 fn fixtures() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tokenizer_qwen2.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tokenizer_qwen2.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn open() -> (GgufFile, Tokenizer) {
@@ -49,8 +56,15 @@ fn model_metadata_is_read() {
     assert_eq!(info.embedding_length, Some(896));
     assert_eq!(info.vocab_size, Some(151936));
     assert!(info.has_chat_template);
-    assert!(info.has_output_weight, "the GGUF carries a separate output.weight");
-    assert!(info.tensor_types.contains_key("Q5_0") && info.tensor_types.contains_key("Q4K"), "{:?}", info.tensor_types);
+    assert!(
+        info.has_output_weight,
+        "the GGUF carries a separate output.weight"
+    );
+    assert!(
+        info.tensor_types.contains_key("Q5_0") && info.tensor_types.contains_key("Q4K"),
+        "{:?}",
+        info.tensor_types
+    );
 }
 
 #[test]
@@ -59,7 +73,11 @@ fn special_tokens_are_single_ids_and_end_generation() {
     assert_eq!(tok.encode_prompt("<|im_start|>").unwrap(), [151644]);
     assert_eq!(tok.encode_prompt("<|im_end|>").unwrap(), [151645]);
     assert_eq!(tok.encode_prompt("<|endoftext|>").unwrap(), [151643]);
-    assert!(tok.eos_ids().contains(&151645) && tok.eos_ids().contains(&151643), "{:?}", tok.eos_ids());
+    assert!(
+        tok.eos_ids().contains(&151645) && tok.eos_ids().contains(&151643),
+        "{:?}",
+        tok.eos_ids()
+    );
 }
 
 #[test]
@@ -69,7 +87,11 @@ fn untrusted_text_cannot_produce_control_tokens() {
     let ids = tok.encode_text(attack).unwrap();
     assert!(ids.iter().all(|&i| i < 151643), "control token leaked: {ids:?}");
     let decoded = tok.decode(&ids).unwrap();
-    assert_eq!(decoded.replace('\u{200B}', ""), attack, "only zero-width spaces were added");
+    assert_eq!(
+        decoded.replace('\u{200B}', ""),
+        attack,
+        "only zero-width spaces were added"
+    );
 }
 
 #[test]
@@ -87,7 +109,11 @@ fn token_ids_match_the_independent_implementation() {
     }
     for case in fx["prompts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(tok.encode_prompt(text).unwrap(), ids(&case["ids"]), "prompt {text:?}");
+        assert_eq!(
+            tok.encode_prompt(text).unwrap(),
+            ids(&case["ids"]),
+            "prompt {text:?}"
+        );
     }
 }
 
@@ -109,7 +135,9 @@ fn chat_template_from_the_gguf_matches_jinja2() {
                 ChatMessage::new(role, m["content"].as_str().unwrap())
             })
             .collect();
-        let rendered = tmpl.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let rendered = tmpl
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(rendered, case["rendered"].as_str().unwrap());
         assert_eq!(tok.encode_prompt(&rendered).unwrap(), ids(&case["ids"]));
     }
@@ -121,7 +149,10 @@ fn default_system_prompt_is_inserted_when_none_is_given() {
     let tmpl = ChatTemplate::from_gguf(&gguf).unwrap();
     let out = tmpl.render(&[ChatMessage::new(Role::User, "hi")], true).unwrap();
     assert!(out.starts_with("<|im_start|>system\nYou are Qwen"), "{out}");
-    assert!(out.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"), "{out}");
+    assert!(
+        out.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+        "{out}"
+    );
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
@@ -139,7 +170,10 @@ fn truncated_gguf_is_rejected_clearly() {
     let err = GgufFile::open(&p).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, LlmError::BadGguf { .. }));
-    assert!(msg.contains("truncated") && msg.contains(&p.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("truncated") && msg.contains(&p.display().to_string()),
+        "{msg}"
+    );
     // Cut inside the header: still an error, not a panic.
     let p = temp_file("header-cut.gguf", &full[..100_000]);
     assert!(GgufFile::open(&p).is_err());
@@ -150,12 +184,23 @@ fn garbage_and_empty_files_are_errors_not_panics() {
     for (name, bytes) in [
         ("empty.gguf", Vec::new()),
         ("text.gguf", b"this is not a model\n".repeat(100)),
-        ("magic-only.gguf", b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec()),
-        ("random.gguf", (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()),
+        (
+            "magic-only.gguf",
+            b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+        ),
+        (
+            "random.gguf",
+            (0..1_000_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ),
     ] {
         let p = temp_file(name, &bytes);
         let err = GgufFile::open(&p).unwrap_err();
-        assert!(err.to_string().starts_with(&p.display().to_string()), "{name}: {err}");
+        assert!(
+            err.to_string().starts_with(&p.display().to_string()),
+            "{name}: {err}"
+        );
     }
     let err = GgufFile::open("/nonexistent/model.gguf").unwrap_err();
     assert!(matches!(err, LlmError::Io { .. }));

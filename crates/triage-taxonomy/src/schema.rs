@@ -66,10 +66,7 @@ pub fn ticket_schema(taxonomy: &Taxonomy) -> Value {
     schema.insert("description".into(), json!(taxonomy.description));
     schema.insert("type".into(), json!("object"));
     schema.insert("properties".into(), Value::Object(properties));
-    schema.insert(
-        "required".into(),
-        json!(taxonomy.keys().collect::<Vec<_>>()),
-    );
+    schema.insert("required".into(), json!(taxonomy.keys().collect::<Vec<_>>()));
     schema.insert("additionalProperties".into(), json!(false));
 
     // One `anyOf` per dependent field; several of them are combined with `allOf`.

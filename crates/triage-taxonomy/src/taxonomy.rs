@@ -209,10 +209,7 @@ impl Taxonomy {
     /// Parses and checks taxonomy TOML; `source` names the file in errors.
     pub fn from_toml_str(text: &str, source: &str) -> Result<Self, TaxonomyError> {
         let raw: RawTaxonomy = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             TaxonomyError::Parse {
                 path: source.to_string(),
                 line,
@@ -301,7 +298,10 @@ impl Checker<'_> {
             );
         }
         if v.chars().any(char::is_control) {
-            return self.err(s.span(), format!("field `{field}`: value {v:?} contains a control character"));
+            return self.err(
+                s.span(),
+                format!("field `{field}`: value {v:?} contains a control character"),
+            );
         }
         Ok(v.clone())
     }
@@ -309,7 +309,8 @@ impl Checker<'_> {
     fn field_name(&self, s: &Spanned<String>, seen: &mut HashSet<String>) -> Result<String, TaxonomyError> {
         let v = s.get_ref();
         let valid = v.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-            && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && v.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !valid {
             return self.err(
                 s.span(),
@@ -317,7 +318,10 @@ impl Checker<'_> {
             );
         }
         if v == SUMMARY_KEY {
-            return self.err(s.span(), "field name `summary` is reserved for the free-text summary");
+            return self.err(
+                s.span(),
+                "field name `summary` is reserved for the free-text summary",
+            );
         }
         if !seen.insert(v.clone()) {
             return self.err(s.span(), format!("duplicate field name `{v}`"));
@@ -325,9 +329,18 @@ impl Checker<'_> {
         Ok(v.clone())
     }
 
-    fn values(&self, field: &str, list: &[Spanned<RawValue>], list_span: std::ops::Range<usize>, allow_children: bool) -> Result<Vec<EnumValue>, TaxonomyError> {
+    fn values(
+        &self,
+        field: &str,
+        list: &[Spanned<RawValue>],
+        list_span: std::ops::Range<usize>,
+        allow_children: bool,
+    ) -> Result<Vec<EnumValue>, TaxonomyError> {
         if list.is_empty() {
-            return self.err(list_span, format!("field `{field}` has no values: an enum needs at least one"));
+            return self.err(
+                list_span,
+                format!("field `{field}` has no values: an enum needs at least one"),
+            );
         }
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(list.len());
@@ -335,7 +348,10 @@ impl Checker<'_> {
             let raw = v.get_ref();
             let name = self.value_name(&raw.name, field)?;
             if !seen.insert(name.clone()) {
-                return self.err(raw.name.span(), format!("field `{field}`: duplicate value {name:?}"));
+                return self.err(
+                    raw.name.span(),
+                    format!("field `{field}`: duplicate value {name:?}"),
+                );
             }
             if !allow_children {
                 if let Some(c) = &raw.children {
@@ -355,7 +371,10 @@ impl Checker<'_> {
         if *raw.format.get_ref() != FORMAT_VERSION {
             return self.err(
                 raw.format.span(),
-                format!("unsupported taxonomy format {}; this build reads format {FORMAT_VERSION}", raw.format.get_ref()),
+                format!(
+                    "unsupported taxonomy format {}; this build reads format {FORMAT_VERSION}",
+                    raw.format.get_ref()
+                ),
             );
         }
         let name = self.one_line(&raw.name, "taxonomy `name`")?;
@@ -372,7 +391,10 @@ impl Checker<'_> {
                     Some(m) => {
                         let v = *m.get_ref();
                         if !(1..=MAX_SUMMARY_LIMIT as i64).contains(&v) {
-                            return self.err(m.span(), format!("summary.max_length must be 1..={MAX_SUMMARY_LIMIT}, got {v}"));
+                            return self.err(
+                                m.span(),
+                                format!("summary.max_length must be 1..={MAX_SUMMARY_LIMIT}, got {v}"),
+                            );
                         }
                         v as usize
                     }
@@ -384,7 +406,10 @@ impl Checker<'_> {
             }
         };
         if raw.fields.is_empty() {
-            return self.err(0..0, "the taxonomy has no `[[fields]]`: add at least one enum field (e.g. category)");
+            return self.err(
+                0..0,
+                "the taxonomy has no `[[fields]]`: add at least one enum field (e.g. category)",
+            );
         }
 
         let mut names = HashSet::new();
@@ -416,7 +441,12 @@ impl Checker<'_> {
                         format!("{fname} {parent_value:?} has no `children`: every {fname} needs its list of {cname} values"),
                     );
                 };
-                let kids = self.values(&format!("{cname} (under {fname} {parent_value:?})"), children.get_ref(), children.span(), false)?;
+                let kids = self.values(
+                    &format!("{cname} (under {fname} {parent_value:?})"),
+                    children.get_ref(),
+                    children.span(),
+                    false,
+                )?;
                 for k in &kids {
                     if !union.iter().any(|u| u.name == k.name) {
                         union.push(k.clone());
@@ -428,7 +458,10 @@ impl Checker<'_> {
                 name: cname,
                 description: cdesc,
                 values: union,
-                dependency: Some(Dependency { parent: fname, allowed }),
+                dependency: Some(Dependency {
+                    parent: fname,
+                    allowed,
+                }),
             });
         }
         Ok(Taxonomy {

@@ -70,7 +70,11 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        let p = if self.pointer.is_empty() {
+            "/"
+        } else {
+            &self.pointer
+        };
         write!(f, "{p}: {}", self.message)
     }
 }
@@ -168,7 +172,10 @@ impl Validator {
         let mut out = Vec::new();
         let mut push = |pointer: String, message: String| out.push(Violation { pointer, message });
         let Some(obj) = value.as_object() else {
-            push(String::new(), format!("a ticket must be a JSON object, got {}", kind(value)));
+            push(
+                String::new(),
+                format!("a ticket must be a JSON object, got {}", kind(value)),
+            );
             return out;
         };
         let keys: Vec<&str> = self.taxonomy.keys().collect();
@@ -176,7 +183,10 @@ impl Validator {
             if !keys.contains(&k.as_str()) {
                 push(
                     pointer(k),
-                    format!("unknown key {k:?}; a ticket has exactly these keys: {}", quoted(keys.iter().copied())),
+                    format!(
+                        "unknown key {k:?}; a ticket has exactly these keys: {}",
+                        quoted(keys.iter().copied())
+                    ),
                 );
             }
         }
@@ -189,15 +199,27 @@ impl Validator {
         for field in &self.taxonomy.fields {
             let Some(v) = obj.get(&field.name) else { continue };
             let Some(s) = v.as_str() else {
-                push(pointer(&field.name), format!("must be a string, one of {}, got {}", quoted(field.value_names()), kind(v)));
+                push(
+                    pointer(&field.name),
+                    format!(
+                        "must be a string, one of {}, got {}",
+                        quoted(field.value_names()),
+                        kind(v)
+                    ),
+                );
                 continue;
             };
             if !field.has_value(s) {
-                push(pointer(&field.name), format!("{s:?} is not one of {}", quoted(field.value_names())));
+                push(
+                    pointer(&field.name),
+                    format!("{s:?} is not one of {}", quoted(field.value_names())),
+                );
                 continue;
             }
             let Some(dep) = &field.dependency else { continue };
-            let Some(parent_value) = obj.get(&dep.parent).and_then(Value::as_str) else { continue };
+            let Some(parent_value) = obj.get(&dep.parent).and_then(Value::as_str) else {
+                continue;
+            };
             if let Some(allowed) = field.allowed_under(parent_value) {
                 if !allowed.iter().any(|a| a.name == s) {
                     push(

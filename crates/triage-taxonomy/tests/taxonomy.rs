@@ -4,7 +4,9 @@ use serde_json::{json, Value};
 use triage_taxonomy::{ticket_schema, ticket_schema_pretty, Taxonomy, TaxonomyError, Validator};
 
 fn repo(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 fn names(t: &Taxonomy, field: &str) -> Vec<String> {
@@ -14,29 +16,112 @@ fn names(t: &Taxonomy, field: &str) -> Vec<String> {
 #[test]
 fn default_taxonomy_has_exactly_the_specified_values() {
     let t = Taxonomy::builtin_default();
-    assert_eq!(t.keys().collect::<Vec<_>>(), ["summary", "category", "subcategory", "priority", "assignment_group", "request_type"]);
-    assert_eq!(names(&t, "category"), ["Hardware", "Software", "Network", "Access", "Email", "Security", "Workplace"]);
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        [
+            "summary",
+            "category",
+            "subcategory",
+            "priority",
+            "assignment_group",
+            "request_type"
+        ]
+    );
+    assert_eq!(
+        names(&t, "category"),
+        [
+            "Hardware",
+            "Software",
+            "Network",
+            "Access",
+            "Email",
+            "Security",
+            "Workplace"
+        ]
+    );
     let sub = t.field("subcategory").unwrap();
     let expect: &[(&str, &[&str])] = &[
-        ("Hardware", &["Laptop / Desktop", "Monitor / Peripherals", "Mobile Device", "Printer / Scanner", "Other"]),
-        ("Software", &["Installation / Update", "Application Error", "Performance", "License", "Other"]),
+        (
+            "Hardware",
+            &[
+                "Laptop / Desktop",
+                "Monitor / Peripherals",
+                "Mobile Device",
+                "Printer / Scanner",
+                "Other",
+            ],
+        ),
+        (
+            "Software",
+            &[
+                "Installation / Update",
+                "Application Error",
+                "Performance",
+                "License",
+                "Other",
+            ],
+        ),
         ("Network", &["Connectivity", "VPN", "Wi-Fi", "Other"]),
-        ("Access", &["Password Reset", "Account Locked", "Permissions", "New Account", "Multi-Factor Authentication", "Other"]),
-        ("Email", &["Mailbox", "Calendar", "Shared Mailbox / Distribution List", "Chat / Video Meetings", "Other"]),
-        ("Security", &["Phishing", "Malware", "Data Exposure", "Policy Violation", "Physical Security", "Other"]),
-        ("Workplace", &["Facilities", "Telephony", "Onboarding / Offboarding", "Other"]),
+        (
+            "Access",
+            &[
+                "Password Reset",
+                "Account Locked",
+                "Permissions",
+                "New Account",
+                "Multi-Factor Authentication",
+                "Other",
+            ],
+        ),
+        (
+            "Email",
+            &[
+                "Mailbox",
+                "Calendar",
+                "Shared Mailbox / Distribution List",
+                "Chat / Video Meetings",
+                "Other",
+            ],
+        ),
+        (
+            "Security",
+            &[
+                "Phishing",
+                "Malware",
+                "Data Exposure",
+                "Policy Violation",
+                "Physical Security",
+                "Other",
+            ],
+        ),
+        (
+            "Workplace",
+            &["Facilities", "Telephony", "Onboarding / Offboarding", "Other"],
+        ),
     ];
     let dep = sub.dependency.as_ref().unwrap();
     assert_eq!(dep.parent, "category");
     assert_eq!(dep.allowed.len(), expect.len());
     for ((parent, kids), (want_parent, want_kids)) in dep.allowed.iter().zip(expect) {
         assert_eq!(parent, want_parent);
-        assert_eq!(kids.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), *want_kids);
+        assert_eq!(
+            kids.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            *want_kids
+        );
     }
     assert_eq!(names(&t, "priority"), ["Low", "Medium", "High", "Critical"]);
     assert_eq!(
         names(&t, "assignment_group"),
-        ["Service Desk", "Desktop Support", "Hardware Support", "Network Operations", "End User Applications", "Email / Messaging", "Security / Access", "Facilities"]
+        [
+            "Service Desk",
+            "Desktop Support",
+            "Hardware Support",
+            "Network Operations",
+            "End User Applications",
+            "Email / Messaging",
+            "Security / Access",
+            "Facilities"
+        ]
     );
     assert_eq!(names(&t, "request_type"), ["Incident", "Service Request"]);
     assert_eq!(t.summary.max_length, 160);
@@ -45,22 +130,34 @@ fn default_taxonomy_has_exactly_the_specified_values() {
         assert!(f.values.iter().all(|v| !v.description.is_empty()), "{}", f.name);
     }
     let critical = &t.field("priority").unwrap().values[3].description;
-    assert!(critical.contains("same-day") && critical.contains("security incident"), "{critical}");
+    assert!(
+        critical.contains("same-day") && critical.contains("security incident"),
+        "{critical}"
+    );
 }
 
 #[test]
 fn embedded_default_is_the_config_file() {
     let from_file = Taxonomy::from_file(repo("configs/taxonomy/default.toml")).unwrap();
-    assert_eq!(from_file.content_hash(), Taxonomy::builtin_default().content_hash());
+    assert_eq!(
+        from_file.content_hash(),
+        Taxonomy::builtin_default().content_hash()
+    );
 }
 
 #[test]
 fn customer_support_taxonomy_has_its_own_field_set() {
     let t = Taxonomy::from_file(repo("configs/taxonomy/customer-support.toml")).unwrap();
-    assert_eq!(t.keys().collect::<Vec<_>>(), ["summary", "category", "priority", "request_type"]);
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        ["summary", "category", "priority", "request_type"]
+    );
     assert_eq!(names(&t, "priority"), ["low", "medium", "high"]);
     assert_eq!(t.field("category").unwrap().values.len(), 10);
-    assert!(ticket_schema(&t).get("anyOf").is_none(), "no dependent field, no anyOf");
+    assert!(
+        ticket_schema(&t).get("anyOf").is_none(),
+        "no dependent field, no anyOf"
+    );
     assert_ne!(t.content_hash(), Taxonomy::builtin_default().content_hash());
 }
 
@@ -70,8 +167,14 @@ fn customer_support_taxonomy_has_its_own_field_set() {
 #[test]
 fn committed_schemas_do_not_drift_from_their_taxonomies() {
     for (taxonomy, schema) in [
-        ("configs/taxonomy/default.toml", "schemas/ticket.default.schema.json"),
-        ("configs/taxonomy/customer-support.toml", "schemas/ticket.customer-support.schema.json"),
+        (
+            "configs/taxonomy/default.toml",
+            "schemas/ticket.default.schema.json",
+        ),
+        (
+            "configs/taxonomy/customer-support.toml",
+            "schemas/ticket.customer-support.schema.json",
+        ),
     ] {
         let t = Taxonomy::from_file(repo(taxonomy)).unwrap();
         let committed = std::fs::read_to_string(repo(schema)).unwrap();
@@ -84,13 +187,21 @@ fn committed_schemas_do_not_drift_from_their_taxonomies() {
 
 #[test]
 fn generated_schemas_are_valid_draft_2020_12() {
-    for t in [Taxonomy::builtin_default(), Taxonomy::from_file(repo("configs/taxonomy/customer-support.toml")).unwrap()] {
+    for t in [
+        Taxonomy::builtin_default(),
+        Taxonomy::from_file(repo("configs/taxonomy/customer-support.toml")).unwrap(),
+    ] {
         let schema = ticket_schema(&t);
         assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
         assert!(jsonschema::meta::is_valid(&schema), "{}", t.name);
         assert_eq!(schema["additionalProperties"], false);
         let props: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
-        let required: Vec<&str> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         assert_eq!(props, required, "all keys required, in order");
         assert_eq!(schema["properties"]["summary"]["minLength"], 1);
         assert_eq!(schema["properties"]["summary"]["maxLength"], 160);
@@ -119,7 +230,10 @@ fn validator_accepts_a_good_ticket_and_keeps_key_order() {
     assert_eq!(ticket.get("subcategory"), Some("VPN"));
     assert_eq!(ticket.to_json(), good());
     let text = serde_json::to_string(&ticket).unwrap();
-    assert!(text.starts_with("{\"summary\":") && text.ends_with("\"request_type\":\"Incident\"}"), "{text}");
+    assert!(
+        text.starts_with("{\"summary\":") && text.ends_with("\"request_type\":\"Incident\"}"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -129,14 +243,19 @@ fn validator_explains_each_kind_of_violation_with_its_pointer() {
     t["category"] = json!("Hardware");
     assert_eq!(
         messages(&v, &t),
-        [r#"/subcategory: "VPN" is not a subcategory of "Hardware"; under "Hardware" choose one of "Laptop / Desktop", "Monitor / Peripherals", "Mobile Device", "Printer / Scanner", "Other""#]
+        [
+            r#"/subcategory: "VPN" is not a subcategory of "Hardware"; under "Hardware" choose one of "Laptop / Desktop", "Monitor / Peripherals", "Mobile Device", "Printer / Scanner", "Other""#
+        ]
     );
 
     let mut t = good();
     t["confidence"] = json!(0.9);
     let m = messages(&v, &t);
     assert_eq!(m.len(), 1);
-    assert!(m[0].starts_with(r#"/confidence: unknown key "confidence""#), "{m:?}");
+    assert!(
+        m[0].starts_with(r#"/confidence: unknown key "confidence""#),
+        "{m:?}"
+    );
 
     let mut t = good();
     t.as_object_mut().unwrap().remove("priority");
@@ -144,7 +263,10 @@ fn validator_explains_each_kind_of_violation_with_its_pointer() {
 
     let mut t = good();
     t["summary"] = json!("x".repeat(161));
-    assert_eq!(messages(&v, &t), ["/summary: is 161 characters long; at most 160 are allowed"]);
+    assert_eq!(
+        messages(&v, &t),
+        ["/summary: is 161 characters long; at most 160 are allowed"]
+    );
 
     let mut t = good();
     t["summary"] = json!("");
@@ -152,13 +274,19 @@ fn validator_explains_each_kind_of_violation_with_its_pointer() {
 
     let mut t = good();
     t["priority"] = json!("Urgent");
-    assert_eq!(messages(&v, &t), [r#"/priority: "Urgent" is not one of "Low", "Medium", "High", "Critical""#]);
+    assert_eq!(
+        messages(&v, &t),
+        [r#"/priority: "Urgent" is not one of "Low", "Medium", "High", "Critical""#]
+    );
 
     let mut t = good();
     t["request_type"] = json!(1);
     assert!(messages(&v, &t)[0].starts_with("/request_type: must be a string"));
 
-    assert_eq!(messages(&v, &json!([1])), ["/: a ticket must be a JSON object, got an array"]);
+    assert_eq!(
+        messages(&v, &json!([1])),
+        ["/: a ticket must be a JSON object, got an array"]
+    );
     let err = v.parse_str("{\"summary\": ").unwrap_err();
     assert!(err.to_string().contains("not valid JSON"), "{err}");
 
@@ -181,7 +309,10 @@ fn summary_length_counts_characters_not_bytes() {
 /// category/subcategory pair and on a set of mutations of each.
 #[test]
 fn schema_and_explainer_agree() {
-    for t in [Taxonomy::builtin_default(), Taxonomy::from_file(repo("configs/taxonomy/customer-support.toml")).unwrap()] {
+    for t in [
+        Taxonomy::builtin_default(),
+        Taxonomy::from_file(repo("configs/taxonomy/customer-support.toml")).unwrap(),
+    ] {
         let v = Validator::new(&t);
         let mut base = json!({"summary": "s"});
         for f in &t.fields {
@@ -204,13 +335,23 @@ fn schema_and_explainer_agree() {
                     }
                 }
             }
-            for bad in [json!(null), json!(""), json!(f.values[0].name.to_lowercase() + "x"), json!(["a"])] {
+            for bad in [
+                json!(null),
+                json!(""),
+                json!(f.values[0].name.to_lowercase() + "x"),
+                json!(["a"]),
+            ] {
                 let mut c = base.clone();
                 c[&f.name] = bad;
                 cases.push(c);
             }
         }
-        for s in [json!(""), json!("a".repeat(t.summary.max_length)), json!("a".repeat(t.summary.max_length + 1)), json!(7)] {
+        for s in [
+            json!(""),
+            json!("a".repeat(t.summary.max_length)),
+            json!("a".repeat(t.summary.max_length + 1)),
+            json!(7),
+        ] {
             let mut c = base.clone();
             c["summary"] = s;
             cases.push(c);
@@ -222,10 +363,20 @@ fn schema_and_explainer_agree() {
         for c in &cases {
             let schema_ok = v.schema_accepts(c);
             let explained = v.violations(c);
-            assert_eq!(schema_ok, explained.is_empty(), "{}: disagree on {c}: {explained:?}", t.name);
+            assert_eq!(
+                schema_ok,
+                explained.is_empty(),
+                "{}: disagree on {c}: {explained:?}",
+                t.name
+            );
             valid += usize::from(schema_ok);
         }
-        assert!(valid > 10 && valid < cases.len(), "{}: {valid} of {}", t.name, cases.len());
+        assert!(
+            valid > 10 && valid < cases.len(),
+            "{}: {valid} of {}",
+            t.name,
+            cases.len()
+        );
     }
 }
 
@@ -247,7 +398,9 @@ fn malformed_taxonomies_are_rejected_with_file_line_and_reason() {
     assert_eq!(e, "org.toml:9: field `priority`: duplicate value \"Low\"");
 
     // empty enum
-    let e = load_err(&format!("{HEAD}[[fields]]\nname = \"priority\"\ndescription = \"p\"\nvalues = []\n"));
+    let e = load_err(&format!(
+        "{HEAD}[[fields]]\nname = \"priority\"\ndescription = \"p\"\nvalues = []\n"
+    ));
     assert!(e.starts_with("org.toml:4: field `priority` has no values"), "{e}");
 
     // unknown key
@@ -261,7 +414,9 @@ fn malformed_taxonomies_are_rejected_with_file_line_and_reason() {
     assert!(e.starts_with("org.toml:7:") && e.contains("descripton"), "{e}");
 
     // missing description
-    let e = load_err(&format!("{HEAD}[[fields]]\nname = \"priority\"\ndescription = \"p\"\nvalues = [ {{ name = \"Low\" }} ]\n"));
+    let e = load_err(&format!(
+        "{HEAD}[[fields]]\nname = \"priority\"\ndescription = \"p\"\nvalues = [ {{ name = \"Low\" }} ]\n"
+    ));
     assert!(e.starts_with("org.toml:7:") && e.contains("description"), "{e}");
 
     // syntax error
@@ -273,7 +428,9 @@ fn malformed_taxonomies_are_rejected_with_file_line_and_reason() {
     assert!(e.contains("no `[[fields]]`"), "{e}");
 
     // reserved and invalid field names, duplicate field
-    let field = |n: &str| format!("[[fields]]\nname = \"{n}\"\ndescription = \"d\"\nvalues = [ {{ name = \"A\", description = \"a\" }} ]\n");
+    let field = |n: &str| {
+        format!("[[fields]]\nname = \"{n}\"\ndescription = \"d\"\nvalues = [ {{ name = \"A\", description = \"a\" }} ]\n")
+    };
     assert!(load_err(&format!("{HEAD}{}", field("summary"))).contains("reserved"));
     assert!(load_err(&format!("{HEAD}{}", field("Assignment Group"))).contains("[a-z][a-z0-9_]*"));
     let e = load_err(&format!("{HEAD}{}{}", field("queue"), field("queue")));
@@ -297,21 +454,33 @@ fn malformed_taxonomies_are_rejected_with_file_line_and_reason() {
     let e = load_err(&format!(
         "{HEAD}[[fields]]\nname = \"category\"\ndescription = \"c\"\n[fields.child]\nname = \"sub\"\ndescription = \"s\"\n[[fields.values]]\nname = \"H\"\ndescription = \"h\"\nchildren = [\n {{ name = \"X\", description = \"x\" }},\n {{ name = \"X\", description = \"y\" }},\n]\n"
     ));
-    assert_eq!(e, "org.toml:15: field `sub (under category \"H\")`: duplicate value \"X\"");
+    assert_eq!(
+        e,
+        "org.toml:15: field `sub (under category \"H\")`: duplicate value \"X\""
+    );
     let e = load_err(&format!(
         "{HEAD}[[fields]]\nname = \"category\"\ndescription = \"c\"\n[fields.child]\nname = \"sub\"\ndescription = \"s\"\n[[fields.values]]\nname = \"H\"\ndescription = \"h\"\nchildren = []\n"
     ));
-    assert!(e.starts_with("org.toml:13: field `sub (under category \"H\")` has no values"), "{e}");
+    assert!(
+        e.starts_with("org.toml:13: field `sub (under category \"H\")` has no values"),
+        "{e}"
+    );
 
     // wrong format version
-    assert!(load_err("format = 2\nname = \"x\"\ndescription = \"d\"\n").contains("unsupported taxonomy format 2"));
+    assert!(
+        load_err("format = 2\nname = \"x\"\ndescription = \"d\"\n").contains("unsupported taxonomy format 2")
+    );
 }
 
 #[test]
 fn unreadable_file_names_the_path() {
     let e = Taxonomy::from_file("/nonexistent/taxonomy.toml").unwrap_err();
     assert!(matches!(e, TaxonomyError::Io { .. }));
-    assert!(e.to_string().starts_with("/nonexistent/taxonomy.toml: cannot read"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/taxonomy.toml: cannot read"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -83,7 +83,14 @@ pub fn run(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<ExitCode> {
                 println!("    aliases: {}", m.aliases.join(", "));
                 println!("    {}", m.description);
                 println!("    {} bytes, sha256 {}", m.size, m.sha256);
-                println!("    sources: {}", m.sources.iter().map(|s| s.describe()).collect::<Vec<_>>().join("; "));
+                println!(
+                    "    sources: {}",
+                    m.sources
+                        .iter()
+                        .map(|s| s.describe())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
                 println!("    {state}: {}", store.model_path(m).display());
             }
             Ok(ExitCode::SUCCESS)
@@ -112,7 +119,12 @@ pub fn run(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<ExitCode> {
                 Some(_) => triage_registry::verify_file(spec, &path)?,
                 None => store.verify(spec, &path)?,
             }
-            println!("{}: ok ({} bytes, sha256 {})", path.display(), spec.size, spec.sha256);
+            println!(
+                "{}: ok ({} bytes, sha256 {})",
+                path.display(),
+                spec.size,
+                spec.sha256
+            );
             Ok(ExitCode::SUCCESS)
         }
         ModelCommand::Info => {

@@ -25,10 +25,14 @@ pub fn schema(cli: &Cli) -> anyhow::Result<ExitCode> {
 pub fn validate(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let taxonomy = load_taxonomy(cli)?;
     let bytes = match file {
-        Some(p) if p != Path::new("-") => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        Some(p) if p != Path::new("-") => {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
         _ => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read stdin")?;
             buf
         }
     };
@@ -46,7 +50,10 @@ pub fn validate(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
             for v in &violations.0 {
                 println!("{v}");
             }
-            eprintln!("invalid ticket for {taxonomy}: {} violation(s)", violations.0.len());
+            eprintln!(
+                "invalid ticket for {taxonomy}: {} violation(s)",
+                violations.0.len()
+            );
             Ok(ExitCode::from(1))
         }
     }
