@@ -1,8 +1,10 @@
 //! The language-model side of triage: open a GGUF file defensively, read its metadata, build
-//! its tokenizer from the GGUF itself, and render prompts with its own chat template.
+//! its tokenizer from the GGUF itself, render prompts with its own chat template, and run the
+//! Qwen2 transformer over the quantized weights (`qwen2`, shared by inference and training).
 
 mod chat;
 mod gguf;
+pub mod qwen2;
 mod tokenizer;
 
 use std::path::PathBuf;
@@ -36,4 +38,7 @@ pub enum LlmError {
     /// Chat template failure.
     #[error("chat template: {0}")]
     Template(String),
+    /// Tensor computation failure.
+    #[error("model computation failed: {0}")]
+    Candle(String),
 }

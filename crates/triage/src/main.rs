@@ -4,6 +4,7 @@
 //! validation), `triage-registry` (model download and cache) and `triage-llm` (GGUF,
 //! tokenizer, chat template). Results go to stdout, logs and progress to stderr.
 
+mod infer_cmd;
 mod model_cmd;
 mod taxonomy_cmd;
 
@@ -37,6 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Structure one incident (stdin) into a JSON ticket (stdout).
+    Infer(infer_cmd::InferArgs),
     /// Print the ticket JSON Schema generated from the taxonomy.
     Schema,
     /// Validate a ticket (JSON from stdin or FILE); exit 1 and list every violation if invalid.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match &cli.command {
+        Command::Infer(args) => infer_cmd::run(&cli, args),
         Command::Schema => taxonomy_cmd::schema(&cli),
         Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
         Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),

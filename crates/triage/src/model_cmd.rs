@@ -48,7 +48,7 @@ pub enum ModelCommand {
     },
 }
 
-fn store(cli: &Cli) -> anyhow::Result<ModelStore> {
+pub fn store(cli: &Cli) -> anyhow::Result<ModelStore> {
     let registry = match &cli.registry {
         Some(p) => Registry::from_file(p)?,
         None => Registry::builtin(),

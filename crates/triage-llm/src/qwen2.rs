@@ -1,0 +1,383 @@
+//! Qwen2 decoder-only transformer over quantized GGUF weights, with a KV cache.
+//!
+//! One file, readable top to bottom: [`Config`] from GGUF metadata, the weights
+//! ([`Qwen2`]/`Layer`), and [`Qwen2::forward`]. Weights stay in their GGUF quantization
+//! (Q4_K, Q6_K, Q8_0 ...); the token embedding is looked up row by row from its quantized
+//! form, never dequantized whole. Q5_0 tensors (most of the 0.5B file) are re-quantized to Q8_0
+//! at load when [`LoadOptions::requantize_q5_0`] is set: candle's Q5_0 CPU kernel has no SIMD
+//! path and is far slower.
+//!
+//! Architecture (per layer): x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));
+//! x += down(silu(gate(n2(x))) * up(n2(x))), with RMSNorm, grouped-query attention (q, k, v
+//! projections with bias), NeoX-style rotary embeddings, and a separate LM head.
+
+use std::fs::File;
+use std::io::BufReader;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::{GgufFile, LlmError};
+
+/// Model hyper-parameters, read from `qwen2.*` GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Rows of the embedding / LM head.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// Trained context length.
+    pub max_position: usize,
+}
+
+impl Config {
+    /// Reads the configuration of a `qwen2` GGUF.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, LlmError> {
+        let bad = |m: String| LlmError::BadGguf {
+            path: gguf.path().to_path_buf(),
+            message: m,
+        };
+        let arch = gguf.architecture().unwrap_or("");
+        if arch != "qwen2" {
+            return Err(bad(format!(
+                "architecture `{arch}` is not supported (need qwen2)"
+            )));
+        }
+        let int = |k: &str| {
+            gguf.meta_u64(&format!("qwen2.{k}"))
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing metadata qwen2.{k}")))
+        };
+        let float = |k: &str, default: f64| {
+            gguf.content()
+                .metadata
+                .get(&format!("qwen2.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .map_or(default, f64::from)
+        };
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let num_kv_heads = int("attention.head_count_kv")?;
+        if num_heads == 0
+            || num_kv_heads == 0
+            || hidden_size % num_heads != 0
+            || num_heads % num_kv_heads != 0
+        {
+            return Err(bad(format!(
+                "inconsistent head counts {num_heads}/{num_kv_heads} for width {hidden_size}"
+            )));
+        }
+        let vocab_size = gguf
+            .content()
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads,
+            rope_theta: float("rope.freq_base", 1_000_000.0) as f32,
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+            max_position: int("context_length").unwrap_or(32768),
+        })
+    }
+}
+
+/// How to load the weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Re-quantize Q5_0 tensors to Q8_0 (faster CPU kernels, ~1.6x their memory).
+    pub requantize_q5_0: bool,
+    /// Longest sequence (prompt + output) the rotary tables are built for.
+    pub max_seq_len: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            requantize_q5_0: true,
+            max_seq_len: 8192,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: QMatMul,
+    q_bias: Tensor,
+    k: QMatMul,
+    k_bias: Tensor,
+    v: QMatMul,
+    v_bias: Tensor,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// The model weights. Immutable after load and `Send + Sync`: share one instance between
+/// threads; each sequence keeps its own [`KvCache`].
+pub struct Qwen2 {
+    cfg: Config,
+    device: Device,
+    embed: QTensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Keys and values of the tokens seen so far, per layer. Cloning is cheap (tensors are
+/// reference-counted), so a cached prompt prefix can be shared by many sequences.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn err(e: candle_core::Error) -> LlmError {
+    LlmError::Candle(e.to_string())
+}
+
+impl Qwen2 {
+    /// Loads the weights of a `qwen2` GGUF onto `device`.
+    pub fn load(gguf: &GgufFile, device: &Device, opts: &LoadOptions) -> Result<Self, LlmError> {
+        let cfg = Config::from_gguf(gguf)?;
+        let file = File::open(gguf.path()).map_err(|e| LlmError::Io {
+            path: gguf.path().to_path_buf(),
+            source: e,
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = gguf.content();
+        let mut read = |name: &str| -> Result<QTensor, LlmError> {
+            content
+                .tensor(&mut reader, name, device)
+                .map_err(|e| LlmError::BadGguf {
+                    path: gguf.path().to_path_buf(),
+                    message: format!("tensor `{name}`: {e}"),
+                })
+        };
+        let requant = opts.requantize_q5_0;
+        let matmul = |t: QTensor| to_matmul(t, requant, device);
+        let dense = |t: QTensor| t.dequantize(device).map_err(err);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut get = |s: &str| read(&format!("blk.{i}.{s}"));
+            layers.push(Layer {
+                attn_norm: dense(get("attn_norm.weight")?)?,
+                q: matmul(get("attn_q.weight")?)?,
+                q_bias: dense(get("attn_q.bias")?)?,
+                k: matmul(get("attn_k.weight")?)?,
+                k_bias: dense(get("attn_k.bias")?)?,
+                v: matmul(get("attn_v.weight")?)?,
+                v_bias: dense(get("attn_v.bias")?)?,
+                o: matmul(get("attn_output.weight")?)?,
+                ffn_norm: dense(get("ffn_norm.weight")?)?,
+                gate: matmul(get("ffn_gate.weight")?)?,
+                up: matmul(get("ffn_up.weight")?)?,
+                down: matmul(get("ffn_down.weight")?)?,
+            });
+        }
+        let norm = dense(read("output_norm.weight")?)?;
+        let embed = read("token_embd.weight")?;
+        // Tied embeddings when the GGUF has no separate head.
+        let head_name = match content.tensor_infos.contains_key("output.weight") {
+            true => "output.weight",
+            false => "token_embd.weight",
+        };
+        let lm_head = QMatMul::from_qtensor(read(head_name)?).map_err(err)?;
+        let (cos, sin) = rope_tables(&cfg, opts.max_seq_len, device).map_err(err)?;
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest sequence the rotary tables cover.
+    pub fn max_seq_len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Runs `tokens` (appended after what `cache` holds) and returns the logits of the last
+    /// `n_logits` positions, shape `[n_logits, vocab]`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, n_logits: usize) -> Result<Tensor, LlmError> {
+        self.forward_inner(tokens, cache, n_logits).map_err(err)
+    }
+
+    fn forward_inner(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        n_logits: usize,
+    ) -> candle_core::Result<Tensor> {
+        let n = tokens.len();
+        let past = cache.len;
+        if n == 0 || n_logits == 0 || n_logits > n {
+            candle_core::bail!("forward needs 1..=n tokens of logits (n={n}, n_logits={n_logits})");
+        }
+        if past + n > self.max_seq_len() {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's budget {}",
+                past + n,
+                self.max_seq_len()
+            );
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?; // [1, n, hidden]
+        let cos = self.cos.narrow(0, past, n)?;
+        let sin = self.sin.narrow(0, past, n)?;
+        let mask = causal_mask(n, past, &self.device)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
+            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv)?;
+            x = (x + h)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
+            let gate = layer.gate.forward(&h)?.silu()?;
+            let up = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(gate * up)?)?)?;
+        }
+        cache.len += n;
+        let x = x.narrow(1, n - n_logits, n_logits)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
+        self.lm_head.forward(&x)?.squeeze(0)
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let (h, hk, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let q = l.q.forward(x)?.broadcast_add(&l.q_bias)?;
+        let k = l.k.forward(x)?.broadcast_add(&l.k_bias)?;
+        let v = l.v.forward(x)?.broadcast_add(&l.v_bias)?;
+        let q = q.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match kv.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        // Grouped-query attention: each kv head serves h/hk query heads.
+        let group = h / hk;
+        let t = k.dim(2)?;
+        let q = q.reshape((b, hk, group * n, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // [b, hk, group*n, t]
+        let att = match mask {
+            None => att,
+            Some(m) => att
+                .reshape((b, hk, group, n, t))?
+                .broadcast_add(m)?
+                .reshape((b, hk, group * n, t))?,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // [b, hk, group*n, d]
+        let y = y.reshape((b, h, n, d))?.transpose(1, 2)?.reshape((b, n, h * d))?;
+        l.o.forward(&y)
+    }
+}
+
+/// A projection weight as a quantized matmul, Q5_0 re-quantized to Q8_0 if asked.
+fn to_matmul(t: QTensor, requantize_q5_0: bool, device: &Device) -> Result<QMatMul, LlmError> {
+    let t = if requantize_q5_0 && t.dtype() == GgmlDType::Q5_0 {
+        QTensor::quantize(&t.dequantize(device).map_err(err)?, GgmlDType::Q8_0).map_err(err)?
+    } else {
+        t
+    };
+    QMatMul::from_qtensor(t).map_err(err)
+}
+
+/// `[n, past + n]` additive mask: new token i sees the cache and new tokens 0..=i.
+fn causal_mask(n: usize, past: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    if n == 1 {
+        return Ok(None);
+    }
+    let t = past + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (n, t), device)?))
+}
+
+/// Cos/sin tables `[max_seq_len, head_dim / 2]` for NeoX-style rotary embeddings.
+fn rope_tables(cfg: &Config, max_seq_len: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, max_seq_len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_seq_len, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Index of the largest value of a 1-D f32 tensor.
+pub fn argmax(logits: &Tensor) -> Result<u32, LlmError> {
+    logits
+        .argmax(D::Minus1)
+        .and_then(|t| t.to_scalar::<u32>())
+        .map_err(err)
+}

@@ -1,0 +1,90 @@
+//! `triage infer`: one incident from stdin → one JSON ticket on stdout.
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use triage_infer::{Structurer, StructurerOptions};
+use triage_llm::GgufFile;
+
+use crate::Cli;
+
+/// Options of `triage infer`.
+#[derive(Args)]
+pub struct InferArgs {
+    /// Print the per-field confidence, token counts and timings (JSON) on stderr.
+    #[arg(long)]
+    explain: bool,
+    /// Mark the ticket for review when a field's confidence is below this (0..1).
+    #[arg(long, value_name = "P")]
+    min_confidence: Option<f32>,
+    /// Sampling temperature; 0 = greedy and deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed for sampling (with --temperature).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Cap on generated tokens.
+    #[arg(long, default_value_t = 320)]
+    max_new_tokens: usize,
+    /// Incident tokens kept (longer input is cut from the middle, with a warning).
+    #[arg(long, default_value_t = 1536)]
+    max_input_tokens: usize,
+    /// Pretty-print the ticket (default: when stdout is a terminal).
+    #[arg(long)]
+    pretty: bool,
+}
+
+pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("cannot read stdin")?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("input is not valid UTF-8; invalid bytes were replaced with U+FFFD");
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        }
+    };
+    if text.trim().is_empty() {
+        anyhow::bail!("the incident text is empty: pipe it on stdin, e.g. `triage infer < examples/vpn.txt`");
+    }
+    let structurer = load(cli, args)?;
+    let out = structurer.structure(&text)?;
+    for w in &out.meta.warnings {
+        tracing::warn!("{w}");
+    }
+    let json = if args.pretty || std::io::stdout().is_terminal() {
+        serde_json::to_string_pretty(&out.ticket)?
+    } else {
+        serde_json::to_string(&out.ticket)?
+    };
+    println!("{json}");
+    if args.explain {
+        eprintln!("{}", serde_json::to_string_pretty(&out.meta)?);
+    }
+    if out.meta.needs_review {
+        tracing::warn!("needs review: a field's confidence is below --min-confidence");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let t = std::time::Instant::now();
+    let gguf = GgufFile::open(&path)?;
+    let opts = StructurerOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        min_confidence: args.min_confidence,
+        max_input_tokens: args.max_input_tokens,
+        ..StructurerOptions::default()
+    };
+    let s = Structurer::new(&gguf, taxonomy, opts)?;
+    tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");
+    Ok(s)
+}
