@@ -207,3 +207,128 @@ fn model_verify_and_info_on_the_real_model_and_a_truncated_copy() {
         "user text never becomes a control token: {ids:?}"
     );
 }
+
+fn lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Batch mode on the real 0.5B: order kept, bad rows reported not dropped, a torn last line
+/// and a Ctrl-C both resume to the same result.
+#[test]
+fn batch_keeps_order_reports_bad_rows_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("triage-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"A-1\", \"text\": \"My laptop battery is swollen and the case is bending.\"}\n\
+         {not json\n\
+         \"Outlook asks for my password every five minutes.\"\n\
+         {\"id\": \"A-4\", \"subject\": \"Badge\", \"body\": \"My door badge stopped working at the main entrance.\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out.jsonl");
+    let run = |o: &Path| {
+        triage(
+            &[
+                "infer",
+                "--model",
+                "0.5b",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                o.to_str().unwrap(),
+            ],
+            "",
+        )
+    };
+    let r = run(&out);
+    assert_eq!(r.status.code(), Some(3), "one bad row: {}", text(&r.stderr));
+    let first = lines(&out);
+    assert_eq!(first.len(), 4);
+    for (i, l) in first.iter().enumerate() {
+        assert_eq!(l["row"], i + 1);
+    }
+    assert_eq!(first[0]["id"], "A-1");
+    assert!(first[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("line 2: invalid JSON"));
+    assert_eq!(first[3]["id"], "A-4");
+    for i in [0, 2, 3] {
+        assert!(first[i]["ticket"]["category"].is_string(), "{}", first[i]);
+    }
+
+    // A torn last line (killed mid-write) is cut and the remaining rows are redone.
+    let text_all = std::fs::read_to_string(&out).unwrap();
+    let keep: String = text_all.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&out, format!("{keep}{{\"row\": 3, \"id\"")).unwrap();
+    let r = run(&out);
+    assert_eq!(r.status.code(), Some(3));
+    assert_eq!(lines(&out), first, "resumed output equals the uninterrupted one");
+
+    // Ctrl-C finishes the current row, exits non-zero, and a rerun completes.
+    let out2 = dir.join("out2.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args([
+            "infer",
+            "--model",
+            "0.5b",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out2.to_str().unwrap(),
+        ])
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::fs::read_to_string(&out2).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(std::time::Instant::now() < deadline, "no row written in time");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let partial = lines(&out2);
+    if partial.len() < 4 {
+        assert!(!status.success(), "an interrupted run must not report success");
+    }
+    assert!(partial.iter().enumerate().all(|(i, l)| l["row"] == i + 1));
+    let r = run(&out2);
+    assert_eq!(r.status.code(), Some(3));
+    assert_eq!(lines(&out2), first);
+}
+
+#[test]
+fn infer_rejects_empty_input_and_prints_one_valid_ticket() {
+    let out = triage(&["infer", "--model", "0.5b"], "   \n ");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("incident text is empty"));
+    let out = triage(
+        &["infer", "--model", "0.5b", "--explain"],
+        "My second monitor flickers and goes black.",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "one JSON ticket, nothing else: {stdout}"
+    );
+    let v = triage(&["validate"], &stdout);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v.stdout));
+    assert!(
+        text(&out.stderr).contains("\"confidence\""),
+        "--explain goes to stderr"
+    );
+}

@@ -47,6 +47,9 @@ pub struct StructurerOptions {
     pub max_input_tokens: usize,
     /// Re-quantize Q5_0 weights to Q8_0 at load (faster CPU kernels).
     pub requantize_q5_0: bool,
+    /// Folder where the system prompt's KV cache is kept between runs (keyed by model file
+    /// and exact prompt tokens), so a one-shot `triage infer` does not prefill it every time.
+    pub prefix_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for StructurerOptions {
@@ -60,6 +63,7 @@ impl Default for StructurerOptions {
             prefix_cache: true,
             max_input_tokens: 1536,
             requantize_q5_0: true,
+            prefix_cache_dir: None,
         }
     }
 }
@@ -134,6 +138,7 @@ pub struct Structurer {
     grammar: Grammar,
     prefix: Vec<u32>,
     prefix_cache: Mutex<Option<KvCache>>,
+    prefix_file: Option<std::path::PathBuf>,
     opts: StructurerOptions,
 }
 
@@ -171,7 +176,12 @@ impl Structurer {
         let grammar = Grammar::new(&env, &schema)?;
         let system = [ChatMessage::new(Role::System, prompt.system())];
         let prefix = tokenizer.encode_prompt(&chat.render(&system, false)?)?;
+        let prefix_file = opts
+            .prefix_cache_dir
+            .as_ref()
+            .map(|dir| dir.join(prefix_cache_name(gguf, &prefix, &opts)));
         Ok(Self {
+            prefix_file,
             validator: Validator::new(&taxonomy),
             model,
             tokenizer,
@@ -215,8 +225,25 @@ impl Structurer {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
+        if let Some(file) = &self.prefix_file {
+            if let Some(c) = KvCache::load(file, self.model.config(), self.prefix.len(), self.model.device())
+            {
+                tracing::debug!(file = %file.display(), "system prompt KV cache loaded");
+                *slot = Some(c.clone());
+                return Ok(c);
+            }
+        }
+        tracing::info!(
+            tokens = self.prefix.len(),
+            "prefilling the system prompt (cached afterwards)"
+        );
         let mut cache = KvCache::default();
         self.model.forward(&self.prefix, &mut cache, 1)?;
+        if let Some(file) = &self.prefix_file {
+            if let Err(e) = cache.save(file) {
+                tracing::warn!("could not keep the system prompt cache: {e}");
+            }
+        }
         *slot = Some(cache.clone());
         Ok(cache)
     }
@@ -226,16 +253,7 @@ impl Structurer {
     pub fn structure(&self, text: &str) -> Result<Structured, InferError> {
         let t0 = Instant::now();
         let mut meta = Meta::default();
-        let text = self.prepare_input(text, &mut meta.warnings)?;
-        let rendered = self.chat.render(&self.prompt.messages(&text)?, true)?;
-        let tokens = self.tokenizer.encode_prompt(&rendered)?;
-        meta.prompt_tokens = tokens.len();
-        if tokens.len() + self.opts.max_new_tokens > self.model.max_seq_len() {
-            return Err(InferError::TooLong {
-                tokens: tokens.len(),
-                budget: self.model.max_seq_len() - self.opts.max_new_tokens,
-            });
-        }
+        let tokens = self.prompt_tokens(text, &mut meta)?;
         let (mut cache, start) = if self.opts.prefix_cache && tokens.starts_with(&self.prefix) {
             (self.prefix_kv()?, self.prefix.len())
         } else {
@@ -272,6 +290,51 @@ impl Structurer {
         Ok(Structured { ticket, meta })
     }
 
+    /// Baseline for benchmarks: the same prompt, full prefill (no prefix cache), greedy
+    /// decoding without grammar until an end-of-turn token or `max_new_tokens`. Returns the raw
+    /// text (not necessarily a valid ticket) and its token counts and timings.
+    pub fn generate_unconstrained(&self, text: &str) -> Result<(String, Meta), InferError> {
+        let t0 = Instant::now();
+        let mut meta = Meta::default();
+        let tokens = self.prompt_tokens(text, &mut meta)?;
+        let mut cache = KvCache::default();
+        let t_prefill = Instant::now();
+        let mut logits = to_vec(&self.model.forward(&tokens, &mut cache, 1)?)?;
+        meta.timings.prefill_ms = ms(t_prefill);
+        let t_decode = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < self.opts.max_new_tokens {
+            let tok = argmax(&logits) as u32;
+            if self.tokenizer.eos_ids().contains(&tok) {
+                break;
+            }
+            out.push(tok);
+            logits = to_vec(&self.model.forward(&[tok], &mut cache, 1)?)?;
+            meta.forward_passes += 1;
+        }
+        meta.timings.decode_ms = ms(t_decode);
+        meta.output_tokens = out.len();
+        meta.timings.total_ms = ms(t0);
+        Ok((self.tokenizer.decode(&out)?, meta))
+    }
+
+    /// The full prompt's tokens for one incident (input hygiene included), checked against
+    /// the context budget.
+    fn prompt_tokens(&self, text: &str, meta: &mut Meta) -> Result<Vec<u32>, InferError> {
+        let text = self.prepare_input(text, &mut meta.warnings)?;
+        let rendered = self.chat.render(&self.prompt.messages(&text)?, true)?;
+        let tokens = self.tokenizer.encode_prompt(&rendered)?;
+        meta.prompt_tokens = tokens.len();
+        let budget = self.model.max_seq_len().saturating_sub(self.opts.max_new_tokens);
+        if tokens.len() > budget {
+            return Err(InferError::TooLong {
+                tokens: tokens.len(),
+                budget,
+            });
+        }
+        Ok(tokens)
+    }
+
     fn prepare_input(&self, text: &str, warnings: &mut Vec<String>) -> Result<String, InferError> {
         let text = text.trim();
         if text.is_empty() {
@@ -292,6 +355,43 @@ impl Structurer {
             ids.len()
         ));
         Ok(format!("{head}\n[... {cut} tokens omitted ...]\n{tail}"))
+    }
+}
+
+/// File name of a persisted prefix cache: a hash of everything that determines its contents.
+fn prefix_cache_name(gguf: &GgufFile, prefix: &[u32], opts: &StructurerOptions) -> String {
+    use std::hash::{Hash, Hasher};
+    // FNV-1a over a canonical description; collisions only cost a recomputation (shapes and
+    // length are checked at load) and the model identity includes size and mtime.
+    let meta = std::fs::metadata(gguf.path()).ok();
+    let mtime = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .map(|t| format!("{t:?}"));
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    (
+        gguf.path(),
+        gguf.file_len(),
+        mtime,
+        prefix,
+        opts.requantize_q5_0,
+        env!("CARGO_PKG_VERSION"),
+    )
+        .hash(&mut h);
+    format!("prefix-{:016x}.safetensors", h.finish())
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
     }
 }
 

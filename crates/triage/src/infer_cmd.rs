@@ -34,9 +34,25 @@ pub struct InferArgs {
     /// Pretty-print the ticket (default: when stdout is a terminal).
     #[arg(long)]
     pretty: bool,
+    /// Batch mode: incidents from a .jsonl, .csv or .txt file (needs --output).
+    #[arg(long, value_name = "FILE", requires = "output")]
+    input: Option<std::path::PathBuf>,
+    /// Batch mode: JSONL results, one line per input row, in order; resumes if it exists.
+    #[arg(long, value_name = "FILE", requires = "input")]
+    output: Option<std::path::PathBuf>,
 }
 
 pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(input), Some(output)) = (&args.input, &args.output) {
+        let structurer = load(cli, args)?;
+        let (rows, errors) = crate::batch::run(&structurer, input, output, args.explain)?;
+        eprintln!("{rows} rows in {}, {errors} with errors", output.display());
+        return Ok(if errors == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        });
+    }
     let mut bytes = Vec::new();
     std::io::stdin()
         .read_to_end(&mut bytes)
@@ -82,6 +98,7 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
         seed: args.seed,
         min_confidence: args.min_confidence,
         max_input_tokens: args.max_input_tokens,
+        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
         ..StructurerOptions::default()
     };
     let s = Structurer::new(&gguf, taxonomy, opts)?;

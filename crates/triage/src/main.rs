@@ -4,6 +4,8 @@
 //! validation), `triage-registry` (model download and cache) and `triage-llm` (GGUF,
 //! tokenizer, chat template). Results go to stdout, logs and progress to stderr.
 
+mod batch;
+mod bench;
 mod infer_cmd;
 mod model_cmd;
 mod taxonomy_cmd;
@@ -40,6 +42,8 @@ struct Cli {
 enum Command {
     /// Structure one incident (stdin) into a JSON ticket (stdout).
     Infer(infer_cmd::InferArgs),
+    /// Measure inference speed (three engines, same run) and write docs/benchmarks.md.
+    Bench(bench::BenchArgs),
     /// Print the ticket JSON Schema generated from the taxonomy.
     Schema,
     /// Validate a ticket (JSON from stdin or FILE); exit 1 and list every violation if invalid.
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match &cli.command {
         Command::Infer(args) => infer_cmd::run(&cli, args),
+        Command::Bench(args) => bench::run(&cli, args),
         Command::Schema => taxonomy_cmd::schema(&cli),
         Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
         Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),

@@ -48,13 +48,17 @@ pub enum ModelCommand {
     },
 }
 
+/// The cache directory (`--cache-dir`, else the default).
+pub fn cache_dir(cli: &Cli) -> PathBuf {
+    cli.cache_dir.clone().unwrap_or_else(default_cache_dir)
+}
+
 pub fn store(cli: &Cli) -> anyhow::Result<ModelStore> {
     let registry = match &cli.registry {
         Some(p) => Registry::from_file(p)?,
         None => Registry::builtin(),
     };
-    let cache = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    Ok(ModelStore::new(registry, cache))
+    Ok(ModelStore::new(registry, cache_dir(cli)))
 }
 
 fn open_model(cli: &Cli) -> anyhow::Result<GgufFile> {

@@ -1,0 +1,167 @@
+//! Constrained inference on the real Qwen2.5-Coder 0.5B (fetched through the registry on first
+//! use; CI pulls it first): every output must validate against the taxonomy's schema, by
+//! construction, on varied and hostile input.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use triage_infer::{InferError, Structurer, StructurerOptions};
+use triage_llm::GgufFile;
+use triage_registry::ModelStore;
+use triage_taxonomy::{Taxonomy, Validator};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn structurer(taxonomy: Taxonomy, opts: StructurerOptions) -> Structurer {
+    let store = ModelStore::from_env();
+    let spec = store.registry().get("0.5b").unwrap();
+    let path = store
+        .ensure(spec, None)
+        .unwrap_or_else(|e| panic!("the 0.5B test model is needed (`triage model pull 0.5b`): {e}"));
+    let gguf = GgufFile::open(path).unwrap();
+    // Share the system prompt's KV cache between the test processes (nextest runs each test
+    // in its own process): the first one to need it computes it.
+    let opts = StructurerOptions {
+        prefix_cache_dir: Some(store.cache_dir().join("prefix")),
+        ..opts
+    };
+    Structurer::new(&gguf, taxonomy, opts).unwrap()
+}
+
+fn incidents() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/incidents.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["lang"].as_str().unwrap().to_string(),
+                i["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A ~20 kB log dump with the real problem at the start and the end.
+fn huge_input() -> String {
+    let mut s = String::from("Outlook crashes on start since this morning. Log attached:\n");
+    let mut i = 0;
+    while s.len() < 20_000 {
+        s.push_str(&format!(
+            "2026-11-22T08:{:02}:{:02}Z ERROR outlook.exe faulting module mso20win32client.dll 0x{:08x}\n",
+            i / 60 % 60,
+            i % 60,
+            i * 7919
+        ));
+        i += 1;
+    }
+    s.push_str("Please call me back, I cannot read e-mail at all.\n");
+    s
+}
+
+#[test]
+fn every_output_validates_on_varied_and_hostile_incidents() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let s = structurer(taxonomy.clone(), StructurerOptions::default());
+    let mut cases = incidents();
+    cases.push(("huge-20kB".into(), "en".into(), huge_input()));
+    assert!(cases.len() >= 20);
+    let langs: std::collections::BTreeSet<_> = cases.iter().map(|c| c.1.clone()).collect();
+    assert_eq!(langs.len(), 5, "five languages: {langs:?}");
+    let enum_fields = taxonomy.fields.len();
+    for (id, _, text) in &cases {
+        let out = s.structure(text).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let json = out.ticket.to_json();
+        // Independent check of the typed result against the JSON Schema.
+        assert!(validator.schema_accepts(&json), "{id}: {json}");
+        assert!(validator.violations(&json).is_empty(), "{id}");
+        let m = &out.meta;
+        assert_eq!(
+            m.confidence.len(),
+            enum_fields,
+            "{id}: one confidence per enum field"
+        );
+        for c in &m.confidence {
+            assert!((0.0..=1.0).contains(&c.confidence), "{id}: {c:?}");
+            assert_eq!(out.ticket.get(&c.field), Some(c.value.as_str()), "{id}");
+            assert!(
+                c.top[0].1 >= c.confidence - 1e-6,
+                "{id}: chosen value is the most probable (greedy)"
+            );
+            assert!(c.top.iter().map(|t| t.1).sum::<f32>() <= 1.0 + 1e-4, "{id}");
+        }
+        assert!(
+            m.cached_prompt_tokens > 1000,
+            "{id}: the system prompt comes from the prefix cache"
+        );
+        assert!(m.forced_tokens > 0 && m.output_tokens <= 320, "{id}: {m:?}");
+        eprintln!(
+            "{id}: {} ({:.0} ms)",
+            serde_json::to_string(&out.ticket).unwrap(),
+            m.timings.total_ms
+        );
+    }
+}
+
+#[test]
+fn huge_input_is_cut_from_the_middle_with_a_warning_and_injection_changes_nothing() {
+    let s = structurer(Taxonomy::builtin_default(), StructurerOptions::default());
+    let out = s.structure(&huge_input()).unwrap();
+    assert_eq!(out.meta.warnings.len(), 1, "{:?}", out.meta.warnings);
+    assert!(out.meta.warnings[0].contains("cut"), "{:?}", out.meta.warnings);
+    assert!(out.meta.prompt_tokens < s.system_prompt_tokens() + 1700);
+
+    // The injected special tokens and instructions cannot break the format or the values.
+    let inj = &incidents().into_iter().find(|c| c.0 == "en-injection").unwrap().2;
+    let out = s.structure(inj).unwrap();
+    let json = out.ticket.to_json();
+    assert!(json.get("hacked").is_none());
+    assert_ne!(json["category"], "Banana");
+    assert!(["Low", "Medium", "High", "Critical"].contains(&json["priority"].as_str().unwrap()));
+}
+
+#[test]
+fn empty_input_is_an_error_and_greedy_is_deterministic() {
+    let s = structurer(Taxonomy::builtin_default(), StructurerOptions::default());
+    assert!(matches!(s.structure("  \n\t "), Err(InferError::EmptyInput)));
+    let a = s
+        .structure("The projector in room 4.01 does not turn on.")
+        .unwrap();
+    let b = s
+        .structure("The projector in room 4.01 does not turn on.")
+        .unwrap();
+    assert_eq!(a.ticket, b.ticket);
+}
+
+#[test]
+fn a_non_default_taxonomy_gets_its_own_fields() {
+    let taxonomy = Taxonomy::from_file(root().join("configs/taxonomy/customer-support.toml")).unwrap();
+    let validator = Validator::new(&taxonomy);
+    let opts = StructurerOptions {
+        min_confidence: Some(0.99),
+        ..StructurerOptions::default()
+    };
+    let s = structurer(taxonomy, opts);
+    for text in [
+        "I was charged twice for my subscription this month, please refund the duplicate payment.",
+        "Unser Dashboard ist seit 9 Uhr nicht erreichbar, alle Kunden sind betroffen!",
+        "¿Cuál es el precio del plan Enterprise para 50 usuarios?",
+        "Je voudrais retourner le casque reçu hier, il est défectueux.",
+        "O sistema de folha de pagamento não calcula as horas extras corretamente.",
+    ] {
+        let out = s.structure(text).unwrap();
+        let json = out.ticket.to_json();
+        assert!(validator.schema_accepts(&json), "{json}");
+        let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["summary", "category", "priority", "request_type"]);
+        assert!(["low", "medium", "high"].contains(&json["priority"].as_str().unwrap()));
+        // With a 0.99 threshold, review is flagged exactly when some field is below it.
+        let below = out.meta.confidence.iter().any(|c| c.confidence < 0.99);
+        assert_eq!(out.meta.needs_review, below);
+    }
+}

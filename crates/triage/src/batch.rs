@@ -1,0 +1,253 @@
+//! `triage infer --input F --output out.jsonl`: many incidents, one output row per input row,
+//! in order, resumable.
+//!
+//! Input: `.jsonl` (objects with `text`, or `subject` + `body`, and an optional `id`; or bare
+//! JSON strings), `.csv` (header with `text` or `subject`/`body`, optional `id`), or `.txt`
+//! (one incident per non-empty line). Every input row yields exactly one output line:
+//! `{"row", "id", "ticket", "meta"}` or `{"row", "id", "error"}`; nothing is dropped.
+//! Output is appended and flushed row by row. On restart, rows already in the output are
+//! skipped (a torn last line from a kill is cut off first). Ctrl-C finishes the current row
+//! and stops cleanly.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use triage_infer::Structurer;
+
+/// One input row: its id (given or the 1-based row number) and text, or why it is unusable.
+pub struct Row {
+    /// 1-based row number in the input.
+    pub row: usize,
+    /// The row's id column, or the row number.
+    pub id: String,
+    /// The incident text, or the reason the row cannot be read.
+    pub text: Result<String, String>,
+}
+
+fn join_subject_body(subject: Option<&str>, body: Option<&str>) -> Option<String> {
+    let parts: Vec<&str> = [subject, body]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
+}
+
+/// Reads every row of an input file (format from its extension).
+pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let content = String::from_utf8_lossy(&bytes);
+    let mut rows = Vec::new();
+    match ext.as_str() {
+        "jsonl" | "ndjson" => {
+            for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let row = rows.len() + 1;
+                let (id, text) = match serde_json::from_str::<Value>(line) {
+                    Ok(Value::String(s)) => (row.to_string(), Ok(s)),
+                    Ok(Value::Object(o)) => {
+                        let id = o
+                            .get("id")
+                            .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+                            .unwrap_or(row.to_string());
+                        let s = |k: &str| o.get(k).and_then(Value::as_str);
+                        let text = s("text")
+                            .map(str::to_string)
+                            .or_else(|| join_subject_body(s("subject"), s("body")))
+                            .ok_or_else(|| format!("line {}: no `text` (or `subject`/`body`) field", i + 1));
+                        (id, text)
+                    }
+                    Ok(_) => (
+                        row.to_string(),
+                        Err(format!("line {}: expected an object or a string", i + 1)),
+                    ),
+                    Err(e) => (row.to_string(), Err(format!("line {}: invalid JSON: {e}", i + 1))),
+                };
+                rows.push(Row { row, id, text });
+            }
+        }
+        "csv" => {
+            let mut rdr = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_reader(content.as_bytes());
+            let headers = rdr.headers().context("cannot read the CSV header")?.clone();
+            let col = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
+            let (c_text, c_subj, c_body, c_id) = (col("text"), col("subject"), col("body"), col("id"));
+            if c_text.is_none() && c_subj.is_none() && c_body.is_none() {
+                bail!(
+                    "{}: the CSV needs a `text` column (or `subject`/`body`); found {:?}",
+                    path.display(),
+                    headers
+                );
+            }
+            for (i, rec) in rdr.records().enumerate() {
+                let row = i + 1;
+                let line = i + 2;
+                match rec {
+                    Err(e) => rows.push(Row {
+                        row,
+                        id: row.to_string(),
+                        text: Err(format!("line {line}: {e}")),
+                    }),
+                    Ok(r) => {
+                        let get = |c: Option<usize>| c.and_then(|c| r.get(c));
+                        let text = get(c_text)
+                            .filter(|t| !t.trim().is_empty())
+                            .map(str::to_string)
+                            .or_else(|| join_subject_body(get(c_subj), get(c_body)))
+                            .ok_or_else(|| format!("line {line}: empty text"));
+                        let id = get(c_id).map(str::to_string).unwrap_or(row.to_string());
+                        rows.push(Row { row, id, text });
+                    }
+                }
+            }
+        }
+        "txt" | "" => {
+            for line in content.lines().filter(|l| !l.trim().is_empty()) {
+                let row = rows.len() + 1;
+                rows.push(Row {
+                    row,
+                    id: row.to_string(),
+                    text: Ok(line.to_string()),
+                });
+            }
+        }
+        other => bail!(
+            "{}: unsupported input format `.{other}` (use .jsonl, .csv or .txt)",
+            path.display()
+        ),
+    }
+    Ok(rows)
+}
+
+/// Number of complete rows already in `output` and how many of them are errors; cuts off a
+/// torn last line.
+fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(output) else {
+        return Ok((0, 0));
+    };
+    let (mut good_len, mut pos) = (0u64, 0u64);
+    let (mut done, mut errors) = (0usize, 0usize);
+    let mut reader = BufReader::new(&mut f);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            break;
+        }
+        pos += n as u64;
+        let Some(v) = serde_json::from_str::<Value>(&line).ok() else {
+            break;
+        };
+        if v.get("row").and_then(Value::as_u64) != Some(done as u64 + 1) {
+            break;
+        }
+        errors += usize::from(v.get("error").is_some());
+        done += 1;
+        good_len = pos;
+    }
+    drop(reader);
+    if f.metadata()?.len() != good_len {
+        tracing::warn!("{}: cutting an incomplete last line", output.display());
+        f.set_len(good_len)?;
+    }
+    f.seek(SeekFrom::End(0))?;
+    Ok((done, errors))
+}
+
+/// Structures every row of `input` into `output`, skipping rows already there.
+pub fn run(
+    structurer: &Structurer,
+    input: &Path,
+    output: &Path,
+    explain: bool,
+) -> anyhow::Result<(usize, usize)> {
+    let rows = read_rows(input)?;
+    let (done, mut errors) = resume_point(output)?;
+    if done > rows.len() {
+        bail!(
+            "{} has {done} rows but {} has only {}: wrong output file?",
+            output.display(),
+            input.display(),
+            rows.len()
+        );
+    }
+    if done > 0 {
+        tracing::info!(
+            "resuming after {done} of {} rows already in {}",
+            rows.len(),
+            output.display()
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Ignore a second registration (library use); Ctrl-C then kills as usual.
+        let _ = ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: finishing the current row; run the same command again to resume");
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(output)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    let bar = ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} rows, {per_sec}, eta {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(done as u64);
+    for r in rows.iter().skip(done) {
+        if stop.load(Ordering::SeqCst) {
+            bar.abandon();
+            bail!(
+                "interrupted after {} of {} rows; run the same command again to resume",
+                r.row - 1,
+                rows.len()
+            );
+        }
+        let line = match r
+            .text
+            .as_deref()
+            .map_err(String::clone)
+            .and_then(|t| structurer.structure(t).map_err(|e| e.to_string()))
+        {
+            Ok(s) => {
+                let mut v = json!({"row": r.row, "id": r.id, "ticket": s.ticket});
+                if explain {
+                    v["meta"] = serde_json::to_value(&s.meta)?;
+                } else {
+                    v["meta"] = json!({"confidence": s.meta.confidence, "needs_review": s.meta.needs_review});
+                }
+                v
+            }
+            Err(e) => {
+                errors += 1;
+                json!({"row": r.row, "id": r.id, "error": e})
+            }
+        };
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        out.flush()?;
+        bar.inc(1);
+    }
+    out.sync_all()?;
+    bar.finish_and_clear();
+    Ok((rows.len(), errors))
+}

@@ -1,0 +1,236 @@
+//! `triage bench`: inference speed on this machine, three engines in the same run over the
+//! same incidents, written as Markdown (and JSON) — never a timed test.
+//!
+//! * (a) unconstrained greedy decoding of the same model and prompt, full prefill each time;
+//! * (b) grammar-constrained, without fast-forward and without the prefix cache;
+//! * (c) the full engine: fast-forward, prefix KV cache (warmed before timing).
+//!
+//! Figures are reported as measured and as ratios against (a) from the same run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
+use triage_infer::{Meta, Structurer, StructurerOptions};
+use triage_llm::qwen2::{LoadOptions, Qwen2};
+use triage_llm::GgufFile;
+
+use crate::Cli;
+
+/// Options of `triage bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Models to measure (registry names or paths), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.5b,1.5b")]
+    models: Vec<String>,
+    /// Incidents for the full engine (c), from tests/fixtures/incidents.json.
+    #[arg(long, default_value_t = 20)]
+    n: usize,
+    /// Incidents for the slow baselines (a) and (b) (each prefills the whole prompt).
+    #[arg(long, default_value_t = 20)]
+    baseline_n: usize,
+    /// Incidents file (JSON array of {id, lang, text}).
+    #[arg(long, default_value = "tests/fixtures/incidents.json")]
+    incidents: PathBuf,
+    /// Markdown report to write (a JSON twin is written beside it).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: PathBuf,
+}
+
+#[derive(Serialize, Default)]
+struct Variant {
+    name: String,
+    tickets: usize,
+    valid: usize,
+    prefill_tokens: usize,
+    prefill_ms: f64,
+    output_tokens: usize,
+    sampled_tokens: usize,
+    decode_ms: f64,
+    mask_ms: f64,
+    per_ticket_ms: Vec<f64>,
+}
+
+impl Variant {
+    fn add(&mut self, m: &Meta, valid: bool) {
+        self.tickets += 1;
+        self.valid += usize::from(valid);
+        self.prefill_tokens += m.prompt_tokens - m.cached_prompt_tokens;
+        self.prefill_ms += m.timings.prefill_ms;
+        self.output_tokens += m.output_tokens;
+        self.sampled_tokens += m.output_tokens - m.forced_tokens;
+        self.decode_ms += m.timings.decode_ms;
+        self.mask_ms += m.timings.mask_ms;
+        self.per_ticket_ms.push(m.timings.total_ms);
+    }
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.per_ticket_ms.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+    fn mean(&self) -> f64 {
+        self.per_ticket_ms.iter().sum::<f64>() / self.per_ticket_ms.len().max(1) as f64
+    }
+}
+
+#[derive(Serialize)]
+struct ModelReport {
+    model: String,
+    load_s: f64,
+    system_prompt_tokens: usize,
+    system_prompt_prefill_s: f64,
+    peak_rss_mib: f64,
+    variants: Vec<Variant>,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let incidents: Vec<String> = {
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&args.incidents)
+                .with_context(|| format!("cannot read {}", args.incidents.display()))?,
+        )?;
+        v.as_array()
+            .context("incidents file must be a JSON array")?
+            .iter()
+            .filter_map(|i| i["text"].as_str().map(str::to_string))
+            .collect()
+    };
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let store = crate::model_cmd::store(cli)?;
+    let mut reports = Vec::new();
+    for name in &args.models {
+        let path = store.resolve(Some(name), None)?;
+        eprintln!("== {name}: {}", path.display());
+        let t = Instant::now();
+        let gguf = GgufFile::open(&path)?;
+        let model = Arc::new(Qwen2::load(
+            &gguf,
+            &candle_core::Device::Cpu,
+            &LoadOptions::default(),
+        )?);
+        let load_s = t.elapsed().as_secs_f64();
+        let full = Structurer::with_model(
+            model.clone(),
+            &gguf,
+            taxonomy.clone(),
+            StructurerOptions::default(),
+        )?;
+        let plain = Structurer::with_model(
+            model.clone(),
+            &gguf,
+            taxonomy.clone(),
+            StructurerOptions {
+                fast_forward: false,
+                prefix_cache: false,
+                ..StructurerOptions::default()
+            },
+        )?;
+        let t = Instant::now();
+        full.warm_up()?;
+        let system_prompt_prefill_s = t.elapsed().as_secs_f64();
+        let mut a = Variant {
+            name: "(a) unconstrained greedy".into(),
+            ..Variant::default()
+        };
+        let mut b = Variant {
+            name: "(b) constrained, no fast-forward, no prefix cache".into(),
+            ..Variant::default()
+        };
+        let mut c = Variant {
+            name: "(c) full engine (fast-forward + prefix cache)".into(),
+            ..Variant::default()
+        };
+        for (i, text) in incidents.iter().enumerate().take(args.n.max(args.baseline_n)) {
+            if i < args.baseline_n {
+                let (out, m) = full.generate_unconstrained(text)?;
+                let valid = triage_taxonomy::Validator::new(&taxonomy)
+                    .parse_str(out.trim())
+                    .is_ok();
+                a.add(&m, valid);
+                let s = plain.structure(text)?;
+                b.add(&s.meta, true);
+            }
+            if i < args.n {
+                let s = full.structure(text)?;
+                c.add(&s.meta, true);
+            }
+            eprintln!("  {}/{}", i + 1, args.n.max(args.baseline_n));
+        }
+        reports.push(ModelReport {
+            model: name.clone(),
+            load_s,
+            system_prompt_tokens: full.system_prompt_tokens(),
+            system_prompt_prefill_s,
+            peak_rss_mib: peak_rss_mib(),
+            variants: vec![a, b, c],
+        });
+    }
+    write_report(&args.out, &reports)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
+    let mut md = String::from(
+        "# Benchmarks\n\nWritten by `triage bench` (see `crates/triage/src/bench.rs`); machine: ",
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    md.push_str(&format!(
+        "{} cores, {cpu}. Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    md.push_str("Variants: (a) unconstrained greedy decoding, same model and prompt, full prefill each ticket; (b) grammar-constrained, no fast-forward, no prefix cache; (c) full engine, prefix cache warm (batch / server mode).\n\n");
+    for r in reports {
+        md.push_str(&format!(
+            "## {}\n\nload {:.1} s; system prompt {} tokens, prefilled once in {:.1} s; peak RSS {:.0} MiB.\n\n",
+            r.model, r.load_s, r.system_prompt_tokens, r.system_prompt_prefill_s, r.peak_rss_mib
+        ));
+        md.push_str("| variant | tickets | valid tickets | prefill tok/s | decode tok/s (output) | mask µs/sampled token | mask % of decode | ms/ticket p50 | p95 | mean | speed-up vs (a) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let base = r.variants[0].mean();
+        for v in &r.variants {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2}x |\n",
+                v.name,
+                v.tickets,
+                v.valid,
+                v.prefill_tokens as f64 / (v.prefill_ms / 1000.0),
+                v.output_tokens as f64 / (v.decode_ms / 1000.0),
+                v.mask_ms * 1000.0 / v.sampled_tokens.max(1) as f64,
+                100.0 * v.mask_ms / v.decode_ms.max(1e-9),
+                v.pct(0.5),
+                v.pct(0.95),
+                v.mean(),
+                base / v.mean(),
+            ));
+        }
+        md.push('\n');
+    }
+    let tmp = out.with_extension("md.tmp");
+    std::fs::write(&tmp, md)?;
+    std::fs::rename(&tmp, out)?;
+    let json_path = out.with_extension("json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(reports)?)?;
+    Ok(())
+}
