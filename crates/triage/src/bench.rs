@@ -186,8 +186,10 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode
 }
 
 fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
-    let mut md = String::from(
-        "# Benchmarks\n\nWritten by `triage bench` (see `crates/triage/src/bench.rs`); machine: ",
+    let command: Vec<String> = std::env::args().skip(1).collect();
+    let mut md = format!(
+        "# Benchmarks\n\nWritten by `triage {}` (see `crates/triage/src/bench.rs`); machine: ",
+        command.join(" ")
     );
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -198,8 +200,9 @@ fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     md.push_str(&format!(
-        "{} cores, {cpu}. Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "{} cores, {cpu}; build profile `{}` (dependencies at opt-level 3 in both). Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if cfg!(debug_assertions) { "dev" } else { "release" }
     ));
     md.push_str("Variants: (a) unconstrained greedy decoding, same model and prompt, full prefill each ticket; (b) grammar-constrained, no fast-forward, no prefix cache; (c) full engine, prefix cache warm (batch / server mode).\n\n");
     for r in reports {
