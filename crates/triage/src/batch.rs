@@ -251,3 +251,68 @@ pub fn run(
     bar.finish_and_clear();
     Ok((rows.len(), errors))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows_of(name: &str, content: &str) -> Vec<Row> {
+        let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        read_rows(&p).unwrap()
+    }
+
+    #[test]
+    fn csv_rows_join_subject_and_body_and_report_bad_rows() {
+        let rows = rows_of(
+            "t.csv",
+            "id,subject,body\nT-1,VPN,\"drops, every 10 min\"\nT-2,,only body\nT-3,,\n\"T-4\",\"unterminated\n",
+        );
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[0].id, "T-1");
+        assert_eq!(rows[0].text.as_deref(), Ok("VPN\n\ndrops, every 10 min"));
+        assert_eq!(rows[1].text.as_deref(), Ok("only body"));
+        assert_eq!(rows[2].text.as_ref().unwrap_err(), "line 4: empty text");
+        // The csv crate is lenient: a quote left open at the end of the file closes there.
+        assert_eq!(rows[3].text.as_deref().ok(), Some("unterminated"));
+        assert!(rows.iter().enumerate().all(|(i, r)| r.row == i + 1));
+    }
+
+    #[test]
+    fn csv_without_a_text_column_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.csv");
+        std::fs::write(&p, "a,b\n1,2\n").unwrap();
+        let e = read_rows(&p).err().unwrap().to_string();
+        assert!(e.contains("needs a `text` column"), "{e}");
+        let p = dir.join("x.xlsx");
+        std::fs::write(&p, "").unwrap();
+        assert!(read_rows(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("unsupported input format"));
+    }
+
+    #[test]
+    fn txt_and_jsonl_rows() {
+        let rows = rows_of("t.txt", "first incident\n\n  \nsecond incident\n");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].text.as_deref(), Ok("second incident"));
+        let rows = rows_of(
+            "t.jsonl",
+            "{\"id\": 7, \"text\": \"a\"}\n[1]\n{\"x\": 1}\n\"plain\"\n",
+        );
+        assert_eq!(rows[0].id, "7");
+        assert!(rows[1]
+            .text
+            .as_ref()
+            .unwrap_err()
+            .contains("expected an object or a string"));
+        assert!(rows[2].text.as_ref().unwrap_err().contains("no `text`"));
+        assert_eq!(rows[3].text.as_deref(), Ok("plain"));
+    }
+}
