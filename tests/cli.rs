@@ -232,19 +232,15 @@ fn batch_keeps_order_reports_bad_rows_and_resumes() {
     )
     .unwrap();
     let out = dir.join("out.jsonl");
+    let batch_args = |o: &Path| -> Vec<String> {
+        let (i, o) = (input.to_str().unwrap(), o.to_str().unwrap());
+        ["infer", "--model", "0.5b", "--input", i, "--output", o]
+            .map(String::from)
+            .to_vec()
+    };
     let run = |o: &Path| {
-        triage(
-            &[
-                "infer",
-                "--model",
-                "0.5b",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                o.to_str().unwrap(),
-            ],
-            "",
-        )
+        let args = batch_args(o);
+        triage(&args.iter().map(String::as_str).collect::<Vec<_>>(), "")
     };
     let r = run(&out);
     assert_eq!(r.status.code(), Some(3), "one bad row: {}", text(&r.stderr));
@@ -274,15 +270,7 @@ fn batch_keeps_order_reports_bad_rows_and_resumes() {
     // Ctrl-C finishes the current row, exits non-zero, and a rerun completes.
     let out2 = dir.join("out2.jsonl");
     let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
-        .args([
-            "infer",
-            "--model",
-            "0.5b",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out2.to_str().unwrap(),
-        ])
+        .args(batch_args(&out2))
         .current_dir(root())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
