@@ -304,8 +304,11 @@ impl ModelStore {
         })?;
 
         if !force && path.exists() {
-            // Another process may have finished the download while we waited for the lock.
-            self.verify(spec, &path)?;
+            // Cached already (perhaps by another process while we waited for the lock):
+            // trust a matching `.verified` sidecar, otherwise check the file now.
+            if self.state(spec) != CacheState::Verified {
+                self.verify(spec, &path)?;
+            }
             return Ok(path);
         }
         let sources: Vec<&Source> = match source_kind {
