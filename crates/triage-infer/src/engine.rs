@@ -136,6 +136,7 @@ pub struct Structurer {
     taxonomy: Taxonomy,
     validator: Validator,
     grammar: Grammar,
+    env: toktrie::TokEnv,
     prefix: Vec<u32>,
     prefix_cache: Mutex<Option<KvCache>>,
     prefix_file: Option<std::path::PathBuf>,
@@ -189,6 +190,7 @@ impl Structurer {
             prompt,
             taxonomy,
             grammar,
+            env,
             prefix,
             prefix_cache: Mutex::new(None),
             opts,
@@ -406,6 +408,15 @@ fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
         .map_err(candle)
 }
 
+/// Where decoding stands at an enum field's value.
+enum ValueState {
+    /// The value has begun (`opening`, e.g. `"`) but is not decided; `pending` are forced
+    /// bytes not yet committed as tokens.
+    Open { opening: Vec<u8>, pending: Vec<u8> },
+    /// The grammar forced the whole value: there was only one choice.
+    Forced(String),
+}
+
 /// The state of one decoding run.
 struct Decoder<'a> {
     s: &'a Structurer,
@@ -424,7 +435,20 @@ impl Decoder<'_> {
         let mut next_field = 0;
         loop {
             self.check_matcher()?;
-            if self.matcher.is_accepting().unwrap_or(false) || self.matcher.is_stopped() {
+            if self.finished() {
+                // Fields after the last decision were forced whole (one possible value).
+                while next_field < fields.len() {
+                    match self.value_state(&fields[next_field].name) {
+                        Some(ValueState::Forced(value)) => self.push_forced(&fields[next_field].name, value),
+                        _ => {
+                            return Err(InferError::Grammar(format!(
+                                "no value decoded for `{}`",
+                                fields[next_field].name
+                            )))
+                        }
+                    }
+                    next_field += 1;
+                }
                 return Ok(());
             }
             if self.out.len() >= self.s.opts.max_new_tokens {
@@ -441,10 +465,18 @@ impl Decoder<'_> {
                 }
             }
             if next_field < fields.len() {
-                if let Some((opening, pending)) = self.value_start(&fields[next_field].name) {
-                    self.decide_enum(next_field, &opening, &pending)?;
-                    next_field += 1;
-                    continue;
+                match self.value_state(&fields[next_field].name) {
+                    None => {}
+                    Some(ValueState::Open { opening, pending }) => {
+                        self.decide_enum(next_field, &opening, &pending)?;
+                        next_field += 1;
+                        continue;
+                    }
+                    Some(ValueState::Forced(value)) => {
+                        self.push_forced(&fields[next_field].name, value);
+                        next_field += 1;
+                        continue;
+                    }
                 }
             }
             let t = Instant::now();
@@ -461,7 +493,9 @@ impl Decoder<'_> {
                 .consume_token(tok)
                 .map_err(|e| InferError::Grammar(e.to_string()))?;
             self.out.push(tok);
-            self.forward(&[tok])?;
+            if !self.finished() {
+                self.forward(&[tok])?;
+            }
         }
     }
 
@@ -479,6 +513,9 @@ impl Decoder<'_> {
             .map_err(|e| InferError::Grammar(e.to_string()))?;
         self.out.extend_from_slice(toks);
         self.meta.forced_tokens += toks.len();
+        if self.finished() {
+            return Ok(()); // the closing brace: no logits are needed after it
+        }
         if self.s.opts.fast_forward {
             self.forward(toks)
         } else {
@@ -493,22 +530,53 @@ impl Decoder<'_> {
         Ok(())
     }
 
-    /// If the output plus the bytes the grammar forces next ends inside the opening of the
-    /// value of `field`, returns `(opening, pending)`: the value's JSON text so far (e.g. `"`)
-    /// and the forced bytes not yet committed as tokens (e.g. ` "`).
-    fn value_start(&mut self, field: &str) -> Option<(String, String)> {
-        let done = self.s.tokenizer.decode(&self.out).ok()?;
-        let pending = String::from_utf8_lossy(&self.matcher.compute_ff_bytes()).into_owned();
-        let key = format!("\"{field}\"{KEY_SEPARATOR}");
-        let full = format!("{done}{pending}");
-        let pos = full.rfind(&key)?;
+    /// Records a value the grammar forced (only one was possible, e.g. a single child).
+    fn push_forced(&mut self, field: &str, value: String) {
+        self.meta.confidence.push(FieldConfidence {
+            field: field.to_string(),
+            value: value.clone(),
+            confidence: 1.0,
+            top: vec![(value, 1.0)],
+        });
+    }
+
+    /// Whether the grammar is complete (the ticket's closing brace was emitted).
+    fn finished(&mut self) -> bool {
+        self.matcher.is_accepting().unwrap_or(false) || self.matcher.is_stopped()
+    }
+
+    /// Where the output, plus the bytes the grammar forces next, stands relative to the value
+    /// of `field`. Works on bytes: forced bytes may end inside a multi-byte character.
+    fn value_state(&mut self, field: &str) -> Option<ValueState> {
+        let mut full = self.s.env.tok_trie().decode(&self.out);
+        let pending = self.matcher.compute_ff_bytes();
+        full.extend_from_slice(&pending);
+        let key = format!("\"{field}\"{KEY_SEPARATOR}").into_bytes();
+        let pos = full.windows(key.len()).rposition(|w| w == key.as_slice())?;
         let after = &full[pos + key.len()..];
-        let open = after.starts_with('"') && !after[1..].contains('"');
-        open.then(|| (after.to_string(), pending))
+        if after.first() != Some(&b'"') {
+            return None; // the opening quote is not even forced yet
+        }
+        // Find the closing quote, skipping escaped characters.
+        let mut i = 1;
+        while i < after.len() {
+            match after[i] {
+                b'\\' => i += 2,
+                b'"' => {
+                    let value = serde_json::from_slice::<String>(&after[..=i]).ok()?;
+                    return Some(ValueState::Forced(value));
+                }
+                _ => i += 1,
+            }
+        }
+        Some(ValueState::Open {
+            opening: after.to_vec(),
+            pending,
+        })
     }
 
     /// Chooses the value of enum field `idx` by scoring each allowed value as a whole.
-    fn decide_enum(&mut self, idx: usize, opening: &str, pending: &str) -> Result<(), InferError> {
+    fn decide_enum(&mut self, idx: usize, opening: &[u8], pending: &[u8]) -> Result<(), InferError> {
         let field = &self.s.taxonomy.fields[idx];
         let allowed: Vec<&str> = match &field.dependency {
             None => field.value_names().collect(),
@@ -528,11 +596,11 @@ impl Decoder<'_> {
         // Token sequences of each candidate's remaining JSON text, checked against the grammar.
         let mut cands: Vec<(&str, Vec<u32>)> = Vec::new();
         for v in allowed {
-            let json = serde_json::to_string(v).expect("string serialises");
+            let json = serde_json::to_vec(v).expect("string serialises");
             let Some(rest) = json.strip_prefix(opening) else {
                 continue;
             };
-            let toks = self.s.tokenizer.encode_text(&format!("{pending}{rest}"))?;
+            let toks = self.s.env.tokenize_bytes(&[pending, rest].concat());
             let ok = self.matcher.validate_tokens(&toks);
             tracing::debug!(field = %field.name, value = v, ?toks, ?ok, "enum candidate");
             if !toks.is_empty() && ok.ok() == Some(toks.len()) {
@@ -662,13 +730,14 @@ fn sample(p: &[f32], state: &mut u64) -> usize {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;
-    let u = (*state >> 11) as f32 / (1u64 << 53) as f32;
-    let mut acc = 0.0;
+    let u = (*state >> 11) as f64 / (1u64 << 53) as f64;
+    let mut acc = 0.0f64;
     for (i, v) in p.iter().enumerate() {
-        acc += v;
+        acc += f64::from(*v);
         if u < acc {
             return i;
         }
     }
-    p.len() - 1
+    // Rounding left u above the total: the last index with any probability.
+    p.iter().rposition(|v| *v > 0.0).unwrap_or(0)
 }

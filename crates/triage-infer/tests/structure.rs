@@ -165,3 +165,65 @@ fn a_non_default_taxonomy_gets_its_own_fields() {
         assert_eq!(out.meta.needs_review, below);
     }
 }
+
+/// Regression: values whose common prefix ends inside a multi-byte character ("Сеть" and
+/// "Почта" share only the byte 0xD0), a parent with a single child and a one-value field (the
+/// grammar forces the whole value) must all decode, with a confidence entry per field.
+#[test]
+fn non_ascii_values_and_forced_single_values() {
+    let toml = r#"
+format = 1
+name = "ru-desk"
+description = "Небольшая служба поддержки."
+
+[[fields]]
+name = "category"
+description = "Область."
+
+[fields.child]
+name = "subcategory"
+description = "Подробнее."
+
+[[fields.values]]
+name = "Сеть"
+description = "Сеть, VPN, Wi-Fi."
+children = [ { name = "VPN", description = "VPN не подключается." } ]
+
+[[fields.values]]
+name = "Почта"
+description = "Электронная почта и календарь."
+children = [
+  { name = "Ящик", description = "Почтовый ящик." },
+  { name = "Календарь", description = "Календарь и встречи." },
+]
+
+[[fields]]
+name = "priority"
+description = "Срочность."
+values = [ { name = "Обычный", description = "Обычная срочность." } ]
+"#;
+    let taxonomy = Taxonomy::from_toml_str(toml, "ru-desk.toml").unwrap();
+    let validator = Validator::new(&taxonomy);
+    let s = structurer(taxonomy, StructurerOptions::default());
+    for text in ["VPN не подключается с утра", "Не открывается календарь в Outlook"]
+    {
+        let out = s.structure(text).unwrap();
+        assert!(
+            validator.schema_accepts(&out.ticket.to_json()),
+            "{:?}",
+            out.ticket
+        );
+        let fields: Vec<&str> = out.meta.confidence.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["category", "subcategory", "priority"],
+            "{:?}",
+            out.meta.confidence
+        );
+        let prio = &out.meta.confidence[2];
+        assert_eq!((prio.value.as_str(), prio.confidence), ("Обычный", 1.0));
+        if out.ticket.get("category") == Some("Сеть") {
+            assert_eq!(out.meta.confidence[1].confidence, 1.0, "single child is forced");
+        }
+    }
+}

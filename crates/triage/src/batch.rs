@@ -13,7 +13,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -96,7 +95,12 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
             }
             for (i, rec) in rdr.records().enumerate() {
                 let row = i + 1;
-                let line = i + 2;
+                // The reader's own position: right even when quoted fields span lines.
+                let line = rec
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.position())
+                    .map_or(i + 2, |p| p.line() as usize);
                 match rec {
                     Err(e) => rows.push(Row {
                         row,
@@ -134,32 +138,38 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Number of complete rows already in `output` and how many of them are errors; cuts off a
-/// torn last line.
+/// Number of complete rows already in `output` and how many of them are errors. A final
+/// fragment without a newline (a run killed mid-write) is cut off; any other line that is not
+/// the next row of a triage batch output is an error, so an unrelated file is never truncated.
 fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
     let Ok(mut f) = OpenOptions::new().read(true).write(true).open(output) else {
         return Ok((0, 0));
     };
-    let (mut good_len, mut pos) = (0u64, 0u64);
-    let (mut done, mut errors) = (0usize, 0usize);
+    let (mut good_len, mut done, mut errors) = (0u64, 0usize, 0usize);
     let mut reader = BufReader::new(&mut f);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
-            break;
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break; // end of file, or a torn final fragment
         }
-        pos += n as u64;
-        let Some(v) = serde_json::from_str::<Value>(&line).ok() else {
-            break;
+        let row = serde_json::from_slice::<Value>(&line).ok().filter(|v| {
+            v.get("row").and_then(Value::as_u64) == Some(done as u64 + 1)
+                && (v.get("ticket").is_some() || v.get("error").is_some())
+        });
+        let Some(v) = row else {
+            bail!(
+                "{}: line {} is not row {} of a triage batch output; refusing to overwrite it \
+                 (choose another --output)",
+                output.display(),
+                done + 1,
+                done + 1
+            );
         };
-        if v.get("row").and_then(Value::as_u64) != Some(done as u64 + 1) {
-            break;
-        }
         errors += usize::from(v.get("error").is_some());
         done += 1;
-        good_len = pos;
+        good_len += n as u64;
     }
     drop(reader);
     if f.metadata()?.len() != good_len {
@@ -170,6 +180,25 @@ fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
     Ok((done, errors))
 }
 
+/// Set by Ctrl-C: finish the current row, then stop. A second Ctrl-C exits at once.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrlc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let result = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting now; rerun the same command to resume");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: finishing the current row (Ctrl-C again to exit now)");
+        });
+        if let Err(e) = result {
+            tracing::warn!("cannot install the Ctrl-C handler: {e}");
+        }
+    });
+}
+
 /// Structures every row of `input` into `output`, skipping rows already there.
 pub fn run(
     structurer: &Structurer,
@@ -177,6 +206,14 @@ pub fn run(
     output: &Path,
     explain: bool,
 ) -> anyhow::Result<(usize, usize)> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            bail!(
+                "--output {} is the input file; choose another output",
+                output.display()
+            );
+        }
+    }
     let rows = read_rows(input)?;
     let (done, mut errors) = resume_point(output)?;
     if done > rows.len() {
@@ -194,15 +231,8 @@ pub fn run(
             output.display()
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // Ignore a second registration (library use); Ctrl-C then kills as usual.
-        let _ = ctrlc::set_handler(move || {
-            eprintln!("\ninterrupted: finishing the current row; run the same command again to resume");
-            stop.store(true, Ordering::SeqCst);
-        });
-    }
+    install_ctrlc();
+    STOP.store(false, Ordering::SeqCst);
     let mut out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -215,7 +245,7 @@ pub fn run(
     );
     bar.set_position(done as u64);
     for r in rows.iter().skip(done) {
-        if stop.load(Ordering::SeqCst) {
+        if STOP.load(Ordering::SeqCst) {
             bar.abandon();
             bail!(
                 "interrupted after {} of {} rows; run the same command again to resume",
@@ -314,5 +344,27 @@ mod tests {
             .contains("expected an object or a string"));
         assert!(rows[2].text.as_ref().unwrap_err().contains("no `text`"));
         assert_eq!(rows[3].text.as_deref(), Ok("plain"));
+    }
+
+    #[test]
+    fn resume_refuses_to_truncate_a_file_that_is_not_batch_output() {
+        let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("notes.txt");
+        std::fs::write(&p, "important notes\nline two\n").unwrap();
+        let e = resume_point(&p).unwrap_err().to_string();
+        assert!(e.contains("refusing to overwrite"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "important notes\nline two\n"
+        );
+
+        // A real output with a torn last fragment (cut inside a multi-byte character).
+        let p = dir.join("out.jsonl");
+        let mut bytes = b"{\"row\":1,\"id\":\"1\",\"error\":\"x\"}\n{\"row\":2,\"id\":\"\xd0".to_vec();
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(resume_point(&p).unwrap(), (1, 1));
+        bytes.truncate(bytes.iter().position(|b| *b == b'\n').unwrap() + 1);
+        assert_eq!(std::fs::read(&p).unwrap(), bytes);
     }
 }
