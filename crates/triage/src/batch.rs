@@ -286,9 +286,15 @@ pub fn run(
 mod tests {
     use super::*;
 
-    fn rows_of(name: &str, content: &str) -> Vec<Row> {
+    /// A folder for this test process's files.
+    fn scratch() -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn rows_of(name: &str, content: &str) -> Vec<Row> {
+        let dir = scratch();
         let p = dir.join(name);
         std::fs::write(&p, content).unwrap();
         read_rows(&p).unwrap()
@@ -312,8 +318,7 @@ mod tests {
 
     #[test]
     fn csv_without_a_text_column_is_rejected() {
-        let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch();
         let p = dir.join("bad.csv");
         std::fs::write(&p, "a,b\n1,2\n").unwrap();
         let e = read_rows(&p).err().unwrap().to_string();
@@ -348,8 +353,7 @@ mod tests {
 
     #[test]
     fn resume_refuses_to_truncate_a_file_that_is_not_batch_output() {
-        let dir = std::env::temp_dir().join(format!("triage-batch-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch();
         let p = dir.join("notes.txt");
         std::fs::write(&p, "important notes\nline two\n").unwrap();
         let e = resume_point(&p).unwrap_err().to_string();

@@ -155,12 +155,11 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode
             name: "(c) full engine (fast-forward + prefix cache)".into(),
             ..Variant::default()
         };
+        let validator = triage_taxonomy::Validator::new(&taxonomy);
         for (i, text) in incidents.iter().enumerate().take(args.n.max(args.baseline_n)) {
             if i < args.baseline_n {
                 let (out, m) = full.generate_unconstrained(text)?;
-                let valid = triage_taxonomy::Validator::new(&taxonomy)
-                    .parse_str(out.trim())
-                    .is_ok();
+                let valid = validator.parse_str(out.trim()).is_ok();
                 a.add(&m, valid);
                 let s = plain.structure(text)?;
                 b.add(&s.meta, true);
