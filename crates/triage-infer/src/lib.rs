@@ -16,7 +16,7 @@ pub mod grammar;
 pub mod prompt;
 
 pub use engine::{FieldConfidence, Meta, Structured, Structurer, StructurerOptions, Timings};
-pub use prompt::{PromptBuilder, PROMPT_VERSION};
+pub use prompt::{instructions, render_instruction, Instruction, PromptBuilder, PROMPT_VERSION};
 
 /// Why an incident could not be structured.
 #[derive(Debug, thiserror::Error)]

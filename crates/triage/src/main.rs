@@ -1,11 +1,13 @@
 //! `triage`: turn free-text IT incidents into strict, schema-valid JSON tickets.
 //!
 //! A thin command-line layer over the library crates: `triage-taxonomy` (taxonomy, schema,
-//! validation), `triage-registry` (model download and cache) and `triage-llm` (GGUF,
-//! tokenizer, chat template). Results go to stdout, logs and progress to stderr.
+//! validation), `triage-registry` (model download and cache), `triage-llm` (GGUF,
+//! tokenizer, chat template, Qwen2), `triage-infer` (prompts, grammar, decoding) and
+//! `triage-data` (datasets). Results go to stdout, logs and progress to stderr.
 
 mod batch;
 mod bench;
+mod data_cmd;
 mod infer_cmd;
 mod model_cmd;
 mod taxonomy_cmd;
@@ -59,6 +61,9 @@ enum Command {
     /// Download, locate, verify and inspect models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Build datasets: import exports, generate synthetic tickets, split without leakage.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 fn init_logging(verbose: u8) {
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
         Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
         Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),
         Command::Model(cmd) => model_cmd::run(&cli, cmd),
+        Command::Data(cmd) => data_cmd::run(&cli, cmd),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,252 @@
+//! Exact and near-duplicate detection for ticket texts.
+//!
+//! Texts are normalised (lower case, letters and digits only, single spaces), cut into
+//! character 5-gram shingles, and compared by Jaccard similarity. Candidates are found with
+//! MinHash locality-sensitive hashing (64 hashes in 16 bands of 4): a pair with similarity
+//! 0.8 becomes a candidate with probability 1 − (1 − 0.8⁴)¹⁶ ≈ 0.9999, and every candidate is
+//! confirmed with the exact Jaccard similarity, so there are no false positives.
+
+use std::collections::HashMap;
+
+use crate::rng::stable_hash;
+
+const SHINGLE: usize = 5;
+const BANDS: usize = 16;
+const ROWS: usize = 4;
+const HASHES: usize = BANDS * ROWS;
+
+/// Lower case, letters and digits only, single spaces.
+pub fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut space = true;
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            out.extend(c.to_lowercase());
+            space = false;
+        } else if !space {
+            out.push(' ');
+            space = true;
+        }
+    }
+    if out.ends_with(' ') {
+        out.pop();
+    }
+    out
+}
+
+/// Sorted, distinct hashes of the character 5-grams of the normalised text.
+pub fn shingles(text: &str) -> Vec<u64> {
+    let chars: Vec<char> = normalize(text).chars().collect();
+    let mut out: Vec<u64> = if chars.len() <= SHINGLE {
+        vec![stable_hash(chars.iter().collect::<String>().as_bytes())]
+    } else {
+        chars
+            .windows(SHINGLE)
+            .map(|w| stable_hash(w.iter().collect::<String>().as_bytes()))
+            .collect()
+    };
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Jaccard similarity of two sorted, distinct hash lists.
+pub fn jaccard(a: &[u64], b: &[u64]) -> f64 {
+    if a.is_empty() && b.is_empty() {
+        return 1.0;
+    }
+    let (mut i, mut j, mut inter) = (0, 0, 0usize);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                inter += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    inter as f64 / (a.len() + b.len() - inter) as f64
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn minhash(shingles: &[u64]) -> [u64; HASHES] {
+    let mut sig = [u64::MAX; HASHES];
+    for &s in shingles {
+        for (i, slot) in sig.iter_mut().enumerate() {
+            let h = mix(s ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            if h < *slot {
+                *slot = h;
+            }
+        }
+    }
+    sig
+}
+
+/// Why a text was considered a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Duplicate {
+    /// Identical after normalisation, to the entry with this index.
+    Exact(usize),
+    /// Jaccard similarity ≥ the threshold with the entry with this index.
+    Near(usize, f64),
+}
+
+/// An incremental index of texts that answers "is this a duplicate of one already added?".
+pub struct NearDupIndex {
+    threshold: f64,
+    exact: HashMap<String, usize>,
+    bands: Vec<HashMap<u64, Vec<usize>>>,
+    shingles: Vec<Vec<u64>>,
+}
+
+impl NearDupIndex {
+    /// An empty index; `threshold` is the Jaccard similarity from which texts are near
+    /// duplicates (0.8 is a good default for tickets).
+    pub fn new(threshold: f64) -> Self {
+        Self {
+            threshold,
+            exact: HashMap::new(),
+            bands: vec![HashMap::new(); BANDS],
+            shingles: Vec::new(),
+        }
+    }
+
+    /// Number of texts added.
+    pub fn len(&self) -> usize {
+        self.shingles.len()
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.shingles.is_empty()
+    }
+
+    /// The earliest-added text this one duplicates, if any.
+    pub fn find(&self, text: &str) -> Option<Duplicate> {
+        if let Some(&i) = self.exact.get(&normalize(text)) {
+            return Some(Duplicate::Exact(i));
+        }
+        let sh = shingles(text);
+        let sig = minhash(&sh);
+        let mut best: Option<(usize, f64)> = None;
+        for (b, band) in self.bands.iter().enumerate() {
+            let key = band_key(&sig, b);
+            for &i in band.get(&key).into_iter().flatten() {
+                let sim = jaccard(&sh, &self.shingles[i]);
+                if sim >= self.threshold && best.is_none_or(|(j, _)| i < j) {
+                    best = Some((i, sim));
+                }
+            }
+        }
+        best.map(|(i, s)| Duplicate::Near(i, s))
+    }
+
+    /// Adds a text (duplicate or not) and returns its index.
+    pub fn insert(&mut self, text: &str) -> usize {
+        let idx = self.shingles.len();
+        self.exact.entry(normalize(text)).or_insert(idx);
+        let sh = shingles(text);
+        let sig = minhash(&sh);
+        for (b, band) in self.bands.iter_mut().enumerate() {
+            band.entry(band_key(&sig, b)).or_default().push(idx);
+        }
+        self.shingles.push(sh);
+        idx
+    }
+}
+
+fn band_key(sig: &[u64; HASHES], band: usize) -> u64 {
+    sig[band * ROWS..(band + 1) * ROWS]
+        .iter()
+        .fold(0xCBF2_9CE4_8422_2325u64, |h, &x| mix(h ^ x))
+}
+
+/// Groups texts into clusters of (transitively) near-duplicate texts; returns a cluster id per
+/// text, the index of the cluster's first text.
+pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
+    let mut parent: Vec<usize> = (0..texts.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut index = NearDupIndex::new(threshold);
+    let sigs: Vec<(Vec<u64>, [u64; HASHES])> = texts
+        .iter()
+        .map(|t| {
+            let sh = shingles(t);
+            let sig = minhash(&sh);
+            (sh, sig)
+        })
+        .collect();
+    for (i, text) in texts.iter().enumerate() {
+        if let Some(&j) = index.exact.get(&normalize(text)) {
+            union(&mut parent, i, j, root);
+        }
+        for b in 0..BANDS {
+            let key = band_key(&sigs[i].1, b);
+            for &j in index.bands[b].get(&key).into_iter().flatten() {
+                if jaccard(&sigs[i].0, &sigs[j].0) >= threshold {
+                    union(&mut parent, i, j, root);
+                }
+            }
+        }
+        index.insert(text);
+    }
+    (0..texts.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+fn union(parent: &mut [usize], a: usize, b: usize, root: fn(&mut [usize], usize) -> usize) {
+    let (ra, rb) = (root(parent, a), root(parent, b));
+    if ra != rb {
+        let (lo, hi) = if ra < rb { (ra, rb) } else { (rb, ra) };
+        parent[hi] = lo;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_case_punctuation_and_space() {
+        assert_eq!(normalize("  Hello,   WORLD!! Ça va?"), "hello world ça va");
+    }
+
+    #[test]
+    fn finds_exact_and_near_duplicates_but_not_different_texts() {
+        let mut idx = NearDupIndex::new(0.8);
+        idx.insert("My VPN drops every 10 minutes since the update, please help.");
+        idx.insert("The printer on floor 3 is jammed again.");
+        assert_eq!(
+            idx.find("my vpn drops every 10 minutes since the update please help"),
+            Some(Duplicate::Exact(0))
+        );
+        match idx.find("My VPN drops every 10 minutes since the update, please help asap.") {
+            Some(Duplicate::Near(0, s)) => assert!(s >= 0.8, "{s}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(idx.find("Outlook crashes when I open an attachment."), None);
+    }
+
+    #[test]
+    fn clusters_are_transitive() {
+        let texts = [
+            "the vpn disconnects every ten minutes since the update",
+            "the printer is out of toner",
+            "the vpn disconnects every ten minutes since the update!!",
+            "The VPN disconnects every ten minutes since the update, help",
+        ];
+        let c = clusters(&texts, 0.8);
+        assert_eq!(c, vec![0, 1, 0, 0]);
+    }
+}

@@ -1,0 +1,251 @@
+//! The canonical example: one incident text and the ticket it should become.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use triage_taxonomy::{Ticket, Validator};
+
+use crate::DataError;
+
+/// Which part of a dataset an example belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Used to fit adapters or baselines.
+    Train,
+    /// Used to choose checkpoints and thresholds.
+    Val,
+    /// Held out for the final report.
+    Test,
+}
+
+impl Split {
+    /// All splits in file order.
+    pub const ALL: [Split; 3] = [Split::Train, Split::Val, Split::Test];
+
+    /// `train`, `val` or `test`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "val" | "valid" | "validation" => Ok(Split::Val),
+            "test" => Ok(Split::Test),
+            other => Err(format!("unknown split {other:?} (expected train, val or test)")),
+        }
+    }
+}
+
+/// One labelled example. Its `ticket` is valid for the taxonomy it was read with: there is no
+/// way to build an `Example` with labels outside the taxonomy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Example {
+    /// Unique id within the dataset (`synth-7-00042`, `tickets-v3-5lang:17`).
+    pub id: String,
+    /// The incident as the user wrote it.
+    pub text: String,
+    /// The target ticket.
+    pub ticket: Ticket,
+    /// ISO 639-1 language code of `text` (`und` when unknown).
+    pub lang: String,
+    /// Where the example comes from (`synth`, a file stem, ...).
+    pub source: String,
+    /// Examples that share a group (a synthetic scenario, a near-duplicate cluster) must stay
+    /// in one split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The split the example was assigned to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExample {
+    id: String,
+    text: String,
+    ticket: Value,
+    #[serde(default = "und")]
+    lang: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    split: Option<Split>,
+}
+
+fn und() -> String {
+    "und".to_owned()
+}
+
+impl Example {
+    /// Parses one JSONL line; the ticket is validated against `validator`'s taxonomy.
+    pub fn from_json_line(line: &str, validator: &Validator) -> Result<Self, String> {
+        let raw: RawExample =
+            serde_json::from_str(line).map_err(|e| format!("not a canonical example: {e}"))?;
+        if raw.text.trim().is_empty() {
+            return Err("`text` is empty".into());
+        }
+        let ticket = validator.parse(&raw.ticket).map_err(|v| {
+            format!(
+                "`ticket` does not validate against taxonomy {:?}: {v}",
+                validator.taxonomy().name
+            )
+        })?;
+        Ok(Example {
+            id: raw.id,
+            text: raw.text,
+            ticket,
+            lang: raw.lang,
+            source: raw.source,
+            group: raw.group,
+            split: raw.split,
+        })
+    }
+
+    /// The example as one JSON line (no trailing newline).
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).expect("examples serialise")
+    }
+
+    /// The group used for leakage-free splits: the explicit group, else the id.
+    pub fn group_or_id(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// Reads a canonical JSONL file. Blank lines are skipped; any other bad line is an error that
+/// names the file and line. Duplicate ids are an error too.
+pub fn read_examples(path: &Path, validator: &Validator) -> Result<Vec<Example>, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut out = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(|e| DataError::Parse {
+            path: path.into(),
+            line: line_no,
+            message: format!("cannot read line: {e}"),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let example = Example::from_json_line(&line, validator).map_err(|message| DataError::Parse {
+            path: path.into(),
+            line: line_no,
+            message,
+        })?;
+        if !ids.insert(example.id.clone()) {
+            return Err(DataError::Parse {
+                path: path.into(),
+                line: line_no,
+                message: format!("duplicate id {:?}; ids must be unique within a file", example.id),
+            });
+        }
+        out.push(example);
+    }
+    Ok(out)
+}
+
+/// Writes examples as JSONL, atomically: readers see the old file or the complete new one.
+pub fn write_examples(path: &Path, examples: &[Example]) -> Result<(), DataError> {
+    let mut buf = Vec::with_capacity(examples.len() * 512);
+    for e in examples {
+        buf.extend_from_slice(e.to_json_line().as_bytes());
+        buf.push(b'\n');
+    }
+    atomic_write(path, &buf)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+/// Parent directories are created.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| DataError::Invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DataError::io(path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use triage_taxonomy::Taxonomy;
+
+    fn validator() -> Validator {
+        Validator::new(&Taxonomy::builtin_default())
+    }
+
+    const LINE: &str = r#"{"id":"a","text":"vpn down","ticket":{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"},"lang":"en","source":"t"}"#;
+
+    #[test]
+    fn round_trips_a_line() {
+        let v = validator();
+        let e = Example::from_json_line(LINE, &v).unwrap();
+        assert_eq!(e.ticket.get("subcategory"), Some("VPN"));
+        assert_eq!(e.to_json_line(), LINE);
+    }
+
+    #[test]
+    fn rejects_labels_outside_the_taxonomy_with_the_line() {
+        let v = validator();
+        let dir = std::env::temp_dir().join(format!("triage-data-ex-{}", std::process::id()));
+        let path = dir.join("bad.jsonl");
+        let bad = LINE.replace("\"VPN\"", "\"Printer / Scanner\"");
+        atomic_write(&path, format!("{LINE}\n\n{bad}\n").as_bytes()).unwrap();
+        let err = read_examples(&path, &v).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl:3:"), "{err}");
+        assert!(err.contains("subcategory"), "{err}");
+        let dup = format!("{LINE}\n{LINE}\n");
+        atomic_write(&path, dup.as_bytes()).unwrap();
+        let err = read_examples(&path, &v).unwrap_err().to_string();
+        assert!(err.contains(":2:") && err.contains("duplicate id"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_empty_text() {
+        let v = validator();
+        assert!(
+            Example::from_json_line(&LINE.replace("\"source\"", "\"sauce\""), &v)
+                .unwrap_err()
+                .contains("unknown field")
+        );
+        assert!(Example::from_json_line(&LINE.replace("vpn down", " "), &v)
+            .unwrap_err()
+            .contains("empty"));
+    }
+}

@@ -1,0 +1,655 @@
+//! Importing real ticket exports (CSV, JSON array, JSONL) into canonical examples.
+//!
+//! A [`ColumnMapping`] says which column holds the text (and optionally subject, summary, id,
+//! language) and which column feeds each taxonomy field. A [`LabelMap`] renames export values
+//! to taxonomy values. Every input row ends up either as an [`Example`] or as a [`Reject`]
+//! carrying its line number, the reason and the raw row: nothing is dropped silently.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use triage_taxonomy::{Taxonomy, Validator};
+
+use crate::{lang, DataError, Example};
+
+/// Which input columns feed which parts of an example.
+#[derive(Debug, Clone, Default)]
+pub struct ColumnMapping {
+    /// Columns joined (blank line between) into the text, after the subject.
+    pub text: Vec<String>,
+    /// Optional subject column: put first in the text, and used as the summary when there is
+    /// no summary column.
+    pub subject: Option<String>,
+    /// Optional column holding a ready summary.
+    pub summary: Option<String>,
+    /// Optional id column (default: `<source>:<line>`).
+    pub id: Option<String>,
+    /// Optional language column (default: guessed from the text, see [`crate::lang`]).
+    pub lang: Option<String>,
+    /// `(taxonomy field, column)` for every enum field of the taxonomy.
+    pub fields: Vec<(String, String)>,
+}
+
+impl ColumnMapping {
+    /// Parses `key=column` specs (`text=body`, `category=queue`, ...). Keys are `text`
+    /// (repeatable), `subject`, `summary`, `id`, `lang` and the taxonomy's field names; every
+    /// field of the taxonomy must be mapped.
+    pub fn parse(specs: &[String], taxonomy: &Taxonomy) -> Result<Self, DataError> {
+        let mut m = ColumnMapping::default();
+        for spec in specs {
+            let (key, col) = spec.split_once('=').ok_or_else(|| {
+                DataError::Invalid(format!("--map {spec:?}: expected KEY=COLUMN, e.g. text=body"))
+            })?;
+            let (key, col) = (key.trim(), col.trim().to_owned());
+            if col.is_empty() {
+                return Err(DataError::Invalid(format!("--map {spec:?}: empty column name")));
+            }
+            match key {
+                "text" => m.text.push(col),
+                "subject" => m.subject = Some(col),
+                "summary" => m.summary = Some(col),
+                "id" => m.id = Some(col),
+                "lang" => m.lang = Some(col),
+                field if taxonomy.field(field).is_some() => {
+                    if m.fields.iter().any(|(f, _)| f == field) {
+                        return Err(DataError::Invalid(format!("--map {field}=...: given twice")));
+                    }
+                    m.fields.push((field.to_owned(), col));
+                }
+                other => {
+                    let keys: Vec<&str> = taxonomy.fields.iter().map(|f| f.name.as_str()).collect();
+                    return Err(DataError::Invalid(format!(
+                        "--map {other}=...: unknown key; use text, subject, summary, id, lang or a field of taxonomy {:?} ({})",
+                        taxonomy.name,
+                        keys.join(", ")
+                    )));
+                }
+            }
+        }
+        if m.text.is_empty() {
+            return Err(DataError::Invalid("no text column: add --map text=COLUMN".into()));
+        }
+        let missing: Vec<&str> = taxonomy
+            .fields
+            .iter()
+            .map(|f| f.name.as_str())
+            .filter(|f| !m.fields.iter().any(|(g, _)| g == f))
+            .collect();
+        if !missing.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "taxonomy {:?} field(s) {} have no column: add --map FIELD=COLUMN for each",
+                taxonomy.name,
+                missing.join(", ")
+            )));
+        }
+        // Keep taxonomy order.
+        m.fields
+            .sort_by_key(|(f, _)| taxonomy.fields.iter().position(|g| &g.name == f));
+        Ok(m)
+    }
+
+    fn columns(&self) -> impl Iterator<Item = &str> {
+        self.text
+            .iter()
+            .chain(&self.subject)
+            .chain(&self.summary)
+            .chain(&self.id)
+            .chain(&self.lang)
+            .chain(self.fields.iter().map(|(_, c)| c))
+            .map(String::as_str)
+    }
+}
+
+/// Renames export label values to taxonomy values, per field. File format (TOML):
+///
+/// ```toml
+/// [priority]
+/// "P1" = "Critical"
+/// "P2" = "High"
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct LabelMap {
+    map: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl LabelMap {
+    /// Reads and checks a label map: fields and target values must exist in the taxonomy.
+    pub fn from_file(path: &Path, taxonomy: &Taxonomy) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        Self::from_toml_str(&text, taxonomy).map_err(|message| DataError::Parse {
+            path: path.into(),
+            line: 0,
+            message,
+        })
+    }
+
+    /// Parses a label map from TOML text.
+    pub fn from_toml_str(text: &str, taxonomy: &Taxonomy) -> Result<Self, String> {
+        let map: BTreeMap<String, BTreeMap<String, String>> =
+            toml::from_str(text).map_err(|e| format!("not a label map: {e}"))?;
+        for (field, values) in &map {
+            let f = taxonomy
+                .field(field)
+                .ok_or_else(|| format!("[{field}]: not a field of taxonomy {:?}", taxonomy.name))?;
+            for (from, to) in values {
+                if !f.has_value(to) {
+                    return Err(format!(
+                        "[{field}] {from:?} = {to:?}: {to:?} is not a value of {field} in taxonomy {:?}",
+                        taxonomy.name
+                    ));
+                }
+            }
+        }
+        Ok(LabelMap { map })
+    }
+
+    fn apply<'a>(&'a self, field: &str, value: &'a str) -> &'a str {
+        self.map
+            .get(field)
+            .and_then(|m| m.get(value))
+            .map_or(value, String::as_str)
+    }
+}
+
+/// Import options.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Column mapping.
+    pub mapping: ColumnMapping,
+    /// Label renames.
+    pub labels: LabelMap,
+    /// Value of `source` in the examples, and prefix of generated ids.
+    pub source: String,
+    /// Texts longer than this (in characters) are rejected.
+    pub max_text_chars: usize,
+}
+
+/// A row that was not imported.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reject {
+    /// 1-based line of the row's start in the input file (record number for JSON arrays).
+    pub line: u64,
+    /// Why it was not imported, and what to do.
+    pub reason: String,
+    /// The raw row, so nothing is lost.
+    pub row: BTreeMap<String, String>,
+}
+
+/// The outcome of an import.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// Rows read (imported + rejected).
+    pub rows: usize,
+    /// Imported examples, in input order.
+    pub examples: Vec<Example>,
+    /// Rejected rows, in input order.
+    pub rejects: Vec<Reject>,
+}
+
+type Row = Vec<(String, String)>;
+
+/// Imports a CSV (`.csv`, `.tsv`), JSON array (`.json`) or JSONL (`.jsonl`, `.ndjson`) file.
+pub fn import_file(
+    path: &Path,
+    validator: &Validator,
+    options: &ImportOptions,
+) -> Result<ImportReport, DataError> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let records = match ext.as_str() {
+        "csv" => read_csv(path, b',')?,
+        "tsv" => read_csv(path, b'\t')?,
+        "json" => read_json_array(path)?,
+        "jsonl" | "ndjson" => read_jsonl(path)?,
+        _ => {
+            return Err(DataError::Invalid(format!(
+                "{}: unknown format; use a .csv, .tsv, .json or .jsonl file",
+                path.display()
+            )))
+        }
+    };
+    if let Some(first) = records.iter().find_map(|(_, r)| r.as_ref().ok()) {
+        let present: HashSet<&str> = first.iter().map(|(k, _)| k.as_str()).collect();
+        let missing: Vec<&str> = options
+            .mapping
+            .columns()
+            .filter(|c| !present.contains(c))
+            .collect();
+        if !missing.is_empty() && ext != "jsonl" && ext != "ndjson" {
+            let mut have: Vec<&str> = present.into_iter().collect();
+            have.sort_unstable();
+            return Err(DataError::Invalid(format!(
+                "{}: column(s) {} not found; the file has: {}",
+                path.display(),
+                missing.join(", "),
+                have.join(", ")
+            )));
+        }
+    }
+    let mut report = ImportReport {
+        rows: records.len(),
+        examples: Vec::new(),
+        rejects: Vec::new(),
+    };
+    let mut ids = HashSet::new();
+    for (line, record) in records {
+        let row = match record {
+            Ok(row) => row,
+            Err((reason, row)) => {
+                report.rejects.push(Reject {
+                    line,
+                    reason,
+                    row: row.into_iter().collect(),
+                });
+                continue;
+            }
+        };
+        match row_to_example(&row, line, validator, options) {
+            Ok(example) if !ids.insert(example.id.clone()) => report.rejects.push(Reject {
+                line,
+                reason: format!("duplicate id {:?}", example.id),
+                row: row.into_iter().collect(),
+            }),
+            Ok(example) => report.examples.push(example),
+            Err(reason) => report.rejects.push(Reject {
+                line,
+                reason,
+                row: row.into_iter().collect(),
+            }),
+        }
+    }
+    Ok(report)
+}
+
+fn cell<'a>(row: &'a Row, column: &str) -> Option<&'a str> {
+    row.iter()
+        .find(|(k, _)| k == column)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+fn row_to_example(row: &Row, line: u64, validator: &Validator, o: &ImportOptions) -> Result<Example, String> {
+    let taxonomy = validator.taxonomy();
+    let m = &o.mapping;
+    let subject = m.subject.as_deref().and_then(|c| cell(row, c));
+    let mut parts: Vec<&str> = subject.into_iter().collect();
+    parts.extend(m.text.iter().filter_map(|c| cell(row, c)));
+    if parts.len() == subject.iter().count() {
+        return Err(format!("text is empty (column {})", m.text.join(", ")));
+    }
+    let text = parts.join("\n\n");
+    let chars = text.chars().count();
+    if chars > o.max_text_chars {
+        return Err(format!(
+            "text has {chars} characters, more than the limit of {}; shorten it or raise --max-text-chars",
+            o.max_text_chars
+        ));
+    }
+    if text.contains('\u{0}') {
+        return Err("text contains NUL bytes (binary data?)".into());
+    }
+    let summary_source = m
+        .summary
+        .as_deref()
+        .and_then(|c| cell(row, c))
+        .or(subject)
+        .map(str::to_owned)
+        .unwrap_or_else(|| first_sentence(&text));
+    let summary = clip(&summary_source, taxonomy.summary.max_length);
+    let mut ticket = Map::new();
+    ticket.insert("summary".into(), Value::String(summary));
+    for (field, column) in &m.fields {
+        let raw =
+            cell(row, column).ok_or_else(|| format!("{field} is missing (column {column:?} is empty)"))?;
+        let mapped = o.labels.apply(field, raw);
+        let f = taxonomy
+            .field(field)
+            .expect("mapping checked against the taxonomy");
+        let value = if f.has_value(mapped) {
+            mapped.to_owned()
+        } else {
+            let folded: Vec<&str> = f
+                .value_names()
+                .filter(|v| v.to_lowercase() == mapped.to_lowercase())
+                .collect();
+            match folded.as_slice() {
+                [one] => (*one).to_owned(),
+                _ => {
+                    return Err(format!(
+                        "{field} {raw:?} (column {column:?}) is not a value of taxonomy {:?}; map it in a --labels file",
+                        taxonomy.name
+                    ))
+                }
+            }
+        };
+        ticket.insert(field.clone(), Value::String(value));
+    }
+    let ticket = validator
+        .parse(&Value::Object(ticket))
+        .map_err(|v| format!("labels do not validate: {v}"))?;
+    let lang = m
+        .lang
+        .as_deref()
+        .and_then(|c| cell(row, c))
+        .map(|l| l.to_lowercase())
+        .or_else(|| lang::detect(&text).map(str::to_owned))
+        .unwrap_or_else(|| "und".into());
+    let id =
+        m.id.as_deref()
+            .and_then(|c| cell(row, c))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}:{line}", o.source));
+    Ok(Example {
+        id,
+        text,
+        ticket,
+        lang,
+        source: o.source.clone(),
+        group: None,
+        split: None,
+    })
+}
+
+/// The first sentence of the text, skipping a greeting line ("Dear support team,").
+fn first_sentence(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty()).peekable();
+    if let Some(first) = lines.peek() {
+        let words = first.split_whitespace().count();
+        if words <= 6 && (first.ends_with(',') || first.ends_with(':') || first.ends_with('!')) {
+            lines.next();
+        }
+    }
+    let rest: Vec<&str> = lines.collect();
+    let joined = rest.join(" ");
+    let end = joined
+        .char_indices()
+        .find(|&(i, c)| matches!(c, '.' | '?' | '!') && joined[i + 1..].starts_with(' '))
+        .map_or(joined.len(), |(i, _)| i + 1);
+    joined[..end].to_owned()
+}
+
+/// One line (whitespace collapsed), at most `max` characters, cut at a word boundary.
+pub fn clip(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let cut: String = one_line.chars().take(max).collect();
+    match cut.rfind(' ') {
+        Some(i) if i > max / 2 => cut[..i].trim_end_matches([',', ';', ':', '-']).to_owned(),
+        _ => cut,
+    }
+}
+
+type Record = (u64, Result<Row, (String, Row)>);
+
+/// The 1-based line on which a record starting at byte `offset` begins. (The `csv` crate's
+/// own line counter is one short for files with CRLF line ends, which most exports have.)
+pub fn line_at(bytes: &[u8], offset: u64) -> u64 {
+    let mut at = (offset as usize).min(bytes.len());
+    while at < bytes.len() && (bytes[at] == b'\r' || bytes[at] == b'\n') {
+        at += 1;
+    }
+    bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+}
+
+fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Record>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .from_reader(bytes.as_slice());
+    let headers: Vec<String> = reader
+        .byte_headers()
+        .map_err(|e| csv_err(path, e))?
+        .iter()
+        .map(|h| {
+            String::from_utf8_lossy(h)
+                .trim_start_matches('\u{feff}')
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut record = csv::ByteRecord::new();
+    loop {
+        let line = line_at(&bytes, reader.position().byte());
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                out.push((line, Err((format!("malformed CSV: {e}"), Vec::new()))));
+                continue;
+            }
+        }
+        let line = record.position().map_or(line, |p| line_at(&bytes, p.byte()));
+        let lossy: Row = headers
+            .iter()
+            .cloned()
+            .zip(record.iter().map(|v| String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        if record.len() != headers.len() {
+            let mut row = lossy;
+            for (i, extra) in record.iter().enumerate().skip(headers.len()) {
+                row.push((format!("#{}", i + 1), String::from_utf8_lossy(extra).into_owned()));
+            }
+            out.push((
+                line,
+                Err((
+                    format!(
+                        "row has {} fields but the header has {}",
+                        record.len(),
+                        headers.len()
+                    ),
+                    row,
+                )),
+            ));
+        } else if record.iter().any(|v| std::str::from_utf8(v).is_err()) {
+            out.push((line, Err(("row is not valid UTF-8".into(), lossy))));
+        } else {
+            out.push((line, Ok(lossy)));
+        }
+    }
+    Ok(out)
+}
+
+fn csv_err(path: &Path, e: csv::Error) -> DataError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => DataError::io(path, io),
+        other => DataError::Parse {
+            path: path.into(),
+            line: 1,
+            message: format!("cannot read the CSV header: {other:?}"),
+        },
+    }
+}
+
+fn object_to_row(obj: &Map<String, Value>) -> Row {
+    obj.iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect()
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line_no = i as u64 + 1;
+        let text = String::from_utf8_lossy(line);
+        if text.trim().is_empty() {
+            continue;
+        }
+        let record = match std::str::from_utf8(line) {
+            Err(_) => Err((
+                "line is not valid UTF-8".to_owned(),
+                vec![("raw".into(), text.into_owned())],
+            )),
+            Ok(s) => match serde_json::from_str::<Value>(s) {
+                Ok(Value::Object(obj)) => Ok(object_to_row(&obj)),
+                Ok(_) => Err((
+                    "line is not a JSON object".to_owned(),
+                    vec![("raw".into(), s.to_owned())],
+                )),
+                Err(e) => Err((format!("invalid JSON: {e}"), vec![("raw".into(), s.to_owned())])),
+            },
+        };
+        out.push((line_no, record));
+    }
+    Ok(out)
+}
+
+fn read_json_array(path: &Path) -> Result<Vec<Record>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+        path: path.into(),
+        line: e.line() as u64,
+        message: format!("invalid JSON: {e}"),
+    })?;
+    let Value::Array(items) = value else {
+        return Err(DataError::Parse {
+            path: path.into(),
+            line: 1,
+            message: "expected a JSON array of objects (use .jsonl for one object per line)".into(),
+        });
+    };
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let n = i as u64 + 1;
+            match item {
+                Value::Object(obj) => (n, Ok(object_to_row(obj))),
+                other => (
+                    n,
+                    Err((
+                        "record is not a JSON object".to_owned(),
+                        vec![("raw".into(), other.to_string())],
+                    )),
+                ),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs_taxonomy() -> Taxonomy {
+        Taxonomy::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/taxonomy/customer-support.toml"
+        ))
+        .unwrap()
+    }
+
+    fn options(taxonomy: &Taxonomy) -> ImportOptions {
+        let specs: Vec<String> = [
+            "text=body",
+            "subject=subject",
+            "category=queue",
+            "priority=priority",
+            "request_type=type",
+            "lang=language",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        ImportOptions {
+            mapping: ColumnMapping::parse(&specs, taxonomy).unwrap(),
+            labels: LabelMap::from_toml_str("[priority]\n\"critical\" = \"high\"\n", taxonomy).unwrap(),
+            source: "t".into(),
+            max_text_chars: 1000,
+        }
+    }
+
+    #[test]
+    fn imports_good_rows_and_reports_every_bad_one_with_its_line() {
+        let taxonomy = cs_taxonomy();
+        let validator = Validator::new(&taxonomy);
+        let dir = std::env::temp_dir().join(format!("triage-import-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.csv");
+        let mut csv = b"subject,body,type,queue,priority,language\n".to_vec();
+        csv.extend_from_slice(
+            b"VPN down,\"Our VPN is down.\nPlease help.\",Incident,IT Support,critical,en\n",
+        ); // 2-3
+        csv.extend_from_slice(b",Dear team,\n,Request,Billing and Payments,LOW,de\n"); // 4, 5: wrong field counts
+        csv.extend_from_slice(b"x,y,Incident,Moon Base,high,en\n"); // 6: unknown queue
+        csv.extend_from_slice(b"x,,Incident,IT Support,high,en\n"); // 7: no body
+        csv.extend_from_slice(b"x,\xff\xfe,Incident,IT Support,high,en\n"); // 8: not UTF-8
+        csv.extend_from_slice(b"Invoice,\"Hello,\n\nI was charged twice. Refund please.\",Request,Billing and Payments,LOW,fr\n"); // 9-11
+        std::fs::write(&path, &csv).unwrap();
+        // The same file with CRLF line ends must report the same lines.
+        let crlf: Vec<u8> = String::from_utf8_lossy(&csv).replace('\n', "\r\n").into_bytes();
+        std::fs::write(dir.join("crlf.csv"), crlf).unwrap();
+        let crlf_report = import_file(&dir.join("crlf.csv"), &validator, &options(&taxonomy)).unwrap();
+        let crlf_lines: Vec<u64> = crlf_report.rejects.iter().map(|r| r.line).collect();
+        assert_eq!(crlf_lines, vec![4, 5, 6, 7], "{:#?}", crlf_report.rejects);
+        assert_eq!(crlf_report.examples[0].id, "t:2");
+        let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
+        assert_eq!(report.rows, 7);
+        assert_eq!(report.examples.len() + report.rejects.len(), report.rows);
+        let first = &report.examples[0];
+        assert_eq!(first.text, "VPN down\n\nOur VPN is down.\nPlease help.");
+        assert_eq!(first.ticket.summary(), "VPN down");
+        assert_eq!(first.ticket.get("priority"), Some("high"), "label map applied");
+        assert_eq!(first.id, "t:2");
+        let last = &report.examples[1];
+        assert_eq!(last.ticket.get("priority"), Some("low"), "case folded");
+        assert_eq!(last.lang, "fr");
+        let lines: Vec<u64> = report.rejects.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![4, 5, 6, 7, 8], "{:#?}", report.rejects);
+        assert!(
+            report.rejects[0].reason.contains("fields"),
+            "{:?}",
+            report.rejects[0]
+        );
+        assert!(
+            report.rejects[1].reason.contains("fields"),
+            "{:?}",
+            report.rejects[1]
+        );
+        assert!(report.rejects[2].reason.contains("Moon Base"));
+        assert!(report.rejects[3].reason.contains("text is empty"));
+        assert!(report.rejects[4].reason.contains("UTF-8"));
+        assert_eq!(report.rejects[2].row["queue"], "Moon Base", "raw row kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn mapping_errors_say_what_to_add() {
+        let taxonomy = cs_taxonomy();
+        let err = ColumnMapping::parse(&["text=body".into()], &taxonomy)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("category") && err.contains("--map"), "{err}");
+        let err = ColumnMapping::parse(&["colour=x".into()], &taxonomy)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key"), "{err}");
+        let err = LabelMap::from_toml_str("[priority]\nP1 = \"urgent\"\n", &taxonomy).unwrap_err();
+        assert!(err.contains("urgent"), "{err}");
+    }
+
+    #[test]
+    fn summaries_skip_greetings_and_are_clipped() {
+        assert_eq!(
+            first_sentence("Dear support,\nMy invoice is wrong. Please fix."),
+            "My invoice is wrong."
+        );
+        assert_eq!(clip("a very long line of words", 12), "a very long");
+        assert_eq!(clip("one\nline", 20), "one line");
+    }
+}

@@ -1,0 +1,170 @@
+//! Train / validation / test splits without leakage.
+//!
+//! Examples are first grouped: `--by template` uses each example's `group` (for synthetic data
+//! the scenario id, so every rewording of one scenario stays together); `--by hash` clusters
+//! near-duplicate texts (MinHash, see [`crate::dedup`]) so a ticket and its re-sent copy cannot
+//! land on both sides. Whole groups are then assigned to splits, stratified by a field
+//! (default: the taxonomy's first field): within each stratum, groups are taken in a seeded
+//! order and each goes to the split furthest below its target share.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use crate::dedup;
+use crate::rng::stable_hash;
+use crate::{DataError, Example, Split};
+
+/// What keeps examples together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitBy {
+    /// The example's `group` (scenario / template id). Every example must have one.
+    Template,
+    /// Clusters of near-duplicate texts.
+    Hash,
+}
+
+impl FromStr for SplitBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "template" | "group" => Ok(SplitBy::Template),
+            "hash" => Ok(SplitBy::Hash),
+            other => Err(format!("unknown split key {other:?}: use template or hash")),
+        }
+    }
+}
+
+/// Target shares of train, val and test (e.g. `80,10,10`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ratios(pub [u32; 3]);
+
+impl FromStr for Ratios {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        let nums: Result<Vec<u32>, _> = parts.iter().map(|p| p.parse::<u32>()).collect();
+        match nums {
+            Ok(n) if n.len() == 3 && n[0] > 0 && n.iter().sum::<u32>() > 0 => Ok(Ratios([n[0], n[1], n[2]])),
+            _ => Err(format!("ratios {s:?}: expected three non-negative integers TRAIN,VAL,TEST with TRAIN > 0, e.g. 80,10,10")),
+        }
+    }
+}
+
+/// Split options.
+#[derive(Debug, Clone)]
+pub struct SplitOptions {
+    /// What keeps examples together.
+    pub by: SplitBy,
+    /// Target shares.
+    pub ratios: Ratios,
+    /// Seed of the group order.
+    pub seed: u64,
+    /// Jaccard similarity from which texts are near duplicates (`--by hash`).
+    pub near_dup_threshold: f64,
+    /// Ticket field to stratify by (`None`: no stratification).
+    pub stratify: Option<String>,
+}
+
+/// Rows and groups per split.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitSummary {
+    /// `(rows, groups)` for train, val, test.
+    pub per_split: [(usize, usize); 3],
+}
+
+/// The key that keeps examples together, per example.
+pub fn group_keys(examples: &[Example], by: SplitBy, threshold: f64) -> Result<Vec<String>, DataError> {
+    match by {
+        SplitBy::Template => examples
+            .iter()
+            .map(|e| {
+                e.group.clone().ok_or_else(|| {
+                    DataError::Invalid(format!(
+                        "example {:?} has no `group` (scenario / template id); use --by hash for data without one",
+                        e.id
+                    ))
+                })
+            })
+            .collect(),
+        SplitBy::Hash => {
+            let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+            let clusters = dedup::clusters(&texts, threshold);
+            Ok(clusters.into_iter().map(|c| format!("dup:{}", examples[c].id)).collect())
+        }
+    }
+}
+
+/// Sets `split` on every example. Deterministic for a given input order and seed.
+pub fn assign_splits(examples: &mut [Example], options: &SplitOptions) -> Result<SplitSummary, DataError> {
+    let keys = group_keys(examples, options.by, options.near_dup_threshold)?;
+    // group key -> (stratum, member indices), in first-seen order.
+    let mut groups: BTreeMap<&str, (String, Vec<usize>)> = BTreeMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let stratum = options
+            .stratify
+            .as_deref()
+            .and_then(|f| examples[i].ticket.get(f))
+            .unwrap_or("")
+            .to_owned();
+        groups
+            .entry(key)
+            .or_insert_with(|| (stratum, Vec::new()))
+            .1
+            .push(i);
+    }
+    let mut strata: BTreeMap<String, Vec<(&str, Vec<usize>)>> = BTreeMap::new();
+    for (key, (stratum, members)) in groups {
+        strata.entry(stratum).or_default().push((key, members));
+    }
+    let ratio_sum: f64 = options.ratios.0.iter().map(|&r| r as f64).sum();
+    let shares: Vec<f64> = options.ratios.0.iter().map(|&r| r as f64 / ratio_sum).collect();
+    let mut summary = SplitSummary::default();
+    for (_, mut stratum_groups) in strata {
+        stratum_groups.sort_by_key(|(key, _)| {
+            (
+                stable_hash(format!("{}\u{0}{key}", options.seed).as_bytes()),
+                key.to_string(),
+            )
+        });
+        let mut counts = [0usize; 3];
+        for (_, members) in stratum_groups {
+            let after = counts.iter().sum::<usize>() + members.len();
+            let s = (0..3)
+                .filter(|&s| shares[s] > 0.0)
+                .max_by(|&a, &b| {
+                    let da = shares[a] * after as f64 - counts[a] as f64;
+                    let db = shares[b] * after as f64 - counts[b] as f64;
+                    da.partial_cmp(&db).unwrap().then(b.cmp(&a))
+                })
+                .expect("train share is positive");
+            counts[s] += members.len();
+            summary.per_split[s].0 += members.len();
+            summary.per_split[s].1 += 1;
+            for i in members {
+                examples[i].split = Some(Split::ALL[s]);
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// Checks that no group appears in two splits; returns the offending group keys.
+pub fn leaking_groups(examples: &[Example], by: SplitBy, threshold: f64) -> Result<Vec<String>, DataError> {
+    let keys = group_keys(examples, by, threshold)?;
+    let mut seen: BTreeMap<&str, Option<Split>> = BTreeMap::new();
+    let mut leaks = Vec::new();
+    for (key, e) in keys.iter().zip(examples) {
+        match seen.get(key.as_str()) {
+            Some(s) if *s != e.split => {
+                if !leaks.contains(key) {
+                    leaks.push(key.clone());
+                }
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(key, e.split);
+            }
+        }
+    }
+    Ok(leaks)
+}

@@ -1,0 +1,460 @@
+//! Loading and checking the generator's seed material (`data/synth/<taxonomy>/`); see
+//! `data/synth/FORMAT.md` for the file formats.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use triage_taxonomy::Taxonomy;
+
+use crate::DataError;
+
+/// A text with `{slot}` references, parsed once.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Template {
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Piece {
+    Lit(String),
+    Slot(usize),
+}
+
+impl Template {
+    /// Slot indices referenced, in order of appearance.
+    pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Slot(s) => Some(*s),
+            Piece::Lit(_) => None,
+        })
+    }
+}
+
+/// One slot: values, each with one string per language (language-neutral values repeat).
+#[derive(Debug, Clone)]
+pub(crate) struct Slot {
+    pub name: String,
+    /// `values[i]` maps language code -> string.
+    pub values: Vec<BTreeMap<String, String>>,
+}
+
+/// How an urgency marker changes the priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Effect {
+    Critical,
+    High,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Urgency {
+    pub effect: Effect,
+    pub text: String,
+    pub summary: String,
+}
+
+/// Per-language surface material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Surface {
+    pub greetings: Vec<String>,
+    pub signoffs: Vec<String>,
+    pub chat_openers: Vec<String>,
+    pub phone_notes: Vec<String>,
+    pub manager_forwards: Vec<String>,
+    pub quoted_reply: Vec<String>,
+    pub follow_ups: Vec<String>,
+    pub low_markers: Vec<String>,
+    #[serde(default)]
+    pub abbreviations: BTreeMap<String, String>,
+    pub urgency: Vec<Urgency>,
+}
+
+/// One scenario, checked against the taxonomy.
+#[derive(Debug, Clone)]
+pub(crate) struct Scenario {
+    pub id: String,
+    /// `(field, value)` in taxonomy order, every field present.
+    pub labels: Vec<(String, String)>,
+    pub escalate: bool,
+    pub relax: bool,
+    pub weight: u32,
+    pub summary: Template,
+    /// language -> three texts (chat, normal, detailed).
+    pub texts: BTreeMap<String, [Template; 3]>,
+}
+
+/// The seed material of one taxonomy, checked.
+#[derive(Debug, Clone)]
+pub struct Seeds {
+    pub(crate) dir: PathBuf,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) surface: BTreeMap<String, Surface>,
+    pub(crate) scenarios: Vec<Scenario>,
+    pub(crate) colleague_slot: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSlotValue {
+    Plain(String),
+    PerLang(BTreeMap<String, String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlotsFile {
+    #[serde(default)]
+    slots: BTreeMap<String, Vec<RawSlotValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenarioFile {
+    #[serde(default)]
+    slots: BTreeMap<String, Vec<RawSlotValue>>,
+    #[serde(default)]
+    scenario: Vec<RawScenario>,
+}
+
+#[derive(Deserialize)]
+struct RawScenario {
+    id: String,
+    summary: String,
+    #[serde(default)]
+    escalate: Option<bool>,
+    #[serde(default)]
+    relax: Option<bool>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
+}
+
+fn seeds_err(path: &Path, text: &str, needle: &str, message: String) -> DataError {
+    let line = text
+        .find(needle)
+        .map(|at| text[..at].bytes().filter(|&b| b == b'\n').count() as u64 + 1);
+    DataError::Seeds {
+        path: path.into(),
+        line,
+        message,
+    }
+}
+
+fn read(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, DataError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| {
+            text[..s.start.min(text.len())]
+                .bytes()
+                .filter(|&b| b == b'\n')
+                .count() as u64
+                + 1
+        });
+        DataError::Seeds {
+            path: path.into(),
+            line,
+            message: e.message().to_owned(),
+        }
+    })
+}
+
+impl Seeds {
+    /// The conventional seed folder of a taxonomy: `<root>/data/synth/<taxonomy name>`.
+    pub fn default_dir(root: &Path, taxonomy: &Taxonomy) -> PathBuf {
+        root.join("data").join("synth").join(&taxonomy.name)
+    }
+
+    /// Number of scenarios.
+    pub fn scenario_count(&self) -> usize {
+        self.scenarios.len()
+    }
+
+    /// The languages every scenario is written in.
+    pub fn langs(&self) -> Vec<String> {
+        self.surface.keys().cloned().collect()
+    }
+
+    /// The folder the seeds were read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Loads `dir/slots.toml`, `dir/surface.toml` and `dir/scenarios/*.toml` (in file-name
+    /// order) and checks them against `taxonomy`.
+    pub fn load(dir: &Path, taxonomy: &Taxonomy) -> Result<Self, DataError> {
+        // Surface first: it defines the languages.
+        let surface_path = dir.join("surface.toml");
+        let surface_text = read(&surface_path)?;
+        let surface: BTreeMap<String, Surface> = parse_toml(&surface_path, &surface_text)?;
+        if surface.is_empty() {
+            return Err(seeds_err(
+                &surface_path,
+                "",
+                "",
+                "no languages: add a [en] table".into(),
+            ));
+        }
+        let langs: Vec<String> = surface.keys().cloned().collect();
+        for (lang, s) in &surface {
+            let lists: [(&str, &Vec<String>); 8] = [
+                ("greetings", &s.greetings),
+                ("signoffs", &s.signoffs),
+                ("chat_openers", &s.chat_openers),
+                ("phone_notes", &s.phone_notes),
+                ("manager_forwards", &s.manager_forwards),
+                ("quoted_reply", &s.quoted_reply),
+                ("follow_ups", &s.follow_ups),
+                ("low_markers", &s.low_markers),
+            ];
+            for (name, list) in lists {
+                if list.is_empty() {
+                    return Err(seeds_err(
+                        &surface_path,
+                        &surface_text,
+                        &format!("[{lang}]"),
+                        format!("[{lang}] {name} is empty"),
+                    ));
+                }
+            }
+            for (name, list, needs_text) in [
+                ("phone_notes", &s.phone_notes, true),
+                ("manager_forwards", &s.manager_forwards, true),
+                ("quoted_reply", &s.quoted_reply, false),
+            ] {
+                for t in list {
+                    if needs_text && !t.contains("{text}") {
+                        return Err(seeds_err(
+                            &surface_path,
+                            &surface_text,
+                            t,
+                            format!("[{lang}] {name}: {t:?} lacks {{text}}"),
+                        ));
+                    }
+                    let stripped = t.replace("{text}", "").replace("{colleague}", "");
+                    if stripped.contains('{') || stripped.contains('}') {
+                        return Err(seeds_err(
+                            &surface_path,
+                            &surface_text,
+                            t,
+                            format!("[{lang}] {name}: {t:?} may only use {{text}} and {{colleague}}"),
+                        ));
+                    }
+                }
+            }
+            if s.urgency.is_empty() {
+                return Err(seeds_err(
+                    &surface_path,
+                    &surface_text,
+                    &format!("[{lang}]"),
+                    format!("[{lang}] has no [[{lang}.urgency]] markers"),
+                ));
+            }
+        }
+
+        // Slots: slots.toml, then every scenario file's [slots].
+        let mut slots: Vec<Slot> = Vec::new();
+        let slots_path = dir.join("slots.toml");
+        if slots_path.exists() {
+            let text = read(&slots_path)?;
+            let raw: RawSlotsFile = parse_toml(&slots_path, &text)?;
+            add_slots(&mut slots, raw.slots, &langs, &slots_path, &text)?;
+        }
+        let scen_dir = dir.join("scenarios");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&scen_dir)
+            .map_err(|e| DataError::io(&scen_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(DataError::Seeds {
+                path: scen_dir,
+                line: None,
+                message: "no scenario files (*.toml)".into(),
+            });
+        }
+        let mut raw_files = Vec::new();
+        for path in files {
+            let text = read(&path)?;
+            let raw: RawScenarioFile = parse_toml(&path, &text)?;
+            let RawScenarioFile {
+                slots: file_slots,
+                scenario,
+            } = raw;
+            add_slots(&mut slots, file_slots, &langs, &path, &text)?;
+            raw_files.push((path, text, scenario));
+        }
+
+        let mut scenarios = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (path, text, raw_scenarios) in raw_files {
+            for raw in raw_scenarios {
+                let needle = format!("\"{}\"", raw.id);
+                let err = |message: String| {
+                    seeds_err(&path, &text, &needle, format!("scenario {:?}: {message}", raw.id))
+                };
+                if !ids.insert(raw.id.clone()) {
+                    return Err(err(
+                        "duplicate id; ids must be unique across all scenario files".into()
+                    ));
+                }
+                let mut labels = Vec::new();
+                let mut texts = BTreeMap::new();
+                for (key, value) in &raw.rest {
+                    if let Some(field) = taxonomy.field(key) {
+                        let v = value
+                            .as_str()
+                            .ok_or_else(|| err(format!("{key} must be a string")))?;
+                        if !field.has_value(v) {
+                            return Err(err(format!("{key} = {v:?} is not a value of the taxonomy")));
+                        }
+                        labels.push((key.clone(), v.to_owned()));
+                    } else if langs.contains(key) {
+                        let list = value
+                            .as_array()
+                            .ok_or_else(|| err(format!("{key} must be a list of three texts")))?;
+                        let strs: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
+                        if strs.len() != 3 || list.len() != 3 || strs.iter().any(|s| s.trim().is_empty()) {
+                            return Err(err(format!(
+                                "{key} must have exactly three non-empty texts (chat, normal, detailed), has {}",
+                                list.len()
+                            )));
+                        }
+                        let parsed: Vec<Template> = strs
+                            .iter()
+                            .map(|s| parse_template(s, &slots).map_err(&err))
+                            .collect::<Result<_, _>>()?;
+                        let arr: [Template; 3] = parsed.try_into().expect("three texts");
+                        texts.insert(key.clone(), arr);
+                    } else {
+                        return Err(err(format!(
+                            "unknown key {key:?}: expected a taxonomy field, a language of surface.toml ({}), or id/summary/escalate/relax/weight",
+                            langs.join(", ")
+                        )));
+                    }
+                }
+                for f in &taxonomy.fields {
+                    if !labels.iter().any(|(k, _)| k == &f.name) {
+                        return Err(err(format!("missing label {}", f.name)));
+                    }
+                }
+                labels.sort_by_key(|(k, _)| taxonomy.fields.iter().position(|f| &f.name == k));
+                for f in &taxonomy.fields {
+                    if let Some(dep) = &f.dependency {
+                        let parent = &labels.iter().find(|(k, _)| k == &dep.parent).expect("checked").1;
+                        let child = &labels.iter().find(|(k, _)| k == &f.name).expect("checked").1;
+                        if !f
+                            .allowed_under(parent)
+                            .is_some_and(|vs| vs.iter().any(|v| &v.name == child))
+                        {
+                            return Err(err(format!(
+                                "{} {child:?} is not allowed under {} {parent:?}",
+                                f.name, dep.parent
+                            )));
+                        }
+                    }
+                }
+                for lang in &langs {
+                    if !texts.contains_key(lang) {
+                        return Err(err(format!("no texts for language {lang}")));
+                    }
+                }
+                let summary = parse_template(&raw.summary, &slots).map_err(&err)?;
+                let weight = raw.weight.unwrap_or(2);
+                if !(1..=5).contains(&weight) {
+                    return Err(err(format!("weight {weight} is outside 1..=5")));
+                }
+                let is_request = labels
+                    .iter()
+                    .any(|(k, v)| k == "request_type" && v.to_lowercase().contains("request"));
+                scenarios.push(Scenario {
+                    id: raw.id.clone(),
+                    labels,
+                    escalate: raw.escalate.unwrap_or(true),
+                    relax: raw.relax.unwrap_or(is_request),
+                    weight,
+                    summary,
+                    texts,
+                });
+            }
+        }
+        let colleague_slot = slots.iter().position(|s| s.name == "colleague");
+        Ok(Seeds {
+            dir: dir.to_owned(),
+            slots,
+            surface,
+            scenarios,
+            colleague_slot,
+        })
+    }
+}
+
+fn add_slots(
+    slots: &mut Vec<Slot>,
+    raw: BTreeMap<String, Vec<RawSlotValue>>,
+    langs: &[String],
+    path: &Path,
+    text: &str,
+) -> Result<(), DataError> {
+    for (name, values) in raw {
+        let err = |m: String| seeds_err(path, text, &format!("{name} ="), format!("slot {name}: {m}"));
+        if slots.iter().any(|s| s.name == name) {
+            return Err(err(
+                "defined twice; slot names are global across seed files".into()
+            ));
+        }
+        if values.is_empty() {
+            return Err(err("has no values".into()));
+        }
+        let mut out = Vec::new();
+        for v in values {
+            match v {
+                RawSlotValue::Plain(s) => out.push(langs.iter().map(|l| (l.clone(), s.clone())).collect()),
+                RawSlotValue::PerLang(m) => {
+                    for l in langs {
+                        if !m.contains_key(l) {
+                            return Err(err(format!("a value lacks language {l}: {m:?}")));
+                        }
+                    }
+                    out.push(m);
+                }
+            }
+        }
+        slots.push(Slot { name, values: out });
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_template(text: &str, slots: &[Slot]) -> Result<Template, String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest.as_bytes()[open] == b'}' {
+            return Err(format!("unmatched '}}' in {text:?}"));
+        }
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed '{{' in {text:?}"))?
+            + open;
+        let name = &rest[open + 1..close];
+        let idx = slots.iter().position(|s| s.name == name).ok_or_else(|| {
+            format!("unknown slot {{{name}}} in {text:?}; define it in slots.toml or the file's [slots]")
+        })?;
+        if open > 0 {
+            pieces.push(Piece::Lit(rest[..open].to_owned()));
+        }
+        pieces.push(Piece::Slot(idx));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Lit(rest.to_owned()));
+    }
+    Ok(Template { pieces })
+}

@@ -1,0 +1,270 @@
+//! Properties of the shipped seed material, the generator, the splits and the importer on the
+//! shared public dataset.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
+use triage_data::split::{assign_splits, Ratios, SplitBy, SplitOptions};
+use triage_data::stats::Counts;
+use triage_data::synth::{generate, unreachable_values, Balance, Seeds, SynthOptions};
+use triage_data::{Example, Split};
+use triage_taxonomy::{Taxonomy, Validator};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn options(n: usize, seed: u64) -> SynthOptions {
+    SynthOptions {
+        n,
+        langs: ["en", "es", "de", "fr", "pt"].map(String::from).to_vec(),
+        seed,
+        balance: Balance::Uniform,
+        near_dup_threshold: 0.8,
+    }
+}
+
+fn jsonl(examples: &[Example]) -> String {
+    examples.iter().map(|e| e.to_json_line() + "\n").collect()
+}
+
+#[test]
+fn synth_2000_seed_7_is_deterministic_covers_every_value_in_every_language_and_validates() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let seeds = Seeds::load(&Seeds::default_dir(&root(), &taxonomy), &taxonomy).unwrap();
+    assert_eq!(unreachable_values(&seeds, &validator), vec![]);
+    let a = generate(&seeds, &validator, &options(2000, 7)).unwrap();
+    let b = generate(&seeds, &validator, &options(2000, 7)).unwrap();
+    let (ja, jb) = (jsonl(&a.examples), jsonl(&b.examples));
+    assert_eq!(ja, jb, "same seed, same bytes");
+    let c = generate(&seeds, &validator, &options(50, 8)).unwrap();
+    assert_ne!(
+        jsonl(&c.examples),
+        jsonl(&a.examples[..50]),
+        "another seed, other data"
+    );
+
+    assert_eq!(a.examples.len(), 2000);
+    // Every row validates: re-read each line through the canonical reader.
+    for line in ja.lines() {
+        Example::from_json_line(line, &validator).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+    // Every enum value at least 10 times, and in each of the five languages.
+    let counts = Counts::of(&taxonomy, &a.examples);
+    for (field, values) in &counts.fields {
+        for (value, n) in values {
+            assert!(*n >= 10, "{field}={value:?} only {n} times\n{counts}");
+            for lang in ["en", "es", "de", "fr", "pt"] {
+                assert!(
+                    a.examples
+                        .iter()
+                        .any(|e| e.lang == lang && e.ticket.get(field) == Some(value)),
+                    "{field}={value:?} never in {lang}"
+                );
+            }
+        }
+    }
+    for lang in ["en", "es", "de", "fr", "pt"] {
+        assert_eq!(counts.langs[lang], 400, "{counts}");
+    }
+    // No two texts are the same after normalisation; summaries are specific, not one title
+    // per scenario.
+    let normalized: HashSet<String> = a
+        .examples
+        .iter()
+        .map(|e| triage_data::dedup::normalize(&e.text))
+        .collect();
+    assert_eq!(normalized.len(), 2000);
+    let mut summaries: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for e in &a.examples {
+        assert!(e.ticket.summary().chars().count() <= taxonomy.summary.max_length);
+        summaries
+            .entry(e.group.as_deref().unwrap())
+            .or_default()
+            .insert(e.ticket.summary());
+    }
+    let varied = summaries.values().filter(|s| s.len() > 1).count();
+    assert!(
+        varied * 2 > summaries.len(),
+        "{varied} of {} scenarios have more than one summary",
+        summaries.len()
+    );
+    // Surface variety: e-mails, chats, quoted replies all occur.
+    assert!(
+        a.examples.iter().any(|e| e.text.contains("\n> ")),
+        "no quoted replies"
+    );
+    assert!(
+        a.examples.iter().filter(|e| !e.text.contains('\n')).count() > 200,
+        "few one-liners"
+    );
+}
+
+#[test]
+fn split_by_template_never_puts_a_scenario_in_two_splits() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let seeds = Seeds::load(&Seeds::default_dir(&root(), &taxonomy), &taxonomy).unwrap();
+    let mut examples = generate(&seeds, &validator, &options(1500, 11)).unwrap().examples;
+    let opts = SplitOptions {
+        by: SplitBy::Template,
+        ratios: "80,10,10".parse::<Ratios>().unwrap(),
+        seed: 3,
+        near_dup_threshold: 0.8,
+        stratify: Some("category".into()),
+    };
+    let summary = assign_splits(&mut examples, &opts).unwrap();
+    let mut where_: BTreeMap<&str, BTreeSet<Split>> = BTreeMap::new();
+    for e in &examples {
+        where_
+            .entry(e.group.as_deref().unwrap())
+            .or_default()
+            .insert(e.split.unwrap());
+    }
+    let straddling: Vec<_> = where_.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert!(straddling.is_empty(), "{straddling:?}");
+    // Roughly the asked shares, and every category present in train and test.
+    let n = examples.len() as f64;
+    let share = |s: usize| summary.per_split[s].0 as f64 / n;
+    assert!((0.72..0.88).contains(&share(0)), "{summary:?}");
+    assert!((0.05..0.15).contains(&share(2)), "{summary:?}");
+    for cat in taxonomy.field("category").unwrap().value_names() {
+        for split in [Split::Train, Split::Test] {
+            assert!(
+                examples
+                    .iter()
+                    .any(|e| e.split == Some(split) && e.ticket.get("category") == Some(cat)),
+                "{cat} missing from {split}"
+            );
+        }
+    }
+    // Deterministic.
+    let mut again = examples.clone();
+    again.iter_mut().for_each(|e| e.split = None);
+    assign_splits(&mut again, &opts).unwrap();
+    assert_eq!(again, examples);
+}
+
+#[test]
+fn split_by_hash_keeps_near_duplicates_together() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let line = |id: &str, text: &str| {
+        let l = format!(
+            r#"{{"id":"{id}","text":"{text}","ticket":{{"summary":"s","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}},"lang":"en","source":"t"}}"#
+        );
+        Example::from_json_line(&l, &validator).unwrap()
+    };
+    let mut examples: Vec<Example> = (0..40)
+        .map(|i| {
+            line(
+                &format!("u{i}"),
+                &format!(
+                    "ticket number {i} about a completely different topic {}",
+                    "x".repeat(i)
+                ),
+            )
+        })
+        .collect();
+    examples.push(line(
+        "d1",
+        "My VPN drops every ten minutes since the update, please help me",
+    ));
+    examples.push(line(
+        "d2",
+        "my vpn drops every ten minutes since the update please help me!!",
+    ));
+    examples.push(line(
+        "d3",
+        "My VPN drops every ten minutes since the update, please help me asap",
+    ));
+    let opts = SplitOptions {
+        by: SplitBy::Hash,
+        ratios: Ratios([34, 33, 33]),
+        seed: 1,
+        near_dup_threshold: 0.8,
+        stratify: None,
+    };
+    for seed in 0..10 {
+        let mut ex = examples.clone();
+        assign_splits(&mut ex, &SplitOptions { seed, ..opts.clone() }).unwrap();
+        let d: BTreeSet<_> = ex
+            .iter()
+            .filter(|e| e.id.starts_with('d'))
+            .map(|e| e.split)
+            .collect();
+        assert_eq!(d.len(), 1, "seed {seed}: near duplicates split apart");
+    }
+}
+
+#[test]
+fn imports_every_complete_row_of_the_shared_customer_support_dataset() {
+    let csv_path = root().join("../shared/datasets/customer-support-tickets/tickets-v3-5lang.csv");
+    if !csv_path.exists() {
+        panic!(
+            "{} is missing: the tests expect ../shared beside the checkout",
+            csv_path.display()
+        );
+    }
+    let taxonomy = Taxonomy::from_file(root().join("configs/taxonomy/customer-support.toml")).unwrap();
+    let validator = Validator::new(&taxonomy);
+    let specs: Vec<String> = [
+        "text=body",
+        "subject=subject",
+        "category=queue",
+        "priority=priority",
+        "request_type=type",
+        "lang=language",
+    ]
+    .map(String::from)
+    .to_vec();
+    let report = import::import_file(
+        &csv_path,
+        &validator,
+        &ImportOptions {
+            mapping: ColumnMapping::parse(&specs, &taxonomy).unwrap(),
+            labels: LabelMap::default(),
+            source: "v3".into(),
+            max_text_chars: 20_000,
+        },
+    )
+    .unwrap();
+    // Independent count of complete rows with the csv crate: body present and every label a
+    // value of the taxonomy.
+    let mut reader = csv::Reader::from_path(&csv_path).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mut complete = 0;
+    let mut total = 0;
+    for rec in reader.records() {
+        let rec = rec.unwrap();
+        total += 1;
+        let ok = !rec[col("body")].trim().is_empty()
+            && taxonomy
+                .field("category")
+                .unwrap()
+                .has_value(rec[col("queue")].trim())
+            && taxonomy
+                .field("priority")
+                .unwrap()
+                .has_value(rec[col("priority")].trim())
+            && taxonomy
+                .field("request_type")
+                .unwrap()
+                .has_value(rec[col("type")].trim());
+        complete += ok as usize;
+    }
+    assert_eq!(report.rows, total);
+    assert_eq!(report.examples.len(), complete);
+    assert_eq!(report.examples.len() + report.rejects.len(), total);
+    let counts = Counts::of(&taxonomy, &report.examples);
+    assert_eq!(
+        counts.langs.keys().cloned().collect::<Vec<_>>(),
+        ["de", "en", "es", "fr", "pt"]
+    );
+    assert!(counts.min_value_count() > 0, "{counts}");
+    // Line numbers point at the record: the first data row is on line 2.
+    assert_eq!(report.examples[0].id, "v3:2");
+}

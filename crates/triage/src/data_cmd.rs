@@ -1,0 +1,309 @@
+//! `triage data`: import, synth, split and stats over canonical JSONL datasets.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use sha2::{Digest, Sha256};
+use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
+use triage_data::split::{self, Ratios, SplitBy, SplitOptions};
+use triage_data::stats::Counts;
+use triage_data::synth::{self, Balance, Seeds, SynthOptions};
+use triage_data::{atomic_write, read_examples, write_examples, Example, Split};
+use triage_taxonomy::{Taxonomy, Validator};
+
+use crate::taxonomy_cmd::load_taxonomy;
+use crate::Cli;
+
+/// Dataset commands. All of them read and write canonical JSONL
+/// (`{id, text, ticket, lang, source, group?, split?}`).
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Import a CSV / JSON / JSONL export with a column mapping; bad rows go to a rejects file.
+    Import(ImportArgs),
+    /// Generate synthetic multilingual tickets from the taxonomy's seed material.
+    Synth(SynthArgs),
+    /// Split a dataset into train/val/test without leakage between splits.
+    Split(SplitArgs),
+    /// Check a canonical dataset against the taxonomy and print label and language counts.
+    Stats {
+        /// Canonical JSONL file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The export (.csv, .tsv, .json array, .jsonl).
+    file: PathBuf,
+    /// KEY=COLUMN, repeatable. Keys: text (repeatable), subject, summary, id, lang and every
+    /// field of the taxonomy, e.g. --map text=body --map subject=subject --map category=queue.
+    #[arg(long = "map", value_name = "KEY=COLUMN", required = true)]
+    map: Vec<String>,
+    /// TOML file renaming export values to taxonomy values, per field ([priority] "P1" = "Critical").
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+    /// The `source` of the examples (default: the file stem).
+    #[arg(long)]
+    source: Option<String>,
+    /// Output JSONL (written atomically).
+    #[arg(short, long, value_name = "FILE")]
+    out: PathBuf,
+    /// Rejected rows with line and reason (default: OUT with `.rejects.jsonl`).
+    #[arg(long, value_name = "FILE")]
+    rejects: Option<PathBuf>,
+    /// Texts longer than this many characters are rejected.
+    #[arg(long, default_value_t = 20_000)]
+    max_text_chars: usize,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Number of examples.
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
+    /// Languages, comma-separated.
+    #[arg(long, default_value = "en,es,de,fr,pt", value_delimiter = ',')]
+    langs: Vec<String>,
+    /// Random seed; the same seed, seeds folder and options give the same file.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Class balance: uniform (every category × subcategory equally) or natural (scenario weights).
+    #[arg(long, default_value = "uniform")]
+    balance: Balance,
+    /// Seed material (default: data/synth/<taxonomy name>).
+    #[arg(long, value_name = "DIR")]
+    seeds: Option<PathBuf>,
+    /// Jaccard similarity (character 5-grams) from which two texts count as near duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    near_dup: f64,
+    /// Generate even if some taxonomy value can never be produced by the seeds.
+    #[arg(long)]
+    allow_unreachable: bool,
+    /// Output JSONL (written atomically); `-` for stdout.
+    #[arg(short, long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SplitArgs {
+    /// Canonical JSONL file to split.
+    file: PathBuf,
+    /// What keeps examples together: template (the `group`, e.g. the synthetic scenario) or
+    /// hash (clusters of near-duplicate texts).
+    #[arg(long, default_value = "template")]
+    by: SplitBy,
+    /// Target percentages TRAIN,VAL,TEST.
+    #[arg(long, default_value = "80,10,10")]
+    ratios: Ratios,
+    /// Seed of the group order.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Field to stratify by (default: the taxonomy's first field); `none` to disable.
+    #[arg(long)]
+    stratify: Option<String>,
+    /// Near-duplicate threshold for --by hash.
+    #[arg(long, default_value_t = 0.8)]
+    near_dup: f64,
+    /// Folder for train.jsonl, val.jsonl and test.jsonl.
+    #[arg(long, value_name = "DIR")]
+    out_dir: PathBuf,
+}
+
+/// Runs a `triage data` subcommand.
+pub fn run(cli: &Cli, cmd: &DataCommand) -> anyhow::Result<ExitCode> {
+    let taxonomy = load_taxonomy(cli)?;
+    let validator = Validator::new(&taxonomy);
+    match cmd {
+        DataCommand::Import(a) => import_cmd(&taxonomy, &validator, a),
+        DataCommand::Synth(a) => synth_cmd(&taxonomy, &validator, a),
+        DataCommand::Split(a) => split_cmd(&taxonomy, &validator, a),
+        DataCommand::Stats { file } => {
+            let examples = read_examples(file, &validator)?;
+            print!("{}", Counts::of(&taxonomy, &examples));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn import_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let mapping = ColumnMapping::parse(&a.map, taxonomy)?;
+    let labels = match &a.labels {
+        Some(p) => LabelMap::from_file(p, taxonomy)?,
+        None => LabelMap::default(),
+    };
+    let source = a.source.clone().unwrap_or_else(|| {
+        a.file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "import".into())
+    });
+    let options = ImportOptions {
+        mapping,
+        labels,
+        source,
+        max_text_chars: a.max_text_chars,
+    };
+    let report = import::import_file(&a.file, validator, &options)?;
+    write_examples(&a.out, &report.examples)?;
+    let rejects_path = a
+        .rejects
+        .clone()
+        .unwrap_or_else(|| with_suffix(&a.out, ".rejects.jsonl"));
+    let mut rejects = Vec::new();
+    for r in &report.rejects {
+        serde_json::to_writer(&mut rejects, r)?;
+        rejects.push(b'\n');
+    }
+    if report.rejects.is_empty() {
+        // No stale rejects from an earlier run next to fresh output.
+        let _ = std::fs::remove_file(&rejects_path);
+    } else {
+        atomic_write(&rejects_path, &rejects)?;
+    }
+    let mut err = std::io::stderr().lock();
+    writeln!(
+        err,
+        "{}: {} rows, {} imported -> {}, {} rejected{}",
+        a.file.display(),
+        report.rows,
+        report.examples.len(),
+        a.out.display(),
+        report.rejects.len(),
+        if report.rejects.is_empty() {
+            String::new()
+        } else {
+            format!(" -> {}", rejects_path.display())
+        }
+    )?;
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in &report.rejects {
+        let key: String = r
+            .reason
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
+        *reasons.entry(key).or_default() += 1;
+    }
+    for (reason, n) in reasons {
+        writeln!(err, "  rejected {n}: {reason}")?;
+    }
+    write!(err, "{}", Counts::of(taxonomy, &report.examples))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
+    path.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// The seed folder: `--seeds`, else `data/synth/<taxonomy>` under the current directory, else
+/// under the source tree the binary was built from.
+fn seeds_dir(taxonomy: &Taxonomy, explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_owned();
+    }
+    let local = Seeds::default_dir(Path::new("."), taxonomy);
+    if local.exists() {
+        return local;
+    }
+    Seeds::default_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), taxonomy)
+}
+
+fn synth_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SynthArgs) -> anyhow::Result<ExitCode> {
+    let dir = seeds_dir(taxonomy, a.seeds.as_deref());
+    let seeds = Seeds::load(&dir, taxonomy)
+        .with_context(|| format!("loading the seed material for taxonomy {:?}", taxonomy.name))?;
+    let unreachable = synth::unreachable_values(&seeds, validator);
+    if !unreachable.is_empty() {
+        let list: Vec<String> = unreachable.iter().map(|(f, v)| format!("{f}={v:?}")).collect();
+        if !a.allow_unreachable {
+            bail!(
+                "no scenario in {} can produce {}; add scenarios (or pass --allow-unreachable)",
+                dir.display(),
+                list.join(", ")
+            );
+        }
+        tracing::warn!("unreachable values: {}", list.join(", "));
+    }
+    let options = SynthOptions {
+        n: a.n,
+        langs: a.langs.clone(),
+        seed: a.seed,
+        balance: a.balance,
+        near_dup_threshold: a.near_dup,
+    };
+    let report = synth::generate(&seeds, validator, &options)?;
+    let mut bytes = Vec::new();
+    for e in &report.examples {
+        bytes.extend_from_slice(e.to_json_line().as_bytes());
+        bytes.push(b'\n');
+    }
+    if a.out.as_os_str() == "-" {
+        std::io::stdout().lock().write_all(&bytes)?;
+    } else {
+        atomic_write(&a.out, &bytes)?;
+    }
+    eprintln!(
+        "{} examples from {} scenarios in {} -> {} (sha256 {}); discarded {} exact and {} near duplicates",
+        report.examples.len(),
+        seeds.scenario_count(),
+        dir.display(),
+        a.out.display(),
+        sha256_hex(&bytes),
+        report.exact_duplicates,
+        report.near_duplicates
+    );
+    eprint!("{}", Counts::of(taxonomy, &report.examples));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyhow::Result<ExitCode> {
+    let mut examples = read_examples(&a.file, validator)?;
+    let stratify = match a.stratify.as_deref() {
+        Some("none") => None,
+        Some(f) if taxonomy.field(f).is_none() => {
+            bail!("--stratify {f}: not a field of taxonomy {:?}", taxonomy.name)
+        }
+        Some(f) => Some(f.to_owned()),
+        None => taxonomy.fields.first().map(|f| f.name.clone()),
+    };
+    let options = SplitOptions {
+        by: a.by,
+        ratios: a.ratios,
+        seed: a.seed,
+        near_dup_threshold: a.near_dup,
+        stratify,
+    };
+    let summary = split::assign_splits(&mut examples, &options)?;
+    let leaks = split::leaking_groups(&examples, a.by, a.near_dup)?;
+    if !leaks.is_empty() {
+        bail!("internal error: groups in two splits: {}", leaks.join(", "));
+    }
+    for (i, s) in Split::ALL.iter().enumerate() {
+        let part: Vec<Example> = examples.iter().filter(|e| e.split == Some(*s)).cloned().collect();
+        let path = a.out_dir.join(format!("{s}.jsonl"));
+        write_examples(&path, &part)?;
+        let (rows, groups) = summary.per_split[i];
+        eprintln!("{s}: {rows} examples in {groups} groups -> {}", path.display());
+    }
+    eprintln!(
+        "no group appears in two splits ({} by {:?})",
+        examples.len(),
+        a.by
+    );
+    Ok(ExitCode::SUCCESS)
+}
