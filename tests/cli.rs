@@ -320,3 +320,157 @@ fn infer_rejects_empty_input_and_prints_one_valid_ticket() {
         "--explain goes to stderr"
     );
 }
+
+/// The JSON body of a `triage push --dry-run` rendering.
+fn dry_run_body(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let (_, body) = stdout.split_once("\n\n").expect("headers, blank line, body");
+    serde_json::from_str(body).expect("JSON body")
+}
+
+fn itsm_fixture(name: &str) -> serde_json::Value {
+    let path = root().join("../shared/fixtures/itsm").join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn push_dry_runs_for_jira_and_jsm_validate_against_atlassians_schemas() {
+    let mut spec = itsm_fixture("jira-platform-openapi-v3.json");
+    spec["$ref"] = serde_json::Value::String("#/components/schemas/IssueUpdateDetails".into());
+    let issue = jsonschema::draft7::new(&spec).unwrap();
+    let adf = jsonschema::draft4::new(&itsm_fixture("adf-schema-v1-full.json")).unwrap();
+    let input = format!(
+        r#"{{"ticket": {GOOD}, "text": "Hi,\r\n\r\nmy VPN drops every 10 min since the update.\n\nPayroll is due today!\n"}}"#
+    );
+    let jira = dry_run_body(&triage(&["push", "jira", "--dry-run"], &input));
+    let errors: Vec<String> = issue.iter_errors(&jira).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        adf.is_valid(&jira["fields"]["description"]),
+        "{}",
+        jira["fields"]["description"]
+    );
+    let jsm = dry_run_body(&triage(&["push", "jsm", "--dry-run"], &input));
+    assert!(adf.is_valid(&jsm["requestFieldValues"]["description"]));
+    assert_eq!(jsm["requestTypeId"], "10");
+    // Without credentials a real push stops before sending, naming the variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["push", "jira"])
+        .current_dir(root())
+        .env_remove("JIRA_EMAIL")
+        .env_remove("JIRA_API_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(GOOD.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("JIRA_EMAIL"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-data-{}", std::process::id()));
+    let (a, b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    for p in [&a, &b] {
+        let out = triage(
+            &[
+                "data",
+                "synth",
+                "--n",
+                "300",
+                "--seed",
+                "5",
+                "-o",
+                p.to_str().unwrap(),
+            ],
+            "",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("sha256"), "{}", text(&out.stderr));
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let out = triage(
+        &[
+            "data",
+            "split",
+            a.to_str().unwrap(),
+            "--by",
+            "template",
+            "--out-dir",
+            dir.join("s").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let groups = |split: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(dir.join("s").join(format!("{split}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["group"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let (train, val, test) = (groups("train"), groups("val"), groups("test"));
+    assert!(!train.is_empty() && !test.is_empty());
+    assert!(train.is_disjoint(&test) && train.is_disjoint(&val) && val.is_disjoint(&test));
+    let stats = triage(&["data", "stats", dir.join("s/test.jsonl").to_str().unwrap()], "");
+    assert!(
+        text(&stats.stdout).contains("category:"),
+        "{}",
+        text(&stats.stdout)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-import-{}", std::process::id()));
+    let out_path = dir.join("cs.jsonl");
+    let out = triage(
+        &[
+            "data",
+            "import",
+            "../shared/datasets/customer-support-tickets/tickets-v3-5lang.csv",
+            "--taxonomy",
+            "configs/taxonomy/customer-support.toml",
+            "--map",
+            "text=body",
+            "--map",
+            "subject=subject",
+            "--map",
+            "category=queue",
+            "--map",
+            "priority=priority",
+            "--map",
+            "request_type=type",
+            "--map",
+            "lang=language",
+            "-o",
+            out_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1167 rows, 1167 imported"), "{err}");
+    assert!(
+        err.contains("languages: de 216, en 486, es 208, fr 113, pt 144"),
+        "{err}"
+    );
+    assert!(err.contains("category: Technical Support 400"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out_path).unwrap().lines().count(), 1167);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -13,6 +13,11 @@ use crate::Cli;
 /// Options of `triage infer`.
 #[derive(Args)]
 pub struct InferArgs {
+    /// Also create the ticket in an ITSM (jira, jsm, zoho, sdp); see `triage push --help`.
+    #[arg(long, value_name = "VENDOR")]
+    push: Option<triage_connectors::Vendor>,
+    #[command(flatten)]
+    push_options: crate::push_cmd::PushOptions,
     /// Print the per-field confidence, token counts and timings (JSON) on stderr.
     #[arg(long)]
     explain: bool,
@@ -83,6 +88,9 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
     }
     if out.meta.needs_review {
         tracing::warn!("needs review: a field's confidence is below --min-confidence");
+    }
+    if let Some(vendor) = args.push {
+        return crate::push_cmd::push_ticket(vendor, out.ticket, text, &args.push_options);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,13 +3,14 @@
 //! A thin command-line layer over the library crates: `triage-taxonomy` (taxonomy, schema,
 //! validation), `triage-registry` (model download and cache), `triage-llm` (GGUF,
 //! tokenizer, chat template, Qwen2), `triage-infer` (prompts, grammar, decoding) and
-//! `triage-data` (datasets). Results go to stdout, logs and progress to stderr.
+//! `triage-data` (datasets) and `triage-connectors` (ITSM payloads and clients). Results go to stdout, logs and progress to stderr.
 
 mod batch;
 mod bench;
 mod data_cmd;
 mod infer_cmd;
 mod model_cmd;
+mod push_cmd;
 mod taxonomy_cmd;
 
 use std::path::PathBuf;
@@ -61,6 +62,8 @@ enum Command {
     /// Download, locate, verify and inspect models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Create the ticket in Jira, Jira Service Management, Zoho Desk or ServiceDesk Plus.
+    Push(push_cmd::PushArgs),
     /// Build datasets: import exports, generate synthetic tickets, split without leakage.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),
         Command::Model(cmd) => model_cmd::run(&cli, cmd),
         Command::Data(cmd) => data_cmd::run(&cli, cmd),
+        Command::Push(args) => push_cmd::run(&cli, args),
     };
     match result {
         Ok(code) => code,

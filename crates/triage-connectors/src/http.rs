@@ -1,0 +1,344 @@
+//! The one HTTP layer every connector uses: requests as plain data (so a dry run can print
+//! exactly what would be sent), and a send loop that honours `Retry-After`, never retries a
+//! 4xx, and reports timeouts and 5xx as *ambiguous* (the ticket may exist) so the caller can
+//! search before posting again.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use crate::{ConnectorError, Secret};
+
+/// A request body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// No body.
+    Empty,
+    /// `application/json`.
+    Json(Value),
+    /// `application/x-www-form-urlencoded`.
+    Form(Vec<(String, String)>),
+}
+
+/// An HTTP request as data.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// Absolute URL, query included.
+    pub url: String,
+    /// Non-secret headers.
+    pub headers: Vec<(String, String)>,
+    /// Secret headers (`Authorization`, `authtoken`): sent marked sensitive, never printed.
+    pub secret_headers: Vec<(String, Secret)>,
+    /// Body.
+    pub body: Body,
+}
+
+impl HttpRequest {
+    /// A request without headers or body.
+    pub fn new(method: &'static str, url: impl Into<String>) -> Self {
+        HttpRequest {
+            method,
+            url: url.into(),
+            headers: Vec::new(),
+            secret_headers: Vec::new(),
+            body: Body::Empty,
+        }
+    }
+
+    /// The body as it goes on the wire, and its content type.
+    pub fn body_bytes(&self) -> Option<(&'static str, String)> {
+        match &self.body {
+            Body::Empty => None,
+            Body::Json(v) => Some((
+                "application/json",
+                serde_json::to_string(v).expect("json serialises"),
+            )),
+            Body::Form(pairs) => Some(("application/x-www-form-urlencoded", form_encode(pairs))),
+        }
+    }
+
+    /// The request as HTTP/1.1 text, for `--dry-run`: exactly what is sent, except that secret
+    /// header values are printed as `<redacted>`. The JSON body is pretty-printed; a form body
+    /// is printed encoded, followed by its decoded JSON where a field holds JSON.
+    pub fn render(&self) -> String {
+        let mut out = format!("{} {} HTTP/1.1\n", self.method, self.url);
+        for (k, v) in &self.headers {
+            let _ = writeln!(out, "{k}: {v}");
+        }
+        for (k, _) in &self.secret_headers {
+            let _ = writeln!(out, "{k}: <redacted>");
+        }
+        if let Some((ct, body)) = self.body_bytes() {
+            let _ = writeln!(out, "Content-Type: {ct}\n");
+            match &self.body {
+                Body::Json(v) => out.push_str(&serde_json::to_string_pretty(v).expect("json")),
+                _ => out.push_str(&body),
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `application/x-www-form-urlencoded` (WHATWG URL standard).
+pub(crate) fn form_encode(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+pub(crate) fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(b as char),
+            b' ' => out.push('+'),
+            _ => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+    }
+    out
+}
+
+/// Retry and timeout settings.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts per request, first one included (429/503 waits and connection errors count).
+    pub max_attempts: u32,
+    /// Per-request timeout; a timed-out create is ambiguous and triggers a search.
+    pub timeout: Duration,
+    /// Longest `Retry-After` honoured; a longer one gives up with the vendor's message.
+    pub max_retry_after: Duration,
+    /// First backoff when the vendor gives no `Retry-After` (doubles per attempt).
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            timeout: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(120),
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How a vendor reports errors and rate limits.
+pub(crate) struct VendorRules {
+    /// The vendor's error body as one line, verbatim.
+    pub error_text: fn(&str) -> String,
+    /// Whether a 4xx/5xx body signals a rate limit (beyond HTTP 429/503).
+    pub rate_limited: fn(&str) -> bool,
+}
+
+/// How one request ended.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    /// 2xx, with the body.
+    Ok(String),
+    /// Timed out or 5xx after the request left: the vendor may have acted on it.
+    Ambiguous(String),
+}
+
+/// Sends `req`, retrying 429/503 (after `Retry-After`) and connection failures; returns the
+/// 2xx body, `Sent::Ambiguous` for a timeout or other 5xx, or the vendor's error for a 4xx.
+pub(crate) async fn send(
+    client: &reqwest::Client,
+    req: &HttpRequest,
+    policy: &RetryPolicy,
+    vendor: &'static str,
+    rules: &VendorRules,
+) -> Result<Sent, ConnectorError> {
+    let error_text = rules.error_text;
+    let mut last = String::new();
+    for attempt in 1..=policy.max_attempts {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &req.headers {
+            headers.insert(
+                header_name(k)?,
+                HeaderValue::from_str(v).map_err(|e| bad_header(k, e))?,
+            );
+        }
+        for (k, v) in &req.secret_headers {
+            let mut value = HeaderValue::from_str(v.expose()).map_err(|e| bad_header(k, e))?;
+            value.set_sensitive(true);
+            headers.insert(header_name(k)?, value);
+        }
+        let mut builder = client
+            .request(req.method.parse().expect("GET or POST"), &req.url)
+            .headers(headers)
+            .timeout(policy.timeout);
+        if let Some((ct, body)) = req.body_bytes() {
+            builder = builder.header("Content-Type", ct).body(body);
+        }
+        tracing::debug!(vendor, method = req.method, url = %req.url, attempt, "sending");
+        let response = match builder.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                tracing::warn!(vendor, url = %req.url, "timed out after {:?}", policy.timeout);
+                return Ok(Sent::Ambiguous(format!("timed out after {:?}", policy.timeout)));
+            }
+            Err(e) if e.is_connect() => {
+                last = format!("cannot connect: {}", error_chain(&e));
+                if attempt == policy.max_attempts {
+                    return Err(ConnectorError::Unreachable {
+                        vendor,
+                        url: req.url.clone(),
+                        message: last,
+                    });
+                }
+                tokio::time::sleep(policy.backoff * 2u32.pow(attempt - 1)).await;
+                continue;
+            }
+            Err(e) => {
+                // The request may have reached the vendor (reset mid-response).
+                return Ok(Sent::Ambiguous(error_chain(&e)));
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match response.text().await {
+            Ok(b) => b,
+            Err(e) if (200..300).contains(&status) => return Ok(Sent::Ambiguous(error_chain(&e))),
+            Err(_) => String::new(),
+        };
+        let limited = status == 429 || status == 503 || (status >= 400 && (rules.rate_limited)(&body));
+        match status {
+            200..=299 => return Ok(Sent::Ok(body)),
+            _ if limited => {
+                last = format!("HTTP {status}: {}", error_text(&body));
+                let wait = retry_after.unwrap_or(policy.backoff * 2u32.pow(attempt - 1));
+                if wait > policy.max_retry_after || attempt == policy.max_attempts {
+                    return Err(ConnectorError::GaveUp {
+                        vendor,
+                        attempts: attempt,
+                        last: format!("{last} (Retry-After {wait:?})"),
+                    });
+                }
+                tracing::info!(vendor, status, "rate limited; waiting {wait:?} as asked");
+                tokio::time::sleep(wait).await;
+            }
+            500..=599 => return Ok(Sent::Ambiguous(format!("HTTP {status}: {}", error_text(&body)))),
+            _ => {
+                return Err(ConnectorError::Vendor {
+                    vendor,
+                    status,
+                    message: error_text(&body),
+                })
+            }
+        }
+    }
+    Err(ConnectorError::GaveUp {
+        vendor,
+        attempts: policy.max_attempts,
+        last,
+    })
+}
+
+fn header_name(k: &str) -> Result<HeaderName, ConnectorError> {
+    HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad_header(k, e))
+}
+
+fn bad_header(k: &str, e: impl std::fmt::Display) -> ConnectorError {
+    ConnectorError::BadResponse {
+        vendor: "http",
+        message: format!("header {k} cannot be sent: {e}"),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `Retry-After`: delta seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let parts: Vec<&str> = v.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: i64 = parts[1].parse().ok()?;
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == parts[2])? as i64 + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<i64> = parts[4]
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let at = days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2];
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(Duration::from_secs((at - now).max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding_follows_the_url_standard() {
+        let pairs = vec![("input_data".to_owned(), r#"{"a":"b c&d=é"}"#.to_owned())];
+        assert_eq!(
+            form_encode(&pairs),
+            "input_data=%7B%22a%22%3A%22b+c%26d%3D%C3%A9%22%7D"
+        );
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let future = parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT").unwrap();
+        assert!(future > Duration::from_secs(86_400 * 365 * 50));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn dry_run_rendering_redacts_secrets() {
+        let mut r = HttpRequest::new("POST", "https://x.example/api");
+        r.secret_headers
+            .push(("Authorization".into(), Secret::new("Basic c2VjcmV0")));
+        r.body = Body::Json(serde_json::json!({"a": 1}));
+        let text = r.render();
+        assert!(text.contains("Authorization: <redacted>"));
+        assert!(!text.contains("c2VjcmV0"));
+        assert!(text.contains("\"a\": 1"));
+    }
+}
