@@ -4,6 +4,7 @@
 
 mod chat;
 mod gguf;
+pub mod lora;
 pub mod qwen2;
 mod tokenizer;
 

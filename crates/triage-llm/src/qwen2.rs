@@ -10,13 +10,23 @@
 //! Architecture (per layer): x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));
 //! x += down(silu(gate(n2(x))) * up(n2(x))), with RMSNorm, grouped-query attention (q, k, v
 //! projections with bias), NeoX-style rotary embeddings, and a separate LM head.
+//!
+//! Training ([`Qwen2::forward_train`]) runs the same architecture with every operation in a
+//! differentiable form, because several fused candle kernels silently cut the gradient
+//! (`QMatMul`, `candle_nn::ops::{rms_norm, softmax_last_dim}`, `rotary_emb::rope`): the frozen
+//! quantized projections go through [`QLinear`], whose backward returns only d(input) by
+//! dequantizing the weight for the duration of the call (no dequantized copy is kept: that is
+//! what keeps QLoRA small). Both paths take an optional [`Lora`] adapter, applied to the tokens
+//! they process; the gradient-check and logits-agreement tests keep the two paths equal.
 
 use std::fs::File;
 use std::io::BufReader;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
 
+use crate::lora::{Lora, Target};
 use crate::{GgufFile, LlmError};
 
 /// Model hyper-parameters, read from `qwen2.*` GGUF metadata.
@@ -291,10 +301,197 @@ impl Qwen2 {
         self.cos.dim(0).unwrap_or(0)
     }
 
+    /// A model with random weights (Q8_0 projections) of shape `cfg`, for tests and
+    /// benchmarks of code paths that do not need a trained model. Widths must be multiples of
+    /// 32 (the Q8_0 block).
+    pub fn random(cfg: &Config, seed: u64, device: &Device) -> Result<Self, LlmError> {
+        Self::random_with_dtype(cfg, seed, device, GgmlDType::Q8_0)
+    }
+
+    /// [`Qwen2::random`] with projections stored as `dtype`; `F32` gives exact arithmetic
+    /// (for finite-difference gradient checks: quantized kernels round activations to 8 bits).
+    pub fn random_with_dtype(
+        cfg: &Config,
+        seed: u64,
+        device: &Device,
+        dtype: GgmlDType,
+    ) -> Result<Self, LlmError> {
+        let mut n = 0u64;
+        let mut rand = |shape: (usize, usize), scale: f32| -> candle_core::Result<Tensor> {
+            n += 1;
+            let vals =
+                crate::lora::uniform_vec(seed.wrapping_mul(1_000_003).wrapping_add(n), shape.0 * shape.1);
+            Tensor::from_vec(vals, shape, device)? * scale as f64
+        };
+        let (h, i, kv) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let q8 = |t: Tensor| -> candle_core::Result<QMatMul> {
+            Ok(QMatMul::QTensor(Arc::new(QTensor::quantize(&t, dtype)?)))
+        };
+        let mut build = || -> candle_core::Result<Self> {
+            let mut layers = Vec::with_capacity(cfg.num_layers);
+            let ones = Tensor::ones(h, DType::F32, device)?;
+            for _ in 0..cfg.num_layers {
+                let sh = 1.0 / (h as f32).sqrt();
+                layers.push(Layer {
+                    attn_norm: ones.clone(),
+                    q: q8(rand((h, h), sh)?)?,
+                    q_bias: rand((1, h), 0.1)?.squeeze(0)?,
+                    k: q8(rand((kv, h), sh)?)?,
+                    k_bias: rand((1, kv), 0.1)?.squeeze(0)?,
+                    v: q8(rand((kv, h), sh)?)?,
+                    v_bias: rand((1, kv), 0.1)?.squeeze(0)?,
+                    o: q8(rand((h, h), sh)?)?,
+                    ffn_norm: ones.clone(),
+                    gate: q8(rand((i, h), sh)?)?,
+                    up: q8(rand((i, h), sh)?)?,
+                    down: q8(rand((h, i), 1.0 / (i as f32).sqrt())?)?,
+                });
+            }
+            let embed = QTensor::quantize(&rand((cfg.vocab_size, h), 1.0)?, GgmlDType::Q8_0)?;
+            let lm_head = q8(rand((cfg.vocab_size, h), 1.0 / (h as f32).sqrt())?)?;
+            let (cos, sin) = rope_tables(cfg, 4096, device)?;
+            Ok(Self {
+                cfg: cfg.clone(),
+                device: device.clone(),
+                embed,
+                layers,
+                norm: ones,
+                lm_head,
+                cos,
+                sin,
+            })
+        };
+        build().map_err(err)
+    }
+
     /// Runs `tokens` (appended after what `cache` holds) and returns the logits of the last
     /// `n_logits` positions, shape `[n_logits, vocab]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, n_logits: usize) -> Result<Tensor, LlmError> {
-        self.forward_inner(tokens, cache, n_logits).map_err(err)
+        self.forward_inner(tokens, cache, n_logits, None).map_err(err)
+    }
+
+    /// [`Qwen2::forward`] with a LoRA adapter applied to these tokens (not to what `cache`
+    /// already holds). No gradient is recorded.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        n_logits: usize,
+        lora: Option<&Lora>,
+    ) -> Result<Tensor, LlmError> {
+        self.forward_inner(tokens, cache, n_logits, lora).map_err(err)
+    }
+
+    /// The differentiable forward used for training: `tokens` `[b, n]` (u32), attending to a
+    /// frozen `prefix` (e.g. the shared system prompt, computed without the adapter) and
+    /// returning logits `[b, n - logits_from, vocab]` of positions `logits_from..n`. Gradients
+    /// flow to the adapter's variables through the frozen quantized weights. `dropout` is
+    /// `(p, seed)` for the LoRA branch inputs (deterministic for a seed).
+    pub fn forward_train(
+        &self,
+        tokens: &Tensor,
+        prefix: Option<&KvCache>,
+        lora: Option<&Lora>,
+        logits_from: usize,
+        dropout: Option<(f64, u64)>,
+    ) -> Result<Tensor, LlmError> {
+        self.forward_train_inner(tokens, prefix, lora, logits_from, dropout)
+            .map_err(err)
+    }
+
+    fn forward_train_inner(
+        &self,
+        tokens: &Tensor,
+        prefix: Option<&KvCache>,
+        lora: Option<&Lora>,
+        logits_from: usize,
+        dropout: Option<(f64, u64)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, n) = tokens.dims2()?;
+        let past = prefix.map_or(0, |p| p.len);
+        if n == 0 || logits_from >= n || past + n > self.max_seq_len() {
+            candle_core::bail!(
+                "forward_train: bad lengths (n={n}, logits_from={logits_from}, prefix={past})"
+            );
+        }
+        let eps = self.cfg.rms_eps;
+        let ids = tokens.flatten_all()?;
+        let mut x = self
+            .embed
+            .embedding(&ids)?
+            .reshape((b, n, self.cfg.hidden_size))?;
+        let cos = self.cos.narrow(0, past, n)?;
+        let sin = self.sin.narrow(0, past, n)?;
+        let mask = causal_mask(n, past, &self.device)?;
+        let scale = lora.map_or(0.0, |l| l.scale());
+        for (li, layer) in self.layers.iter().enumerate() {
+            let lp = |t: Target| {
+                lora.and_then(|l| l.layers[li].get(&t))
+                    .map(|p| (p.a.as_tensor(), p.b.as_tensor()))
+            };
+            let drop_seed = |t: Target| dropout.map(|(p, s)| (p, s ^ ((li as u64) << 8 | t as u64)));
+            let proj = |w: &QMatMul, x: &Tensor, t: Target| -> candle_core::Result<Tensor> {
+                let y = x.apply_op1(QLinear::new(w)?)?;
+                match lp(t) {
+                    None => Ok(y),
+                    Some((a, bm)) => {
+                        let xin = match drop_seed(t) {
+                            Some((p, s)) if p > 0.0 => dropout_mask(x, p, s)?,
+                            _ => x.clone(),
+                        };
+                        y + (xin.broadcast_matmul(&a.t()?)?.broadcast_matmul(&bm.t()?)? * scale)?
+                    }
+                }
+            };
+            let h = rms_norm_diff(&x, &layer.attn_norm, eps)?;
+            let (hq, hk, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+            let q = proj(&layer.q, &h, Target::Q)?.broadcast_add(&layer.q_bias)?;
+            let k = proj(&layer.k, &h, Target::K)?.broadcast_add(&layer.k_bias)?;
+            let v = proj(&layer.v, &h, Target::V)?.broadcast_add(&layer.v_bias)?;
+            let q = q.reshape((b, n, hq, d))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+            let q = rope_diff(&q, &cos, &sin)?;
+            let k = rope_diff(&k, &cos, &sin)?;
+            let (k, v) = match prefix.and_then(|p| p.layers.get(li).cloned().flatten()) {
+                None => (k, v),
+                Some((pk, pv)) => {
+                    let pk = pk.broadcast_as((b, hk, past, d))?;
+                    let pv = pv.broadcast_as((b, hk, past, d))?;
+                    (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                }
+            };
+            let group = hq / hk;
+            let t = k.dim(2)?;
+            let q = q.reshape((b, hk, group * n, d))?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+            let att = match &mask {
+                None => att,
+                Some(m) => {
+                    att.reshape((b, hk, group, n, t))?
+                        .broadcast_add(m)?
+                        .reshape((b, hk, group * n, t))?
+                }
+            };
+            let att = softmax_diff(&att)?;
+            let y = att
+                .matmul(&v)?
+                .reshape((b, hq, n, d))?
+                .transpose(1, 2)?
+                .reshape((b, n, hq * d))?;
+            x = (x + proj(&layer.o, &y, Target::O)?)?;
+            let h = rms_norm_diff(&x, &layer.ffn_norm, eps)?;
+            let gate = proj(&layer.gate, &h, Target::Gate)?.silu()?;
+            let up = proj(&layer.up, &h, Target::Up)?;
+            x = (x + proj(&layer.down, &(gate * up)?, Target::Down)?)?;
+        }
+        let x = x.narrow(1, logits_from, n - logits_from)?;
+        let x = rms_norm_diff(&x, &self.norm, eps)?;
+        x.apply_op1(QLinear::new(&self.lm_head)?)
     }
 
     fn forward_inner(
@@ -302,6 +499,7 @@ impl Qwen2 {
         tokens: &[u32],
         cache: &mut KvCache,
         n_logits: usize,
+        lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
         let n = tokens.len();
         let past = cache.len;
@@ -323,14 +521,15 @@ impl Qwen2 {
         let cos = self.cos.narrow(0, past, n)?;
         let sin = self.sin.narrow(0, past, n)?;
         let mask = causal_mask(n, past, &self.device)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (li, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let adapter = lora.map(|l| (&l.layers[li], l.scale()));
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv)?;
+            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv, adapter)?;
             x = (x + h)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
-            let gate = layer.gate.forward(&h)?.silu()?;
-            let up = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(gate * up)?)?)?;
+            let gate = apply(&layer.gate, &h, adapter, Target::Gate)?.silu()?;
+            let up = apply(&layer.up, &h, adapter, Target::Up)?;
+            x = (x + apply(&layer.down, &(gate * up)?, adapter, Target::Down)?)?;
         }
         cache.len += n;
         let x = x.narrow(1, n - n_logits, n_logits)?;
@@ -346,12 +545,13 @@ impl Qwen2 {
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
+        adapter: Option<Adapter>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, hk, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let q = l.q.forward(x)?.broadcast_add(&l.q_bias)?;
-        let k = l.k.forward(x)?.broadcast_add(&l.k_bias)?;
-        let v = l.v.forward(x)?.broadcast_add(&l.v_bias)?;
+        let q = apply(&l.q, x, adapter, Target::Q)?.broadcast_add(&l.q_bias)?;
+        let k = apply(&l.k, x, adapter, Target::K)?.broadcast_add(&l.k_bias)?;
+        let v = apply(&l.v, x, adapter, Target::V)?.broadcast_add(&l.v_bias)?;
         let q = q.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
@@ -378,8 +578,113 @@ impl Qwen2 {
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v)?; // [b, hk, group*n, d]
         let y = y.reshape((b, h, n, d))?.transpose(1, 2)?.reshape((b, n, h * d))?;
-        l.o.forward(&y)
+        apply(&l.o, &y, adapter, Target::O)
     }
+}
+
+/// One layer's adapter pairs and the LoRA scale.
+type Adapter<'a> = (&'a std::collections::BTreeMap<Target, crate::lora::LoraPair>, f64);
+
+/// `w·x`, plus the LoRA update `B·A·x·scale` when the adapter targets this projection
+/// (inference: detached from any gradient graph).
+fn apply(w: &QMatMul, x: &Tensor, adapter: Option<Adapter>, t: Target) -> candle_core::Result<Tensor> {
+    let y = w.forward(x)?;
+    match adapter.and_then(|(m, s)| m.get(&t).map(|p| (p, s))) {
+        None => Ok(y),
+        Some((p, s)) => {
+            let a = p.a.as_tensor().detach();
+            let b = p.b.as_tensor().detach();
+            y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?
+        }
+    }
+}
+
+/// A frozen quantized projection `y = x·Wᵀ` whose backward gives d(input) only:
+/// `dx = dy·W`, with W dequantized for the duration of the call and then dropped.
+pub struct QLinear {
+    w: Arc<QTensor>,
+}
+
+impl QLinear {
+    /// Wraps a quantized projection (a dense `QMatMul` is not supported).
+    pub fn new(w: &QMatMul) -> candle_core::Result<Self> {
+        match w {
+            QMatMul::QTensor(t) => Ok(QLinear { w: t.clone() }),
+            _ => candle_core::bail!("QLinear needs a quantized weight"),
+        }
+    }
+}
+
+impl CustomOp1 for QLinear {
+    fn name(&self) -> &'static str {
+        "qlinear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.w.cpu_fwd(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.w.cuda_fwd(storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.w.dequantize(arg.device())?; // [out, in]
+        let dims = grad_res.dims().to_vec();
+        let out = *dims.last().expect("rank ≥ 2");
+        let rows = grad_res.elem_count() / out;
+        let g = grad_res.contiguous()?.reshape((rows, out))?.matmul(&w)?;
+        let mut in_dims = dims;
+        *in_dims.last_mut().expect("rank ≥ 2") = w.dim(1)?;
+        Ok(Some(g.reshape(in_dims)?))
+    }
+}
+
+/// RMSNorm from differentiable primitives.
+fn rms_norm_diff(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension from differentiable primitives (the max is a constant:
+/// softmax does not depend on it).
+fn softmax_diff(x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// NeoX rotary embedding from differentiable primitives; `x` is `[b, h, n, d]`, `cos`/`sin`
+/// are `[n, d/2]`.
+fn rope_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(3)? / 2;
+    let x1 = x.narrow(3, 0, half)?;
+    let x2 = x.narrow(3, half, half)?;
+    let (c, s) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
+    let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+    let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+    Tensor::cat(&[&o1, &o2], 3)
+}
+
+/// Inverted dropout with a mask drawn from a counter-based generator (same seed, same mask).
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
+    let keep = 1.0 - p;
+    let vals: Vec<f32> = crate::lora::uniform_vec(seed, x.elem_count())
+        .into_iter()
+        .map(|u| {
+            if (u as f64 + 1.0) / 2.0 < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    x * Tensor::from_vec(vals, x.shape(), x.device())?
 }
 
 /// A projection weight as a quantized matmul, Q5_0 re-quantized to Q8_0 if asked.

@@ -93,7 +93,16 @@ pub(crate) fn compose(
         _ if rng.chance(0.1) => 0,
         _ => 1 + rng.below(2),
     };
-    let template = &scenario.texts[lang][variant];
+    // The summary may only state what the text says: prefer a variant that uses every slot
+    // of the summary (short chat lines often name no product).
+    let texts = &scenario.texts[lang];
+    let covers = |t: &Template| scenario.summary.slots().all(|s| t.slots().any(|x| x == s));
+    let variant = if covers(&texts[variant]) {
+        variant
+    } else {
+        (0..3).find(|&v| covers(&texts[v])).unwrap_or(variant)
+    };
+    let template = &texts[variant];
     let mut chosen: BTreeMap<usize, usize> = BTreeMap::new();
     for s in template.slots().chain(scenario.summary.slots()) {
         let n = seeds.slots[s].values.len();
