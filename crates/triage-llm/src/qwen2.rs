@@ -524,7 +524,7 @@ impl Qwen2 {
         for (li, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let adapter = lora.map(|l| (&l.layers[li], l.scale()));
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv, adapter)?;
+            let h = self.attention(layer, &h, (&cos, &sin), mask.as_ref(), kv, adapter)?;
             x = (x + h)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gate = apply(&layer.gate, &h, adapter, Target::Gate)?.silu()?;
@@ -541,8 +541,7 @@ impl Qwen2 {
         &self,
         l: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
         adapter: Option<Adapter>,
