@@ -20,6 +20,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use llguidance::Matcher;
 use serde::Serialize;
+use triage_llm::lora::Lora;
 use triage_llm::qwen2::{KvCache, LoadOptions, Qwen2};
 use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
@@ -137,9 +138,13 @@ pub struct Structurer {
     validator: Validator,
     grammar: Grammar,
     env: toktrie::TokEnv,
+    end_of_turn: u32,
     prefix: Vec<u32>,
     prefix_cache: Mutex<Option<KvCache>>,
     prefix_file: Option<std::path::PathBuf>,
+    /// LoRA adapter applied to everything after the shared system prompt (whose KV cache is
+    /// the base model's: that is how the adapter was trained).
+    adapter: Option<Arc<Lora>>,
     opts: StructurerOptions,
 }
 
@@ -193,6 +198,8 @@ impl Structurer {
             env,
             prefix,
             prefix_cache: Mutex::new(None),
+            end_of_turn,
+            adapter: None,
             opts,
         })
     }
@@ -263,7 +270,9 @@ impl Structurer {
         };
         meta.cached_prompt_tokens = start;
         let t_prefill = Instant::now();
-        let logits = self.model.forward(&tokens[start..], &mut cache, 1)?;
+        let logits = self
+            .model
+            .forward_with(&tokens[start..], &mut cache, 1, self.adapter.as_deref())?;
         meta.timings.prefill_ms = ms(t_prefill);
 
         let t_decode = Instant::now();
@@ -301,7 +310,12 @@ impl Structurer {
         let tokens = self.prompt_tokens(text, &mut meta)?;
         let mut cache = KvCache::default();
         let t_prefill = Instant::now();
-        let mut logits = to_vec(&self.model.forward(&tokens, &mut cache, 1)?)?;
+        let mut logits = to_vec(&self.model.forward_with(
+            &tokens,
+            &mut cache,
+            1,
+            self.adapter.as_deref(),
+        )?)?;
         meta.timings.prefill_ms = ms(t_prefill);
         let t_decode = Instant::now();
         let mut out = Vec::new();
@@ -311,13 +325,140 @@ impl Structurer {
                 break;
             }
             out.push(tok);
-            logits = to_vec(&self.model.forward(&[tok], &mut cache, 1)?)?;
+            logits = to_vec(
+                &self
+                    .model
+                    .forward_with(&[tok], &mut cache, 1, self.adapter.as_deref())?,
+            )?;
             meta.forward_passes += 1;
         }
         meta.timings.decode_ms = ms(t_decode);
         meta.output_tokens = out.len();
         meta.timings.total_ms = ms(t0);
         Ok((self.tokenizer.decode(&out)?, meta))
+    }
+
+    /// Applies a LoRA adapter (trained with `triage train`) to every later call.
+    pub fn with_adapter(mut self, adapter: Arc<Lora>) -> Self {
+        self.adapter = Some(adapter);
+        self
+    }
+
+    /// The adapter in use, if any.
+    pub fn adapter(&self) -> Option<&Arc<Lora>> {
+        self.adapter.as_ref()
+    }
+
+    /// The system prompt's tokens (the shared prefix whose KV cache is reused).
+    pub fn prefix_tokens(&self) -> &[u32] {
+        &self.prefix
+    }
+
+    /// The base model's KV cache of the system prompt (computed once, then shared).
+    pub fn prefix_cache(&self) -> Result<KvCache, InferError> {
+        self.prefix_kv()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.chat
+    }
+
+    /// The prompt builder.
+    pub fn prompt(&self) -> &PromptBuilder {
+        &self.prompt
+    }
+
+    /// Input hygiene shared with training: trims, neutralises special tokens and cuts
+    /// over-long input from the middle (warnings describe what was done).
+    pub fn clean_input(&self, text: &str) -> Result<(String, Vec<String>), InferError> {
+        let mut warnings = Vec::new();
+        let t = self.prepare_input(text, &mut warnings)?;
+        Ok((t, warnings))
+    }
+
+    /// The answer tokens for `ticket` as constrained decoding produces them (the training
+    /// target): tokens the grammar forces come from the grammar exactly as at inference
+    /// (fast-forward), each string value is tokenized the way the decoder commits it
+    /// (forced-but-pending bytes plus the value through its closing quote), and the
+    /// end-of-turn token closes the answer. Teaching the BPE of the whole JSON instead would
+    /// train on token boundaries the decoder never produces.
+    pub fn target_tokens(&self, ticket: &Ticket) -> Result<Vec<u32>, InferError> {
+        let target = crate::grammar::render_ticket(ticket).into_bytes();
+        let mut matcher = self.grammar.matcher();
+        let trie = self.env.tok_trie();
+        let mut out: Vec<u32> = Vec::new();
+        let grammar_err =
+            |e: String| InferError::Grammar(format!("target {}: {e}", String::from_utf8_lossy(&target)));
+        for _ in 0..target.len() + 8 {
+            if matcher.is_accepting().unwrap_or(false) || matcher.is_stopped() {
+                let done = trie.decode(&out);
+                if done != target {
+                    return Err(grammar_err(format!(
+                        "decoder path ended at {:?}",
+                        String::from_utf8_lossy(&done)
+                    )));
+                }
+                out.push(self.end_of_turn);
+                return Ok(out);
+            }
+            let ff = matcher.compute_ff_tokens();
+            if !ff.is_empty() {
+                matcher
+                    .consume_tokens(&ff)
+                    .map_err(|e| grammar_err(e.to_string()))?;
+                out.extend_from_slice(&ff);
+                continue;
+            }
+            let done = trie.decode(&out);
+            let rest = target
+                .get(done.len()..)
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| grammar_err("the grammar wants more than the target".into()))?;
+            // The segment: through the closing quote of the string being written (or the
+            // next byte, outside strings).
+            let segment_end = if rest[0] == b'"' {
+                let mut i = 1;
+                loop {
+                    match rest.get(i) {
+                        Some(b'\\') => i += 2,
+                        Some(b'"') => break i + 1,
+                        Some(_) => i += 1,
+                        None => break rest.len(),
+                    }
+                }
+            } else {
+                let mut i = 0;
+                loop {
+                    match rest.get(i) {
+                        Some(b'\\') => i += 2,
+                        Some(b'"') => break i + 1,
+                        Some(_) => i += 1,
+                        None => break rest.len(),
+                    }
+                }
+            };
+            let toks = self.env.tokenize_bytes(&rest[..segment_end.min(rest.len())]);
+            let ok = matcher
+                .validate_tokens(&toks)
+                .map_err(|e| grammar_err(e.to_string()))?;
+            if toks.is_empty() || ok != toks.len() {
+                return Err(grammar_err(format!(
+                    "segment {:?} is not accepted",
+                    String::from_utf8_lossy(&rest[..segment_end])
+                )));
+            }
+            matcher
+                .consume_tokens(&toks)
+                .map_err(|e| grammar_err(e.to_string()))?;
+            out.extend_from_slice(&toks);
+        }
+        Err(grammar_err("did not finish".into()))
     }
 
     /// The full prompt's tokens for one incident (input hygiene included), checked against
@@ -524,7 +665,10 @@ impl Decoder<'_> {
     }
 
     fn forward(&mut self, toks: &[u32]) -> Result<(), InferError> {
-        let logits = self.s.model.forward(toks, &mut self.cache, 1)?;
+        let logits = self
+            .s
+            .model
+            .forward_with(toks, &mut self.cache, 1, self.s.adapter.as_deref())?;
         self.meta.forward_passes += 1;
         self.logits = to_vec(&logits)?;
         Ok(())
@@ -681,7 +825,10 @@ impl Decoder<'_> {
         for (t, members) in groups {
             if members.len() > 1 {
                 let mut c = cache.clone();
-                let next = self.s.model.forward(&[t], &mut c, 1)?;
+                let next = self
+                    .s
+                    .model
+                    .forward_with(&[t], &mut c, 1, self.s.adapter.as_deref())?;
                 self.meta.forward_passes += 1;
                 self.score(seqs, &members, depth + 1, &to_vec(&next)?, &c, logp)?;
             }

@@ -22,6 +22,23 @@ pub const ITEM_SEPARATOR: &str = ", ";
 /// Between a key and its value.
 pub const KEY_SEPARATOR: &str = ": ";
 
+/// A ticket exactly as the grammar writes it (`{"summary": "...", "category": "..."}`: keys in
+/// taxonomy order, the separators above, JSON string escapes): the training target.
+pub fn render_ticket(ticket: &triage_taxonomy::Ticket) -> String {
+    let mut out = String::from("{");
+    let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    out.push_str(&format!(
+        "{}{KEY_SEPARATOR}{}",
+        q(triage_taxonomy::SUMMARY_KEY),
+        q(ticket.summary())
+    ));
+    for (k, v) in ticket.fields() {
+        out.push_str(&format!("{ITEM_SEPARATOR}{}{KEY_SEPARATOR}{}", q(k), q(v)));
+    }
+    out.push('}');
+    out
+}
+
 /// The model's vocabulary as llguidance sees it.
 struct Env {
     tokenizer: Tokenizer,

@@ -16,6 +16,7 @@ pub mod grammar;
 pub mod prompt;
 
 pub use engine::{FieldConfidence, Meta, Structured, Structurer, StructurerOptions, Timings};
+pub use grammar::render_ticket;
 pub use prompt::{instructions, render_instruction, Instruction, PromptBuilder, PROMPT_VERSION};
 
 /// Why an incident could not be structured.

@@ -352,7 +352,9 @@ impl Qwen2 {
                 });
             }
             let embed = QTensor::quantize(&rand((cfg.vocab_size, h), 1.0)?, GgmlDType::Q8_0)?;
-            let lm_head = q8(rand((cfg.vocab_size, h), 1.0 / (h as f32).sqrt())?)?;
+            // Unit-scale rows: with RMS-normalised inputs the logits can reach the peaks a
+            // trained head has (a 1/√h scale would cap them near 5 and the loss near ln V − 5).
+            let lm_head = q8(rand((cfg.vocab_size, h), 1.0)?)?;
             let (cos, sin) = rope_tables(cfg, 4096, device)?;
             Ok(Self {
                 cfg: cfg.clone(),
@@ -462,7 +464,10 @@ impl Qwen2 {
                 Some((pk, pv)) => {
                     let pk = pk.broadcast_as((b, hk, past, d))?;
                     let pv = pv.broadcast_as((b, hk, past, d))?;
-                    (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                    (
+                        Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                        Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+                    )
                 }
             };
             let group = hq / hk;

@@ -181,9 +181,9 @@ fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
 }
 
 /// Set by Ctrl-C: finish the current row, then stop. A second Ctrl-C exits at once.
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
-fn install_ctrlc() {
+pub(crate) fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let result = ctrlc::set_handler(|| {
@@ -191,7 +191,9 @@ fn install_ctrlc() {
                 eprintln!("\ninterrupted again: exiting now; rerun the same command to resume");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupted: finishing the current row (Ctrl-C again to exit now)");
+            eprintln!(
+                "\ninterrupted: finishing the current row or step, then saving (Ctrl-C again to exit now)"
+            );
         });
         if let Err(e) = result {
             tracing::warn!("cannot install the Ctrl-C handler: {e}");

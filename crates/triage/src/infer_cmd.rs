@@ -13,6 +13,9 @@ use crate::Cli;
 /// Options of `triage infer`.
 #[derive(Args)]
 pub struct InferArgs {
+    /// A LoRA adapter directory written by `triage train` (PEFT format + triage.json).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<std::path::PathBuf>,
     /// Also create the ticket in an ITSM (jira, jsm, zoho, sdp); see `triage push --help`.
     #[arg(long, value_name = "VENDOR")]
     push: Option<triage_connectors::Vendor>,
@@ -109,7 +112,11 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
         prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
         ..StructurerOptions::default()
     };
-    let s = Structurer::new(&gguf, taxonomy, opts)?;
+    let mut s = Structurer::new(&gguf, taxonomy, opts)?;
+    if let Some(dir) = &args.adapter {
+        let lora = crate::train_cmd::load_adapter(dir, &s, &path)?;
+        s = s.with_adapter(std::sync::Arc::new(lora));
+    }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");
     Ok(s)
 }

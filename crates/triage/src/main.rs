@@ -12,6 +12,7 @@ mod infer_cmd;
 mod model_cmd;
 mod push_cmd;
 mod taxonomy_cmd;
+mod train_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,8 @@ enum Command {
     /// Download, locate, verify and inspect models.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Fine-tune a LoRA adapter (QLoRA on the frozen 4-bit base) on canonical examples.
+    Train(train_cmd::TrainArgs),
     /// Create the ticket in Jira, Jira Service Management, Zoho Desk or ServiceDesk Plus.
     Push(push_cmd::PushArgs),
     /// Build datasets: import exports, generate synthetic tickets, split without leakage.
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model_cmd::run(&cli, cmd),
         Command::Data(cmd) => data_cmd::run(&cli, cmd),
         Command::Push(args) => push_cmd::run(&cli, args),
+        Command::Train(args) => train_cmd::run(&cli, args),
     };
     match result {
         Ok(code) => code,

@@ -108,9 +108,14 @@ pub(crate) fn compose(
         let n = seeds.slots[s].values.len();
         chosen.entry(s).or_insert_with(|| rng.below(n));
     }
+    // The writer's name (signatures, phone notes): never the colleague the text talks about.
     let colleague = seeds.colleague_slot.map(|s| {
-        let v = &seeds.slots[s].values[rng.below(seeds.slots[s].values.len())];
-        v.get(lang).cloned().unwrap_or_default()
+        let n = seeds.slots[s].values.len();
+        let mut k = rng.below(n);
+        if n > 1 && chosen.get(&s) == Some(&k) {
+            k = (k + 1 + rng.below(n - 1)) % n;
+        }
+        seeds.slots[s].values[k].get(lang).cloned().unwrap_or_default()
     });
     let colleague = colleague.as_deref().unwrap_or("");
     let mut body = fill(template, seeds, lang, &chosen);

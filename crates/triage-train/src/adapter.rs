@@ -1,0 +1,208 @@
+//! Adapters on disk, in the Hugging Face PEFT layout:
+//!
+//! ```text
+//! adapters/<name>/adapter_config.json        peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, ...
+//! adapters/<name>/adapter_model.safetensors  base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight ...
+//! adapters/<name>/triage.json                taxonomy hash, base model sha256, prompt version, metrics
+//! ```
+//!
+//! The directory is written under a temporary name and renamed into place, so a reader sees
+//! the old adapter or the complete new one.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use triage_llm::lora::{Lora, LoraConfig, Target};
+use triage_llm::qwen2::Config;
+
+use crate::{file_err, TrainError};
+
+/// Where the adapter applies: the tokens after the shared system prompt.
+pub const ADAPTER_SCOPE: &str = "after-system-prompt";
+
+/// `triage.json`: what the adapter was trained for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriageMeta {
+    /// Format of this file.
+    pub format: u32,
+    /// Taxonomy name.
+    pub taxonomy: String,
+    /// [`triage_taxonomy::Taxonomy::content_hash`] of the taxonomy.
+    pub taxonomy_hash: String,
+    /// SHA-256 of the base GGUF.
+    pub base_model_sha256: String,
+    /// File name of the base GGUF.
+    pub base_model_file: String,
+    /// [`triage_infer::PROMPT_VERSION`] at training time.
+    pub prompt_version: u32,
+    /// [`ADAPTER_SCOPE`].
+    pub scope: String,
+    /// Training summary (steps, losses, accuracies).
+    #[serde(default)]
+    pub metrics: Value,
+}
+
+/// A loaded adapter and its metadata.
+pub struct LoadedAdapter {
+    /// The weights.
+    pub lora: Lora,
+    /// `triage.json`.
+    pub meta: TriageMeta,
+    /// `adapter_config.json` as read.
+    pub peft_config: Value,
+}
+
+/// The PEFT `adapter_config.json` for `config`.
+pub fn peft_config(config: &LoraConfig, base_model: &str) -> Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "revision": null,
+        "use_rslora": false,
+        "use_dora": false,
+    })
+}
+
+/// Writes the adapter directory atomically.
+pub fn save(dir: &Path, lora: &Lora, base_model: &str, meta: &TriageMeta) -> Result<(), TrainError> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| TrainError::Invalid(format!("{}: not a directory name", dir.display())))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
+    let write_json = |file: &str, v: &Value| -> Result<(), TrainError> {
+        let p = tmp.join(file);
+        std::fs::write(&p, serde_json::to_string_pretty(v).expect("json") + "\n").map_err(|e| file_err(&p, e))
+    };
+    write_json("adapter_config.json", &peft_config(&lora.config, base_model))?;
+    write_json(
+        "triage.json",
+        &serde_json::to_value(meta).expect("meta serialises"),
+    )?;
+    lora.save_safetensors(&tmp.join("adapter_model.safetensors"))?;
+    // Swap in: the old directory (if any) is moved aside, then removed.
+    let old: PathBuf = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| file_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| file_err(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Value, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| file_err(path, format!("not valid JSON: {e}")))
+}
+
+/// Reads an adapter directory for a model of shape `cfg`, checking names, shapes and values.
+pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, TrainError> {
+    let config_path = dir.join("adapter_config.json");
+    let peft = read_json(&config_path)?;
+    let bad = |m: String| file_err(&config_path, m);
+    if peft["peft_type"] != "LORA" {
+        return Err(bad(format!(
+            "peft_type is {}, only LORA is supported",
+            peft["peft_type"]
+        )));
+    }
+    let rank = peft["r"]
+        .as_u64()
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+    let alpha = peft["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+    let targets: Vec<Target> = peft["target_modules"]
+        .as_array()
+        .ok_or_else(|| bad("`target_modules` must be a list".into()))?
+        .iter()
+        .map(|t| t.as_str().unwrap_or("").parse::<Target>().map_err(&bad))
+        .collect::<Result<_, _>>()?;
+    if peft["use_dora"] == true || peft["use_rslora"] == true {
+        return Err(bad("DoRA / rsLoRA adapters are not supported".into()));
+    }
+    let config = LoraConfig {
+        rank,
+        alpha,
+        dropout: peft["lora_dropout"].as_f64().unwrap_or(0.0),
+        targets,
+    };
+    let weights = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, device)
+        .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?;
+    let lora = Lora::from_peft_tensors(cfg, config, &tensors, device).map_err(|m| file_err(&weights, m))?;
+    let meta_path = dir.join("triage.json");
+    let meta: TriageMeta =
+        serde_json::from_value(read_json(&meta_path)?).map_err(|e| file_err(&meta_path, e))?;
+    if meta.scope != ADAPTER_SCOPE {
+        return Err(file_err(
+            &meta_path,
+            format!(
+                "scope {:?} is not supported (expected {ADAPTER_SCOPE:?})",
+                meta.scope
+            ),
+        ));
+    }
+    Ok(LoadedAdapter {
+        lora,
+        meta,
+        peft_config: peft,
+    })
+}
+
+/// Checks that an adapter was trained for this taxonomy, base model and prompt version.
+pub fn check_compatible(
+    meta: &TriageMeta,
+    taxonomy: &triage_taxonomy::Taxonomy,
+    base_sha256: Option<&str>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let d = dir.display();
+    if meta.taxonomy_hash != taxonomy.content_hash() {
+        return Err(TrainError::Invalid(format!(
+            "adapter {d} was trained for taxonomy {:?} (hash {}), not the taxonomy in use ({:?}, hash {}); pass the same --taxonomy or retrain",
+            meta.taxonomy,
+            &meta.taxonomy_hash[..12.min(meta.taxonomy_hash.len())],
+            taxonomy.name,
+            &taxonomy.content_hash()[..12]
+        )));
+    }
+    if let Some(sha) = base_sha256 {
+        if !meta.base_model_sha256.is_empty() && meta.base_model_sha256 != sha {
+            return Err(TrainError::Invalid(format!(
+                "adapter {d} was trained on base model {} (sha256 {}), not on the model in use (sha256 {}); pass --model {}",
+                meta.base_model_file,
+                &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
+                &sha[..12.min(sha.len())],
+                meta.base_model_file
+            )));
+        }
+    }
+    if meta.prompt_version != triage_infer::PROMPT_VERSION {
+        return Err(TrainError::Invalid(format!(
+            "adapter {d} was trained with prompt version {}, this build uses {}; retrain it",
+            meta.prompt_version,
+            triage_infer::PROMPT_VERSION
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! `triage train` (QLoRA adapters) and `triage adapter` (inspect).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use triage_data::read_examples;
+use triage_infer::{Structurer, StructurerOptions};
+use triage_llm::qwen2::{LoadOptions, Qwen2};
+use triage_llm::GgufFile;
+use triage_taxonomy::{Taxonomy, Validator};
+use triage_train::adapter::{self, TriageMeta, ADAPTER_SCOPE};
+use triage_train::memory::{estimate, MemoryInputs};
+use triage_train::trainer::{device, Observer, StepReport, TrainConfig, Trainer};
+
+use crate::Cli;
+
+/// `triage train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training data (canonical JSONL, e.g. from `triage data split`).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Validation data (validation loss and per-field accuracy).
+    #[arg(long, value_name = "FILE")]
+    val: Option<PathBuf>,
+    /// Training configuration (TOML; keys of `configs/train.toml`). Flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the PEFT adapter is written.
+    #[arg(long, value_name = "DIR", default_value = "adapters/default")]
+    out: PathBuf,
+    /// Run directory: checkpoints, metrics.jsonl, loss.svg (default: runs/<adapter name>).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from its checkpoint (same optimizer state and data order).
+    #[arg(long)]
+    resume: bool,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Validation examples decoded for the per-field accuracy (0 = off).
+    #[arg(long)]
+    accuracy_samples: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the estimated peak memory and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut c: TrainConfig = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: not a training configuration", p.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    if let Some(v) = args.steps {
+        c.steps = v;
+    }
+    if let Some(v) = args.lr {
+        c.optimizer.lr = v;
+    }
+    if let Some(v) = args.batch_size {
+        c.batch_size = v;
+    }
+    if let Some(v) = args.grad_accum {
+        c.grad_accum = v;
+    }
+    if let Some(v) = args.rank {
+        c.rank = v;
+        c.alpha = 2.0 * v as f64;
+    }
+    if let Some(v) = args.seed {
+        c.seed = v;
+    }
+    if let Some(v) = args.accuracy_samples {
+        c.accuracy_samples = v;
+    }
+    c.check()?;
+    Ok(c)
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+struct Bar(ProgressBar);
+
+impl Observer for Bar {
+    fn step(&mut self, r: &StepReport) {
+        self.0.set_length(r.steps as u64);
+        self.0.set_position(r.step as u64);
+        self.0.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            r.loss, r.lr, r.tokens_per_s
+        ));
+    }
+    fn message(&mut self, text: &str) {
+        self.0.println(text);
+    }
+}
+
+/// Loads the model on `device` and builds the base structurer (no adapter).
+pub fn base_structurer(
+    cli: &Cli,
+    taxonomy: Taxonomy,
+    device_spec: &str,
+) -> anyhow::Result<(GgufFile, Structurer, PathBuf)> {
+    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let gguf = GgufFile::open(&path)?;
+    let dev = device(device_spec)?;
+    let model = Arc::new(Qwen2::load(&gguf, &dev, &LoadOptions::default())?);
+    let opts = StructurerOptions {
+        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        ..StructurerOptions::default()
+    };
+    let s = Structurer::with_model(model, &gguf, taxonomy, opts)?;
+    Ok((gguf, s, path))
+}
+
+/// Runs `triage train`.
+pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let validator = Validator::new(&taxonomy);
+    let config = load_config(args)?;
+    let train = read_examples(&args.data, &validator)?;
+    let val = match &args.val {
+        Some(p) => read_examples(p, &validator)?,
+        None => Vec::new(),
+    };
+    if args.dry_run {
+        let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+        let gguf = GgufFile::open(&path)?;
+        let cfg = triage_llm::qwen2::Config::from_gguf(&gguf)?;
+        let weight_bytes = std::fs::metadata(&path)?.len();
+        // Typical lengths: the system prompt (~2,000 tokens) and the longest training example.
+        let est = estimate(&MemoryInputs {
+            cfg,
+            weight_bytes,
+            lora: config.lora(),
+            batch: config.batch_size,
+            seq_len: config.max_tokens.min(256),
+            prefix_len: 2100,
+            logit_positions: 96,
+        });
+        println!("{est}");
+        println!("(batch {}, up to {} tokens after the system prompt; approximate: f32 activations, no recomputation)", config.batch_size, config.max_tokens.min(256));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device)?;
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    eprintln!(
+        "preparing {} training and {} validation examples (system prompt cached once)…",
+        train.len(),
+        val.len()
+    );
+    let mut trainer = Trainer::new(&base, &gguf, config, &train, &val, &run_dir, args.resume)?;
+    eprintln!(
+        "training {} LoRA parameters (rank {}, {:?}) on {} examples, {} steps; run dir {}",
+        trainer.lora.num_params(),
+        trainer.config().rank,
+        trainer.config().targets,
+        trainer.train_items().len(),
+        trainer.config().steps,
+        run_dir.display()
+    );
+    crate::batch::install_ctrlc();
+    let bar = ProgressBar::new(trainer.config().steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(trainer.state().step as u64);
+    let mut observer = Bar(bar.clone());
+    let summary = match trainer.run(&crate::batch::STOP, &mut observer) {
+        Ok(s) => s,
+        Err(triage_train::TrainError::Interrupted(step)) => {
+            bar.abandon();
+            eprintln!(
+                "stopped at step {step}; checkpoint in {}; continue with --resume --run-dir {}",
+                run_dir.display(),
+                run_dir.display()
+            );
+            crate::batch::STOP.store(false, Ordering::SeqCst);
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    bar.finish_and_clear();
+    let base_name = cli
+        .model
+        .clone()
+        .unwrap_or_else(|| "qwen2.5-coder-1.5b-instruct-q4_k_m".into());
+    let meta = TriageMeta {
+        format: 1,
+        taxonomy: taxonomy.name.clone(),
+        taxonomy_hash: taxonomy.content_hash(),
+        base_model_sha256: sha256_file(&model_path)?,
+        base_model_file: model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        prompt_version: triage_infer::PROMPT_VERSION,
+        scope: ADAPTER_SCOPE.into(),
+        metrics: serde_json::to_value(&summary)?,
+    };
+    adapter::save(&args.out, &trainer.lora, &base_name, &meta)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!(
+        "adapter written to {} (PEFT format); use it with `triage infer --adapter {}`",
+        args.out.display(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads an adapter for inference, refusing one trained for another taxonomy, base model or
+/// prompt version.
+pub fn load_adapter(
+    dir: &Path,
+    structurer: &Structurer,
+    model_path: &Path,
+) -> anyhow::Result<triage_llm::lora::Lora> {
+    let loaded = adapter::load(dir, structurer.model().config(), structurer.model().device())?;
+    let sha = sha256_file(model_path)?;
+    adapter::check_compatible(&loaded.meta, structurer.taxonomy(), Some(&sha), dir)?;
+    if loaded.meta.scope != ADAPTER_SCOPE {
+        bail!(
+            "{}: unsupported adapter scope {}",
+            dir.display(),
+            loaded.meta.scope
+        );
+    }
+    Ok(loaded.lora)
+}
