@@ -420,27 +420,15 @@ impl Structurer {
                 .get(done.len()..)
                 .filter(|r| !r.is_empty())
                 .ok_or_else(|| grammar_err("the grammar wants more than the target".into()))?;
-            // The segment: through the closing quote of the string being written (or the
-            // next byte, outside strings).
-            let segment_end = if rest[0] == b'"' {
-                let mut i = 1;
-                loop {
-                    match rest.get(i) {
-                        Some(b'\\') => i += 2,
-                        Some(b'"') => break i + 1,
-                        Some(_) => i += 1,
-                        None => break rest.len(),
-                    }
-                }
-            } else {
-                let mut i = 0;
-                loop {
-                    match rest.get(i) {
-                        Some(b'\\') => i += 2,
-                        Some(b'"') => break i + 1,
-                        Some(_) => i += 1,
-                        None => break rest.len(),
-                    }
+            // The segment: through the closing quote of the string being written, as the
+            // decoder commits a value (an opening quote still pending belongs to it).
+            let mut i = usize::from(rest[0] == b'"');
+            let segment_end = loop {
+                match rest.get(i) {
+                    Some(b'\\') => i += 2,
+                    Some(b'"') => break i + 1,
+                    Some(_) => i += 1,
+                    None => break rest.len(),
                 }
             };
             let toks = self.env.tokenize_bytes(&rest[..segment_end.min(rest.len())]);
