@@ -113,6 +113,12 @@ fn read_json(path: &Path) -> Result<Value, TrainError> {
     serde_json::from_str(&text).map_err(|e| file_err(path, format!("not valid JSON: {e}")))
 }
 
+/// Reads only `triage.json` (to check compatibility before loading any tensor).
+pub fn read_meta(dir: &Path) -> Result<TriageMeta, TrainError> {
+    let meta_path = dir.join("triage.json");
+    serde_json::from_value(read_json(&meta_path)?).map_err(|e| file_err(&meta_path, e))
+}
+
 /// Reads an adapter directory for a model of shape `cfg`, checking names, shapes and values.
 pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, TrainError> {
     let config_path = dir.join("adapter_config.json");
@@ -193,7 +199,7 @@ pub fn check_compatible(
                 meta.base_model_file,
                 &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
                 &sha[..12.min(sha.len())],
-                meta.base_model_file
+                meta.base_model_file.trim_end_matches(".gguf")
             )));
         }
     }

@@ -132,7 +132,11 @@ impl Observer for Bar {
         ));
     }
     fn message(&mut self, text: &str) {
-        self.0.println(text);
+        if self.0.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.0.println(text);
+        }
     }
 }
 
@@ -232,10 +236,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     bar.finish_and_clear();
-    let base_name = cli
-        .model
-        .clone()
-        .unwrap_or_else(|| "qwen2.5-coder-1.5b-instruct-q4_k_m".into());
+    let base_name = peft_base_name(cli, &model_path)?;
     let meta = TriageMeta {
         format: 1,
         taxonomy: taxonomy.name.clone(),
@@ -259,6 +260,29 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `base_model_name_or_path` for PEFT: the Hugging Face transformers repository of the
+/// registry model (its GGUF repository without `-GGUF`), else the GGUF file stem.
+fn peft_base_name(cli: &Cli, model_path: &Path) -> anyhow::Result<String> {
+    let store = crate::model_cmd::store(cli)?;
+    let registry = store.registry();
+    let spec = match cli.model.as_deref() {
+        Some(m) => registry.find(m),
+        None => Some(registry.default_model()),
+    };
+    let from_hub = spec.and_then(|s| {
+        s.sources.iter().find_map(|src| match src {
+            triage_registry::Source::Hf { repo, .. } => Some(repo.trim_end_matches("-GGUF").to_owned()),
+            _ => None,
+        })
+    });
+    Ok(from_hub.unwrap_or_else(|| {
+        model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }))
+}
+
 /// Loads an adapter for inference, refusing one trained for another taxonomy, base model or
 /// prompt version.
 pub fn load_adapter(
@@ -266,9 +290,10 @@ pub fn load_adapter(
     structurer: &Structurer,
     model_path: &Path,
 ) -> anyhow::Result<triage_llm::lora::Lora> {
-    let loaded = adapter::load(dir, structurer.model().config(), structurer.model().device())?;
+    let meta = adapter::read_meta(dir)?;
     let sha = sha256_file(model_path)?;
-    adapter::check_compatible(&loaded.meta, structurer.taxonomy(), Some(&sha), dir)?;
+    adapter::check_compatible(&meta, structurer.taxonomy(), Some(&sha), dir)?;
+    let loaded = adapter::load(dir, structurer.model().config(), structurer.model().device())?;
     if loaded.meta.scope != ADAPTER_SCOPE {
         bail!(
             "{}: unsupported adapter scope {}",
