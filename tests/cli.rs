@@ -474,3 +474,72 @@ fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
     assert_eq!(std::fs::read_to_string(&out_path).unwrap().lines().count(), 1167);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    let out = triage(
+        &[
+            "data",
+            "synth",
+            "--n",
+            "40",
+            "--seed",
+            "1",
+            "-o",
+            data.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = triage(
+        &[
+            "--model",
+            "0.5b",
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            "configs/train.toml",
+            "--dry-run",
+        ],
+        "",
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("activations for backward") && stdout.contains("total"),
+        "{stdout}"
+    );
+    // A bad training configuration names the key.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "rank = 0\n").unwrap();
+    let out = triage(
+        &[
+            "--model",
+            "0.5b",
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            bad.to_str().unwrap(),
+            "--dry-run",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("rank"), "{}", text(&out.stderr));
+    // A corrupt adapter directory is an error naming the file, not a panic.
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(adapter.join("triage.json"), "{not json").unwrap();
+    let out = triage(
+        &["--model", "0.5b", "infer", "--adapter", adapter.to_str().unwrap()],
+        "my vpn drops",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("triage.json"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}
