@@ -4,97 +4,21 @@
 //! reproduces the taught labels, which the base model did not produce. The adapter also
 //! round-trips through the PEFT directory format, checked by an independent Python reader.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::Device;
-use triage_data::Example;
+use common::{examples, gguf, tiny, TAXONOMY};
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::lora::Target;
-use triage_llm::qwen2::{Config, Qwen2};
-use triage_llm::GgufFile;
-use triage_registry::ModelStore;
+use triage_llm::qwen2::Qwen2;
 use triage_taxonomy::{Taxonomy, Validator};
 use triage_train::adapter::{self, TriageMeta, ADAPTER_SCOPE};
 use triage_train::optim::AdamWConfig;
 use triage_train::trainer::{Observer, StepReport, TrainConfig, Trainer};
-
-fn gguf() -> GgufFile {
-    let store = ModelStore::from_env();
-    let spec = store.registry().get("0.5b").unwrap();
-    let path = store
-        .ensure(spec, None)
-        .unwrap_or_else(|e| panic!("the 0.5B model's tokenizer is needed (`triage model pull 0.5b`): {e}"));
-    GgufFile::open(path).unwrap()
-}
-
-fn tiny(vocab: usize) -> Config {
-    Config {
-        vocab_size: vocab,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        rope_theta: 1_000_000.0,
-        rms_eps: 1e-6,
-        max_position: 4096,
-    }
-}
-
-/// A small taxonomy keeps the system prompt short, so the test runs in CI time; the code path
-/// is the same as for the default taxonomy.
-const TAXONOMY: &str = r#"
-format = 1
-name = "overfit-test"
-description = "Test desk."
-[summary]
-description = "One line."
-max_length = 40
-[[fields]]
-name = "category"
-description = "Area."
-values = [
-  { name = "Network", description = "Network." },
-  { name = "Hardware", description = "Devices." },
-  { name = "Access", description = "Accounts." },
-  { name = "Email", description = "Mail." },
-]
-[[fields]]
-name = "priority"
-description = "Urgency."
-values = [
-  { name = "Low", description = "Can wait." },
-  { name = "High", description = "Urgent." },
-]
-"#;
-
-const TAUGHT: [(&str, &str, &str); 8] = [
-    ("my vpn drops every ten minutes", "Network", "High"),
-    ("the office wifi is a bit slow", "Network", "Low"),
-    ("printer on floor three jams", "Hardware", "Low"),
-    ("laptop will not boot at all", "Hardware", "High"),
-    ("please reset my password", "Access", "High"),
-    ("add me to the marketing group", "Access", "Low"),
-    ("outlook mailbox is full", "Email", "High"),
-    ("change my email signature", "Email", "Low"),
-];
-
-fn examples(v: &Validator) -> Vec<Example> {
-    TAUGHT
-        .iter()
-        .enumerate()
-        .map(|(i, (text, c, p))| {
-            let line = serde_json::json!({
-                "id": format!("t{i}"), "text": text, "lang": "en", "source": "test",
-                "ticket": {"summary": "x", "category": c, "priority": p},
-            });
-            Example::from_json_line(&line.to_string(), v).unwrap()
-        })
-        .collect()
-}
 
 struct Quiet(Vec<f64>);
 impl Observer for Quiet {

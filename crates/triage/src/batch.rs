@@ -96,11 +96,9 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
             for (i, rec) in rdr.records().enumerate() {
                 let row = i + 1;
                 // The reader's own position: right even when quoted fields span lines.
-                let line = rec
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| r.position())
-                    .map_or(i + 2, |p| p.line() as usize);
+                let line = rec.as_ref().ok().and_then(|r| r.position()).map_or(i + 2, |p| {
+                    triage_data::import::line_at(content.as_bytes(), p.byte()) as usize
+                });
                 match rec {
                     Err(e) => rows.push(Row {
                         row,
@@ -316,6 +314,9 @@ mod tests {
         // The csv crate is lenient: a quote left open at the end of the file closes there.
         assert_eq!(rows[3].text.as_deref().ok(), Some("unterminated"));
         assert!(rows.iter().enumerate().all(|(i, r)| r.row == i + 1));
+        // Exports with CRLF line ends report the same lines.
+        let crlf = rows_of("crlf.csv", "id,subject,body\r\nT-1,VPN,x\r\nT-2,,y\r\nT-3,,\r\n");
+        assert_eq!(crlf[2].text.as_ref().unwrap_err(), "line 4: empty text");
     }
 
     #[test]

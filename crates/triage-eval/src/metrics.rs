@@ -1,0 +1,181 @@
+//! Classification metrics for one field.
+
+use serde::Serialize;
+
+/// Precision, recall, F1 and support of one class.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassScore {
+    /// Class (field value).
+    pub class: String,
+    /// Of the predictions of this class, the share that was right (0 when never predicted).
+    pub precision: f64,
+    /// Of the examples of this class, the share predicted as it.
+    pub recall: f64,
+    /// Harmonic mean of precision and recall.
+    pub f1: f64,
+    /// Examples of this class.
+    pub support: usize,
+}
+
+/// Metrics of one field over a set of examples.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldReport {
+    /// Field name.
+    pub field: String,
+    /// Share of exact matches.
+    pub accuracy: f64,
+    /// Unweighted mean F1 over the classes present in gold or predictions.
+    pub macro_f1: f64,
+    /// Per-class scores, in `classes` order.
+    pub classes: Vec<ClassScore>,
+    /// `confusion[gold][predicted]` counts, indices into `labels`.
+    pub confusion: Vec<Vec<usize>>,
+    /// Row/column labels of the confusion matrix.
+    pub labels: Vec<String>,
+}
+
+/// Computes the metrics of one field. `classes` fixes the label order (e.g. taxonomy order);
+/// labels outside it are appended in order of appearance.
+pub fn field_report(field: &str, classes: &[&str], gold: &[&str], predicted: &[&str]) -> FieldReport {
+    assert_eq!(gold.len(), predicted.len(), "gold and predictions must align");
+    let mut labels: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+    for l in gold.iter().chain(predicted) {
+        if !labels.iter().any(|x| x == l) {
+            labels.push(l.to_string());
+        }
+    }
+    let idx = |l: &str| labels.iter().position(|x| x == l).expect("label collected");
+    let k = labels.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (g, p) in gold.iter().zip(predicted) {
+        confusion[idx(g)][idx(p)] += 1;
+    }
+    let n = gold.len();
+    let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
+    let mut scores = Vec::with_capacity(k);
+    let mut f1_sum = 0.0;
+    let mut present = 0;
+    for i in 0..k {
+        let tp = confusion[i][i] as f64;
+        let support: usize = confusion[i].iter().sum();
+        let predicted_i: usize = (0..k).map(|r| confusion[r][i]).sum();
+        let precision = if predicted_i > 0 {
+            tp / predicted_i as f64
+        } else {
+            0.0
+        };
+        let recall = if support > 0 { tp / support as f64 } else { 0.0 };
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        if support > 0 || predicted_i > 0 {
+            f1_sum += f1;
+            present += 1;
+        }
+        scores.push(ClassScore {
+            class: labels[i].clone(),
+            precision,
+            recall,
+            f1,
+            support,
+        });
+    }
+    FieldReport {
+        field: field.to_owned(),
+        accuracy: if n > 0 { correct as f64 / n as f64 } else { 0.0 },
+        macro_f1: if present > 0 { f1_sum / present as f64 } else { 0.0 },
+        classes: scores,
+        confusion,
+        labels,
+    }
+}
+
+/// Accuracy per confidence bucket: `(lower bound, upper bound, count, accuracy)` for
+/// `buckets` equal-width buckets over [0, 1].
+pub fn reliability(confidence: &[f64], correct: &[bool], buckets: usize) -> Vec<(f64, f64, usize, f64)> {
+    let b = buckets.max(1);
+    let mut n = vec![0usize; b];
+    let mut ok = vec![0usize; b];
+    for (c, r) in confidence.iter().zip(correct) {
+        let i = ((c.clamp(0.0, 1.0) * b as f64) as usize).min(b - 1);
+        n[i] += 1;
+        ok[i] += *r as usize;
+    }
+    (0..b)
+        .map(|i| {
+            let acc = if n[i] > 0 { ok[i] as f64 / n[i] as f64 } else { 0.0 };
+            (i as f64 / b as f64, (i + 1) as f64 / b as f64, n[i], acc)
+        })
+        .collect()
+}
+
+/// For each threshold: the share of examples kept (confidence ≥ threshold, the rest goes to
+/// human review) and the accuracy on them: `(threshold, coverage, accuracy)`.
+pub fn coverage_curve(confidence: &[f64], correct: &[bool], thresholds: &[f64]) -> Vec<(f64, f64, f64)> {
+    let n = confidence.len().max(1) as f64;
+    thresholds
+        .iter()
+        .map(|&t| {
+            let kept: Vec<bool> = confidence
+                .iter()
+                .zip(correct)
+                .filter(|(c, _)| **c >= t)
+                .map(|(_, r)| *r)
+                .collect();
+            let acc = if kept.is_empty() {
+                0.0
+            } else {
+                kept.iter().filter(|r| **r).count() as f64 / kept.len() as f64
+            };
+            (t, kept.len() as f64 / n, acc)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_computed_example() {
+        // gold:  a a a b b c ; pred: a a b b c c
+        let r = field_report(
+            "f",
+            &["a", "b", "c"],
+            &["a", "a", "a", "b", "b", "c"],
+            &["a", "a", "b", "b", "c", "c"],
+        );
+        assert!((r.accuracy - 4.0 / 6.0).abs() < 1e-12);
+        let a = &r.classes[0];
+        assert_eq!((a.precision, a.support), (1.0, 3));
+        assert!((a.recall - 2.0 / 3.0).abs() < 1e-12);
+        let c = &r.classes[2];
+        assert!((c.precision - 0.5).abs() < 1e-12 && c.recall == 1.0);
+        // F1: a 0.8, b 0.5, c 2/3.
+        assert!(
+            (r.macro_f1 - (0.8 + 0.5 + 2.0 / 3.0) / 3.0).abs() < 1e-12,
+            "{}",
+            r.macro_f1
+        );
+        assert_eq!(r.confusion, vec![vec![2, 1, 0], vec![0, 1, 1], vec![0, 0, 1]]);
+        // Unknown predictions are appended as labels.
+        let r = field_report("f", &["a"], &["a"], &["z"]);
+        assert_eq!(r.labels, vec!["a", "z"]);
+        assert_eq!(r.accuracy, 0.0);
+    }
+
+    #[test]
+    fn reliability_and_coverage() {
+        let conf = [0.95, 0.9, 0.55, 0.2];
+        let ok = [true, true, false, false];
+        let rel = reliability(&conf, &ok, 2);
+        assert_eq!(rel[0].2, 1);
+        assert_eq!(rel[1].2, 3);
+        assert!((rel[1].3 - 2.0 / 3.0).abs() < 1e-12);
+        let cov = coverage_curve(&conf, &ok, &[0.0, 0.8]);
+        assert_eq!(cov[0], (0.0, 1.0, 0.5));
+        assert_eq!(cov[1], (0.8, 0.5, 1.0));
+    }
+}

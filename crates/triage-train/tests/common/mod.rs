@@ -1,0 +1,86 @@
+//! Shared setup of the training tests: a tiny random Qwen2-architecture model with the real
+//! tokenizer and chat template of the 0.5B GGUF, a small taxonomy and eight examples.
+
+#![allow(dead_code)]
+
+use triage_data::Example;
+use triage_llm::qwen2::Config;
+use triage_llm::GgufFile;
+use triage_registry::ModelStore;
+use triage_taxonomy::Validator;
+
+pub fn gguf() -> GgufFile {
+    let store = ModelStore::from_env();
+    let spec = store.registry().get("0.5b").unwrap();
+    let path = store
+        .ensure(spec, None)
+        .unwrap_or_else(|e| panic!("the 0.5B model's tokenizer is needed (`triage model pull 0.5b`): {e}"));
+    GgufFile::open(path).unwrap()
+}
+
+pub fn tiny(vocab: usize) -> Config {
+    Config {
+        vocab_size: vocab,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        max_position: 4096,
+    }
+}
+
+/// A small taxonomy keeps the system prompt short, so the test runs in CI time; the code path
+/// is the same as for the default taxonomy.
+pub const TAXONOMY: &str = r#"
+format = 1
+name = "overfit-test"
+description = "Test desk."
+[summary]
+description = "One line."
+max_length = 40
+[[fields]]
+name = "category"
+description = "Area."
+values = [
+  { name = "Network", description = "Network." },
+  { name = "Hardware", description = "Devices." },
+  { name = "Access", description = "Accounts." },
+  { name = "Email", description = "Mail." },
+]
+[[fields]]
+name = "priority"
+description = "Urgency."
+values = [
+  { name = "Low", description = "Can wait." },
+  { name = "High", description = "Urgent." },
+]
+"#;
+
+pub const TAUGHT: [(&str, &str, &str); 8] = [
+    ("my vpn drops every ten minutes", "Network", "High"),
+    ("the office wifi is a bit slow", "Network", "Low"),
+    ("printer on floor three jams", "Hardware", "Low"),
+    ("laptop will not boot at all", "Hardware", "High"),
+    ("please reset my password", "Access", "High"),
+    ("add me to the marketing group", "Access", "Low"),
+    ("outlook mailbox is full", "Email", "High"),
+    ("change my email signature", "Email", "Low"),
+];
+
+pub fn examples(v: &Validator) -> Vec<Example> {
+    TAUGHT
+        .iter()
+        .enumerate()
+        .map(|(i, (text, c, p))| {
+            let line = serde_json::json!({
+                "id": format!("t{i}"), "text": text, "lang": "en", "source": "test",
+                "ticket": {"summary": "x", "category": c, "priority": p},
+            });
+            Example::from_json_line(&line.to_string(), v).unwrap()
+        })
+        .collect()
+}
