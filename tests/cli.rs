@@ -543,3 +543,129 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
     assert!(text(&out.stderr).contains("triage.json"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    assert!(triage(
+        &[
+            "data",
+            "synth",
+            "--n",
+            "150",
+            "--seed",
+            "4",
+            "-o",
+            data.to_str().unwrap()
+        ],
+        ""
+    )
+    .status
+    .success());
+    let splits = dir.join("s");
+    assert!(triage(
+        &[
+            "data",
+            "split",
+            data.to_str().unwrap(),
+            "--out-dir",
+            splits.to_str().unwrap()
+        ],
+        ""
+    )
+    .status
+    .success());
+    let out_dir = dir.join("report");
+    let out = triage(
+        &[
+            "--model",
+            "0.5b",
+            "eval",
+            "--data",
+            splits.join("test.jsonl").to_str().unwrap(),
+            "--limit",
+            "3",
+            "--train",
+            splits.join("train.jsonl").to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in [
+        "report.json",
+        "report.md",
+        "report.html",
+        "confusion-zero-shot-category.svg",
+        "confusion-tfidf-baseline-priority.svg",
+    ] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+    let systems = v["report"]["systems"].as_array().unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(systems.len(), 2);
+    for (s, r) in systems.iter().zip(runs) {
+        assert_eq!(s["name"], r["name"]);
+        let preds = r["predictions"].as_array().unwrap();
+        assert_eq!(preds.len(), 3);
+        let mut all_right = 0;
+        for f in s["fields"].as_array().unwrap() {
+            let field = f["field"].as_str().unwrap();
+            let value = |list: &serde_json::Value| {
+                list.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x[0] == field)
+                    .map(|x| x[1].as_str().unwrap().to_owned())
+            };
+            let right = preds
+                .iter()
+                .filter(|p| value(&p["gold"]).is_some() && value(&p["gold"]) == value(&p["predicted"]))
+                .count();
+            let acc = f["accuracy"].as_f64().unwrap();
+            assert!(
+                (acc - right as f64 / 3.0).abs() < 1e-9,
+                "{} {field}: {acc} vs {right}/3",
+                s["name"]
+            );
+        }
+        for p in preds {
+            let fields: Vec<&str> = s["fields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["field"].as_str().unwrap())
+                .collect();
+            let ok = fields.iter().all(|field| {
+                let g = p["gold"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x[0] == *field)
+                    .map(|x| x[1].clone());
+                let q = p["predicted"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x[0] == *field)
+                    .map(|x| x[1].clone());
+                g.is_some() && g == q
+            });
+            all_right += (ok && p["valid"] == true) as usize;
+        }
+        assert!((s["exact_match"].as_f64().unwrap() - all_right as f64 / 3.0).abs() < 1e-9);
+        assert_eq!(
+            s["validity_rate"].as_f64().unwrap(),
+            1.0,
+            "constrained outputs are always valid"
+        );
+    }
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("| field | tfidf-baseline | zero-shot |"), "{md}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

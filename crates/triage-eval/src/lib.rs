@@ -1,5 +1,10 @@
 //! Evaluation of ticket structuring (issue #6, in progress).
 //!
+//! * [`run`]: runs systems over a labelled set: the real inference path (zero-shot or with an
+//!   adapter) and the TF-IDF baseline, recording each example's prediction, confidence,
+//!   validity and latency.
+//! * [`report`]: turns runs into `report.json` (with every per-example output, so every
+//!   number can be recomputed), `report.md`, `report.html` and confusion-matrix SVGs.
 //! * [`metrics`]: per-field accuracy, macro-F1, per-class precision/recall, confusion
 //!   matrices, and the reliability of confidences (accuracy per confidence bucket and the
 //!   coverage/accuracy trade-off of a review threshold).
@@ -9,3 +14,5 @@
 
 pub mod baseline;
 pub mod metrics;
+pub mod report;
+pub mod run;

@@ -8,6 +8,7 @@
 mod batch;
 mod bench;
 mod data_cmd;
+mod eval_cmd;
 mod infer_cmd;
 mod model_cmd;
 mod push_cmd;
@@ -65,6 +66,8 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Fine-tune a LoRA adapter (QLoRA on the frozen 4-bit base) on canonical examples.
     Train(train_cmd::TrainArgs),
+    /// Evaluate: TF-IDF baseline, zero-shot model and adapter side by side, with a report.
+    Eval(eval_cmd::EvalArgs),
     /// Create the ticket in Jira, Jira Service Management, Zoho Desk or ServiceDesk Plus.
     Push(push_cmd::PushArgs),
     /// Build datasets: import exports, generate synthetic tickets, split without leakage.
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Data(cmd) => data_cmd::run(&cli, cmd),
         Command::Push(args) => push_cmd::run(&cli, args),
         Command::Train(args) => train_cmd::run(&cli, args),
+        Command::Eval(args) => eval_cmd::run(&cli, args),
     };
     match result {
         Ok(code) => code,

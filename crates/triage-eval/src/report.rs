@@ -1,0 +1,430 @@
+//! Reports: `report.json` (machine-readable, with every per-example output), `report.md` and
+//! `report.html` (side-by-side systems), and one confusion-matrix SVG per system and field.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use triage_data::Example;
+use triage_taxonomy::Taxonomy;
+
+use crate::metrics::{coverage_curve, field_report, reliability, FieldReport};
+use crate::run::{Prediction, SystemRun};
+
+/// Accuracy per field for one language.
+#[derive(Debug, Clone, Serialize)]
+pub struct LangRow {
+    /// Language code.
+    pub lang: String,
+    /// Examples.
+    pub n: usize,
+    /// `(field, accuracy)`.
+    pub accuracy: Vec<(String, f64)>,
+}
+
+/// An example the system got most wrong.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorstError {
+    /// Example id.
+    pub id: String,
+    /// The incident text (first 400 characters).
+    pub text: String,
+    /// `(field, gold, predicted, confidence)` of the wrong fields.
+    pub wrong: Vec<(String, String, String, f64)>,
+}
+
+/// Everything measured for one system.
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemReport {
+    /// System name.
+    pub name: String,
+    /// Share of outputs valid against the schema (failures count as invalid).
+    pub validity_rate: f64,
+    /// Examples the system failed on (error instead of a ticket).
+    pub failed: usize,
+    /// Share of examples with every field right.
+    pub exact_match: f64,
+    /// Median latency per example (ms).
+    pub latency_p50_ms: f64,
+    /// 95th percentile latency (ms).
+    pub latency_p95_ms: f64,
+    /// Per-field metrics.
+    pub fields: Vec<FieldReport>,
+    /// Per-language accuracy.
+    pub by_lang: Vec<LangRow>,
+    /// `(lower, upper, decisions, accuracy)` over all field decisions, by confidence.
+    pub reliability: Vec<(f64, f64, usize, f64)>,
+    /// `(threshold, coverage, exact-match accuracy of the covered)`: sending examples whose
+    /// lowest field confidence is under the threshold to human review.
+    pub coverage: Vec<(f64, f64, f64)>,
+    /// The worst errors.
+    pub worst: Vec<WorstError>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Dataset file or name.
+    pub dataset: String,
+    /// Taxonomy name.
+    pub taxonomy: String,
+    /// Examples evaluated.
+    pub examples: usize,
+    /// One entry per system, in run order.
+    pub systems: Vec<SystemReport>,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn is_right(p: &Prediction, field: &str) -> bool {
+    p.value(field).is_some() && p.value(field) == p.gold_value(field)
+}
+
+/// Computes the report of `runs` over `examples` (same order).
+pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[SystemRun]) -> Report {
+    let fields: Vec<&str> = taxonomy.fields.iter().map(|f| f.name.as_str()).collect();
+    let systems = runs
+        .iter()
+        .map(|run| {
+            let preds = &run.predictions;
+            let n = preds.len().max(1) as f64;
+            let field_reports: Vec<FieldReport> = taxonomy
+                .fields
+                .iter()
+                .map(|f| {
+                    let classes: Vec<&str> = f.value_names().collect();
+                    let gold: Vec<&str> = preds
+                        .iter()
+                        .map(|p| p.gold_value(&f.name).unwrap_or(""))
+                        .collect();
+                    let pred: Vec<&str> = preds
+                        .iter()
+                        .map(|p| p.value(&f.name).unwrap_or("(failed)"))
+                        .collect();
+                    field_report(&f.name, &classes, &gold, &pred)
+                })
+                .collect();
+            let mut langs: Vec<String> = preds.iter().map(|p| p.lang.clone()).collect();
+            langs.sort();
+            langs.dedup();
+            let by_lang = langs
+                .into_iter()
+                .map(|lang| {
+                    let sub: Vec<&Prediction> = preds.iter().filter(|p| p.lang == lang).collect();
+                    let accuracy = fields
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.to_string(),
+                                sub.iter().filter(|p| is_right(p, f)).count() as f64
+                                    / sub.len().max(1) as f64,
+                            )
+                        })
+                        .collect();
+                    LangRow {
+                        lang,
+                        n: sub.len(),
+                        accuracy,
+                    }
+                })
+                .collect();
+            let (mut conf, mut ok) = (Vec::new(), Vec::new());
+            for p in preds {
+                for (f, _, c) in &p.predicted {
+                    conf.push(*c);
+                    ok.push(is_right(p, f));
+                }
+            }
+            let min_conf: Vec<f64> = preds
+                .iter()
+                .map(|p| {
+                    p.predicted
+                        .iter()
+                        .map(|(_, _, c)| *c)
+                        .fold(f64::INFINITY, f64::min)
+                        .clamp(0.0, 1.0)
+                })
+                .collect();
+            let all_right: Vec<bool> = preds
+                .iter()
+                .map(|p| p.valid && fields.iter().all(|f| is_right(p, f)))
+                .collect();
+            let mut lat: Vec<f64> = preds.iter().map(|p| p.latency_ms).collect();
+            lat.sort_by(f64::total_cmp);
+            let mut worst: Vec<(usize, f64, &Prediction)> = preds
+                .iter()
+                .map(|p| {
+                    let wrong = fields.iter().filter(|f| !is_right(p, f)).count();
+                    let conf = p
+                        .predicted
+                        .iter()
+                        .filter(|(f, _, _)| !is_right(p, f))
+                        .map(|x| x.2)
+                        .fold(0.0, f64::max);
+                    (wrong, conf, p)
+                })
+                .filter(|(w, _, _)| *w > 0)
+                .collect();
+            worst.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
+            let worst = worst
+                .into_iter()
+                .take(10)
+                .map(|(_, _, p)| WorstError {
+                    id: p.id.clone(),
+                    text: examples
+                        .iter()
+                        .find(|e| e.id == p.id)
+                        .map(|e| e.text.chars().take(400).collect())
+                        .unwrap_or_default(),
+                    wrong: fields
+                        .iter()
+                        .filter(|f| !is_right(p, f))
+                        .map(|f| {
+                            let c = p.predicted.iter().find(|x| x.0 == *f).map_or(0.0, |x| x.2);
+                            (
+                                f.to_string(),
+                                p.gold_value(f).unwrap_or("").to_owned(),
+                                p.value(f).unwrap_or("(failed)").to_owned(),
+                                c,
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            SystemReport {
+                name: run.name.clone(),
+                validity_rate: preds.iter().filter(|p| p.valid).count() as f64 / n,
+                failed: preds.iter().filter(|p| p.error.is_some()).count(),
+                exact_match: all_right.iter().filter(|r| **r).count() as f64 / n,
+                latency_p50_ms: percentile(&lat, 0.5),
+                latency_p95_ms: percentile(&lat, 0.95),
+                fields: field_reports,
+                by_lang,
+                reliability: reliability(&conf, &ok, 5),
+                coverage: coverage_curve(&min_conf, &all_right, &[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]),
+                worst,
+            }
+        })
+        .collect();
+    Report {
+        dataset: dataset.to_owned(),
+        taxonomy: taxonomy.name.clone(),
+        examples: examples.len(),
+        systems,
+    }
+}
+
+/// A confusion matrix as an SVG heat map (rows: gold, columns: predicted).
+pub fn confusion_svg(title: &str, r: &FieldReport) -> String {
+    let k = r.labels.len();
+    let cell = if k > 12 { 18.0 } else { 34.0 };
+    let left = 200.0;
+    let top = 200.0;
+    let (w, h) = (left + cell * k as f64 + 20.0, top + cell * k as f64 + 20.0);
+    let max = r.confusion.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="10" y="20" font-size="14">{}</text><text x="10" y="38">rows: gold, columns: predicted</text>"#,
+        esc(title)
+    );
+    for (i, label) in r.labels.iter().enumerate() {
+        let y = top + cell * i as f64 + cell * 0.65;
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{y}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            esc(label)
+        );
+        let x = left + cell * i as f64 + cell * 0.6;
+        let _ = write!(
+            svg,
+            r#"<text x="{x}" y="{}" transform="rotate(-60 {x} {})">{}</text>"#,
+            top - 6.0,
+            top - 6.0,
+            esc(label)
+        );
+    }
+    for (i, row) in r.confusion.iter().enumerate() {
+        for (j, &c) in row.iter().enumerate() {
+            let shade = (255.0 - 200.0 * (c as f64 / max)) as u8;
+            let fill = if i == j {
+                format!("rgb({shade},{},{shade})", 255)
+            } else {
+                format!("rgb(255,{shade},{shade})")
+            };
+            let (x, y) = (left + cell * j as f64, top + cell * i as f64);
+            let _ = write!(
+                svg,
+                r##"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" stroke="#ddd"/>"##
+            );
+            if c > 0 {
+                let _ = write!(
+                    svg,
+                    r#"<text x="{}" y="{}" text-anchor="middle">{c}</text>"#,
+                    x + cell / 2.0,
+                    y + cell * 0.65
+                );
+            }
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Report) -> String {
+    let mut md = format!(
+        "# Evaluation: {} ({} examples, taxonomy `{}`)\n\n",
+        r.dataset, r.examples, r.taxonomy
+    );
+    md.push_str("## Per field: accuracy / macro-F1\n\n| field |");
+    for s in &r.systems {
+        let _ = write!(md, " {} |", s.name);
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(r.systems.len()));
+    md.push('\n');
+    if let Some(first) = r.systems.first() {
+        for (i, f) in first.fields.iter().enumerate() {
+            let _ = write!(md, "| {} |", f.field);
+            for s in &r.systems {
+                let x = &s.fields[i];
+                let _ = write!(md, " {} / {:.3} |", pct(x.accuracy), x.macro_f1);
+            }
+            md.push('\n');
+        }
+    }
+    md.push_str("\n| | ");
+    md.push_str(
+        &r.systems
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    md.push_str(" |\n|---|");
+    md.push_str(&"---|".repeat(r.systems.len()));
+    md.push('\n');
+    for (name, f) in [
+        (
+            "all fields right",
+            (|s: &SystemReport| pct(s.exact_match)) as fn(&SystemReport) -> String,
+        ),
+        ("schema-valid outputs", |s| pct(s.validity_rate)),
+        ("failed", |s| s.failed.to_string()),
+        ("latency p50", |s| format!("{:.0} ms", s.latency_p50_ms)),
+        ("latency p95", |s| format!("{:.0} ms", s.latency_p95_ms)),
+    ] {
+        let _ = write!(md, "| {name} |");
+        for s in &r.systems {
+            let _ = write!(md, " {} |", f(s));
+        }
+        md.push('\n');
+    }
+    for s in &r.systems {
+        let _ = write!(md, "\n## {}\n\n### By language\n\n| lang | n |", s.name);
+        for f in &s.fields {
+            let _ = write!(md, " {} |", f.field);
+        }
+        md.push_str("\n|---|---|");
+        md.push_str(&"---|".repeat(s.fields.len()));
+        md.push('\n');
+        for l in &s.by_lang {
+            let _ = write!(md, "| {} | {} |", l.lang, l.n);
+            for (_, a) in &l.accuracy {
+                let _ = write!(md, " {} |", pct(*a));
+            }
+            md.push('\n');
+        }
+        md.push_str("\n### Reliability (all field decisions)\n\n| confidence | decisions | accuracy |\n|---|---|---|\n");
+        for (lo, hi, n, a) in &s.reliability {
+            let _ = writeln!(
+                md,
+                "| {lo:.1}–{hi:.1} | {n} | {} |",
+                if *n > 0 { pct(*a) } else { "–".into() }
+            );
+        }
+        md.push_str("\n### Review threshold (`--min-confidence`): coverage vs accuracy\n\n| threshold | auto-handled | all fields right among them |\n|---|---|---|\n");
+        for (t, c, a) in &s.coverage {
+            let _ = writeln!(md, "| {t:.2} | {} | {} |", pct(*c), pct(*a));
+        }
+        md.push_str("\n### Per class (precision / recall / support)\n\n");
+        for f in &s.fields {
+            let _ = write!(md, "- **{}**: ", f.field);
+            let parts: Vec<String> = f
+                .classes
+                .iter()
+                .filter(|c| c.support > 0 || c.precision > 0.0)
+                .map(|c| format!("{} {:.2}/{:.2}/{}", c.class, c.precision, c.recall, c.support))
+                .collect();
+            md.push_str(&parts.join(", "));
+            md.push('\n');
+        }
+        md.push_str("\n### Worst errors\n\n");
+        for w in &s.worst {
+            let wrong: Vec<String> = w
+                .wrong
+                .iter()
+                .map(|(f, g, p, c)| format!("{f}: {g} → {p} ({c:.2})"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "- `{}` — {}\n  > {}",
+                w.id,
+                wrong.join("; "),
+                w.text.replace('\n', " ")
+            );
+        }
+    }
+    md
+}
+
+/// Writes `report.json`, `report.md`, `report.html` and `confusion-<system>-<field>.svg`.
+pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, bytes: &[u8]| {
+        triage_data::atomic_write(&dir.join(name), bytes).map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let json = serde_json::json!({ "report": report, "runs": runs });
+    write(
+        "report.json",
+        serde_json::to_string_pretty(&json).expect("json").as_bytes(),
+    )?;
+    let md = markdown(report);
+    write("report.md", md.as_bytes())?;
+    let mut images = String::new();
+    for s in &report.systems {
+        for f in &s.fields {
+            let name = format!("confusion-{}-{}.svg", s.name, f.field);
+            write(
+                &name,
+                confusion_svg(&format!("{} — {}", s.name, f.field), f).as_bytes(),
+            )?;
+            let _ = writeln!(
+                images,
+                "<figure><img src=\"{name}\" alt=\"{name}\"><figcaption>{name}</figcaption></figure>"
+            );
+        }
+    }
+    let esc = md.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>triage evaluation</title>\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}pre{{white-space:pre-wrap}}figure{{display:inline-block}}</style>\
+         </head><body><pre>{esc}</pre>{images}</body></html>\n"
+    );
+    write("report.html", html.as_bytes())
+}

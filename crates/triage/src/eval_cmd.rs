@@ -1,0 +1,111 @@
+//! `triage eval`: baselines, zero-shot and adapter side by side on one labelled set.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use triage_data::read_examples;
+use triage_eval::report;
+use triage_eval::run::{run_baseline, run_llm, SystemRun};
+use triage_infer::Structurer;
+use triage_taxonomy::Validator;
+
+use crate::Cli;
+
+/// `triage eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Labelled examples to evaluate on (canonical JSONL, e.g. a test split).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Training examples for the TF-IDF baseline (same taxonomy); without it no baseline.
+    #[arg(long, value_name = "FILE")]
+    train: Option<PathBuf>,
+    /// Also evaluate with this adapter (PEFT directory from `triage train`).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// Skip the base model without adapter.
+    #[arg(long)]
+    no_zero_shot: bool,
+    /// Evaluate only the first N examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Report folder (report.json, report.md, report.html, confusion-*.svg).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn bar(len: usize, name: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len}  ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    b.set_prefix(name.to_owned());
+    b
+}
+
+/// Runs `triage eval`.
+pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let validator = Validator::new(&taxonomy);
+    let mut examples = read_examples(&args.data, &validator)?;
+    if let Some(n) = args.limit {
+        examples.truncate(n);
+    }
+    if examples.is_empty() {
+        anyhow::bail!("{}: no examples to evaluate", args.data.display());
+    }
+    let mut runs: Vec<SystemRun> = Vec::new();
+    if let Some(train) = &args.train {
+        let train = read_examples(train, &validator)?;
+        eprintln!("tfidf-baseline: fitting on {} examples", train.len());
+        runs.push(run_baseline(&taxonomy, &train, &examples, 7));
+    }
+    if !args.no_zero_shot || args.adapter.is_some() {
+        let (gguf, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu")?;
+        if !args.no_zero_shot {
+            let b = bar(examples.len(), "zero-shot");
+            runs.push(run_llm("zero-shot", &base, &examples, &mut |i| {
+                b.set_position(i as u64)
+            }));
+            b.finish_and_clear();
+        }
+        if let Some(dir) = &args.adapter {
+            let lora = crate::train_cmd::load_adapter(dir, &base, &model_path)?;
+            let tuned = Structurer::with_model(
+                base.model().clone(),
+                &gguf,
+                taxonomy.clone(),
+                base.options().clone(),
+            )?
+            .with_adapter(Arc::new(lora));
+            let b = bar(examples.len(), "adapter");
+            runs.push(run_llm("adapter", &tuned, &examples, &mut |i| {
+                b.set_position(i as u64)
+            }));
+            b.finish_and_clear();
+        }
+    }
+    let r = report::build(&taxonomy, &args.data.display().to_string(), &examples, &runs);
+    report::write(&args.out, &r, &runs)?;
+    for s in &r.systems {
+        let fields: Vec<String> = s
+            .fields
+            .iter()
+            .map(|f| format!("{} {:.1}%", f.field, 100.0 * f.accuracy))
+            .collect();
+        println!(
+            "{:<15} {}  | valid {:.1}% | p50 {:.0} ms",
+            s.name,
+            fields.join(", "),
+            100.0 * s.validity_rate,
+            s.latency_p50_ms
+        );
+    }
+    eprintln!("report written to {}/report.{{json,md,html}}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
