@@ -112,17 +112,11 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
     adapter::save(&dir, &trainer.lora, "tiny-random", &meta).unwrap();
     let loaded = adapter::load(&dir, &cfg, &Device::Cpu).unwrap();
     adapter::check_compatible(&loaded.meta, &taxonomy, None, &dir).unwrap();
-    for (a, b) in trainer.lora.vars().iter().zip(loaded.lora.vars()) {
-        let d = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
-    }
+    assert_eq!(
+        common::max_abs_diff(&trainer.lora, &loaded.lora),
+        0.0,
+        "the reloaded adapter differs from the trained one"
+    );
     let tuned = Structurer::with_model(model, &gguf, taxonomy.clone(), base.options().clone())
         .unwrap()
         .with_adapter(Arc::new(loaded.lora));

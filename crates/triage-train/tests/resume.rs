@@ -88,17 +88,11 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     let summary = resumed.run(&again, &mut StopAt(usize::MAX, &again)).unwrap();
     assert_eq!(summary.steps, 4);
 
-    for (a, b) in straight.lora.vars().iter().zip(resumed.lora.vars()) {
-        let d = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "resumed adapter differs from the uninterrupted one");
-    }
+    assert_eq!(
+        common::max_abs_diff(&straight.lora, &resumed.lora),
+        0.0,
+        "resumed adapter differs from the uninterrupted one"
+    );
     assert_eq!(straight.state().train_loss, resumed.state().train_loss);
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use triage_data::Example;
+use triage_llm::lora::Lora;
 use triage_llm::qwen2::Config;
 use triage_llm::GgufFile;
 use triage_registry::ModelStore;
@@ -83,4 +84,19 @@ pub fn examples(v: &Validator) -> Vec<Example> {
             Example::from_json_line(&line.to_string(), v).unwrap()
         })
         .collect()
+}
+
+/// The largest absolute difference between two adapters' matrices.
+pub fn max_abs_diff(a: &Lora, b: &Lora) -> f32 {
+    a.vars()
+        .iter()
+        .zip(b.vars())
+        .map(|(x, y)| {
+            (x.as_tensor() - y.as_tensor())
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("same shapes")
+        })
+        .fold(0.0, f32::max)
 }
