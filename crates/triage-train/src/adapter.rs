@@ -77,6 +77,29 @@ pub fn peft_config(config: &LoraConfig, base_model: &str) -> Value {
 
 /// Writes the adapter directory atomically.
 pub fn save(dir: &Path, lora: &Lora, base_model: &str, meta: &TriageMeta) -> Result<(), TrainError> {
+    write_dir(dir, |tmp| {
+        let write_json = |file: &str, v: &Value| -> Result<(), TrainError> {
+            let p = tmp.join(file);
+            std::fs::write(&p, serde_json::to_string_pretty(v).expect("json") + "\n")
+                .map_err(|e| file_err(&p, e))
+        };
+        write_json("adapter_config.json", &peft_config(&lora.config, base_model))?;
+        write_json(
+            "triage.json",
+            &serde_json::to_value(meta).expect("meta serialises"),
+        )?;
+        lora.save_safetensors(&tmp.join("adapter_model.safetensors"))?;
+        Ok(())
+    })
+}
+
+/// Writes a directory atomically: `fill` writes into a fresh temporary directory beside
+/// `dir`, which then replaces `dir` (the old one is moved aside and removed), so a reader
+/// sees the old directory or the complete new one.
+pub(crate) fn write_dir(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -88,18 +111,9 @@ pub fn save(dir: &Path, lora: &Lora, base_model: &str, meta: &TriageMeta) -> Res
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-    let write_json = |file: &str, v: &Value| -> Result<(), TrainError> {
-        let p = tmp.join(file);
-        std::fs::write(&p, serde_json::to_string_pretty(v).expect("json") + "\n").map_err(|e| file_err(&p, e))
-    };
-    write_json("adapter_config.json", &peft_config(&lora.config, base_model))?;
-    write_json(
-        "triage.json",
-        &serde_json::to_value(meta).expect("meta serialises"),
-    )?;
-    lora.save_safetensors(&tmp.join("adapter_model.safetensors"))?;
-    // Swap in: the old directory (if any) is moved aside, then removed.
+    fill(&tmp)?;
     let old: PathBuf = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| file_err(dir, e))?;
     }

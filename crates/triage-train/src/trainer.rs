@@ -245,7 +245,7 @@ impl<'a> Trainer<'a> {
         }
         // Validation always uses the canonical prompt, as inference does.
         let (val_items, _) = encoder.encode_all(val, None, config.max_tokens)?;
-        let mut lora = Lora::new(model.config(), config.lora(), config.seed, &device)?;
+        let lora = Lora::new(model.config(), config.lora(), config.seed, &device)?;
         let mut opt = AdamW::new(lora.vars(), config.optimizer.clone())?;
         if resume {
             let dir = run_dir.join("checkpoint");
@@ -257,10 +257,6 @@ impl<'a> Trainer<'a> {
                 v.set(r.as_tensor()).map_err(candle)?;
             }
             opt.load(&dir.join("optimizer.safetensors"), state.step, &device)?;
-            lora = Lora {
-                config: lora.config.clone(),
-                layers: lora.layers,
-            };
         }
         let pad = base.tokenizer().token_to_id("<|endoftext|>").unwrap_or(0);
         let prefix = base.prefix_cache()?;
@@ -418,28 +414,18 @@ impl<'a> Trainer<'a> {
 
     /// Writes `run_dir/checkpoint/` atomically.
     pub fn checkpoint(&self) -> Result<(), TrainError> {
-        let dir = self.run_dir.join("checkpoint");
-        let tmp = self.run_dir.join(".checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        self.lora
-            .save_safetensors(&tmp.join("adapter_model.safetensors"))?;
-        self.opt.save(&tmp.join("optimizer.safetensors"))?;
-        let state = Checkpoint {
-            config: self.config.clone(),
-            state: self.state.clone(),
-        };
-        let p = tmp.join("state.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
-            .map_err(|e| file_err(&p, e))?;
-        let old = self.run_dir.join(".checkpoint.old");
-        let _ = std::fs::remove_dir_all(&old);
-        if dir.exists() {
-            std::fs::rename(&dir, &old).map_err(|e| file_err(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| file_err(&dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        crate::adapter::write_dir(&self.run_dir.join("checkpoint"), |tmp| {
+            self.lora
+                .save_safetensors(&tmp.join("adapter_model.safetensors"))?;
+            self.opt.save(&tmp.join("optimizer.safetensors"))?;
+            let state = Checkpoint {
+                config: self.config.clone(),
+                state: self.state.clone(),
+            };
+            let p = tmp.join("state.json");
+            std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
+                .map_err(|e| file_err(&p, e))
+        })
     }
 
     fn log(&self, record: serde_json::Value) -> Result<(), TrainError> {
@@ -498,6 +484,16 @@ impl<'a> Trainer<'a> {
                 .unwrap_or_default()
         };
         let vars = self.lora.vars();
+        // The batch order of an epoch (computed once per epoch, from the seed and epoch number,
+        // so a resumed run continues with the same order).
+        let epoch_order = |epoch: usize| {
+            batches(
+                &self.train,
+                c.batch_size,
+                c.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+            )
+        };
+        let mut order = (self.state.epoch, epoch_order(self.state.epoch));
         while self.state.step < c.steps {
             let t0 = Instant::now();
             let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -508,21 +504,14 @@ impl<'a> Trainer<'a> {
                     self.plot()?;
                     return Err(TrainError::Interrupted(self.state.step));
                 }
-                let mut order = batches(
-                    &self.train,
-                    c.batch_size,
-                    c.seed ^ (self.state.epoch as u64).wrapping_mul(0x9E37_79B9),
-                );
-                if self.state.batch >= order.len() {
+                if self.state.batch >= order.1.len() {
                     self.state.epoch += 1;
                     self.state.batch = 0;
-                    order = batches(
-                        &self.train,
-                        c.batch_size,
-                        c.seed ^ (self.state.epoch as u64).wrapping_mul(0x9E37_79B9),
-                    );
                 }
-                let idx = order[self.state.batch].clone();
+                if order.0 != self.state.epoch {
+                    order = (self.state.epoch, epoch_order(self.state.epoch));
+                }
+                let idx = order.1[self.state.batch].clone();
                 self.state.batch += 1;
                 let dropout = (c.dropout > 0.0).then_some((
                     c.dropout,

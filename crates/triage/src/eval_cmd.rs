@@ -75,7 +75,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
             b.finish_and_clear();
         }
         if let Some(dir) = &args.adapter {
-            let lora = crate::train_cmd::load_adapter(dir, &base, &model_path)?;
+            let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
             let tuned = Structurer::with_model(
                 base.model().clone(),
                 &gguf,

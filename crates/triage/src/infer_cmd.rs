@@ -114,7 +114,7 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
     };
     let mut s = Structurer::new(&gguf, taxonomy, opts)?;
     if let Some(dir) = &args.adapter {
-        let lora = crate::train_cmd::load_adapter(dir, &s, &path)?;
+        let lora = crate::train_cmd::load_adapter(cli, dir, &s, &path)?;
         s = s.with_adapter(std::sync::Arc::new(lora));
     }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");

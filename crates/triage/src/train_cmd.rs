@@ -1,15 +1,13 @@
 //! `triage train` (QLoRA adapters) and `triage adapter` (inspect).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 use triage_data::read_examples;
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::qwen2::{LoadOptions, Qwen2};
@@ -105,19 +103,32 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-/// SHA-256 of a file, hex.
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// SHA-256 of the model file. For a registry model (`--model NAME`, or the default) the
+/// registry's value is used: resolving the name verified the file against it. A model given
+/// by path is hashed, with a progress bar.
+pub fn model_sha256(cli: &Cli, path: &Path) -> anyhow::Result<String> {
+    let store = crate::model_cmd::store(cli)?;
+    let registry = store.registry();
+    let spec = match cli.model.as_deref() {
+        Some(m) => registry.find(m),
+        None => Some(registry.default_model()),
+    };
+    if let Some(spec) = spec.filter(|s| store.model_path(s) == path) {
+        return Ok(spec.sha256.clone());
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("hashing the model [{bar:30}] {bytes}/{total_bytes} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let sha = triage_registry::sha256_file(path, &bar)
+        .with_context(|| format!("cannot hash {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok(sha)
 }
 
 struct Bar(ProgressBar);
@@ -241,7 +252,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         format: 1,
         taxonomy: taxonomy.name.clone(),
         taxonomy_hash: taxonomy.content_hash(),
-        base_model_sha256: sha256_file(&model_path)?,
+        base_model_sha256: model_sha256(cli, &model_path)?,
         base_model_file: model_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -286,20 +297,13 @@ fn peft_base_name(cli: &Cli, model_path: &Path) -> anyhow::Result<String> {
 /// Loads an adapter for inference, refusing one trained for another taxonomy, base model or
 /// prompt version.
 pub fn load_adapter(
+    cli: &Cli,
     dir: &Path,
     structurer: &Structurer,
     model_path: &Path,
 ) -> anyhow::Result<triage_llm::lora::Lora> {
     let meta = adapter::read_meta(dir)?;
-    let sha = sha256_file(model_path)?;
+    let sha = model_sha256(cli, model_path)?;
     adapter::check_compatible(&meta, structurer.taxonomy(), Some(&sha), dir)?;
-    let loaded = adapter::load(dir, structurer.model().config(), structurer.model().device())?;
-    if loaded.meta.scope != ADAPTER_SCOPE {
-        bail!(
-            "{}: unsupported adapter scope {}",
-            dir.display(),
-            loaded.meta.scope
-        );
-    }
-    Ok(loaded.lora)
+    Ok(adapter::load(dir, structurer.model().config(), structurer.model().device())?.lora)
 }
