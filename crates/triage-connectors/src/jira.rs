@@ -102,16 +102,8 @@ impl JiraSite {
     /// `Authorization: Basic base64(email:token)`; in a dry run missing variables are allowed
     /// (the header is printed redacted anyway).
     pub(crate) fn auth(&self, dry_run: bool) -> Result<Vec<(String, Secret)>, ConnectorError> {
-        let email = match (Secret::from_env(&self.email_env), dry_run) {
-            (Ok(s), _) => s,
-            (Err(_), true) => Secret::new("dry-run"),
-            (Err(e), false) => return Err(e),
-        };
-        let token = match (Secret::from_env(&self.token_env), dry_run) {
-            (Ok(s), _) => s,
-            (Err(_), true) => Secret::new("dry-run"),
-            (Err(e), false) => return Err(e),
-        };
+        let email = Secret::for_request(&self.email_env, dry_run)?;
+        let token = Secret::for_request(&self.token_env, dry_run)?;
         let basic = base64(format!("{}:{}", email.expose(), token.expose()).as_bytes());
         Ok(vec![(
             "Authorization".into(),

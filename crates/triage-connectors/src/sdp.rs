@@ -312,10 +312,6 @@ pub(crate) fn authtoken_header(
     token_env: &str,
     dry_run: bool,
 ) -> Result<(String, crate::Secret), ConnectorError> {
-    let token = match (crate::Secret::from_env(token_env), dry_run) {
-        (Ok(s), _) => s,
-        (Err(_), true) => crate::Secret::new("dry-run"),
-        (Err(e), false) => return Err(e),
-    };
+    let token = crate::Secret::for_request(token_env, dry_run)?;
     Ok(("authtoken".into(), token))
 }

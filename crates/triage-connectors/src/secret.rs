@@ -25,6 +25,15 @@ impl Secret {
         }
     }
 
+    /// [`Secret::from_env`] for a request about to be sent; for a dry run (printed with the
+    /// value redacted) a missing variable yields a placeholder instead of an error.
+    pub fn for_request(var: &str, dry_run: bool) -> Result<Self, ConnectorError> {
+        match Secret::from_env(var) {
+            Err(_) if dry_run => Ok(Secret::new("dry-run")),
+            other => other,
+        }
+    }
+
     /// The value, for building an authentication header.
     pub fn expose(&self) -> &str {
         &self.0

@@ -373,7 +373,7 @@ impl Qwen2 {
     /// Runs `tokens` (appended after what `cache` holds) and returns the logits of the last
     /// `n_logits` positions, shape `[n_logits, vocab]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, n_logits: usize) -> Result<Tensor, LlmError> {
-        self.forward_inner(tokens, cache, n_logits, None).map_err(err)
+        self.forward_with(tokens, cache, n_logits, None)
     }
 
     /// [`Qwen2::forward`] with a LoRA adapter applied to these tokens (not to what `cache`
