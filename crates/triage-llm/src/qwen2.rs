@@ -23,8 +23,9 @@ use std::fs::File;
 use std::io::BufReader;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, Var, D};
 
 use crate::lora::{Lora, Target};
 use crate::{GgufFile, LlmError};
@@ -414,89 +415,257 @@ impl Qwen2 {
         dropout: Option<(f64, u64)>,
     ) -> candle_core::Result<Tensor> {
         let (b, n) = tokens.dims2()?;
+        let ctx = self.train_ctx(b, n, prefix, logits_from)?;
+        let mut x = self.embed_tokens(tokens)?;
+        for li in 0..self.layers.len() {
+            x = self.train_layer(li, &x, &ctx, lora, dropout, true)?;
+        }
+        let x = x.narrow(1, logits_from, n - logits_from)?;
+        self.train_head(&x)
+    }
+
+    /// Loss and adapter gradients of one micro-batch with **per-layer recomputation**
+    /// (activation checkpointing) and a **chunked LM head**: the forward pass keeps only each
+    /// layer's input `[b, n, hidden]`; the backward pass re-runs one layer at a time with
+    /// gradient tracking and back-propagates through it alone, so at most one layer's graph
+    /// (and one chunk of `head_chunk` positions of logits) is alive at once. Same arguments as
+    /// [`Qwen2::forward_train`]; `loss(logits, offset)` maps the logits `[b, c, vocab]` of
+    /// positions `logits_from + offset ..` to a scalar, and the total loss is the sum over
+    /// chunks. Returns the loss and the gradients of every adapter variable (equal to
+    /// back-propagating the whole graph; tested).
+    pub fn loss_and_grads(
+        &self,
+        tokens: &Tensor,
+        prefix: Option<&KvCache>,
+        lora: &Lora,
+        logits_from: usize,
+        dropout: Option<(f64, u64)>,
+        head_chunk: usize,
+        loss: &dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+    ) -> Result<(f64, GradStore), LlmError> {
+        self.loss_and_grads_inner(
+            tokens,
+            prefix,
+            Some(lora),
+            logits_from,
+            dropout,
+            head_chunk,
+            loss,
+            true,
+        )
+        .map_err(err)
+    }
+
+    /// The loss of [`Qwen2::loss_and_grads`] without gradients (validation): no graph is
+    /// recorded and the head runs chunk by chunk.
+    pub fn loss_only(
+        &self,
+        tokens: &Tensor,
+        prefix: Option<&KvCache>,
+        lora: Option<&Lora>,
+        logits_from: usize,
+        head_chunk: usize,
+        loss: &dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+    ) -> Result<f64, LlmError> {
+        self.loss_and_grads_inner(tokens, prefix, lora, logits_from, None, head_chunk, loss, false)
+            .map(|r| r.0)
+            .map_err(err)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn loss_and_grads_inner(
+        &self,
+        tokens: &Tensor,
+        prefix: Option<&KvCache>,
+        lora: Option<&Lora>,
+        logits_from: usize,
+        dropout: Option<(f64, u64)>,
+        head_chunk: usize,
+        loss: &dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+        want_grads: bool,
+    ) -> candle_core::Result<(f64, GradStore)> {
+        let (b, n) = tokens.dims2()?;
+        let ctx = self.train_ctx(b, n, prefix, logits_from)?;
+        // Forward without a graph: keep each layer's input only.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_tokens(tokens)?;
+        for li in 0..self.layers.len() {
+            let y = self.train_layer(li, &x, &ctx, lora, dropout, false)?;
+            inputs.push(x);
+            x = y;
+        }
+        // Head, chunk by chunk: d(loss)/d(last hidden state) for the answer positions.
+        let m = n - logits_from;
+        let chunk = head_chunk.max(1);
+        let mut total = 0.0;
+        let mut pieces = Vec::new();
+        if logits_from > 0 {
+            pieces.push(Tensor::zeros(
+                (b, logits_from, self.cfg.hidden_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        for off in (0..m).step_by(chunk) {
+            let len = chunk.min(m - off);
+            let x = x.narrow(1, logits_from + off, len)?;
+            if !want_grads {
+                let l = loss(&self.train_head(&x)?, off)?;
+                total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                continue;
+            }
+            let h = Var::from_tensor(&x)?;
+            let l = loss(&self.train_head(h.as_tensor())?, off)?;
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let mut g = l.backward()?;
+            match g.remove(h.as_tensor()) {
+                Some(d) => pieces.push(d),
+                None => pieces.push(h.as_tensor().zeros_like()?),
+            }
+        }
+        let mut out = GradStore::default();
+        if !want_grads {
+            return Ok((total, out));
+        }
+        let mut grad = Tensor::cat(&pieces, 1)?;
+        drop((pieces, x));
+        // Backward, one recomputed layer at a time.
+        for li in (0..self.layers.len()).rev() {
+            let xin = Var::from_tensor(&inputs[li])?;
+            let y = self.train_layer(li, xin.as_tensor(), &ctx, lora, dropout, true)?;
+            let mut g = (y * &grad)?.sum_all()?.backward()?;
+            for p in lora.into_iter().flat_map(|l| l.layers[li].values()) {
+                for v in [&p.a, &p.b] {
+                    if let Some(d) = g.remove(v.as_tensor()) {
+                        out.insert(v.as_tensor(), d);
+                    }
+                }
+            }
+            grad = match g.remove(xin.as_tensor()) {
+                Some(d) => d,
+                None => xin.as_tensor().zeros_like()?,
+            };
+            inputs.truncate(li);
+        }
+        Ok((total, out))
+    }
+
+    /// Shapes, rotary slices and mask shared by every layer of a training forward.
+    fn train_ctx<'a>(
+        &self,
+        b: usize,
+        n: usize,
+        prefix: Option<&'a KvCache>,
+        logits_from: usize,
+    ) -> candle_core::Result<TrainCtx<'a>> {
         let past = prefix.map_or(0, |p| p.len);
         if n == 0 || logits_from >= n || past + n > self.max_seq_len() {
             candle_core::bail!(
                 "forward_train: bad lengths (n={n}, logits_from={logits_from}, prefix={past})"
             );
         }
-        let eps = self.cfg.rms_eps;
-        let ids = tokens.flatten_all()?;
-        let mut x = self
-            .embed
-            .embedding(&ids)?
-            .reshape((b, n, self.cfg.hidden_size))?;
-        let cos = self.cos.narrow(0, past, n)?;
-        let sin = self.sin.narrow(0, past, n)?;
-        let mask = causal_mask(n, past, &self.device)?;
-        let scale = lora.map_or(0.0, |l| l.scale());
-        for (li, layer) in self.layers.iter().enumerate() {
-            let lp = |t: Target| {
-                lora.and_then(|l| l.layers[li].get(&t))
-                    .map(|p| (p.a.as_tensor(), p.b.as_tensor()))
-            };
-            let drop_seed = |t: Target| dropout.map(|(p, s)| (p, s ^ ((li as u64) << 8 | t as u64)));
-            let proj = |w: &QMatMul, x: &Tensor, t: Target| -> candle_core::Result<Tensor> {
-                let y = x.apply_op1(QLinear::new(w)?)?;
-                match lp(t) {
-                    None => Ok(y),
-                    Some((a, bm)) => {
-                        let xin = match drop_seed(t) {
-                            Some((p, s)) if p > 0.0 => dropout_mask(x, p, s)?,
-                            _ => x.clone(),
-                        };
-                        y + (xin.broadcast_matmul(&a.t()?)?.broadcast_matmul(&bm.t()?)? * scale)?
-                    }
-                }
-            };
-            let h = rms_norm_diff(&x, &layer.attn_norm, eps)?;
-            let (hq, hk, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-            let q = proj(&layer.q, &h, Target::Q)?.broadcast_add(&layer.q_bias)?;
-            let k = proj(&layer.k, &h, Target::K)?.broadcast_add(&layer.k_bias)?;
-            let v = proj(&layer.v, &h, Target::V)?.broadcast_add(&layer.v_bias)?;
-            let q = q.reshape((b, n, hq, d))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
-            let q = rope_diff(&q, &cos, &sin)?;
-            let k = rope_diff(&k, &cos, &sin)?;
-            let (k, v) = match prefix.and_then(|p| p.layers.get(li).cloned().flatten()) {
-                None => (k, v),
-                Some((pk, pv)) => {
-                    let pk = pk.broadcast_as((b, hk, past, d))?;
-                    let pv = pv.broadcast_as((b, hk, past, d))?;
-                    (
-                        Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
-                        Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
-                    )
-                }
-            };
-            let group = hq / hk;
-            let t = k.dim(2)?;
-            let q = q.reshape((b, hk, group * n, d))?;
-            let att = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-            let att = match &mask {
-                None => att,
-                Some(m) => {
-                    att.reshape((b, hk, group, n, t))?
-                        .broadcast_add(m)?
-                        .reshape((b, hk, group * n, t))?
-                }
-            };
-            let att = softmax_diff(&att)?;
-            let y = att
-                .matmul(&v)?
-                .reshape((b, hq, n, d))?
-                .transpose(1, 2)?
-                .reshape((b, n, hq * d))?;
-            x = (x + proj(&layer.o, &y, Target::O)?)?;
-            let h = rms_norm_diff(&x, &layer.ffn_norm, eps)?;
-            let gate = proj(&layer.gate, &h, Target::Gate)?.silu()?;
-            let up = proj(&layer.up, &h, Target::Up)?;
-            x = (x + proj(&layer.down, &(gate * up)?, Target::Down)?)?;
-        }
-        let x = x.narrow(1, logits_from, n - logits_from)?;
-        let x = rms_norm_diff(&x, &self.norm, eps)?;
+        Ok(TrainCtx {
+            b,
+            n,
+            past,
+            prefix,
+            cos: self.cos.narrow(0, past, n)?,
+            sin: self.sin.narrow(0, past, n)?,
+            mask: causal_mask(n, past, &self.device)?,
+        })
+    }
+
+    /// Token embeddings `[b, n, hidden]` of `tokens` `[b, n]` (frozen: no gradient).
+    fn embed_tokens(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n) = tokens.dims2()?;
+        self.embed
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, n, self.cfg.hidden_size))
+    }
+
+    /// Final norm and LM head of the training path.
+    fn train_head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = rms_norm_diff(x, &self.norm, self.cfg.rms_eps)?;
         x.apply_op1(QLinear::new(&self.lm_head)?)
+    }
+
+    /// One decoder layer of the training path. With `track` false the adapter's variables are
+    /// detached, so no graph is recorded (the checkpointed forward).
+    fn train_layer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &TrainCtx,
+        lora: Option<&Lora>,
+        dropout: Option<(f64, u64)>,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, n, layer) = (ctx.b, ctx.n, &self.layers[li]);
+        let scale = lora.map_or(0.0, |l| l.scale());
+        let lp = |t: Target| {
+            lora.and_then(|l| l.layers[li].get(&t)).map(|p| match track {
+                true => (p.a.as_tensor().clone(), p.b.as_tensor().clone()),
+                false => (p.a.as_tensor().detach(), p.b.as_tensor().detach()),
+            })
+        };
+        let drop_seed = |t: Target| dropout.map(|(p, s)| (p, s ^ ((li as u64) << 8 | t as u64)));
+        let proj = |w: &QMatMul, x: &Tensor, t: Target| -> candle_core::Result<Tensor> {
+            let y = x.apply_op1(QLinear::new(w)?)?;
+            match lp(t) {
+                None => Ok(y),
+                Some((a, bm)) => {
+                    let xin = match drop_seed(t) {
+                        Some((p, s)) if p > 0.0 => dropout_mask(x, p, s)?,
+                        _ => x.clone(),
+                    };
+                    y + (xin.broadcast_matmul(&a.t()?)?.broadcast_matmul(&bm.t()?)? * scale)?
+                }
+            }
+        };
+        let eps = self.cfg.rms_eps;
+        let h = rms_norm_diff(x, &layer.attn_norm, eps)?;
+        let (hq, hk, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let q = proj(&layer.q, &h, Target::Q)?.broadcast_add(&layer.q_bias)?;
+        let k = proj(&layer.k, &h, Target::K)?.broadcast_add(&layer.k_bias)?;
+        let v = proj(&layer.v, &h, Target::V)?.broadcast_add(&layer.v_bias)?;
+        let q = q.reshape((b, n, hq, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, n, hk, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope_diff(&q, &ctx.cos, &ctx.sin)?;
+        let k = rope_diff(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match ctx.prefix.and_then(|p| p.layers.get(li).cloned().flatten()) {
+            None => (k, v),
+            Some((pk, pv)) => {
+                let pk = pk.broadcast_as((b, hk, ctx.past, d))?;
+                let pv = pv.broadcast_as((b, hk, ctx.past, d))?;
+                (
+                    Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                    Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+                )
+            }
+        };
+        let group = hq / hk;
+        let t = k.dim(2)?;
+        let q = q.reshape((b, hk, group * n, d))?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let att = match &ctx.mask {
+            None => att,
+            Some(m) => att
+                .reshape((b, hk, group, n, t))?
+                .broadcast_add(m)?
+                .reshape((b, hk, group * n, t))?,
+        };
+        let att = softmax_diff(&att)?;
+        let y = att
+            .matmul(&v)?
+            .reshape((b, hq, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, hq * d))?;
+        let x = (x + proj(&layer.o, &y, Target::O)?)?;
+        let h = rms_norm_diff(&x, &layer.ffn_norm, eps)?;
+        let gate = proj(&layer.gate, &h, Target::Gate)?.silu()?;
+        let up = proj(&layer.up, &h, Target::Up)?;
+        x + proj(&layer.down, &(gate * up)?, Target::Down)?
     }
 
     fn forward_inner(
@@ -586,6 +755,17 @@ impl Qwen2 {
     }
 }
 
+/// What every layer of one training forward shares.
+struct TrainCtx<'a> {
+    b: usize,
+    n: usize,
+    past: usize,
+    prefix: Option<&'a KvCache>,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
 /// One layer's adapter pairs and the LoRA scale.
 type Adapter<'a> = (&'a std::collections::BTreeMap<Target, crate::lora::LoraPair>, f64);
 
@@ -638,16 +818,40 @@ impl CustomOp1 for QLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let w = self.w.dequantize(arg.device())?; // [out, in]
+        let (out, inp) = self.w.shape().dims2()?;
         let dims = grad_res.dims().to_vec();
-        let out = *dims.last().expect("rank ≥ 2");
         let rows = grad_res.elem_count() / out;
-        let g = grad_res.contiguous()?.reshape((rows, out))?.matmul(&w)?;
+        let g = grad_res.contiguous()?.reshape((rows, out))?;
+        let block = self.w.dtype().block_size();
+        let dx = if !arg.device().is_cpu() || out * inp * 4 <= DEQUANT_CHUNK_BYTES || inp % block != 0 {
+            g.matmul(&self.w.dequantize(arg.device())?)? // [out, in]
+        } else {
+            // A large weight (the LM head): dequantize a band of rows at a time.
+            let band = (DEQUANT_CHUNK_BYTES / (inp * 4)).max(1);
+            let data = self.w.data()?;
+            let row_bytes = inp / block * self.w.dtype().type_size();
+            let mut acc: Option<Tensor> = None;
+            for s in (0..out).step_by(band) {
+                let len = band.min(out - s);
+                let bytes = std::borrow::Cow::Borrowed(&data[s * row_bytes..(s + len) * row_bytes]);
+                let storage = QStorage::from_data(bytes, arg.device(), self.w.dtype())?;
+                let w = QTensor::new(storage, (len, inp))?.dequantize(arg.device())?;
+                let part = g.narrow(1, s, len)?.contiguous()?.matmul(&w)?;
+                acc = Some(match acc {
+                    None => part,
+                    Some(a) => (a + part)?,
+                });
+            }
+            acc.expect("out > 0")
+        };
         let mut in_dims = dims;
-        *in_dims.last_mut().expect("rank ≥ 2") = w.dim(1)?;
-        Ok(Some(g.reshape(in_dims)?))
+        *in_dims.last_mut().expect("rank ≥ 2") = inp;
+        Ok(Some(dx.reshape(in_dims)?))
     }
 }
+
+/// The most bytes of f32 weight [`QLinear`]'s backward dequantizes at once on CPU.
+const DEQUANT_CHUNK_BYTES: usize = 64 << 20;
 
 /// RMSNorm from differentiable primitives.
 fn rms_norm_diff(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -733,4 +937,41 @@ pub fn argmax(logits: &Tensor) -> Result<u32, LlmError> {
         .argmax(D::Minus1)
         .and_then(|t| t.to_scalar::<u32>())
         .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The banded backward of a weight larger than [`DEQUANT_CHUNK_BYTES`] equals `dy·W` with
+    /// the whole weight dequantized.
+    #[test]
+    fn banded_qlinear_backward_equals_whole_dequantization() {
+        let dev = Device::Cpu;
+        let (out, inp) = (20_000, 1024); // 78 MiB as f32: more than one band
+        assert!(out * inp * 4 > DEQUANT_CHUNK_BYTES);
+        let vals = crate::lora::uniform_vec(5, out * inp);
+        let w = Tensor::from_vec(vals, (out, inp), &dev).unwrap();
+        let q = QMatMul::QTensor(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()));
+        let x = Var::new(&[[0.5f32; 1024], [-0.25f32; 1024]], &dev).unwrap();
+        let y = x.as_tensor().apply_op1(QLinear::new(&q).unwrap()).unwrap();
+        let dy = Tensor::from_vec(crate::lora::uniform_vec(6, 2 * out), (2, out), &dev).unwrap();
+        let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = g.get(x.as_tensor()).unwrap();
+        let dense = match &q {
+            QMatMul::QTensor(t) => t.dequantize(&dev).unwrap(),
+            _ => unreachable!(),
+        };
+        let want = dy.matmul(&dense).unwrap();
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4 * scale, "diff {diff} scale {scale}");
+    }
 }

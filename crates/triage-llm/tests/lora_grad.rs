@@ -200,3 +200,60 @@ fn inference_with_the_adapter_gives_the_training_forwards_logits() {
     assert!(moved > 1e-2, "the adapter changed nothing ({moved})");
     assert_eq!(train.dtype(), DType::F32);
 }
+
+/// Per-layer recomputation and the chunked head are a memory optimisation only: the loss and
+/// every adapter gradient equal those of back-propagating the whole graph at once (batch of
+/// two, dropout on, head chunks that do not divide the answer span).
+#[test]
+fn checkpointed_gradients_equal_whole_graph_gradients() {
+    let device = Device::Cpu;
+    let cfg = tiny();
+    let model = Qwen2::random(&cfg, 4, &device).unwrap();
+    let lora = adapter(&cfg, &device);
+    let mut prefix = KvCache::default();
+    model.forward(&[5, 9, 17, 33], &mut prefix, 1).unwrap();
+    let tokens = Tensor::new(&[[3u32, 7, 11, 2, 40, 41, 8], [6, 1, 90, 13, 12, 0, 0]], &device).unwrap();
+    let from = 2;
+    let probe = Tensor::randn(0f32, 1.0, (2, 5, cfg.vocab_size), &device).unwrap();
+    let dropout = Some((0.3, 99));
+    let whole = (model
+        .forward_train(&tokens, Some(&prefix), Some(&lora), from, dropout)
+        .unwrap()
+        * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let reference = whole.backward().unwrap();
+    let chunk_loss = |logits: &Tensor, off: usize| {
+        let c = logits.dim(1)?;
+        (logits * probe.narrow(1, off, c)?)?.sum_all()
+    };
+    let (total, grads) = model
+        .loss_and_grads(&tokens, Some(&prefix), &lora, from, dropout, 2, &chunk_loss)
+        .unwrap();
+    let expect = whole.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (total - expect).abs() <= 1e-4 * expect.abs().max(1.0),
+        "loss {total} vs {expect}"
+    );
+    let mut checked = 0;
+    for v in lora.vars() {
+        let a = reference.get(v.as_tensor()).expect("reference gradient");
+        let b = grads.get(v.as_tensor()).expect("checkpointed gradient");
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "gradient differs by {diff} (scale {scale})"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2 * 7 * cfg.num_layers);
+}

@@ -12,12 +12,13 @@
 //! * [`adapter`]: the Hugging Face PEFT directory (`adapter_config.json`,
 //!   `adapter_model.safetensors`) plus `triage.json` (taxonomy hash, base model sha256, prompt
 //!   version, metrics) so inference refuses a mismatched adapter.
-//! * [`memory`]: the `--dry-run` peak-memory estimate.
+//! * [`memory`]: the `--dry-run` peak-memory estimate; [`bench`]: the training step benchmark.
 //!
 //! The adapter applies to the tokens after the shared system prompt: the prompt's KV cache is
 //! the base model's, computed once (see `docs/adr/0003-qlora-training.md`).
 
 pub mod adapter;
+pub mod bench;
 pub mod data;
 pub mod memory;
 pub mod optim;

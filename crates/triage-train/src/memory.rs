@@ -1,5 +1,6 @@
 //! The `triage train --dry-run` peak-memory estimate. Approximate by construction: it counts
-//! the tensors the training graph keeps for the backward pass (f32), not allocator overhead.
+//! the tensors the training graph keeps for the backward pass (f32), not allocator overhead
+//! (the benchmark measures both; see `docs/benchmarks.md`).
 //! The training benchmark prints it beside the measured peak RSS.
 
 use serde::Serialize;
@@ -23,6 +24,10 @@ pub struct MemoryInputs {
     pub prefix_len: usize,
     /// Positions whose logits are computed (the answer span).
     pub logit_positions: usize,
+    /// Per-layer recomputation: only layer inputs are kept, plus one layer's graph.
+    pub checkpointing: bool,
+    /// Positions per LM-head chunk (with checkpointing).
+    pub head_chunk: usize,
 }
 
 /// The estimate, in bytes.
@@ -71,13 +76,20 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
     // the MLP (~7 intermediate), and attention scores, mask, exponentials and probabilities
     // over the whole context (~4 heads × context).
     let per_token_layer = 14 * h + 6 * kv + 7 * inter + 4 * c.num_heads as u64 * total_len;
-    let activations = tokens * c.num_layers as u64 * per_token_layer * f;
-    let logits = (i.batch * i.logit_positions * c.vocab_size) as u64 * f * 3;
-    let dequant_transient = [c.vocab_size as u64 * h, inter * h]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
-        * f;
+    let layers = c.num_layers as u64;
+    let (activations, head_positions) = match i.checkpointing {
+        // Every layer's graph at once.
+        false => (tokens * layers * per_token_layer * f, i.logit_positions),
+        // Layer inputs, plus one layer's graph and its gradients during the recomputation.
+        true => (
+            tokens * layers * h * f + 2 * tokens * per_token_layer * f,
+            i.logit_positions.min(i.head_chunk.max(1)),
+        ),
+    };
+    let logits = (i.batch * head_positions * c.vocab_size) as u64 * f * 3;
+    // The backward of a large weight (the LM head) dequantizes bands of rows on CPU.
+    let band = (64u64 << 20).min(c.vocab_size as u64 * h * f);
+    let dequant_transient = band.max(inter * h * f);
     let total = i.weight_bytes + prefix_kv + lora_and_optimizer + activations + logits + dequant_transient;
     MemoryEstimate {
         weights: i.weight_bytes,

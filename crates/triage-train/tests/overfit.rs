@@ -81,6 +81,8 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
         checkpoint_every: 0,
         max_tokens: 256,
         vary_instructions: false,
+        checkpointing: true, // per-layer recomputation and a chunked head (the default path)
+        head_chunk: 8,
     };
     let mut trainer = Trainer::new(&base, &gguf, config, &data, &data, &run_dir, false).unwrap();
     let mut obs = Quiet(Vec::new());

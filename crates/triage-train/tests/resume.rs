@@ -61,6 +61,8 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         checkpoint_every: 0,
         max_tokens: 256,
         vary_instructions: true,
+        checkpointing: false, // the whole-graph path (overfit.rs covers recomputation)
+        head_chunk: 32,
     };
     let root = std::env::temp_dir().join(format!("triage-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

@@ -23,7 +23,11 @@ use crate::Cli;
 
 /// Options of `triage bench`.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// `train`: the training-step benchmark instead of inference.
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
     /// Models to measure (registry names or paths), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.5b,1.5b")]
     models: Vec<String>,
@@ -39,6 +43,13 @@ pub struct BenchArgs {
     /// Markdown report to write (a JSON twin is written beside it).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
+}
+
+/// Benchmarks other than inference.
+#[derive(clap::Subcommand)]
+enum BenchWhat {
+    /// Training steps: tokens/s and peak RSS, per-layer recomputation vs the whole graph.
+    Train(crate::bench_train::BenchTrainArgs),
 }
 
 #[derive(Serialize, Default)]
@@ -90,7 +101,8 @@ struct ModelReport {
     variants: Vec<Variant>,
 }
 
-fn peak_rss_mib() -> f64 {
+/// This process's peak resident set (VmHWM), in MiB.
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
@@ -99,6 +111,9 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(BenchWhat::Train(t)) = &args.what {
+        return crate::bench_train::run(cli, t);
+    }
     let incidents: Vec<String> = {
         let v: Value = serde_json::from_str(
             &std::fs::read_to_string(&args.incidents)
@@ -187,26 +202,14 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode
 fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let mut md = format!(
-        "# Benchmarks\n\nWritten by `triage {}` (see `crates/triage/src/bench.rs`); machine: ",
-        command.join(" ")
+        "## Inference\n\nWritten by `triage {}` (see `crates/triage/src/bench.rs`); {}. Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
+        command.join(" "),
+        machine()
     );
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    md.push_str(&format!(
-        "{} cores, {cpu}; build profile `{}` (dependencies at opt-level 3 in both). Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if cfg!(debug_assertions) { "dev" } else { "release" }
-    ));
     md.push_str("Variants: (a) unconstrained greedy decoding, same model and prompt, full prefill each ticket; (b) grammar-constrained, no fast-forward, no prefix cache; (c) full engine, prefix cache warm (batch / server mode).\n\n");
     for r in reports {
         md.push_str(&format!(
-            "## {}\n\nload {:.1} s; system prompt {} tokens, prefilled once in {:.1} s; peak RSS {:.0} MiB.\n\n",
+            "### {}\n\nload {:.1} s; system prompt {} tokens, prefilled once in {:.1} s; peak RSS {:.0} MiB.\n\n",
             r.model, r.load_s, r.system_prompt_tokens, r.system_prompt_prefill_s, r.peak_rss_mib
         ));
         md.push_str("| variant | tickets | valid tickets | prefill tok/s | decode tok/s (output) | mask µs/sampled token | mask % of decode | ms/ticket p50 | p95 | mean | speed-up vs (a) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -229,10 +232,51 @@ fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
         }
         md.push('\n');
     }
-    let tmp = out.with_extension("md.tmp");
-    std::fs::write(&tmp, md)?;
-    std::fs::rename(&tmp, out)?;
-    let json_path = out.with_extension("json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(reports)?)?;
+    write_section(out, "inference", &md, reports)
+}
+
+/// "N cores, CPU model; build profile P", for report headers.
+pub(crate) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "machine: {} cores, {cpu}; build profile `{}` (dependencies at opt-level 3 in both)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if cfg!(debug_assertions) { "dev" } else { "release" }
+    )
+}
+
+/// Replaces the section `key` of the Markdown report `out` (between `<!-- begin key -->` and
+/// `<!-- end key -->`; appended when absent), so each benchmark rewrites only its own part,
+/// and writes `data` as `<out stem>-<key>.json` beside it. Both writes are atomic.
+pub(crate) fn write_section<T: Serialize + ?Sized>(
+    out: &Path,
+    key: &str,
+    md: &str,
+    data: &T,
+) -> anyhow::Result<()> {
+    let (begin, end) = (format!("<!-- begin {key} -->"), format!("<!-- end {key} -->"));
+    let old = match std::fs::read_to_string(out) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n\n".to_string(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", out.display())),
+    };
+    let block = format!("{begin}\n{}\n{end}", md.trim_end());
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
+        _ => format!("{}\n\n{block}\n", old.trim_end()),
+    };
+    triage_data::atomic_write(out, new.as_bytes())?;
+    let stem = out
+        .file_stem()
+        .map_or("benchmarks".into(), |s| s.to_string_lossy().into_owned());
+    let json = out.with_file_name(format!("{stem}-{key}.json"));
+    triage_data::atomic_write(&json, serde_json::to_string_pretty(data)?.as_bytes())?;
     Ok(())
 }

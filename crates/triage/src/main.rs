@@ -7,6 +7,7 @@
 
 mod batch;
 mod bench;
+mod bench_train;
 mod data_cmd;
 mod eval_cmd;
 mod infer_cmd;

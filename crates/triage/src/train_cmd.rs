@@ -67,16 +67,26 @@ pub struct TrainArgs {
     /// Print the estimated peak memory and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Keep the whole graph instead of recomputing each layer in the backward pass (faster,
+    /// several times the memory; config key `checkpointing`).
+    #[arg(long)]
+    no_checkpointing: bool,
+}
+
+/// Reads a training configuration (TOML), naming the file in errors.
+pub fn read_config(p: &Path) -> anyhow::Result<TrainConfig> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}: not a training configuration", p.display()))
 }
 
 fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let mut c: TrainConfig = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: not a training configuration", p.display()))?
-        }
+        Some(p) => read_config(p)?,
         None => TrainConfig::default(),
     };
+    if args.no_checkpointing {
+        c.checkpointing = false;
+    }
     if let Some(v) = args.steps {
         c.steps = v;
     }
@@ -193,9 +203,20 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             seq_len: config.max_tokens.min(256),
             prefix_len: 2100,
             logit_positions: 96,
+            checkpointing: config.checkpointing,
+            head_chunk: config.head_chunk,
         });
         println!("{est}");
-        println!("(batch {}, up to {} tokens after the system prompt; approximate: f32 activations, no recomputation)", config.batch_size, config.max_tokens.min(256));
+        println!(
+            "(batch {}, {} tokens after a ~2,100-token system prompt, f32 activations, {}; \
+             approximate: measured peaks are in docs/benchmarks.md)",
+            config.batch_size,
+            config.max_tokens.min(256),
+            match config.checkpointing {
+                true => "per-layer recomputation",
+                false => "whole graph kept",
+            }
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device)?;
