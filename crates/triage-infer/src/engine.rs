@@ -260,6 +260,12 @@ impl Structurer {
     /// Structures one incident. Empty input is an error; over-long input is cut from the
     /// middle with a warning in [`Meta::warnings`].
     pub fn structure(&self, text: &str) -> Result<Structured, InferError> {
+        self.structure_until(text, None)
+    }
+
+    /// [`Structurer::structure`] that gives up with [`InferError::Deadline`] once `deadline`
+    /// passes (checked between decoding steps), so a server can bound each request's work.
+    pub fn structure_until(&self, text: &str, deadline: Option<Instant>) -> Result<Structured, InferError> {
         let t0 = Instant::now();
         let mut meta = Meta::default();
         let tokens = self.prompt_tokens(text, &mut meta)?;
@@ -284,6 +290,7 @@ impl Structurer {
             out: Vec::new(),
             meta: &mut meta,
             rng: self.opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            deadline,
         };
         dec.run()?;
         let out = std::mem::take(&mut dec.out);
@@ -556,6 +563,7 @@ struct Decoder<'a> {
     out: Vec<u32>,
     meta: &'a mut Meta,
     rng: u64,
+    deadline: Option<Instant>,
 }
 
 impl Decoder<'_> {
@@ -579,6 +587,11 @@ impl Decoder<'_> {
                     next_field += 1;
                 }
                 return Ok(());
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(InferError::Deadline {
+                    tokens: self.out.len(),
+                });
             }
             if self.out.len() >= self.s.opts.max_new_tokens {
                 return Err(InferError::Runaway {

@@ -60,6 +60,19 @@ impl Target {
         }
     }
 
+    /// The projection's weight in a GGUF file, `blk.{layer}.<name>.weight`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Target::Q => "attn_q",
+            Target::K => "attn_k",
+            Target::V => "attn_v",
+            Target::O => "attn_output",
+            Target::Gate => "ffn_gate",
+            Target::Up => "ffn_up",
+            Target::Down => "ffn_down",
+        }
+    }
+
     fn module(self) -> &'static str {
         match self {
             Target::Q | Target::K | Target::V | Target::O => "self_attn",

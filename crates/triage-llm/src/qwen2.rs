@@ -433,6 +433,7 @@ impl Qwen2 {
     /// positions `logits_from + offset ..` to a scalar, and the total loss is the sum over
     /// chunks. Returns the loss and the gradients of every adapter variable (equal to
     /// back-propagating the whole graph; tested).
+    #[allow(clippy::too_many_arguments)] // the forward_train arguments plus the head's two
     pub fn loss_and_grads(
         &self,
         tokens: &Tensor,

@@ -44,6 +44,27 @@ pub struct TriageMeta {
     pub metrics: Value,
 }
 
+impl TriageMeta {
+    /// The metadata of an adapter trained now, with this build's prompt version and scope.
+    pub fn new(
+        taxonomy: &triage_taxonomy::Taxonomy,
+        base_sha256: &str,
+        base_file: &str,
+        metrics: Value,
+    ) -> Self {
+        TriageMeta {
+            format: 1,
+            taxonomy: taxonomy.name.clone(),
+            taxonomy_hash: taxonomy.content_hash(),
+            base_model_sha256: base_sha256.to_owned(),
+            base_model_file: base_file.to_owned(),
+            prompt_version: triage_infer::PROMPT_VERSION,
+            scope: ADAPTER_SCOPE.into(),
+            metrics,
+        }
+    }
+}
+
 /// A loaded adapter and its metadata.
 pub struct LoadedAdapter {
     /// The weights.

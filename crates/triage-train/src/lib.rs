@@ -12,6 +12,7 @@
 //! * [`adapter`]: the Hugging Face PEFT directory (`adapter_config.json`,
 //!   `adapter_model.safetensors`) plus `triage.json` (taxonomy hash, base model sha256, prompt
 //!   version, metrics) so inference refuses a mismatched adapter.
+//! * [`merge`]: an adapter folded into the base weights, written as a standalone GGUF.
 //! * [`memory`]: the `--dry-run` peak-memory estimate; [`bench`]: the training step benchmark.
 //!
 //! The adapter applies to the tokens after the shared system prompt: the prompt's KV cache is
@@ -21,6 +22,7 @@ pub mod adapter;
 pub mod bench;
 pub mod data;
 pub mod memory;
+pub mod merge;
 pub mod optim;
 mod plot;
 pub mod trainer;

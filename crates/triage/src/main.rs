@@ -3,8 +3,10 @@
 //! A thin command-line layer over the library crates: `triage-taxonomy` (taxonomy, schema,
 //! validation), `triage-registry` (model download and cache), `triage-llm` (GGUF,
 //! tokenizer, chat template, Qwen2), `triage-infer` (prompts, grammar, decoding) and
-//! `triage-data` (datasets) and `triage-connectors` (ITSM payloads and clients). Results go to stdout, logs and progress to stderr.
+//! `triage-data` (datasets), `triage-train` (QLoRA), `triage-eval` (reports),
+//! `triage-connectors` (ITSM payloads and clients) and `triage-serve` (HTTP service). Results go to stdout, logs and progress to stderr.
 
+mod adapter_cmd;
 mod batch;
 mod bench;
 mod bench_train;
@@ -13,6 +15,7 @@ mod eval_cmd;
 mod infer_cmd;
 mod model_cmd;
 mod push_cmd;
+mod serve_cmd;
 mod taxonomy_cmd;
 mod train_cmd;
 
@@ -67,8 +70,13 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Fine-tune a LoRA adapter (QLoRA on the frozen 4-bit base) on canonical examples.
     Train(train_cmd::TrainArgs),
+    /// Inspect a trained adapter or merge it into the base model (GGUF).
+    #[command(subcommand)]
+    Adapter(adapter_cmd::AdapterCommand),
     /// Evaluate: TF-IDF baseline, zero-shot model and adapter side by side, with a report.
     Eval(eval_cmd::EvalArgs),
+    /// Run the HTTP service: structure, classify, upload training data, train, activate.
+    Serve(serve_cmd::ServeArgs),
     /// Create the ticket in Jira, Jira Service Management, Zoho Desk or ServiceDesk Plus.
     Push(push_cmd::PushArgs),
     /// Build datasets: import exports, generate synthetic tickets, split without leakage.
@@ -106,6 +114,8 @@ fn main() -> ExitCode {
         Command::Push(args) => push_cmd::run(&cli, args),
         Command::Train(args) => train_cmd::run(&cli, args),
         Command::Eval(args) => eval_cmd::run(&cli, args),
+        Command::Adapter(cmd) => adapter_cmd::run(&cli, cmd),
+        Command::Serve(args) => serve_cmd::run(&cli, args),
     };
     match result {
         Ok(code) => code,

@@ -13,7 +13,7 @@ use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::qwen2::{LoadOptions, Qwen2};
 use triage_llm::GgufFile;
 use triage_taxonomy::{Taxonomy, Validator};
-use triage_train::adapter::{self, TriageMeta, ADAPTER_SCOPE};
+use triage_train::adapter::{self, TriageMeta};
 use triage_train::memory::{estimate, MemoryInputs};
 use triage_train::trainer::{device, Observer, StepReport, TrainConfig, Trainer};
 
@@ -269,19 +269,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     };
     bar.finish_and_clear();
     let base_name = peft_base_name(cli, &model_path)?;
-    let meta = TriageMeta {
-        format: 1,
-        taxonomy: taxonomy.name.clone(),
-        taxonomy_hash: taxonomy.content_hash(),
-        base_model_sha256: model_sha256(cli, &model_path)?,
-        base_model_file: model_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        prompt_version: triage_infer::PROMPT_VERSION,
-        scope: ADAPTER_SCOPE.into(),
-        metrics: serde_json::to_value(&summary)?,
-    };
+    let base_file = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sha = model_sha256(cli, &model_path)?;
+    let meta = TriageMeta::new(&taxonomy, &sha, &base_file, serde_json::to_value(&summary)?);
     adapter::save(&args.out, &trainer.lora, &base_name, &meta)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!(
@@ -294,7 +287,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// `base_model_name_or_path` for PEFT: the Hugging Face transformers repository of the
 /// registry model (its GGUF repository without `-GGUF`), else the GGUF file stem.
-fn peft_base_name(cli: &Cli, model_path: &Path) -> anyhow::Result<String> {
+pub fn peft_base_name(cli: &Cli, model_path: &Path) -> anyhow::Result<String> {
     let store = crate::model_cmd::store(cli)?;
     let registry = store.registry();
     let spec = match cli.model.as_deref() {

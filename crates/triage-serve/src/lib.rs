@@ -1,0 +1,163 @@
+//! The HTTP service behind `triage serve` (axum on tokio).
+//!
+//! * Native API: `POST /v1/tickets` (`{text, taxonomy?}` → `{ticket, meta}`) and
+//!   `POST /v1/tickets:batch`.
+//! * Open Ticket AI compatible: `POST /api/v1/classify`, `POST /api/v1/train-data` (CSV),
+//!   `POST /api/v1/train`, `GET /api/v1/train/{id}`, plus `POST /api/v1/train/{id}/activate`.
+//! * Operations: `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /openapi.json`.
+//!
+//! Safety: bearer-token auth ([`ServeConfig::token`]), body limits (413), input limits (422),
+//! a fixed number of workers sharing one model instance and its system-prompt cache, a bounded
+//! queue (503 + `Retry-After` when full), a per-request deadline enforced between decoding
+//! steps (504), graceful shutdown that finishes requests in flight and checkpoints a running
+//! training job. Every error is a JSON body `{"error": {"code", "message"}}`.
+
+mod api;
+mod jobs;
+mod metrics;
+mod openapi;
+mod state;
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+
+pub use api::ApiError;
+pub use jobs::{JobState, JobStatus};
+pub use openapi::ROUTES;
+pub use state::{AppState, Desk, Engine, ServeConfig, TrainContext};
+
+/// The service's routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let c = &state.config;
+    let upload = Router::new()
+        .route("/api/v1/train-data", post(jobs::train_data))
+        .layer(DefaultBodyLimit::max(c.max_upload_bytes));
+    let json = Router::new()
+        .route("/v1/tickets", post(api::tickets))
+        .route("/v1/tickets:batch", post(api::tickets_batch))
+        .route("/api/v1/classify", post(api::classify))
+        .route("/api/v1/train", post(jobs::train_start))
+        .route("/api/v1/train/{id}", get(jobs::train_status))
+        .route("/api/v1/train/{id}/activate", post(jobs::train_activate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .layer(DefaultBodyLimit::max(c.max_body_bytes));
+    Router::new()
+        .merge(upload)
+        .merge(json)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves; requests in flight are
+/// finished, and a running training job is asked to checkpoint and stop.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stop = state.stop.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing requests in flight");
+            stop.store(true, Ordering::SeqCst);
+        })
+        .await
+}
+
+/// Whether `bind` may be served without a token (loopback only).
+pub fn is_loopback(bind: &std::net::SocketAddr) -> bool {
+    bind.ip().is_loopback()
+}
+
+/// Authentication (all but `/healthz` and `/readyz`) and request metrics.
+async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let open = matches!(route.as_str(), "/healthz" | "/readyz");
+    let response = match (&s.config.token, open) {
+        (Some(token), false) if !authorized(&req, token) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the header `Authorization: Bearer <token>` with the server's token",
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    };
+    s.metrics
+        .request(&route, response.status().as_u16(), t0.elapsed().as_secs_f64());
+    response
+}
+
+/// Compares digests, so the comparison time does not depend on the token's prefix.
+fn authorized(req: &Request, token: &str) -> bool {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    Sha256::digest(given.trim().as_bytes()) == Sha256::digest(token.as_bytes())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let desks: Vec<serde_json::Value> = s
+        .desks()
+        .iter()
+        .map(|d| serde_json::json!({"taxonomy": d.name(), "adapter": d.engine().adapter}))
+        .collect();
+    let body = Json(serde_json::json!({"ready": s.is_ready(), "taxonomies": desks}));
+    match s.is_ready() {
+        true => body.into_response(),
+        false => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s.config.retry_after_s));
+            r
+        }
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let text = s.metrics.render(
+        s.admission.busy(s.config.workers),
+        s.admission.waiting(),
+        s.is_ready(),
+        s.jobs.running(),
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn openapi_json(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(openapi::document(&s))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /openapi.json")
+}
