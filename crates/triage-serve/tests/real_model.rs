@@ -37,42 +37,34 @@ async fn every_endpoint_with_the_real_model() {
     let c = client();
     let validator = Validator::new(&common::taxonomy());
     let post = |p: &str, b: Value| c.post(server.url(p)).json(&b).send();
+    let post_json = |p: &str, b: Value| {
+        let req = c.post(server.url(p)).json(&b);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
 
-    let r: Value = post(
+    let r = post_json(
         "/v1/tickets",
         json!({"text": "My VPN drops every 10 minutes since the update, payroll is due today!"}),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert!(validator.schema_accepts(&r["ticket"]), "{r}");
     assert_eq!(r["ticket"]["category"], "Network", "{r}");
     assert_eq!(r["meta"]["adapter"], Value::Null);
 
-    let r: Value = post(
+    let r = post_json(
         "/v1/tickets:batch",
         json!({"items": [{"id": "1", "text": "Outlook keeps asking for my password"}, {"id": "2", "text": "Please order a second monitor for me"}]}),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     for item in r["results"].as_array().unwrap() {
         assert!(validator.schema_accepts(&item["ticket"]), "{item}");
     }
 
-    let r: Value = post(
+    let r = post_json(
         "/api/v1/classify",
         json!({"ticket_data": "The office printer jams on every page"}),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["predicted_label"], r["ticket"]["category"]);
 
     // Upload labelled tickets, train one step, watch the job, activate the adapter.
@@ -141,15 +133,11 @@ async fn every_endpoint_with_the_real_model() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r: Value = post(
+    let r = post_json(
         "/v1/tickets",
         json!({"text": "Wi-Fi keeps dropping in meeting room 3"}),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["meta"]["adapter"], job_id.as_str(), "{r}");
     assert!(validator.schema_accepts(&r["ticket"]), "{r}");
     let ready: Value = c

@@ -50,6 +50,8 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// Training steps: tokens/s and peak RSS, per-layer recomputation vs the whole graph.
     Train(crate::bench_train::BenchTrainArgs),
+    /// The HTTP service under a bounded loopback load, against one client.
+    Serve(crate::bench_serve::BenchServeArgs),
 }
 
 #[derive(Serialize, Default)]
@@ -101,6 +103,19 @@ struct ModelReport {
     variants: Vec<Variant>,
 }
 
+/// The `text` of each incident in a JSON array file (`tests/fixtures/incidents.json`).
+pub(crate) fn read_incidents(path: &Path) -> anyhow::Result<Vec<String>> {
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", path.display()))?;
+    Ok(v.as_array()
+        .context("incidents file must be a JSON array")?
+        .iter()
+        .filter_map(|i| i["text"].as_str().map(str::to_string))
+        .collect())
+}
+
 /// This process's peak resident set (VmHWM), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -111,20 +126,12 @@ pub(crate) fn peak_rss_mib() -> f64 {
 }
 
 pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    if let Some(BenchWhat::Train(t)) = &args.what {
-        return crate::bench_train::run(cli, t);
+    match &args.what {
+        Some(BenchWhat::Train(t)) => return crate::bench_train::run(cli, t),
+        Some(BenchWhat::Serve(t)) => return crate::bench_serve::run(cli, t),
+        None => {}
     }
-    let incidents: Vec<String> = {
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(&args.incidents)
-                .with_context(|| format!("cannot read {}", args.incidents.display()))?,
-        )?;
-        v.as_array()
-            .context("incidents file must be a JSON array")?
-            .iter()
-            .filter_map(|i| i["text"].as_str().map(str::to_string))
-            .collect()
-    };
+    let incidents = read_incidents(&args.incidents)?;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let store = crate::model_cmd::store(cli)?;
     let mut reports = Vec::new();

@@ -9,6 +9,7 @@
 mod adapter_cmd;
 mod batch;
 mod bench;
+mod bench_serve;
 mod bench_train;
 mod data_cmd;
 mod eval_cmd;

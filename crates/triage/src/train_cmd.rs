@@ -209,7 +209,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         println!("{est}");
         println!(
             "(batch {}, {} tokens after a ~2,100-token system prompt, f32 activations, {}; \
-             approximate: measured peaks are in docs/benchmarks.md)",
+             approximate: measured CPU peaks were 1.4-2x this figure, see docs/benchmarks.md)",
             config.batch_size,
             config.max_tokens.min(256),
             match config.checkpointing {
