@@ -165,7 +165,10 @@ impl AppState {
     /// The desk for `taxonomy` (default: the first).
     pub(crate) fn desk(&self, taxonomy: Option<&str>) -> Result<&Desk, ApiError> {
         match taxonomy {
-            None => Ok(&self.desks[0]),
+            None => self
+                .desks
+                .first()
+                .ok_or_else(|| ApiError::internal("routing", "the server has no taxonomy")),
             Some(name) => self.desks.iter().find(|d| d.name == name).ok_or_else(|| {
                 let names: Vec<&str> = self.desks.iter().map(|d| d.name.as_str()).collect();
                 ApiError::unprocessable(
