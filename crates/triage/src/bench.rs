@@ -8,7 +8,6 @@
 //! Figures are reported as measured and as ratios against (a) from the same run.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,8 +15,6 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 use triage_infer::{Meta, Structurer, StructurerOptions};
-use triage_llm::qwen2::{LoadOptions, Qwen2};
-use triage_llm::GgufFile;
 
 use crate::Cli;
 
@@ -139,12 +136,7 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode
         let path = store.resolve(Some(name), None)?;
         eprintln!("== {name}: {}", path.display());
         let t = Instant::now();
-        let gguf = GgufFile::open(&path)?;
-        let model = Arc::new(Qwen2::load(
-            &gguf,
-            &candle_core::Device::Cpu,
-            &LoadOptions::default(),
-        )?);
+        let (gguf, model) = crate::model_cmd::load_cpu(&path)?;
         let load_s = t.elapsed().as_secs_f64();
         let full = Structurer::with_model(
             model.clone(),

@@ -14,8 +14,6 @@ use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 use triage_infer::{Structurer, StructurerOptions};
-use triage_llm::qwen2::{LoadOptions, Qwen2};
-use triage_llm::GgufFile;
 use triage_serve::{AppState, Desk, ServeConfig};
 
 use crate::Cli;
@@ -62,12 +60,7 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
         bail!("need incidents, --n ≥ 1 and at least one concurrency level");
     }
     let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
-    let gguf = GgufFile::open(&path)?;
-    let model = Arc::new(Qwen2::load(
-        &gguf,
-        &candle_core::Device::Cpu,
-        &LoadOptions::default(),
-    )?);
+    let (gguf, model) = crate::model_cmd::load_cpu(&path)?;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let opts = StructurerOptions {
         prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),

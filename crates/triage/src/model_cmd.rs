@@ -49,6 +49,20 @@ pub enum ModelCommand {
 }
 
 /// The cache directory (`--cache-dir`, else the default).
+/// Opens a GGUF and loads its Qwen2 weights on the CPU, shared (`Arc`) by every structurer
+/// built on it.
+pub fn load_cpu(
+    path: &std::path::Path,
+) -> anyhow::Result<(triage_llm::GgufFile, std::sync::Arc<triage_llm::qwen2::Qwen2>)> {
+    let gguf = triage_llm::GgufFile::open(path)?;
+    let model = triage_llm::qwen2::Qwen2::load(
+        &gguf,
+        &candle_core::Device::Cpu,
+        &triage_llm::qwen2::LoadOptions::default(),
+    )?;
+    Ok((gguf, std::sync::Arc::new(model)))
+}
+
 pub fn cache_dir(cli: &Cli) -> PathBuf {
     cli.cache_dir.clone().unwrap_or_else(default_cache_dir)
 }

@@ -9,8 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use triage_infer::{Structurer, StructurerOptions};
-use triage_llm::qwen2::{LoadOptions, Qwen2};
-use triage_llm::GgufFile;
 use triage_serve::{AppState, Desk, ServeConfig, TrainContext};
 
 use crate::Cli;
@@ -70,12 +68,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
-    let gguf = GgufFile::open(&path)?;
-    let model = Arc::new(Qwen2::load(
-        &gguf,
-        &candle_core::Device::Cpu,
-        &LoadOptions::default(),
-    )?);
+    let (gguf, model) = crate::model_cmd::load_cpu(&path)?;
     let opts = StructurerOptions {
         min_confidence: Some(args.min_confidence),
         prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
