@@ -107,39 +107,11 @@ fn status(job: &Mutex<JobStatus>) -> std::sync::MutexGuard<'_, JobStatus> {
     job.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Decodes `application/x-www-form-urlencoded` (`+` and `%XX`).
-fn url_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `(key, value)` pairs of a query string, in order (repeated keys kept).
+/// `(key, value)` pairs of a query string, in order (repeated keys kept), decoded as
+/// `application/x-www-form-urlencoded`.
 fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
-    q.unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (url_decode(k), url_decode(v)),
-            None => (url_decode(p), String::new()),
-        })
+    form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
@@ -326,8 +298,7 @@ pub async fn train_start(
         config.optimizer.lr = v;
     }
     if let Some(v) = req.rank {
-        config.rank = v;
-        config.alpha = 2.0 * v as f64;
+        config.set_rank(v);
     }
     config
         .check()
@@ -483,12 +454,8 @@ fn activate_adapter(s: &AppState, taxonomy: &str, dir: &Path, name: &str) -> Res
     let desk = s.desk(Some(taxonomy)).map_err(|e| e.message)?;
     let current = desk.engine();
     let base = &current.structurer;
-    let meta = adapter::read_meta(dir).map_err(|e| e.to_string())?;
-    adapter::check_compatible(&meta, base.taxonomy(), Some(&ctx.base_sha256), dir)
+    let lora = adapter::load_checked(dir, base.taxonomy(), &ctx.base_sha256, base.model())
         .map_err(|e| e.to_string())?;
-    let lora = adapter::load(dir, base.model().config(), base.model().device())
-        .map_err(|e| e.to_string())?
-        .lora;
     let s2 = Structurer::with_model(
         base.model().clone(),
         &ctx.gguf,
@@ -565,7 +532,7 @@ mod tests {
             ]
         );
         assert!(query_pairs(None).is_empty());
-        assert_eq!(url_decode("%"), "%");
-        assert_eq!(url_decode("%4"), "%4");
+        assert_eq!(query_pairs(Some("a=%")), vec![("a".into(), "%".into())]);
+        assert_eq!(query_pairs(Some("a=%4")), vec![("a".into(), "%4".into())]);
     }
 }

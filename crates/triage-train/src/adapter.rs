@@ -210,6 +210,34 @@ pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, 
     })
 }
 
+/// Checks that an adapter was trained on the base model whose GGUF has `base_sha256`.
+pub fn check_base(meta: &TriageMeta, base_sha256: &str, dir: &Path) -> Result<(), TrainError> {
+    if meta.base_model_sha256.is_empty() || meta.base_model_sha256 == base_sha256 {
+        return Ok(());
+    }
+    Err(TrainError::Invalid(format!(
+        "adapter {} was trained on base model {} (sha256 {}), not on the model in use (sha256 {}); pass --model {}",
+        dir.display(),
+        meta.base_model_file,
+        &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
+        &base_sha256[..12.min(base_sha256.len())],
+        meta.base_model_file.trim_end_matches(".gguf")
+    )))
+}
+
+/// Loads the adapter in `dir` for inference on `model`, refusing one trained for another
+/// taxonomy, base model (`base_sha256`) or prompt version.
+pub fn load_checked(
+    dir: &Path,
+    taxonomy: &triage_taxonomy::Taxonomy,
+    base_sha256: &str,
+    model: &triage_llm::qwen2::Qwen2,
+) -> Result<Lora, TrainError> {
+    let meta = read_meta(dir)?;
+    check_compatible(&meta, taxonomy, Some(base_sha256), dir)?;
+    Ok(load(dir, model.config(), model.device())?.lora)
+}
+
 /// Checks that an adapter was trained for this taxonomy, base model and prompt version.
 pub fn check_compatible(
     meta: &TriageMeta,
@@ -228,15 +256,7 @@ pub fn check_compatible(
         )));
     }
     if let Some(sha) = base_sha256 {
-        if !meta.base_model_sha256.is_empty() && meta.base_model_sha256 != sha {
-            return Err(TrainError::Invalid(format!(
-                "adapter {d} was trained on base model {} (sha256 {}), not on the model in use (sha256 {}); pass --model {}",
-                meta.base_model_file,
-                &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
-                &sha[..12.min(sha.len())],
-                meta.base_model_file.trim_end_matches(".gguf")
-            )));
-        }
+        check_base(meta, sha, dir)?;
     }
     if meta.prompt_version != triage_infer::PROMPT_VERSION {
         return Err(TrainError::Invalid(format!(

@@ -102,6 +102,12 @@ impl TrainConfig {
         }
     }
 
+    /// Sets the LoRA rank, with alpha = 2 × rank (the scale alpha/rank stays 2).
+    pub fn set_rank(&mut self, rank: usize) {
+        self.rank = rank;
+        self.alpha = 2.0 * rank as f64;
+    }
+
     /// Checks ranges, naming the offending key.
     pub fn check(&self) -> Result<(), TrainError> {
         let bad = |k: &str, why: &str| Err(TrainError::Invalid(format!("train config: {k} {why}")));

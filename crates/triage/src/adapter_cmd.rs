@@ -50,17 +50,7 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
             let base = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
             let meta = adapter::read_meta(dir)?;
             let sha = crate::train_cmd::model_sha256(cli, &base)?;
-            if !meta.base_model_sha256.is_empty() && meta.base_model_sha256 != sha {
-                anyhow::bail!(
-                    "adapter {} was trained on {} (sha256 {}), not on {} (sha256 {}); pass --model {}",
-                    dir.display(),
-                    meta.base_model_file,
-                    &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
-                    base.display(),
-                    &sha[..12],
-                    meta.base_model_file.trim_end_matches(".gguf")
-                );
-            }
+            adapter::check_base(&meta, &sha, dir)?;
             let gguf = GgufFile::open(&base)?;
             let cfg = triage_llm::qwen2::Config::from_gguf(&gguf)?;
             let lora = adapter::load(dir, &cfg, &candle_core::Device::Cpu)?.lora;

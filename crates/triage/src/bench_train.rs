@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use triage_train::bench::{step_bench, StepBenchResult, StepBenchSpec};
 use triage_train::memory::{estimate, MemoryInputs};
 use triage_train::trainer::TrainConfig;
@@ -48,7 +48,7 @@ pub struct BenchTrainArgs {
 }
 
 /// One configuration's line of the report.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Row {
     model: String,
     result: StepBenchResult,
@@ -65,7 +65,7 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("cannot locate the triage binary")?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for model in &args.models {
         for &seq in &args.seq {
             for whole in [true, false] {
@@ -103,7 +103,7 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
                         out.status
                     );
                 }
-                let row: serde_json::Value =
+                let row: Row =
                     serde_json::from_slice(&out.stdout).context("benchmark child printed no result")?;
                 rows.push(row);
             }
@@ -151,7 +151,7 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
     })
 }
 
-fn markdown(args: &BenchTrainArgs, rows: &[serde_json::Value]) -> String {
+fn markdown(args: &BenchTrainArgs, rows: &[Row]) -> String {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let mut md = format!(
         "## Training (QLoRA step)\n\nWritten by `triage {}` (see `crates/triage/src/bench_train.rs`); {}. \
@@ -171,28 +171,27 @@ fn markdown(args: &BenchTrainArgs, rows: &[serde_json::Value]) -> String {
         "| model | tokens | graph | s/step | train tok/s | peak RSS MiB | estimate MiB | loss first → last | tok/s ratio | RSS ratio |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let f = |r: &serde_json::Value, k: &str| r["result"][k].as_f64().unwrap_or(f64::NAN);
     for pair in rows.chunks(2) {
         let base = &pair[0];
         for r in pair {
-            let ck = r["result"]["spec"]["checkpointing"].as_bool().unwrap_or(false);
-            let losses = r["result"]["losses"].as_array().cloned().unwrap_or_default();
-            let first = losses.first().and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let last = losses.last().and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let rss = r["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+            let (res, losses) = (&r.result, &r.result.losses);
             md.push_str(&format!(
                 "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.3} → {:.3} | {:.2}x | {:.2}x |\n",
-                r["model"].as_str().unwrap_or("?"),
-                r["result"]["spec"]["seq"],
-                if ck { "recomputation" } else { "whole (baseline)" },
-                f(r, "step_s"),
-                f(r, "tokens_per_s"),
-                rss,
-                r["estimate_mib"].as_f64().unwrap_or(f64::NAN),
-                first,
-                last,
-                f(r, "tokens_per_s") / f(base, "tokens_per_s"),
-                rss / base["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+                r.model,
+                res.spec.seq,
+                if res.spec.checkpointing {
+                    "recomputation"
+                } else {
+                    "whole (baseline)"
+                },
+                res.step_s,
+                res.tokens_per_s,
+                r.peak_rss_mib,
+                r.estimate_mib,
+                losses.first().copied().unwrap_or(f64::NAN),
+                losses.last().copied().unwrap_or(f64::NAN),
+                res.tokens_per_s / base.result.tokens_per_s,
+                r.peak_rss_mib / base.peak_rss_mib,
             ));
         }
     }

@@ -100,8 +100,7 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         c.grad_accum = v;
     }
     if let Some(v) = args.rank {
-        c.rank = v;
-        c.alpha = 2.0 * v as f64;
+        c.set_rank(v);
     }
     if let Some(v) = args.seed {
         c.seed = v;
@@ -316,8 +315,11 @@ pub fn load_adapter(
     structurer: &Structurer,
     model_path: &Path,
 ) -> anyhow::Result<triage_llm::lora::Lora> {
-    let meta = adapter::read_meta(dir)?;
     let sha = model_sha256(cli, model_path)?;
-    adapter::check_compatible(&meta, structurer.taxonomy(), Some(&sha), dir)?;
-    Ok(adapter::load(dir, structurer.model().config(), structurer.model().device())?.lora)
+    Ok(adapter::load_checked(
+        dir,
+        structurer.taxonomy(),
+        &sha,
+        structurer.model(),
+    )?)
 }
