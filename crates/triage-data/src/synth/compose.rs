@@ -4,12 +4,15 @@ use std::collections::BTreeMap;
 
 use triage_taxonomy::{Field, Taxonomy};
 
-use super::seeds::{Effect, Piece, Scenario, Seeds, Surface, Template};
+use super::seeds::{Effect, Piece, Scenario, Seeds, Surface, Template, Urgency};
 use crate::import::clip;
 use crate::rng::Rng;
 
 /// The field whose values (in taxonomy order, lowest first) urgency markers move.
 pub(crate) const PRIORITY: &str = "priority";
+
+/// Share of examples of an escalating scenario that carry an urgency marker.
+const ESCALATION_RATE: f64 = 0.25;
 
 /// A composed example before validation.
 pub(crate) struct Draft {
@@ -33,8 +36,17 @@ fn priority_index(scenario: &Scenario, field: &Field) -> Option<usize> {
     field.value_names().position(|v| v == base)
 }
 
-/// Whether priority value `v` can come out of `scenario` (base, escalated or relaxed).
-pub(crate) fn priority_reachable(scenario: &Scenario, field: &Field, v: &str) -> bool {
+/// The priority index an urgency marker of `effect` gives a scenario of priority `base`.
+fn escalated(effect: Effect, base: usize, n: usize) -> usize {
+    match effect {
+        Effect::Critical => n - 1,
+        Effect::High => base.max(n.saturating_sub(2)),
+    }
+}
+
+/// Whether priority value `v` can come out of `scenario` (base, escalated by a marker of a
+/// kind the scenario accepts, or relaxed).
+pub(crate) fn priority_reachable(seeds: &Seeds, scenario: &Scenario, field: &Field, v: &str) -> bool {
     let n = field.values.len();
     let (Some(base), Some(idx)) = (
         priority_index(scenario, field),
@@ -42,9 +54,12 @@ pub(crate) fn priority_reachable(scenario: &Scenario, field: &Field, v: &str) ->
     ) else {
         return false;
     };
-    idx == base
-        || (scenario.escalate && (idx == n - 1 || idx == base.max(n.saturating_sub(2))))
-        || (scenario.relax && idx == 0)
+    let by_marker = seeds
+        .surface
+        .values()
+        .flat_map(|s| &s.urgency)
+        .any(|u| scenario.urgency.contains(&u.kind) && escalated(u.effect, base, n) == idx);
+    idx == base || (scenario.escalate && by_marker) || (scenario.relax && idx == 0)
 }
 
 fn fill(template: &Template, seeds: &Seeds, lang: &str, chosen: &BTreeMap<usize, usize>) -> String {
@@ -126,16 +141,20 @@ pub(crate) fn compose(
     let mut clause = None;
     if let Some((field, base)) = priority {
         let n = field.values.len();
-        if scenario.escalate && rng.chance(0.3) {
-            let source = match english {
-                Some(en) if rng.chance(0.1) => en,
-                _ => surface,
-            };
-            let marker = rng.pick(&source.urgency);
-            let idx = match marker.effect {
-                Effect::Critical => n - 1,
-                Effect::High => base.max(n.saturating_sub(2)),
-            };
+        let source = match english {
+            Some(en) if rng.chance(0.1) => en,
+            _ => surface,
+        };
+        // Only markers of a kind that fits the situation ("the whole site is affected" needs
+        // a scenario that can affect a site).
+        let fitting: Vec<&Urgency> = source
+            .urgency
+            .iter()
+            .filter(|u| scenario.urgency.contains(&u.kind))
+            .collect();
+        if scenario.escalate && !fitting.is_empty() && rng.chance(ESCALATION_RATE) {
+            let marker = *rng.pick(&fitting);
+            let idx = escalated(marker.effect, base, n);
             priority = Some((field, idx));
             let text = if rng.chance(0.15) {
                 marker.text.to_uppercase()

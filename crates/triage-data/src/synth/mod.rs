@@ -89,7 +89,7 @@ pub fn unreachable_values(seeds: &Seeds, validator: &Validator) -> Vec<(String, 
                     .iter()
                     .find(|(k, _)| k == &f.name)
                     .map(|(_, x)| x.as_str());
-                base == Some(v) || (f.name == compose::PRIORITY && compose::priority_reachable(s, f, v))
+                base == Some(v) || (f.name == compose::PRIORITY && compose::priority_reachable(seeds, s, f, v))
             });
             if !reachable {
                 out.push((f.name.clone(), v.to_owned()));

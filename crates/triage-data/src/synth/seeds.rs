@@ -47,10 +47,32 @@ pub(crate) enum Effect {
     High,
 }
 
+/// What an urgency marker says about the situation. A scenario lists the kinds that fit it
+/// (`urgency = [...]`), so "the whole site is affected" is never added to a broken mouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum UrgencyKind {
+    /// A same-day or next-day business deadline of the writer.
+    Deadline,
+    /// The writer cannot work at all.
+    Blocked,
+    /// Many people, a site or customers are affected.
+    Scope,
+    /// An executive is waiting.
+    Vip,
+}
+
+impl UrgencyKind {
+    /// The kinds a scenario accepts when it does not list its own: anything that can happen
+    /// to one person ("scope" must be chosen explicitly).
+    pub(crate) const DEFAULT: [UrgencyKind; 3] = [UrgencyKind::Deadline, UrgencyKind::Blocked, UrgencyKind::Vip];
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Urgency {
     pub effect: Effect,
+    pub kind: UrgencyKind,
     pub text: String,
     pub summary: String,
 }
@@ -79,6 +101,8 @@ pub(crate) struct Scenario {
     /// `(field, value)` in taxonomy order, every field present.
     pub labels: Vec<(String, String)>,
     pub escalate: bool,
+    /// Urgency kinds that fit this scenario (empty when `escalate` is false).
+    pub urgency: Vec<UrgencyKind>,
     pub relax: bool,
     pub weight: u32,
     pub summary: Template,
@@ -125,6 +149,8 @@ struct RawScenario {
     summary: String,
     #[serde(default)]
     escalate: Option<bool>,
+    #[serde(default)]
+    urgency: Option<Vec<UrgencyKind>>,
     #[serde(default)]
     relax: Option<bool>,
     #[serde(default)]
@@ -335,7 +361,7 @@ impl Seeds {
                         texts.insert(key.clone(), arr);
                     } else {
                         return Err(err(format!(
-                            "unknown key {key:?}: expected a taxonomy field, a language of surface.toml ({}), or id/summary/escalate/relax/weight",
+                            "unknown key {key:?}: expected a taxonomy field, a language of surface.toml ({}), or id/summary/escalate/urgency/relax/weight",
                             langs.join(", ")
                         )));
                     }
@@ -374,10 +400,17 @@ impl Seeds {
                 let is_request = labels
                     .iter()
                     .any(|(k, v)| k == "request_type" && v.to_lowercase().contains("request"));
+                let escalate = raw.escalate.unwrap_or(true);
+                let urgency = match (escalate, &raw.urgency) {
+                    (false, _) => Vec::new(),
+                    (true, Some(kinds)) => kinds.clone(),
+                    (true, None) => UrgencyKind::DEFAULT.to_vec(),
+                };
                 scenarios.push(Scenario {
                     id: raw.id.clone(),
                     labels,
-                    escalate: raw.escalate.unwrap_or(true),
+                    escalate: escalate && !urgency.is_empty(),
+                    urgency,
                     relax: raw.relax.unwrap_or(is_request),
                     weight,
                     summary,
