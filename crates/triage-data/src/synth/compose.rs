@@ -12,7 +12,7 @@ use crate::rng::Rng;
 pub(crate) const PRIORITY: &str = "priority";
 
 /// Share of examples of an escalating scenario that carry an urgency marker.
-const ESCALATION_RATE: f64 = 0.25;
+const ESCALATION_RATE: f64 = 0.2;
 
 /// A composed example before validation.
 pub(crate) struct Draft {
