@@ -25,7 +25,8 @@ use triage_llm::qwen2::{KvCache, LoadOptions, Qwen2};
 use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
 
-use crate::grammar::{Grammar, KEY_SEPARATOR};
+use crate::grammar::Grammar;
+use crate::values::{enum_candidates, value_state, ValueState};
 use crate::prompt::PromptBuilder;
 use crate::InferError;
 
@@ -134,11 +135,11 @@ pub struct Structurer {
     tokenizer: Tokenizer,
     chat: ChatTemplate,
     prompt: PromptBuilder,
-    taxonomy: Taxonomy,
+    pub(crate) taxonomy: Taxonomy,
     validator: Validator,
-    grammar: Grammar,
-    env: toktrie::TokEnv,
-    end_of_turn: u32,
+    pub(crate) grammar: Grammar,
+    pub(crate) env: toktrie::TokEnv,
+    pub(crate) end_of_turn: u32,
     prefix: Vec<u32>,
     prefix_cache: Mutex<Option<KvCache>>,
     prefix_file: Option<std::path::PathBuf>,
@@ -389,73 +390,6 @@ impl Structurer {
         Ok((t, warnings))
     }
 
-    /// The answer tokens for `ticket` as constrained decoding produces them (the training
-    /// target): tokens the grammar forces come from the grammar exactly as at inference
-    /// (fast-forward), each string value is tokenized the way the decoder commits it
-    /// (forced-but-pending bytes plus the value through its closing quote), and the
-    /// end-of-turn token closes the answer. Teaching the BPE of the whole JSON instead would
-    /// train on token boundaries the decoder never produces.
-    pub fn target_tokens(&self, ticket: &Ticket) -> Result<Vec<u32>, InferError> {
-        let target = crate::grammar::render_ticket(ticket).into_bytes();
-        let mut matcher = self.grammar.matcher();
-        let trie = self.env.tok_trie();
-        let mut out: Vec<u32> = Vec::new();
-        let grammar_err =
-            |e: String| InferError::Grammar(format!("target {}: {e}", String::from_utf8_lossy(&target)));
-        for _ in 0..target.len() + 8 {
-            if matcher.is_accepting().unwrap_or(false) || matcher.is_stopped() {
-                let done = trie.decode(&out);
-                if done != target {
-                    return Err(grammar_err(format!(
-                        "decoder path ended at {:?}",
-                        String::from_utf8_lossy(&done)
-                    )));
-                }
-                out.push(self.end_of_turn);
-                return Ok(out);
-            }
-            let ff = matcher.compute_ff_tokens();
-            if !ff.is_empty() {
-                matcher
-                    .consume_tokens(&ff)
-                    .map_err(|e| grammar_err(e.to_string()))?;
-                out.extend_from_slice(&ff);
-                continue;
-            }
-            let done = trie.decode(&out);
-            let rest = target
-                .get(done.len()..)
-                .filter(|r| !r.is_empty())
-                .ok_or_else(|| grammar_err("the grammar wants more than the target".into()))?;
-            // The segment: through the closing quote of the string being written, as the
-            // decoder commits a value (an opening quote still pending belongs to it).
-            let mut i = usize::from(rest[0] == b'"');
-            let segment_end = loop {
-                match rest.get(i) {
-                    Some(b'\\') => i += 2,
-                    Some(b'"') => break i + 1,
-                    Some(_) => i += 1,
-                    None => break rest.len(),
-                }
-            };
-            let toks = self.env.tokenize_bytes(&rest[..segment_end.min(rest.len())]);
-            let ok = matcher
-                .validate_tokens(&toks)
-                .map_err(|e| grammar_err(e.to_string()))?;
-            if toks.is_empty() || ok != toks.len() {
-                return Err(grammar_err(format!(
-                    "segment {:?} is not accepted",
-                    String::from_utf8_lossy(&rest[..segment_end])
-                )));
-            }
-            matcher
-                .consume_tokens(&toks)
-                .map_err(|e| grammar_err(e.to_string()))?;
-            out.extend_from_slice(&toks);
-        }
-        Err(grammar_err("did not finish".into()))
-    }
-
     /// The full prompt's tokens for one incident (input hygiene included), checked against
     /// the context budget.
     fn prompt_tokens(&self, text: &str, meta: &mut Meta) -> Result<Vec<u32>, InferError> {
@@ -542,15 +476,6 @@ fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(candle)
-}
-
-/// Where decoding stands at an enum field's value.
-enum ValueState {
-    /// The value has begun (`opening`, e.g. `"`) but is not decided; `pending` are forced
-    /// bytes not yet committed as tokens.
-    Open { opening: Vec<u8>, pending: Vec<u8> },
-    /// The grammar forced the whole value: there was only one choice.
-    Forced(String),
 }
 
 /// The state of one decoding run.
@@ -690,68 +615,21 @@ impl Decoder<'_> {
         self.matcher.is_accepting().unwrap_or(false) || self.matcher.is_stopped()
     }
 
-    /// Where the output, plus the bytes the grammar forces next, stands relative to the value
-    /// of `field`. Works on bytes: forced bytes may end inside a multi-byte character.
     fn value_state(&mut self, field: &str) -> Option<ValueState> {
-        let mut full = self.s.env.tok_trie().decode(&self.out);
-        let pending = self.matcher.compute_ff_bytes();
-        full.extend_from_slice(&pending);
-        let key = format!("\"{field}\"{KEY_SEPARATOR}").into_bytes();
-        let pos = full.windows(key.len()).rposition(|w| w == key.as_slice())?;
-        let after = &full[pos + key.len()..];
-        if after.first() != Some(&b'"') {
-            return None; // the opening quote is not even forced yet
-        }
-        // Find the closing quote, skipping escaped characters.
-        let mut i = 1;
-        while i < after.len() {
-            match after[i] {
-                b'\\' => i += 2,
-                b'"' => {
-                    let value = serde_json::from_slice::<String>(&after[..=i]).ok()?;
-                    return Some(ValueState::Forced(value));
-                }
-                _ => i += 1,
-            }
-        }
-        Some(ValueState::Open {
-            opening: after.to_vec(),
-            pending,
-        })
+        value_state(&self.s.env, &self.out, &mut self.matcher, field)
     }
 
     /// Chooses the value of enum field `idx` by scoring each allowed value as a whole.
     fn decide_enum(&mut self, idx: usize, opening: &[u8], pending: &[u8]) -> Result<(), InferError> {
         let field = &self.s.taxonomy.fields[idx];
-        let allowed: Vec<&str> = match &field.dependency {
-            None => field.value_names().collect(),
-            Some(dep) => {
-                let parent = self
-                    .meta
-                    .confidence
-                    .iter()
-                    .find(|c| c.field == dep.parent)
-                    .map(|c| c.value.as_str());
-                match parent.and_then(|p| field.allowed_under(p)) {
-                    Some(vals) => vals.iter().map(|v| v.name.as_str()).collect(),
-                    None => field.value_names().collect(),
-                }
-            }
-        };
-        // Token sequences of each candidate's remaining JSON text, checked against the grammar.
-        let mut cands: Vec<(&str, Vec<u32>)> = Vec::new();
-        for v in allowed {
-            let json = serde_json::to_vec(v).expect("string serialises");
-            let Some(rest) = json.strip_prefix(opening) else {
-                continue;
-            };
-            let toks = self.s.env.tokenize_bytes(&[pending, rest].concat());
-            let ok = self.matcher.validate_tokens(&toks);
-            tracing::debug!(field = %field.name, value = v, ?toks, ?ok, "enum candidate");
-            if !toks.is_empty() && ok.ok() == Some(toks.len()) {
-                cands.push((v, toks));
-            }
-        }
+        let parent = field.dependency.as_ref().and_then(|dep| {
+            self.meta
+                .confidence
+                .iter()
+                .find(|c| c.field == dep.parent)
+                .map(|c| c.value.as_str())
+        });
+        let cands = enum_candidates(&self.s.env, &mut self.matcher, field, parent, opening, pending);
         if cands.is_empty() {
             return Err(InferError::Grammar(format!(
                 "no allowed value of `{}` fits the grammar here",

@@ -11,10 +11,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod answer;
 mod engine;
 pub mod grammar;
 pub mod prompt;
+mod values;
 
+pub use answer::{AnswerToken, TokenRole};
 pub use engine::{FieldConfidence, Meta, Structured, Structurer, StructurerOptions, Timings};
 pub use grammar::render_ticket;
 pub use prompt::{instructions, render_instruction, Instruction, PromptBuilder, PROMPT_VERSION};

@@ -113,6 +113,16 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Targeted projections.
     pub targets: Vec<Target>,
+    /// Layers that carry the adapter (PEFT `layers_to_transform`); `None`: every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+}
+
+impl LoraConfig {
+    /// Whether layer `i` carries the adapter.
+    pub fn has_layer(&self, i: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&i))
+    }
 }
 
 /// The A and B matrices of one projection.
@@ -135,6 +145,18 @@ pub struct Lora {
 
 fn err(e: candle_core::Error) -> LlmError {
     LlmError::Candle(e.to_string())
+}
+
+/// Checks that the adapter's layers exist in a model of shape `cfg`.
+fn check_layers(cfg: &Config, config: &LoraConfig) -> Result<(), String> {
+    match &config.layers {
+        Some(l) if l.is_empty() => Err("LoRA layers list is empty".into()),
+        Some(l) => match l.iter().find(|&&i| i >= cfg.num_layers) {
+            Some(i) => Err(format!("LoRA layer {i} does not exist (the model has {} layers)", cfg.num_layers)),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
 }
 
 /// Counter-based uniform numbers in [-1, 1), so an initialisation depends only on the seed.
@@ -160,9 +182,14 @@ impl Lora {
                 "LoRA needs rank ≥ 1 and at least one target".into(),
             ));
         }
+        check_layers(cfg, &config).map_err(LlmError::Candle)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut m = BTreeMap::new();
+            if !config.has_layer(i) {
+                layers.push(m);
+                continue;
+            }
             for (j, &t) in config.targets.iter().enumerate() {
                 let (inp, out) = t.dims(cfg);
                 let bound = 1.0 / (inp as f32).sqrt();
@@ -178,6 +205,11 @@ impl Lora {
             layers.push(m);
         }
         Ok(Lora { config, layers })
+    }
+
+    /// The lowest layer that carries the adapter (the number of layers if none does).
+    pub fn first_layer(&self) -> usize {
+        self.layers.iter().position(|m| !m.is_empty()).unwrap_or(self.layers.len())
     }
 
     /// `alpha / rank`.
@@ -226,9 +258,14 @@ impl Lora {
         tensors: &std::collections::HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self, String> {
+        check_layers(cfg, &config)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut m = BTreeMap::new();
+            if !config.has_layer(i) {
+                layers.push(m);
+                continue;
+            }
             for &t in &config.targets {
                 let (inp, out) = t.dims(cfg);
                 let get = |ab: &str, shape: (usize, usize)| -> Result<Var, String> {
@@ -261,7 +298,8 @@ impl Lora {
             }
             layers.push(m);
         }
-        let expected = cfg.num_layers * config.targets.len() * 2;
+        let adapted = (0..cfg.num_layers).filter(|&i| config.has_layer(i)).count();
+        let expected = adapted * config.targets.len() * 2;
         if tensors.len() != expected {
             return Err(format!(
                 "{} tensors, expected {expected} for this configuration",

@@ -93,6 +93,8 @@ pub fn peft_config(config: &LoraConfig, base_model: &str) -> Value {
         "revision": null,
         "use_rslora": false,
         "use_dora": false,
+        "layers_to_transform": config.layers,
+        "layers_pattern": config.layers.as_ref().map(|_| "layers"),
     })
 }
 
@@ -181,11 +183,23 @@ pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, 
     if peft["use_dora"] == true || peft["use_rslora"] == true {
         return Err(bad("DoRA / rsLoRA adapters are not supported".into()));
     }
+    let layers = match &peft["layers_to_transform"] {
+        Value::Null => None,
+        Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be layer numbers".into()))? as usize]),
+        Value::Array(a) => Some(
+            a.iter()
+                .map(|v| v.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| bad("`layers_to_transform` must be a list of layer numbers".into()))?,
+        ),
+        other => return Err(bad(format!("`layers_to_transform` must be a list of layer numbers, not {other}"))),
+    };
     let config = LoraConfig {
         rank,
         alpha,
         dropout: peft["lora_dropout"].as_f64().unwrap_or(0.0),
         targets,
+        layers,
     };
     let weights = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, device)

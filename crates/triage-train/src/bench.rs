@@ -2,31 +2,37 @@
 //! prompt prefix, at a fixed sequence length, timed and measured for peak memory. The CLI
 //! (`triage bench train`) runs each configuration in its own process, so that every peak RSS
 //! is that configuration's alone.
+//!
+//! The batch is pseudo-random ordinary text tokens whose last `answer` tokens are the
+//! answer, with the mix of token roles of a real ticket answer: a third free text (the
+//! summary), half forced by the grammar, a sixth enum choices among six candidates. With the
+//! `tokens` objective every answer token is a full-vocabulary position, as before.
 
 use std::time::Instant;
 
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use triage_data::rng::Rng;
+use triage_infer::TokenRole;
 use triage_llm::lora::Lora;
-use triage_llm::qwen2::{KvCache, Qwen2};
+use triage_llm::qwen2::{DenseWeights, KvCache, Qwen2};
 
+use crate::data::Item;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::trainer::{step_loss, MicroBatch, TrainConfig};
-use crate::TrainError;
+use crate::trainer::{micro_batch, step_loss, StepCtx, TrainConfig};
+use crate::{candle, TrainError};
 
 /// One configuration to measure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepBenchSpec {
     /// Tokens per sequence after the system prompt.
     pub seq: usize,
-    /// Answer tokens at the end of each sequence (the loss positions).
+    /// Answer tokens at the end of each sequence.
     pub answer: usize,
     /// Sequences per step.
     pub batch: usize,
     /// Timed steps (after one untimed warm-up step).
     pub steps: usize,
-    /// Per-layer recomputation and chunked head (else one whole graph).
-    pub checkpointing: bool,
 }
 
 /// What one configuration measured.
@@ -34,16 +40,29 @@ pub struct StepBenchSpec {
 pub struct StepBenchResult {
     /// The configuration.
     pub spec: StepBenchSpec,
+    /// The first adapted layer (0: every layer trains, no frozen-layer features).
+    pub first_layer: usize,
+    /// Layers of the model.
+    pub num_layers: usize,
     /// Mean seconds per timed optimizer step.
     pub step_s: f64,
-    /// Trained tokens (after the prefix) per second.
+    /// Trained tokens (after the prefix) per second of steps: every epoch after the first,
+    /// when the frozen layers' output is already on disk.
     pub tokens_per_s: f64,
+    /// Seconds to compute the frozen layers' output of one sequence (once per example).
+    pub features_s_per_seq: f64,
+    /// Tokens per second over a first epoch, features included.
+    pub epoch_tokens_per_s: f64,
     /// Loss of each step (it must fall: the benchmark trains on the same batch).
     pub losses: Vec<f64>,
+    /// Bytes of dense weight copies held for the backward pass.
+    pub dense_bytes: usize,
 }
 
-/// Runs `spec` on `model` attending to `prefix` (the system prompt's KV cache): one warm-up
-/// step, then `spec.steps` timed AdamW steps on one fixed pseudo-random batch.
+/// Runs `spec` on `model` attending to `prefix` (the system prompt's KV cache) with the
+/// training path of `config` (adapted layers, objective, dense copies, recomputation): the
+/// frozen layers' output computed once (timed separately), one warm-up step, then
+/// `spec.steps` timed AdamW steps on one fixed pseudo-random batch.
 pub fn step_bench(
     model: &Qwen2,
     prefix: &KvCache,
@@ -57,7 +76,12 @@ pub fn step_bench(
         )));
     }
     let cfg = model.config();
-    let lora = Lora::new(cfg, config.lora(), config.seed, model.device())?;
+    let first = config.first_layer(cfg.num_layers);
+    let lora = Lora::new(cfg, config.lora(cfg.num_layers), config.seed, model.device())?;
+    let dense = match config.dense_weights {
+        true => model.dense_weights(first..cfg.num_layers, true, DType::F16)?,
+        false => DenseWeights::none(cfg.num_layers),
+    };
     let mut opt = AdamW::new(
         lora.vars(),
         AdamWConfig {
@@ -65,14 +89,47 @@ pub fn step_bench(
             ..config.optimizer.clone()
         },
     )?;
-    let mb = batch(spec, cfg.vocab_size);
-    let how = (spec.checkpointing, config.head_chunk);
+    let items = items(spec, cfg.vocab_size);
+    let idx: Vec<usize> = (0..items.len()).collect();
+    let mb = micro_batch(&items, &idx, 0, config.objective, config.summary_weight);
+
+    // The input of the first adapted layer: embeddings, or the frozen layers' output (timed
+    // without making the frozen layers' dense copies, which a run makes once for all examples).
+    let frozen = match first > 0 && model.slow_quantized(0..first) {
+        true => Some(model.dense_weights(0..first, false, DType::F16)?),
+        false => None,
+    };
+    let t0 = Instant::now();
+    let hidden = if first == 0 {
+        let t = Tensor::from_vec(mb.tokens.clone(), (mb.b, mb.n), model.device()).map_err(candle)?;
+        model.embed(&t)?
+    } else {
+        let rows = items
+            .iter()
+            .map(|it| model.hidden_states(&it.tokens, &mut prefix.clone(), 0..first, None, frozen.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Tensor::cat(&rows, 0).map_err(candle)?
+    };
+    let features_s_per_seq = match first {
+        0 => 0.0,
+        _ => t0.elapsed().as_secs_f64() / spec.batch as f64,
+    };
+    drop(frozen);
+
+    let ctx = StepCtx {
+        model,
+        prefix,
+        lora: &lora,
+        dense: &dense,
+        checkpointing: config.checkpointing,
+        head_chunk: config.head_chunk,
+    };
     let vars = lora.vars();
     let mut losses = Vec::new();
     let mut timed = 0.0;
     for step in 0..=spec.steps {
         let t0 = Instant::now();
-        let (loss, grads) = step_loss(model, prefix, &lora, &mb, mb.count as f64, Some(None), how)?;
+        let (loss, grads) = step_loss(&ctx, hidden.clone(), first, &mb, mb.weight.max(1e-9), Some(None))?;
         let grads = grads.expect("asked for gradients");
         let g: Vec<_> = vars
             .iter()
@@ -80,7 +137,7 @@ pub fn step_bench(
                 grads
                     .get(v.as_tensor())
                     .cloned()
-                    .map_or_else(|| v.as_tensor().zeros_like().map_err(crate::candle), Ok)
+                    .map_or_else(|| v.as_tensor().zeros_like().map_err(candle), Ok)
             })
             .collect::<Result<_, _>>()?;
         opt.update(&g, 1e-3)?;
@@ -90,38 +147,50 @@ pub fn step_bench(
         losses.push(loss);
     }
     let step_s = timed / spec.steps.max(1) as f64;
+    let tokens = (spec.seq * spec.batch) as f64;
     Ok(StepBenchResult {
         spec: spec.clone(),
+        first_layer: first,
+        num_layers: cfg.num_layers,
         step_s,
-        tokens_per_s: (spec.seq * spec.batch) as f64 / step_s.max(1e-9),
+        tokens_per_s: tokens / step_s.max(1e-9),
+        features_s_per_seq,
+        epoch_tokens_per_s: tokens / (step_s + features_s_per_seq * spec.batch as f64).max(1e-9),
         losses,
+        dense_bytes: dense.bytes(),
     })
 }
 
-/// A fixed batch of pseudo-random token ids (below 32,000: ordinary text tokens), the last
-/// `answer` positions of each sequence being the targets.
-fn batch(spec: &StepBenchSpec, vocab: usize) -> MicroBatch {
+/// `spec.batch` pseudo-random sequences of ordinary text tokens (below 32,000), the last
+/// `spec.answer` of each being the answer with a real answer's mix of roles.
+fn items(spec: &StepBenchSpec, vocab: usize) -> Vec<Item> {
     let mut rng = Rng::new(spec.seq as u64);
-    let (b, n) = (spec.batch, spec.seq);
-    let tokens: Vec<u32> = (0..b * n).map(|_| rng.below(vocab.min(32_000)) as u32).collect();
-    let from = n - spec.answer - 1;
-    let m = n - from;
-    let mut targets = vec![0u32; b * m];
-    let mut mask = vec![0f32; b * m];
-    for r in 0..b {
-        for p in 0..m - 1 {
-            targets[r * m + p] = tokens[r * n + from + p + 1];
-            mask[r * m + p] = 1.0;
-        }
-    }
-    MicroBatch {
-        b,
-        n,
-        from,
-        tokens,
-        targets,
-        mask,
-        count: b * (m - 1),
-        seen: b * n,
-    }
+    let vocab = vocab.min(32_000);
+    (0..spec.batch)
+        .map(|r| {
+            let tokens: Vec<u32> = (0..spec.seq).map(|_| rng.below(vocab) as u32).collect();
+            let start = spec.seq - spec.answer;
+            let roles = (start..spec.seq)
+                .map(|j| match (j - start) % 6 {
+                    0 | 1 => TokenRole::Free,
+                    5 => {
+                        let mut candidates: Vec<u32> = (0..5).map(|_| rng.below(vocab) as u32).collect();
+                        candidates.retain(|&c| c != tokens[j]);
+                        candidates.push(tokens[j]);
+                        TokenRole::Choice {
+                            field: "bench".into(),
+                            candidates,
+                        }
+                    }
+                    _ => TokenRole::Forced,
+                })
+                .collect();
+            Item {
+                id: format!("bench-{r}"),
+                tokens,
+                start,
+                roles,
+            }
+        })
+        .collect()
 }

@@ -2,7 +2,7 @@
 
 use triage_data::rng::Rng;
 use triage_data::Example;
-use triage_infer::{instructions, render_instruction, Instruction, Structurer};
+use triage_infer::{instructions, render_instruction, Instruction, Structurer, TokenRole};
 use triage_llm::ChatMessage;
 
 use crate::TrainError;
@@ -16,6 +16,8 @@ pub struct Item {
     pub tokens: Vec<u32>,
     /// Index in `tokens` of the first assistant token (the loss covers `start..`).
     pub start: usize,
+    /// How the decoder produces each answer token (`tokens[start..]`).
+    pub roles: Vec<TokenRole>,
 }
 
 impl Item {
@@ -69,11 +71,13 @@ impl<'a> Encoder<'a> {
         tokens.drain(..prefix.len());
         let start = tokens.len();
         // The answer as constrained decoding produces it (ends with <|im_end|>).
-        tokens.extend(s.target_tokens(&e.ticket)?);
+        let answer = s.answer_tokens(&e.ticket)?;
+        tokens.extend(answer.iter().map(|t| t.id));
         Ok(Item {
             id: e.id.clone(),
             tokens,
             start,
+            roles: answer.into_iter().map(|t| t.role).collect(),
         })
     }
 

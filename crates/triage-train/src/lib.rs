@@ -21,6 +21,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod data;
+pub mod features;
 pub mod memory;
 pub mod merge;
 pub mod optim;

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use triage_data::Example;
-use triage_infer::{Structurer, StructurerOptions};
+use triage_infer::{Structurer, StructurerOptions, TokenRole};
 use triage_llm::lora::{Lora, LoraConfig, Target};
-use triage_llm::qwen2::{KvCache, Qwen2};
+use triage_llm::qwen2::{DenseWeights, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
 use triage_llm::GgufFile;
 
 use crate::data::{batches, Encoder, Item};
+use crate::features::Features;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::{candle, file_err, TrainError};
 
@@ -60,9 +61,34 @@ pub struct TrainConfig {
     /// Per-layer activation recomputation (keeps one layer's graph alive instead of all;
     /// about 1.3× the compute). Off = one whole graph, faster when memory allows.
     pub checkpointing: bool,
-    /// Answer positions whose logits are computed at once (bounds the `[b, chunk, vocab]`
-    /// logits; only with `checkpointing`).
+    /// Answer positions whose logits are computed at once (bounds the `[chunk, vocab]`
+    /// logits).
     pub head_chunk: usize,
+    /// Layers that carry the adapter, counted from the top (0 = all). The layers below have
+    /// nothing to train: their output for each example is computed once and reused at every
+    /// step and epoch, so a step only runs the top layers.
+    pub top_layers: usize,
+    /// What the loss covers.
+    pub objective: Objective,
+    /// Weight of one summary token against one enum decision (objective `decisions`).
+    pub summary_weight: f64,
+    /// Keep dense f16 copies of the adapted layers' weights and of the LM head for the
+    /// backward pass (much faster than dequantizing at every step; costs 2 bytes per weight).
+    pub dense_weights: bool,
+}
+
+/// What the training loss is computed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Where the decoder decides: each enum value's tokens scored among the tokens the
+    /// decoder chooses between there (its own renormalised probability of the right value),
+    /// plus the free-text summary at `summary_weight` per token. Tokens the grammar forces
+    /// carry no loss.
+    Decisions,
+    /// Cross-entropy on every answer token over the whole vocabulary, forced tokens included
+    /// (the plain language-model loss).
+    Tokens,
 }
 
 impl Default for TrainConfig {
@@ -87,18 +113,32 @@ impl Default for TrainConfig {
             vary_instructions: true,
             checkpointing: true,
             head_chunk: 32,
+            top_layers: 0,
+            objective: Objective::Tokens,
+            summary_weight: 0.2,
+            dense_weights: false,
         }
     }
 }
 
 impl TrainConfig {
-    /// The adapter shape.
-    pub fn lora(&self) -> LoraConfig {
+    /// The first layer that carries the adapter in a model of `num_layers` layers.
+    pub fn first_layer(&self, num_layers: usize) -> usize {
+        match self.top_layers {
+            0 => 0,
+            k => num_layers.saturating_sub(k),
+        }
+    }
+
+    /// The adapter shape for a model of `num_layers` layers.
+    pub fn lora(&self, num_layers: usize) -> LoraConfig {
+        let first = self.first_layer(num_layers);
         LoraConfig {
             rank: self.rank,
             alpha: self.alpha,
             dropout: self.dropout,
             targets: self.targets.clone(),
+            layers: (first > 0).then(|| (first..num_layers).collect()),
         }
     }
 
@@ -129,68 +169,115 @@ impl TrainConfig {
         if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
             return bad("optimizer.lr", "must be a positive number");
         }
+        if !(self.summary_weight >= 0.0 && self.summary_weight.is_finite()) {
+            return bad("summary_weight", "must be a number ≥ 0");
+        }
         Ok(())
     }
 }
 
-/// One padded micro-batch: `tokens` `[b, n]`, and next-token `targets`/`mask` `[b, n - from]`
-/// for the logit positions `from..n`.
+/// One padded micro-batch: `tokens` `[b, n]` and the supervised positions.
 pub(crate) struct MicroBatch {
     pub(crate) b: usize,
     pub(crate) n: usize,
-    pub(crate) from: usize,
     pub(crate) tokens: Vec<u32>,
-    pub(crate) targets: Vec<u32>,
-    pub(crate) mask: Vec<f32>,
-    pub(crate) count: usize,
+    /// Supervised positions (`denom` is set per use).
+    pub(crate) spec: LossSpec,
+    /// Sum of the positions' weights.
+    pub(crate) weight: f64,
+    /// Tokens of the sequences (without padding).
     pub(crate) seen: usize,
 }
 
-/// Summed cross-entropy of the micro-batch's answer tokens divided by `denom`, with the
-/// adapter's gradients when `grads` is `Some(dropout)` (`None` = validation: no graph).
-/// `how` is `(checkpointing, head_chunk)`: per-layer recomputation and a chunked head, or
-/// one whole graph.
+/// Pads the items `idx` into one micro-batch with `pad` and lists its supervised positions
+/// under `objective`: the output at position `j - 1` predicts answer token `j`.
+pub(crate) fn micro_batch(items: &[Item], idx: &[usize], pad: u32, objective: Objective, summary_weight: f64) -> MicroBatch {
+    let n = idx.iter().map(|&i| items[i].tokens.len()).max().unwrap_or(0);
+    let b = idx.len();
+    let mut tokens = vec![pad; b * n];
+    let mut positions = Vec::new();
+    let mut seen = 0;
+    for (row, &i) in idx.iter().enumerate() {
+        let it = &items[i];
+        tokens[row * n..row * n + it.tokens.len()].copy_from_slice(&it.tokens);
+        seen += it.tokens.len();
+        for (j, role) in (it.start..it.tokens.len()).zip(&it.roles) {
+            let (weight, among) = match (objective, role) {
+                (Objective::Tokens, _) => (1.0, None),
+                (Objective::Decisions, TokenRole::Forced) => continue,
+                (Objective::Decisions, TokenRole::Free) => (summary_weight as f32, None),
+                (Objective::Decisions, TokenRole::Choice { candidates, .. }) if candidates.len() > 1 => {
+                    (1.0, Some(candidates.clone()))
+                }
+                (Objective::Decisions, TokenRole::Choice { .. }) => continue,
+            };
+            if j == 0 || weight == 0.0 {
+                continue;
+            }
+            positions.push(Supervised {
+                row,
+                pos: j - 1,
+                target: it.tokens[j],
+                weight,
+                among,
+            });
+        }
+    }
+    let weight = positions.iter().map(|p| p.weight as f64).sum();
+    MicroBatch {
+        b,
+        n,
+        tokens,
+        spec: LossSpec { positions, denom: 1.0 },
+        weight,
+        seen,
+    }
+}
+
+/// What a step needs besides the batch: the model, the frozen prefix, the adapter, the dense
+/// weight copies and the step options.
+pub(crate) struct StepCtx<'a> {
+    pub(crate) model: &'a Qwen2,
+    pub(crate) prefix: &'a KvCache,
+    pub(crate) lora: &'a Lora,
+    pub(crate) dense: &'a DenseWeights,
+    pub(crate) checkpointing: bool,
+    pub(crate) head_chunk: usize,
+}
+
+/// The micro-batch's loss (`Σ weight · nll / denom`) with the adapter's gradients when
+/// `grads` is `Some(dropout)` (`None` = validation: no graph). `hidden` is the input of layer
+/// `first` (`[b, n, hidden]`).
 pub(crate) fn step_loss(
-    model: &Qwen2,
-    prefix: &KvCache,
-    lora: &Lora,
+    ctx: &StepCtx,
+    hidden: Tensor,
+    first: usize,
     mb: &MicroBatch,
     denom: f64,
     grads: Option<Option<(f64, u64)>>,
-    (checkpointing, chunk): (bool, usize),
 ) -> Result<(f64, Option<GradStore>), TrainError> {
-    let device = model.device();
-    let m = mb.n - mb.from;
-    let targets = Tensor::from_vec(mb.targets.clone(), (mb.b, m, 1), device).map_err(candle)?;
-    let mask = Tensor::from_vec(mb.mask.clone(), (mb.b, m), device).map_err(candle)?;
-    let tokens = Tensor::from_vec(mb.tokens.clone(), (mb.b, mb.n), device).map_err(candle)?;
-    let ce = |logits: &Tensor, off: usize| -> candle_core::Result<Tensor> {
-        let c = logits.dim(1)?;
-        let max = logits.max_keepdim(D::Minus1)?.detach();
-        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-        let picked = logits.gather(&targets.narrow(1, off, c)?.contiguous()?, D::Minus1)?;
-        let nll = (lse - picked)?.squeeze(D::Minus1)?;
-        (nll * mask.narrow(1, off, c)?)?.sum_all()? / denom
+    let spec = LossSpec {
+        positions: mb.spec.positions.clone(),
+        denom,
     };
-    let prefix = Some(prefix);
+    let input = TrainInput {
+        hidden,
+        first_layer: first,
+        prefix: Some(ctx.prefix),
+    };
     match grads {
         None => Ok((
-            model.loss_only(&tokens, prefix, Some(lora), mb.from, chunk, &ce)?,
+            ctx.model
+                .loss_only(&input, &spec, Some(ctx.lora), ctx.dense, ctx.head_chunk)?,
             None,
         )),
-        Some(dropout) if checkpointing => {
-            let (l, g) = model.loss_and_grads(&tokens, prefix, lora, mb.from, dropout, chunk, &ce)?;
-            Ok((l, Some(g)))
-        }
         Some(dropout) => {
-            let run = || -> candle_core::Result<(f64, GradStore)> {
-                let logits = model
-                    .forward_train(&tokens, prefix, Some(lora), mb.from, dropout)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                let l = ce(&logits, 0)?;
-                Ok((l.to_scalar::<f32>()? as f64, l.backward()?))
+            let opts = StepOptions {
+                dropout,
+                checkpointing: ctx.checkpointing,
+                head_chunk: ctx.head_chunk,
             };
-            let (l, g) = run().map_err(candle)?;
+            let (l, g) = ctx.model.loss_and_grads(&input, &spec, ctx.lora, ctx.dense, &opts)?;
             Ok((l, Some(g)))
         }
     }
@@ -238,6 +325,8 @@ pub trait Observer {
     fn step(&mut self, report: &StepReport);
     /// A one-line message (evaluation results, checkpoints).
     fn message(&mut self, text: &str);
+    /// While the frozen layers' output is computed: `done` of `total` examples.
+    fn features(&mut self, _done: usize, _total: usize) {}
 }
 
 /// What a finished run produced.
@@ -275,6 +364,10 @@ pub struct Trainer<'a> {
     state: RunState,
     run_dir: PathBuf,
     pad: u32,
+    /// The first adapted layer; the layers below run once per example (`features`).
+    first: usize,
+    features: Option<Features>,
+    dense: DenseWeights,
 }
 
 impl<'a> Trainer<'a> {
@@ -319,13 +412,21 @@ impl<'a> Trainer<'a> {
         }
         // Validation always uses the canonical prompt, as inference does.
         let (val_items, _) = encoder.encode_all(val, None, config.max_tokens)?;
-        let lora = Lora::new(model.config(), config.lora(), config.seed, &device)?;
+        let num_layers = model.config().num_layers;
+        if config.top_layers > num_layers {
+            return Err(TrainError::Invalid(format!(
+                "train config: top_layers {} exceeds the model's {num_layers} layers; use 1..={num_layers}, or 0 for all",
+                config.top_layers
+            )));
+        }
+        let lora_config = config.lora(num_layers);
+        let lora = Lora::new(model.config(), lora_config.clone(), config.seed, &device)?;
         let mut opt = AdamW::new(lora.vars(), config.optimizer.clone())?;
         if resume {
             let dir = run_dir.join("checkpoint");
             let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &device)
                 .map_err(|e| file_err(&dir, e))?;
-            let restored = Lora::from_peft_tensors(model.config(), config.lora(), &tensors, &device)
+            let restored = Lora::from_peft_tensors(model.config(), lora_config, &tensors, &device)
                 .map_err(|m| file_err(&dir, m))?;
             for (v, r) in lora.vars().iter().zip(restored.vars()) {
                 v.set(r.as_tensor()).map_err(candle)?;
@@ -335,6 +436,22 @@ impl<'a> Trainer<'a> {
         let pad = base.tokenizer().token_to_id("<|endoftext|>").unwrap_or(0);
         let prefix = base.prefix_cache()?;
         std::fs::create_dir_all(run_dir).map_err(|e| file_err(run_dir, e))?;
+        let first = config.first_layer(num_layers);
+        let features = (first > 0).then(|| {
+            // Everything the frozen layers' output depends on besides the tokens.
+            let key = format!(
+                "{}|{}|{:?}|{}",
+                gguf.path().display(),
+                gguf.file_len(),
+                base.options().requantize_q5_0,
+                base.prefix_tokens().len()
+            );
+            Features::new(&run_dir.join("features"), &key, first, model.config().hidden_size)
+        });
+        let dense = match config.dense_weights {
+            true => model.dense_weights(first..num_layers, true, DType::F16)?,
+            false => DenseWeights::none(num_layers),
+        };
         Ok(Trainer {
             base,
             gguf,
@@ -349,6 +466,9 @@ impl<'a> Trainer<'a> {
             state,
             run_dir: run_dir.to_owned(),
             pad,
+            first,
+            features,
+            dense,
         })
     }
 
@@ -367,71 +487,87 @@ impl<'a> Trainer<'a> {
         &self.train
     }
 
-    /// Pads the examples `idx` of `items` into one micro-batch with next-token targets.
-    fn micro_batch(&self, items: &[Item], idx: &[usize]) -> MicroBatch {
-        let n = idx.iter().map(|&i| items[i].tokens.len()).max().unwrap_or(0);
-        let from = idx
-            .iter()
-            .map(|&i| items[i].start)
-            .min()
-            .unwrap_or(1)
-            .saturating_sub(1);
-        let b = idx.len();
-        let mut tokens = vec![self.pad; b * n];
-        let m = n - from; // logit positions; the last one predicts nothing (masked)
-        let mut targets = vec![0u32; b * m];
-        let mut mask = vec![0f32; b * m];
-        let (mut count, mut seen) = (0, 0);
-        for (r, &i) in idx.iter().enumerate() {
-            let it = &items[i];
-            tokens[r * n..r * n + it.tokens.len()].copy_from_slice(&it.tokens);
-            seen += it.tokens.len();
-            for p in from..n - 1 {
-                let next = p + 1;
-                if next >= it.start && next < it.tokens.len() {
-                    targets[r * m + (p - from)] = it.tokens[next];
-                    mask[r * m + (p - from)] = 1.0;
-                    count += 1;
-                }
+    /// The micro-batch of items `idx` and the input of the first adapted layer for it.
+    fn batch(&self, items: &[Item], idx: &[usize]) -> Result<(MicroBatch, Tensor), TrainError> {
+        let c = &self.config;
+        let mb = micro_batch(items, idx, self.pad, c.objective, c.summary_weight);
+        let device = self.model.device();
+        let hidden = match &self.features {
+            None => {
+                let t = Tensor::from_vec(mb.tokens.clone(), (mb.b, mb.n), device).map_err(candle)?;
+                self.model.embed(&t)?
             }
-        }
-        MicroBatch {
-            b,
-            n,
-            from,
-            tokens,
-            targets,
-            mask,
-            count,
-            seen,
-        }
+            Some(f) => {
+                let rows = idx
+                    .iter()
+                    .map(|&i| {
+                        let x = f.load(&items[i], device)?;
+                        let pad = mb.n - items[i].tokens.len();
+                        match pad {
+                            0 => Ok(x),
+                            p => x.pad_with_zeros(0, 0, p).map_err(candle),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, TrainError>>()?;
+                Tensor::stack(&rows, 0).map_err(candle)?
+            }
+        };
+        Ok((mb, hidden))
     }
 
     /// [`step_loss`] of a micro-batch with this run's model, prefix, adapter and settings.
     fn loss_grads(
         &self,
-        mb: &MicroBatch,
-        denom: f64,
+        items: &[Item],
+        idx: &[usize],
+        denom: impl Fn(&MicroBatch) -> f64,
         grads: Option<Option<(f64, u64)>>,
-    ) -> Result<(f64, Option<GradStore>), TrainError> {
-        let c = &self.config;
-        let how = (c.checkpointing, c.head_chunk);
-        step_loss(&self.model, &self.prefix, &self.lora, mb, denom, grads, how)
+    ) -> Result<(f64, Option<GradStore>, MicroBatch), TrainError> {
+        let (mb, hidden) = self.batch(items, idx)?;
+        let ctx = StepCtx {
+            model: &self.model,
+            prefix: &self.prefix,
+            lora: &self.lora,
+            dense: &self.dense,
+            checkpointing: self.config.checkpointing,
+            head_chunk: self.config.head_chunk,
+        };
+        let (l, g) = step_loss(&ctx, hidden, self.first, &mb, denom(&mb), grads)?;
+        Ok((l, g, mb))
     }
 
-    /// Mean validation loss (canonical prompt, no dropout).
+    /// Computes the frozen layers' output for every training and validation example that
+    /// does not have it yet (nothing to do when the adapter covers every layer).
+    pub fn prepare_features(&self, stop: &AtomicBool, observer: &mut dyn Observer) -> Result<(), TrainError> {
+        let Some(f) = &self.features else {
+            return Ok(());
+        };
+        let missing: Vec<&Item> = self.train.iter().chain(&self.val).filter(|i| !f.has(i)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        observer.message(&format!(
+            "computing the output of the {} frozen layers for {} examples (once; kept in {})",
+            f.first_layer(),
+            missing.len(),
+            self.run_dir.join("features").display()
+        ));
+        f.prepare(&self.model, &self.prefix, &missing, stop, &mut |d, t| observer.features(d, t))
+    }
+
+    /// Mean validation loss per unit of weight (canonical prompt, no dropout).
     pub fn val_loss(&self) -> Result<Option<f64>, TrainError> {
         if self.val.is_empty() {
             return Ok(None);
         }
-        let (mut sum, mut count) = (0.0, 0usize);
+        let (mut sum, mut weight) = (0.0, 0.0);
         let idx: Vec<usize> = (0..self.val.len()).collect();
         for chunk in idx.chunks(self.config.batch_size) {
-            let mb = self.micro_batch(&self.val, chunk);
-            sum += self.loss_grads(&mb, 1.0, None)?.0;
-            count += mb.count;
+            let (l, _, mb) = self.loss_grads(&self.val, chunk, |_| 1.0, None)?;
+            sum += l;
+            weight += mb.weight;
         }
-        Ok(Some(sum / count.max(1) as f64))
+        Ok(Some(sum / weight.max(1e-9)))
     }
 
     /// Per-field accuracy of constrained decoding (the real inference path) with the current
@@ -530,6 +666,7 @@ impl<'a> Trainer<'a> {
     /// Runs to `config.steps`, checkpointing as configured and when `stop` is set.
     pub fn run(&mut self, stop: &AtomicBool, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
         let c = self.config.clone();
+        self.prepare_features(stop, observer)?;
         let fresh = self.state.step == 0;
         let val_before = if fresh {
             self.val_loss()?
@@ -590,9 +727,8 @@ impl<'a> Trainer<'a> {
                     c.dropout,
                     c.seed ^ ((self.state.step as u64) << 16 | micro as u64),
                 ));
-                let mb = self.micro_batch(&self.train, &idx);
-                let denom = (mb.count.max(1) * c.grad_accum) as f64;
-                let (loss, grads) = self.loss_grads(&mb, denom, Some(dropout))?;
+                let denom = |mb: &MicroBatch| mb.weight.max(1e-9) * c.grad_accum as f64;
+                let (loss, grads, mb) = self.loss_grads(&self.train, &idx, denom, Some(dropout))?;
                 let grads = grads.expect("asked for gradients");
                 loss_sum += loss * c.grad_accum as f64;
                 tokens += mb.seen;

@@ -19,6 +19,7 @@ fn adapter(cfg: &Config, seed: u64) -> Lora {
             alpha: 16.0,
             dropout: 0.0,
             targets: Target::ALL.to_vec(),
+            layers: None,
         },
         seed,
         &Device::Cpu,

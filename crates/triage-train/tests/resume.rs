@@ -14,7 +14,7 @@ use triage_llm::lora::Target;
 use triage_llm::qwen2::Qwen2;
 use triage_taxonomy::{Taxonomy, Validator};
 use triage_train::optim::AdamWConfig;
-use triage_train::trainer::{Observer, StepReport, TrainConfig, Trainer};
+use triage_train::trainer::{Objective, Observer, StepReport, TrainConfig, Trainer};
 use triage_train::TrainError;
 
 /// Stops the run after `at` steps by raising the flag, as Ctrl-C does.
@@ -63,6 +63,12 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         vary_instructions: true,
         checkpointing: false, // the whole-graph path (overfit.rs covers recomputation)
         head_chunk: 32,
+        // Layer 0's output computed once and kept in each run directory: the resumed run
+        // reads it back from disk.
+        top_layers: 1,
+        objective: Objective::Decisions,
+        summary_weight: 0.3,
+        dense_weights: false,
     };
     let root = std::env::temp_dir().join(format!("triage-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

@@ -1,7 +1,10 @@
-//! `triage bench train`: training-step speed and peak memory on this machine, for each model
-//! and sequence length, with per-layer recomputation (the default) against the whole-graph
-//! baseline measured in the same run. Each configuration runs in its own child process (this
-//! binary, `--one`), so each peak RSS belongs to that configuration alone.
+//! `triage bench train`: training speed and peak memory on this machine, for each model and
+//! sequence length: the configured training path (`configs/train.toml`: adapter on the top
+//! layers with their input computed once, loss on the decisions, dense weight copies, tuned
+//! allocator) against the path of the first release, measured in the same run (adapter on
+//! every layer, plain token loss, weights dequantized in every backward pass, per-layer
+//! recomputation, glibc's default allocator settings). Each configuration runs in its own
+//! child process (this binary, `--one`), so each peak RSS belongs to that configuration alone.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -10,8 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use triage_train::bench::{step_bench, StepBenchResult, StepBenchSpec};
-use triage_train::memory::{estimate, MemoryInputs};
-use triage_train::trainer::TrainConfig;
+use triage_train::trainer::{Objective, TrainConfig};
 
 use crate::Cli;
 
@@ -42,15 +44,28 @@ pub struct BenchTrainArgs {
     /// Internal: run one configuration (`--model`, the first length) and print its JSON.
     #[arg(long, hide = true)]
     one: bool,
-    /// Internal, with `--one`: the whole-graph baseline instead of recomputation.
+    /// Internal, with `--one`: the first release's training path instead of the configured one.
     #[arg(long, hide = true)]
-    whole_graph: bool,
+    baseline: bool,
+}
+
+/// The training path of the first release (the baseline): adapter on every layer, token
+/// loss, no dense copies, per-layer recomputation; rank, targets and head chunk from `config`.
+fn baseline_config(config: &TrainConfig) -> TrainConfig {
+    TrainConfig {
+        top_layers: 0,
+        objective: Objective::Tokens,
+        dense_weights: false,
+        checkpointing: true,
+        ..config.clone()
+    }
 }
 
 /// One configuration's line of the report.
 #[derive(Serialize, Deserialize)]
 struct Row {
     model: String,
+    baseline: bool,
     result: StepBenchResult,
     peak_rss_mib: f64,
     estimate_mib: f64,
@@ -68,8 +83,8 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
     let mut rows: Vec<Row> = Vec::new();
     for model in &args.models {
         for &seq in &args.seq {
-            for whole in [true, false] {
-                let label = if whole { "whole graph" } else { "recomputation" };
+            for baseline in [true, false] {
+                let label = if baseline { "first release's path" } else { "configured path" };
                 eprintln!("== {model}, {seq} tokens, {label}");
                 let mut cmd = Command::new(&exe);
                 cmd.args(["--model", model, "bench", "train", "--one"])
@@ -84,8 +99,9 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
                     .arg(&args.config)
                     .stderr(Stdio::inherit())
                     .stdout(Stdio::piped());
-                if whole {
-                    cmd.arg("--whole-graph");
+                if baseline {
+                    // The first release ran with glibc's default allocator settings.
+                    cmd.arg("--baseline").env(crate::alloc::DEFAULT_ENV, "1");
                 }
                 for (env, v) in [
                     ("TRIAGE_TAXONOMY", &cli.taxonomy),
@@ -128,22 +144,24 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
         answer: args.answer,
         batch: args.batch,
         steps: args.steps,
-        checkpointing: !args.whole_graph,
     };
-    let result = step_bench(base.model(), &prefix, config, &spec)?;
-    let est = estimate(&MemoryInputs {
-        cfg: base.model().config().clone(),
-        weight_bytes: std::fs::metadata(&path)?.len(),
-        lora: config.lora(),
-        batch: args.batch,
-        seq_len: seq,
-        prefix_len: base.prefix_tokens().len(),
-        logit_positions: args.answer + 1,
-        checkpointing: spec.checkpointing,
-        head_chunk: config.head_chunk,
-    });
+    let config = match args.baseline {
+        true => baseline_config(config),
+        false => config.clone(),
+    };
+    let result = step_bench(base.model(), &prefix, &config, &spec)?;
+    let gguf = triage_llm::GgufFile::open(&path)?;
+    let est = crate::train_cmd::dry_run_estimate(
+        &gguf,
+        &TrainConfig {
+            batch_size: args.batch,
+            max_tokens: seq,
+            ..config.clone()
+        },
+    )?;
     Ok(Row {
         model: model.clone(),
+        baseline: args.baseline,
         result,
         peak_rss_mib: crate::bench::peak_rss_mib(),
         estimate_mib: est.total as f64 / (1024.0 * 1024.0),
@@ -154,13 +172,17 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
 fn markdown(args: &BenchTrainArgs, rows: &[Row]) -> String {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let mut md = format!(
-        "## Training (QLoRA step)\n\nWritten by `triage {}` (see `crates/triage/src/bench_train.rs`); {}. \
+        "## Training (QLoRA)\n\nWritten by `triage {}` (see `crates/triage/src/bench_train.rs`); {}. \
          Each configuration runs in its own process: one warm-up step, then {} timed AdamW steps on one \
-         fixed batch of {} sequence(s), the last {} tokens of each being the loss positions, attending to \
+         fixed batch of {} sequence(s) of pseudo-random text whose last {} tokens are the answer (a real \
+         answer's mix: a third free text, half forced by the grammar, a sixth enum choices), attending to \
          the real system prompt (its KV cache computed once, not timed). Tokens/s counts the tokens after \
-         the system prompt. Peak RSS is the process's VmHWM (model, prompt cache and all). Ratios are \
-         recomputation against the whole-graph baseline of the same model and length, measured in the \
-         same run. The estimate is `triage train --dry-run`'s.\n\n",
+         the system prompt. *Steps* is the steady state (every epoch after the first); *first epoch* adds \
+         the one-off forward pass of the frozen layers for each example. Peak RSS is the process's VmHWM \
+         (model, prompt cache, dense copies and all); the estimate is `triage train --dry-run`'s. \
+         Baseline: the first release's path (adapter on every layer, token loss, weights dequantized in \
+         every backward pass, per-layer recomputation, glibc's default allocator), measured in the same \
+         run; ratios are against it.\n\n",
         command.join(" "),
         crate::bench::machine(),
         args.steps,
@@ -168,30 +190,30 @@ fn markdown(args: &BenchTrainArgs, rows: &[Row]) -> String {
         args.answer,
     );
     md.push_str(
-        "| model | tokens | graph | s/step | train tok/s | peak RSS MiB | estimate MiB | loss first → last | tok/s ratio | RSS ratio |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| model | tokens | path | adapted layers | s/step | tok/s (steps) | tok/s (first epoch) | peak RSS MiB | estimate MiB | estimate error | loss first → last | tok/s ratio (steps) | tok/s ratio (first epoch) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for pair in rows.chunks(2) {
         let base = &pair[0];
         for r in pair {
-            let (res, losses) = (&r.result, &r.result.losses);
+            let res = &r.result;
             md.push_str(&format!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.3} → {:.3} | {:.2}x | {:.2}x |\n",
+                "| {} | {} | {} | {}–{} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:+.0}% | {:.3} → {:.3} | {:.2}x | {:.2}x |\n",
                 r.model,
                 res.spec.seq,
-                if res.spec.checkpointing {
-                    "recomputation"
-                } else {
-                    "whole (baseline)"
-                },
+                if r.baseline { "first release (baseline)" } else { "configured" },
+                res.first_layer,
+                res.num_layers - 1,
                 res.step_s,
                 res.tokens_per_s,
+                res.epoch_tokens_per_s,
                 r.peak_rss_mib,
                 r.estimate_mib,
-                losses.first().copied().unwrap_or(f64::NAN),
-                losses.last().copied().unwrap_or(f64::NAN),
+                100.0 * (r.estimate_mib / r.peak_rss_mib - 1.0),
+                res.losses.first().copied().unwrap_or(f64::NAN),
+                res.losses.last().copied().unwrap_or(f64::NAN),
                 res.tokens_per_s / base.result.tokens_per_s,
-                r.peak_rss_mib / base.peak_rss_mib,
+                res.epoch_tokens_per_s / base.result.epoch_tokens_per_s,
             ));
         }
     }

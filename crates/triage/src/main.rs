@@ -7,6 +7,7 @@
 //! `triage-connectors` (ITSM payloads and clients) and `triage-serve` (HTTP service). Results go to stdout, logs and progress to stderr.
 
 mod adapter_cmd;
+mod alloc;
 mod batch;
 mod bench;
 mod bench_serve;
@@ -102,6 +103,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> ExitCode {
+    alloc::tune();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match &cli.command {

@@ -15,7 +15,7 @@ use triage_llm::GgufFile;
 use triage_taxonomy::{Taxonomy, Validator};
 use triage_train::adapter::{self, TriageMeta};
 use triage_train::memory::{estimate, MemoryInputs};
-use triage_train::trainer::{device, Observer, StepReport, TrainConfig, Trainer};
+use triage_train::trainer::{device, Objective, Observer, StepReport, TrainConfig, Trainer};
 
 use crate::Cli;
 
@@ -71,6 +71,14 @@ pub struct TrainArgs {
     /// several times the memory; config key `checkpointing`).
     #[arg(long)]
     no_checkpointing: bool,
+    /// Put the adapter on the top K layers only (0 = all; config key `top_layers`): the
+    /// layers below run once per example and their output is reused.
+    #[arg(long, value_name = "K")]
+    top_layers: Option<usize>,
+    /// What the loss covers: `decisions` (enum choices as the decoder makes them, the summary
+    /// down-weighted) or `tokens` (every answer token; config key `objective`).
+    #[arg(long, value_parser = ["decisions", "tokens"])]
+    objective: Option<String>,
 }
 
 /// Reads a training configuration (TOML), naming the file in errors.
@@ -107,6 +115,15 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if let Some(v) = args.accuracy_samples {
         c.accuracy_samples = v;
+    }
+    if let Some(v) = args.top_layers {
+        c.top_layers = v;
+    }
+    if let Some(v) = &args.objective {
+        c.objective = match v.as_str() {
+            "tokens" => Objective::Tokens,
+            _ => Objective::Decisions,
+        };
     }
     c.check()?;
     Ok(c)
@@ -158,6 +175,12 @@ impl Observer for Bar {
             self.0.println(text);
         }
     }
+    fn features(&mut self, done: usize, total: usize) {
+        self.0.set_message(format!("frozen layers: {done}/{total} examples"));
+        if self.0.is_hidden() && (done == total || done % 100 == 0) {
+            eprintln!("frozen layers: {done}/{total} examples");
+        }
+    }
 }
 
 /// Loads the model on `device` and builds the base structurer (no adapter).
@@ -178,6 +201,28 @@ pub fn base_structurer(
     Ok((gguf, s, path))
 }
 
+/// The `--dry-run` estimate for `config` on the model in `gguf`, at typical lengths: the
+/// system prompt (~2,100 tokens) and sequences of `max_tokens` (at most 256).
+pub fn dry_run_estimate(gguf: &GgufFile, config: &TrainConfig) -> anyhow::Result<triage_train::memory::MemoryEstimate> {
+    let cfg = triage_llm::qwen2::Config::from_gguf(gguf)?;
+    let seq_len = config.max_tokens.min(256);
+    Ok(estimate(&MemoryInputs {
+        weight_bytes: Qwen2::load_bytes(gguf, &LoadOptions::default()),
+        lora: config.lora(cfg.num_layers),
+        cfg,
+        batch: config.batch_size,
+        seq_len,
+        prefix_len: 2100,
+        logit_positions: match config.objective {
+            Objective::Tokens => 96,
+            Objective::Decisions => 40,
+        },
+        checkpointing: config.checkpointing,
+        head_chunk: config.head_chunk,
+        dense_weights: config.dense_weights,
+    }))
+}
+
 /// Runs `triage train`.
 pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
@@ -191,29 +236,23 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
         let gguf = GgufFile::open(&path)?;
-        let cfg = triage_llm::qwen2::Config::from_gguf(&gguf)?;
-        let weight_bytes = std::fs::metadata(&path)?.len();
-        // Typical lengths: the system prompt (~2,000 tokens) and the longest training example.
-        let est = estimate(&MemoryInputs {
-            cfg,
-            weight_bytes,
-            lora: config.lora(),
-            batch: config.batch_size,
-            seq_len: config.max_tokens.min(256),
-            prefix_len: 2100,
-            logit_positions: 96,
-            checkpointing: config.checkpointing,
-            head_chunk: config.head_chunk,
-        });
+        let est = dry_run_estimate(&gguf, &config)?;
         println!("{est}");
         println!(
-            "(batch {}, {} tokens after a ~2,100-token system prompt, f32 activations, {}; \
-             approximate: measured CPU peaks were 1.4-2x this figure, see docs/benchmarks.md)",
+            "(batch {}, {} tokens after a ~2,100-token system prompt, adapter on {}, {}, {})",
             config.batch_size,
             config.max_tokens.min(256),
+            match config.top_layers {
+                0 => "every layer".to_string(),
+                k => format!("the top {k} layers"),
+            },
             match config.checkpointing {
                 true => "per-layer recomputation",
                 false => "whole graph kept",
+            },
+            match config.dense_weights {
+                true => "dense f16 weight copies",
+                false => "weights dequantized in the backward pass",
             }
         );
         return Ok(ExitCode::SUCCESS);

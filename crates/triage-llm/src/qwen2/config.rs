@@ -1,0 +1,105 @@
+//! [`Config`]: the model's shape, read from `qwen2.*` GGUF metadata.
+
+use crate::{GgufFile, LlmError};
+
+/// Model hyper-parameters, read from `qwen2.*` GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Rows of the embedding / LM head.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// Trained context length.
+    pub max_position: usize,
+}
+
+impl Config {
+    /// Reads the configuration of a `qwen2` GGUF.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, LlmError> {
+        let bad = |m: String| LlmError::BadGguf {
+            path: gguf.path().to_path_buf(),
+            message: m,
+        };
+        let arch = gguf.architecture().unwrap_or("");
+        if arch != "qwen2" {
+            return Err(bad(format!(
+                "architecture `{arch}` is not supported (need qwen2)"
+            )));
+        }
+        let int = |k: &str| {
+            gguf.meta_u64(&format!("qwen2.{k}"))
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing metadata qwen2.{k}")))
+        };
+        let float = |k: &str, default: f64| {
+            gguf.content()
+                .metadata
+                .get(&format!("qwen2.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .map_or(default, f64::from)
+        };
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let num_kv_heads = int("attention.head_count_kv")?;
+        if num_heads == 0
+            || num_kv_heads == 0
+            || hidden_size % num_heads != 0
+            || num_heads % num_kv_heads != 0
+        {
+            return Err(bad(format!(
+                "inconsistent head counts {num_heads}/{num_kv_heads} for width {hidden_size}"
+            )));
+        }
+        let vocab_size = gguf
+            .content()
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads,
+            rope_theta: float("rope.freq_base", 1_000_000.0) as f32,
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+            max_position: int("context_length").unwrap_or(32768),
+        })
+    }
+}
+
+impl Config {
+    /// A tiny shape (2 layers, width 64, vocabulary 96) for tests of code paths that need a
+    /// model but not a trained one; see [`crate::qwen2::Qwen2::random`].
+    pub fn tiny() -> Self {
+        Config {
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-6,
+            max_position: 4096,
+        }
+    }
+}
