@@ -52,6 +52,10 @@ pub struct StructurerOptions {
     /// Folder where the system prompt's KV cache is kept between runs (keyed by model file
     /// and exact prompt tokens), so a one-shot `triage infer` does not prefill it every time.
     pub prefix_cache_dir: Option<std::path::PathBuf>,
+    /// Compute the system prompt's KV cache one layer at a time with dense weight copies
+    /// ([`Qwen2::prefill_layerwise`]): for a training process, which must not keep candle's
+    /// repacked copies of the quantized weights.
+    pub layerwise_prefill: bool,
 }
 
 impl Default for StructurerOptions {
@@ -66,6 +70,7 @@ impl Default for StructurerOptions {
             max_input_tokens: 1536,
             requantize_q5_0: true,
             prefix_cache_dir: None,
+            layerwise_prefill: false,
         }
     }
 }
@@ -247,8 +252,14 @@ impl Structurer {
             tokens = self.prefix.len(),
             "prefilling the system prompt (cached afterwards)"
         );
-        let mut cache = KvCache::default();
-        self.model.forward(&self.prefix, &mut cache, 1)?;
+        let cache = match self.opts.layerwise_prefill {
+            true => self.model.prefill_layerwise(&self.prefix)?,
+            false => {
+                let mut cache = KvCache::default();
+                self.model.forward(&self.prefix, &mut cache, 1)?;
+                cache
+            }
+        };
         if let Some(file) = &self.prefix_file {
             if let Err(e) = cache.save(file) {
                 tracing::warn!("could not keep the system prompt cache: {e}");
@@ -447,6 +458,7 @@ fn prefix_cache_name(gguf: &GgufFile, prefix: &[u32], opts: &StructurerOptions) 
         mtime,
         prefix,
         opts.requantize_q5_0,
+        opts.layerwise_prefill,
         env!("CARGO_PKG_VERSION"),
     )
         .hash(&mut h);

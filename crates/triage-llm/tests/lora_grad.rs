@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use triage_llm::lora::{Lora, LoraConfig, Target};
-use triage_llm::qwen2::{Config, DenseWeights, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
+use triage_llm::qwen2::{Config, DenseWeights, Graph, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
 
 fn adapter(cfg: &Config, layers: Option<Vec<usize>>, device: &Device) -> Lora {
     let lora = Lora::new(
@@ -54,9 +54,18 @@ fn embedded<'a>(model: &Qwen2, tokens: &Tensor, prefix: &'a KvCache) -> TrainInp
     }
 }
 
+fn opts(dropout: Option<(f64, u64)>, graph: Graph, head_chunk: usize, composed: bool) -> StepOptions {
+    StepOptions {
+        dropout,
+        graph,
+        head_chunk,
+        composed,
+    }
+}
+
 fn probe_loss(model: &Qwen2, lora: &Lora, input: &TrainInput, probe: &Tensor) -> Tensor {
     let none = DenseWeights::none(model.config().num_layers);
-    let logits = model.train_logits(input, Some(lora), &none, None).unwrap();
+    let logits = model.train_logits(input, Some(lora), &none, &opts(None, Graph::Whole, 1, false)).unwrap();
     (logits * probe).unwrap().sum_all().unwrap()
 }
 
@@ -158,7 +167,7 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
     let want = infer(Some(&lora));
     for (weights, tol) in [(&none, 1e-3), (&dense, 2e-2)] {
         let got = model
-            .train_logits(&embedded(&model, &tokens, &prefix), Some(&lora), weights, None)
+            .train_logits(&embedded(&model, &tokens, &prefix), Some(&lora), weights, &opts(None, Graph::Whole, 1, false))
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -179,12 +188,16 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
         first_layer: 2,
         prefix: Some(&prefix),
     };
-    let got = model.train_logits(&input, Some(&top), &none, None).unwrap().squeeze(0).unwrap();
+    let got = model
+        .train_logits(&input, Some(&top), &none, &opts(None, Graph::Whole, 1, false))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let want = infer(Some(&top));
     let d = max_diff(&got, &want);
     assert!(d <= 1e-3 * max_abs(&want).max(1.0), "top layer only: max |Δlogit| {d}");
     // An adapter with weights below the first layer run is refused.
-    let err = model.train_logits(&input, Some(&lora), &none, None).unwrap_err();
+    let err = model.train_logits(&input, Some(&lora), &none, &opts(None, Graph::Whole, 1, false)).unwrap_err();
     assert!(err.to_string().contains("below the first layer"), "{err}");
 }
 
@@ -218,10 +231,11 @@ fn spec(cfg: &Config) -> LossSpec {
     }
 }
 
-/// Per-layer recomputation and the chunked head are a memory optimisation only: the loss and
-/// every adapter gradient equal those of back-propagating the whole graph at once (batch of
-/// two, dropout on, both kinds of supervised positions, head chunks that do not divide
-/// them). Run from the embeddings and from frozen hidden states.
+/// Layer-by-layer backpropagation (with kept or recomputed layer graphs) and the chunked head
+/// are memory optimisations only: the loss and every adapter gradient equal those of
+/// back-propagating the whole graph at once (batch of two, dropout on, both kinds of
+/// supervised positions, head chunks that do not divide them). Run from the embeddings and
+/// from frozen hidden states.
 #[test]
 fn checkpointed_gradients_equal_whole_graph_gradients() {
     let device = Device::Cpu;
@@ -253,37 +267,32 @@ fn checkpointed_gradients_equal_whole_graph_gradients() {
             first_layer: first,
             prefix: Some(&prefix),
         };
-        let run = |checkpointing| {
-            let opts = StepOptions {
-                dropout: Some((0.3, 99)),
-                checkpointing,
-                head_chunk: 2,
-            };
-            model.loss_and_grads(&input, &spec, &lora, &dense, &opts).unwrap()
+        let run = |graph| {
+            let o = opts(Some((0.3, 99)), graph, 2, false);
+            model.loss_and_grads(&input, &spec, &lora, &dense, &o).unwrap()
         };
-        let (expect, reference) = run(false);
-        let (total, grads) = run(true);
-        assert!(
-            (total - expect).abs() <= 1e-4 * expect.abs().max(1.0),
-            "loss {total} vs {expect}"
-        );
-        let mut checked = 0;
-        for v in lora.vars() {
-            let a = reference.get(v.as_tensor()).expect("reference gradient");
-            let b = grads.get(v.as_tensor()).expect("checkpointed gradient");
-            let (d, scale) = (max_diff(a, b), max_abs(a));
-            assert!(d <= 1e-4 * scale.max(1e-3), "gradient differs by {d} (scale {scale})");
-            checked += 1;
+        let (expect, reference) = run(Graph::Whole);
+        for graph in [Graph::PerLayer, Graph::Recompute] {
+            let (total, grads) = run(graph);
+            assert!(
+                (total - expect).abs() <= 1e-4 * expect.abs().max(1.0),
+                "{graph:?}: loss {total} vs {expect}"
+            );
+            let mut checked = 0;
+            for v in lora.vars() {
+                let a = reference.get(v.as_tensor()).expect("reference gradient");
+                let b = grads.get(v.as_tensor()).expect("layer-by-layer gradient");
+                let (d, scale) = (max_diff(a, b), max_abs(a));
+                assert!(d <= 1e-4 * scale.max(1e-3), "{graph:?}: gradient differs by {d} (scale {scale})");
+                checked += 1;
+            }
+            assert_eq!(checked, 2 * 7 * (cfg.num_layers - first));
         }
-        assert_eq!(checked, 2 * 7 * (cfg.num_layers - first));
         // Validation computes the same loss without a graph (no dropout there).
-        let val = model.loss_only(&input, &spec, Some(&lora), &dense, 2).unwrap();
-        let opts = StepOptions {
-            dropout: None,
-            checkpointing: true,
-            head_chunk: 5,
-        };
-        let (l, _) = model.loss_and_grads(&input, &spec, &lora, &dense, &opts).unwrap();
+        let val = model.loss_only(&input, &spec, Some(&lora), &dense, &opts(None, Graph::Recompute, 2, false)).unwrap();
+        let (l, _) = model
+            .loss_and_grads(&input, &spec, &lora, &dense, &opts(None, Graph::Recompute, 5, false))
+            .unwrap();
         assert!((val - l).abs() <= 1e-4 * l.abs().max(1.0), "validation {val} vs {l}");
     }
 }
@@ -302,8 +311,8 @@ fn the_loss_is_weighted_cross_entropy_over_the_right_tokens() {
     let input = embedded(&model, &tokens, &prefix);
     let dense = DenseWeights::none(cfg.num_layers);
     let spec = spec(&cfg);
-    let got = model.loss_only(&input, &spec, None, &dense, 3).unwrap();
-    let logits = model.train_logits(&input, None, &dense, None).unwrap();
+    let got = model.loss_only(&input, &spec, None, &dense, &opts(None, Graph::Recompute, 3, false)).unwrap();
+    let logits = model.train_logits(&input, None, &dense, &opts(None, Graph::Whole, 1, false)).unwrap();
     let mut want = 0.0f64;
     for s in &spec.positions {
         let row: Vec<f32> = logits.get(s.row).unwrap().get(s.pos).unwrap().to_vec1().unwrap();
@@ -313,4 +322,49 @@ fn the_loss_is_weighted_cross_entropy_over_the_right_tokens() {
     }
     want /= spec.denom;
     assert!((got - want).abs() <= 1e-4 * want.abs(), "loss {got}, recomputed {want}");
+}
+
+/// The CPU training kernels are an optimisation only: the loss and every adapter gradient of
+/// a step equal those of the composed differentiable primitives (batch of two, a prefix,
+/// dropout, both kinds of supervised positions, dense f16 weight copies in both).
+#[test]
+fn training_kernels_equal_the_composed_primitives() {
+    let device = Device::Cpu;
+    let cfg = Config {
+        num_layers: 3,
+        ..Config::tiny()
+    };
+    let model = Qwen2::random(&cfg, 6, &device).unwrap();
+    let prefix = prefix_of(&model, &[5, 9, 17, 33, 2, 8]);
+    let tokens = Tensor::new(&[[3u32, 7, 11, 2, 40, 41, 8], [6, 1, 90, 13, 12, 0, 0]], &device).unwrap();
+    let lora = adapter(&cfg, Some(vec![1, 2]), &device);
+    let hidden = Tensor::cat(
+        &(0..2)
+            .map(|r| {
+                let ids: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
+                model.hidden_states(&ids, &mut prefix.clone(), 0..1, None, None).unwrap()
+            })
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let input = TrainInput {
+        hidden,
+        first_layer: 1,
+        prefix: Some(&prefix),
+    };
+    let spec = spec(&cfg);
+    for dense in [DenseWeights::none(3), model.dense_weights(1..3, true, DType::F16).unwrap()] {
+        let run = |composed| {
+            let o = opts(Some((0.25, 5)), Graph::Recompute, 3, composed);
+            model.loss_and_grads(&input, &spec, &lora, &dense, &o).unwrap()
+        };
+        let ((lk, gk), (lc, gc)) = (run(false), run(true));
+        assert!((lk - lc).abs() <= 1e-4 * lc.abs().max(1.0), "loss {lk} vs {lc}");
+        for v in lora.vars() {
+            let (a, b) = (gk.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+            let (d, scale) = (max_diff(a, b), max_abs(b));
+            assert!(d <= 2e-3 * scale.max(1e-3), "gradient differs by {d} (scale {scale})");
+        }
+    }
 }

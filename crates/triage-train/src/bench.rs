@@ -18,6 +18,7 @@ use triage_llm::lora::Lora;
 use triage_llm::qwen2::{DenseWeights, KvCache, Qwen2};
 
 use crate::data::Item;
+use crate::features::Features;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::trainer::{micro_batch, step_loss, StepCtx, TrainConfig};
 use crate::{candle, TrainError};
@@ -75,6 +76,14 @@ pub fn step_bench(
             spec.seq, spec.answer, spec.batch
         )));
     }
+    let rss = |what: &str| {
+        if std::env::var_os("TRIAGE_BENCH_RSS").is_some() {
+            let st = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let get = |k: &str| st.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
+            eprintln!("[rss] {what}: {} | {}", get("VmRSS:"), get("VmHWM:"));
+        }
+    };
+    rss("start");
     let cfg = model.config();
     let first = config.first_layer(cfg.num_layers);
     let lora = Lora::new(cfg, config.lora(cfg.num_layers), config.seed, model.device())?;
@@ -82,6 +91,7 @@ pub fn step_bench(
         true => model.dense_weights(first..cfg.num_layers, true, DType::F16)?,
         false => DenseWeights::none(cfg.num_layers),
     };
+    rss("dense copies");
     let mut opt = AdamW::new(
         lora.vars(),
         AdamWConfig {
@@ -93,28 +103,32 @@ pub fn step_bench(
     let idx: Vec<usize> = (0..items.len()).collect();
     let mb = micro_batch(&items, &idx, 0, config.objective, config.summary_weight);
 
-    // The input of the first adapted layer: embeddings, or the frozen layers' output (timed
-    // without making the frozen layers' dense copies, which a run makes once for all examples).
-    let frozen = match first > 0 && model.slow_quantized(0..first) {
-        true => Some(model.dense_weights(0..first, false, DType::F16)?),
-        false => None,
-    };
+    // The input of the first adapted layer: embeddings, or the frozen layers' output
+    // computed as a training run computes it (layer by layer, through files on disk).
     let t0 = Instant::now();
     let hidden = if first == 0 {
         let t = Tensor::from_vec(mb.tokens.clone(), (mb.b, mb.n), model.device()).map_err(candle)?;
         model.embed(&t)?
     } else {
-        let rows = items
-            .iter()
-            .map(|it| model.hidden_states(&it.tokens, &mut prefix.clone(), 0..first, None, frozen.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Tensor::cat(&rows, 0).map_err(candle)?
+        let dir = std::env::temp_dir().join(format!("triage-bench-features-{}", std::process::id()));
+        let features = Features::new(&dir, "bench", first, cfg.hidden_size);
+        let refs: Vec<&Item> = items.iter().collect();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let done = features.prepare(model, prefix, &refs, &stop, &mut |_, _| {});
+        let rows = done.and_then(|()| {
+            items
+                .iter()
+                .map(|it| features.load(it, model.device()))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        Tensor::stack(&rows?, 0).map_err(candle)?
     };
     let features_s_per_seq = match first {
         0 => 0.0,
         _ => t0.elapsed().as_secs_f64() / spec.batch as f64,
     };
-    drop(frozen);
+    rss("features");
 
     let ctx = StepCtx {
         model,
@@ -123,6 +137,7 @@ pub fn step_bench(
         dense: &dense,
         checkpointing: config.checkpointing,
         head_chunk: config.head_chunk,
+        composed: config.composed_ops,
     };
     let vars = lora.vars();
     let mut losses = Vec::new();
@@ -145,6 +160,7 @@ pub fn step_bench(
             timed += t0.elapsed().as_secs_f64();
         }
         losses.push(loss);
+        rss("step");
     }
     let step_s = timed / spec.steps.max(1) as f64;
     let tokens = (spec.seq * spec.batch) as f64;

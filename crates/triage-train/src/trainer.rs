@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use triage_data::Example;
 use triage_infer::{Structurer, StructurerOptions, TokenRole};
 use triage_llm::lora::{Lora, LoraConfig, Target};
-use triage_llm::qwen2::{DenseWeights, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
+use triage_llm::qwen2::{DenseWeights, Graph, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
 use triage_llm::GgufFile;
 
 use crate::data::{batches, Encoder, Item};
@@ -58,8 +58,10 @@ pub struct TrainConfig {
     pub max_tokens: usize,
     /// Rotate the user-turn instruction over `prompts/instructions.toml`.
     pub vary_instructions: bool,
-    /// Per-layer activation recomputation (keeps one layer's graph alive instead of all;
-    /// about 1.3× the compute). Off = one whole graph, faster when memory allows.
+    /// Per-layer activation recomputation: keep only each adapted layer's input from the
+    /// forward pass and re-run the layer in the backward pass (least memory, ~1.4x the
+    /// compute). Off: each layer's graph is kept, and freed as soon as the backward pass has
+    /// gone through it.
     pub checkpointing: bool,
     /// Answer positions whose logits are computed at once (bounds the `[chunk, vocab]`
     /// logits).
@@ -75,6 +77,9 @@ pub struct TrainConfig {
     /// Keep dense f16 copies of the adapted layers' weights and of the LM head for the
     /// backward pass (much faster than dequantizing at every step; costs 2 bytes per weight).
     pub dense_weights: bool,
+    /// Run the differentiable primitives instead of the CPU training kernels: the reference
+    /// implementation the kernels are tested against (slower, more memory).
+    pub composed_ops: bool,
 }
 
 /// What the training loss is computed on.
@@ -117,6 +122,7 @@ impl Default for TrainConfig {
             objective: Objective::Tokens,
             summary_weight: 0.2,
             dense_weights: false,
+            composed_ops: false,
         }
     }
 }
@@ -243,6 +249,7 @@ pub(crate) struct StepCtx<'a> {
     pub(crate) dense: &'a DenseWeights,
     pub(crate) checkpointing: bool,
     pub(crate) head_chunk: usize,
+    pub(crate) composed: bool,
 }
 
 /// The micro-batch's loss (`Σ weight · nll / denom`) with the adapter's gradients when
@@ -265,18 +272,18 @@ pub(crate) fn step_loss(
         first_layer: first,
         prefix: Some(ctx.prefix),
     };
+    let opts = StepOptions {
+        dropout: grads.flatten(),
+        graph: match ctx.checkpointing {
+            true => Graph::Recompute,
+            false => Graph::PerLayer,
+        },
+        head_chunk: ctx.head_chunk,
+        composed: ctx.composed,
+    };
     match grads {
-        None => Ok((
-            ctx.model
-                .loss_only(&input, &spec, Some(ctx.lora), ctx.dense, ctx.head_chunk)?,
-            None,
-        )),
-        Some(dropout) => {
-            let opts = StepOptions {
-                dropout,
-                checkpointing: ctx.checkpointing,
-                head_chunk: ctx.head_chunk,
-            };
+        None => Ok((ctx.model.loss_only(&input, &spec, Some(ctx.lora), ctx.dense, &opts)?, None)),
+        Some(_) => {
             let (l, g) = ctx.model.loss_and_grads(&input, &spec, ctx.lora, ctx.dense, &opts)?;
             Ok((l, Some(g)))
         }
@@ -531,6 +538,7 @@ impl<'a> Trainer<'a> {
             dense: &self.dense,
             checkpointing: self.config.checkpointing,
             head_chunk: self.config.head_chunk,
+            composed: self.config.composed_ops,
         };
         let (l, g) = step_loss(&ctx, hidden, self.first, &mb, denom(&mb), grads)?;
         Ok((l, g, mb))

@@ -93,6 +93,7 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
         // writes itself, and a random model must learn to write the taught one.
         summary_weight: 1.0,
         dense_weights: true,
+        composed_ops: false,
     };
     let mut trainer = Trainer::new(&base, &gguf, config, &data, &data, &run_dir, false).unwrap();
     let mut obs = Quiet(Vec::new());

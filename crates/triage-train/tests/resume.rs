@@ -69,6 +69,7 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         objective: Objective::Decisions,
         summary_weight: 0.3,
         dense_weights: false,
+        composed_ops: false,
     };
     let root = std::env::temp_dir().join(format!("triage-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

@@ -50,13 +50,15 @@ pub struct BenchTrainArgs {
 }
 
 /// The training path of the first release (the baseline): adapter on every layer, token
-/// loss, no dense copies, per-layer recomputation; rank, targets and head chunk from `config`.
+/// loss, no dense copies, per-layer recomputation, composed differentiable primitives; rank,
+/// targets and head chunk from `config`.
 fn baseline_config(config: &TrainConfig) -> TrainConfig {
     TrainConfig {
         top_layers: 0,
         objective: Objective::Tokens,
         dense_weights: false,
         checkpointing: true,
+        composed_ops: true,
         ..config.clone()
     }
 }

@@ -195,6 +195,8 @@ pub fn base_structurer(
     let model = Arc::new(Qwen2::load(&gguf, &dev, &LoadOptions::default())?);
     let opts = StructurerOptions {
         prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        // A training process must not keep candle's repacked weight copies (memory).
+        layerwise_prefill: true,
         ..StructurerOptions::default()
     };
     let s = Structurer::with_model(model, &gguf, taxonomy, opts)?;

@@ -35,7 +35,7 @@ use candle_core::{Device, Module, Tensor, D};
 
 pub use cache::KvCache;
 pub use config::Config;
-pub use train::{LossSpec, StepOptions, Supervised, TrainInput};
+pub use train::{Graph, LossSpec, StepOptions, Supervised, TrainInput};
 pub use weights::{DenseWeights, LoadOptions};
 
 use crate::lora::Lora;
@@ -112,9 +112,8 @@ impl Qwen2 {
     /// `layers.end`. `cache` must hold the positions before `tokens`. With all layers, the
     /// cache advances by `n` (as [`Qwen2::forward`]); with some, only those layers' keys
     /// and values grow, so pass a clone to drop afterwards. Training uses this for the
-    /// frozen lower layers, whose output does not change while the layers above train; with
-    /// `dense` copies of those layers where their quantized kernel is slow (see
-    /// [`Qwen2::slow_quantized`]).
+    /// frozen lower layers, whose output does not change while the layers above train; `dense`
+    /// copies of layers are used instead of their quantized kernels.
     pub fn hidden_states(
         &self,
         tokens: &[u32],
@@ -166,6 +165,60 @@ impl Qwen2 {
             cache.len += n;
         }
         Ok(x)
+    }
+
+    /// Runs `x` `[b, n, hidden]` through layer `li` with the inference kernels (or `dense`
+    /// copies), attending to and appending to `cache`'s keys and values of that layer.
+    pub fn run_layer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        cache: &mut KvCache,
+        dense: Option<&DenseWeights>,
+    ) -> Result<Tensor, LlmError> {
+        let layer = self.layers.get(li).ok_or_else(|| {
+            LlmError::Candle(format!("layer {li} does not exist (the model has {})", self.layers.len()))
+        })?;
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let mut run = || -> candle_core::Result<Tensor> {
+            let kv = &mut cache.layers[li];
+            let past = match kv {
+                Some((k, _)) => k.dim(2)?,
+                None => 0,
+            };
+            let n = x.dim(1)?;
+            if past + n > self.max_seq_len() {
+                candle_core::bail!("sequence of {} tokens exceeds the model's budget {}", past + n, self.max_seq_len());
+            }
+            let extras = Extras {
+                adapter: None,
+                dense: dense.and_then(|d| d.layer(li)),
+            };
+            let prev = kv.as_ref().map(|(k, v)| (k, v));
+            let (y, new_kv) = layer.forward(li, &self.cfg, x, &self.positions(past, n)?, prev, extras, &Fused)?;
+            *kv = Some(new_kv);
+            Ok(y)
+        };
+        run().map_err(err)
+    }
+
+    /// The KV cache of `tokens` (e.g. the system prompt), computed one layer at a time with a
+    /// dense copy of each layer made for the pass and dropped after it: no repacked copy of
+    /// the quantized weights stays behind (candle keeps one per weight its fast kernels have
+    /// multiplied by many rows), so a training process stays small. Equal to
+    /// [`Qwen2::forward`]'s cache up to rounding (f16 weights against quantized activations).
+    pub fn prefill_layerwise(&self, tokens: &[u32]) -> Result<KvCache, LlmError> {
+        let ids = Tensor::new(tokens, &self.device).map_err(err)?;
+        let mut x = self.embed(&ids.unsqueeze(0).map_err(err)?)?;
+        let mut cache = KvCache::default();
+        for li in 0..self.layers.len() {
+            let dense = self.dense_weights(li..li + 1, false, candle_core::DType::F16)?;
+            x = self.run_layer(li, &x, &mut cache, Some(&dense))?;
+        }
+        cache.len = tokens.len();
+        Ok(cache)
     }
 
     /// Token embeddings `[b, n, hidden]` of `tokens` `[b, n]` (u32): the input of layer 0.

@@ -11,7 +11,7 @@
 //!
 //! The LoRA update `B·A·x·(alpha/r)` is [`lora_delta`], used by both.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::kernels::{CausalAttention, FrozenLinear, LoraLinear, MaskedSoftmax, Rope};
@@ -70,14 +70,12 @@ impl Ops for Fused {
         probs.matmul(v)
     }
 
-    /// The quantized kernel, or the dense copy for many rows where the quantized kernel is
-    /// slow (prefill with Q8_0 weights on CPUs without AVX-512 VNNI).
+    /// The quantized kernel, or the dense copy when the caller made one (see
+    /// [`Qwen2::prefill_layerwise`](super::Qwen2::prefill_layerwise)).
     fn project(&self, w: &QMatMul, dense: Option<&Tensor>, x: &Tensor, lora: Option<LoraRef>) -> Result<Tensor> {
-        let y = match (w, dense) {
-            (QMatMul::QTensor(q), Some(d)) if !fast_kernel(q) && x.elem_count() / x.dim(D::Minus1)? >= 16 => {
-                dense_matmul(x, d)?
-            }
-            _ => w.forward(x)?,
+        let y = match dense {
+            Some(d) => dense_matmul(x, d)?,
+            None => w.forward(x)?,
         };
         match lora {
             None => Ok(y),
@@ -88,15 +86,25 @@ impl Ops for Fused {
 
 /// Training: operations with gradients. `track` false detaches the adapter (the forward pass
 /// of per-layer recomputation, which records no graph); `dropout` is `(p, seed)` on the LoRA
-/// branch input, a deterministic mask per seed, layer and projection.
+/// branch input, a deterministic mask per seed, layer and projection; `composed` uses the
+/// differentiable primitives on CPU too (the reference the kernels are tested against, and
+/// the first release's training path).
 pub(crate) struct Differentiable {
     pub(crate) track: bool,
     pub(crate) dropout: Option<(f64, u64)>,
+    pub(crate) composed: bool,
+}
+
+impl Differentiable {
+    /// Whether to run the CPU kernel for a tensor on this device.
+    fn kernel(&self, x: &Tensor) -> bool {
+        !self.composed && x.device().is_cpu()
+    }
 }
 
 impl Ops for Differentiable {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if self.kernel(x) {
             return x.contiguous()?.apply_op2(w, super::kernels::RmsNorm { eps: eps as f32 });
         }
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -104,7 +112,7 @@ impl Ops for Differentiable {
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if self.kernel(x) {
             return x.contiguous()?.apply_op1(Rope {
                 cos: cos.clone(),
                 sin: sin.clone(),
@@ -122,7 +130,7 @@ impl Ops for Differentiable {
 
     /// The max is a constant: softmax does not depend on it.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, past: usize, n: usize) -> Result<Tensor> {
-        if q.device().is_cpu() {
+        if self.kernel(q) {
             return q
                 .contiguous()?
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention::new(scale, past, n));
@@ -146,7 +154,7 @@ impl Ops for Differentiable {
         };
         let x = x.contiguous()?;
         match (a, b) {
-            (Some(a), Some(b)) if x.device().is_cpu() => x.apply_op3(
+            (Some(a), Some(b)) if self.kernel(&x) => x.apply_op3(
                 &a,
                 &b,
                 LoraLinear {
@@ -192,15 +200,6 @@ pub(crate) fn dense_matmul(x: &Tensor, d: &Tensor) -> Result<Tensor> {
         DType::F32 => x.broadcast_matmul(&d.t()?),
         dt => x.to_dtype(dt)?.broadcast_matmul(&d.t()?)?.to_dtype(x.dtype()),
     }
-}
-
-/// Whether candle has a fast (repacked, SIMD) CPU kernel for this quantized weight at
-/// training's row counts; otherwise a dense copy computes the forward pass faster.
-pub(crate) fn fast_kernel(q: &QTensor) -> bool {
-    let Ok((n, k)) = q.shape().dims2() else {
-        return false;
-    };
-    matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && k % 256 == 0 && n % 16 == 0
 }
 
 /// Inverted dropout: `x` times a mask drawn from a counter-based generator (same seed, same
@@ -263,7 +262,11 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 16), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
         let (cos, sin) = rope_tables(&Config::tiny(), 6, &dev).unwrap();
-        let d = Differentiable { track: false, dropout: None };
+        let d = Differentiable {
+            track: false,
+            dropout: None,
+            composed: false,
+        };
         let pairs = [
             (Fused.rms_norm(&x, &w, 1e-6).unwrap(), d.rms_norm(&x, &w, 1e-6).unwrap()),
             (Fused.rope(&x, &cos, &sin).unwrap(), d.rope(&x, &cos, &sin).unwrap()),

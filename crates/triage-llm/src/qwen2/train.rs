@@ -11,10 +11,11 @@
 //!   the constrained decoder applies when it scores whole values, so the loss is the
 //!   decoder's own negative log-probability of the right value. Positions the grammar forces
 //!   carry no loss.
-//! * **Memory.** With [`StepOptions::checkpointing`], the forward pass keeps only each
-//!   layer's input; the head runs `head_chunk` positions at a time; the backward pass re-runs
-//!   one layer at a time with gradient tracking and takes a vector–Jacobian product. At most
-//!   one layer's graph is alive at once (tested equal to whole-graph backpropagation).
+//! * **Memory.** The head runs `head_chunk` positions at a time, and the backward pass goes
+//!   one layer at a time (a vector–Jacobian product per layer), so one layer's gradients are
+//!   alive at once; [`Graph::Recompute`] also keeps only each layer's input from the forward
+//!   pass and re-runs the layer with a graph when its turn comes. Both are tested equal to
+//!   back-propagating one whole graph.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var, D};
@@ -63,15 +64,32 @@ pub struct LossSpec {
     pub denom: f64,
 }
 
+/// How much of a step's gradient graph is alive at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Graph {
+    /// One graph over every layer and the head, back-propagated at once (the reference; the
+    /// most memory: every intermediate tensor and every gradient until the end).
+    Whole,
+    /// Each layer's graph kept from the forward pass, back-propagated one layer at a time and
+    /// freed after its turn (the gradients of one layer at a time).
+    PerLayer,
+    /// Only each layer's input kept; each layer re-run with a graph during the backward pass
+    /// (activation checkpointing: the least memory, one more forward pass).
+    Recompute,
+}
+
 /// How a training step runs.
 #[derive(Debug, Clone)]
 pub struct StepOptions {
     /// `(p, seed)`: dropout on the LoRA branch inputs, deterministic for a seed.
     pub dropout: Option<(f64, u64)>,
-    /// Per-layer recomputation (one layer's graph alive at a time) instead of one graph.
-    pub checkpointing: bool,
+    /// What of the gradient graph is kept.
+    pub graph: Graph,
     /// Full-vocabulary positions whose logits `[chunk, vocab]` exist at once.
     pub head_chunk: usize,
+    /// Differentiable primitives instead of the CPU kernels (the reference implementation,
+    /// and the first release's training path; slower).
+    pub composed: bool,
 }
 
 /// Layer inputs shared by a training forward: positions and the prefix's keys and values
@@ -98,24 +116,25 @@ impl Qwen2 {
     }
 
     /// The loss of [`Qwen2::loss_and_grads`] without gradients (validation): no graph is
-    /// recorded and the head runs chunk by chunk.
+    /// recorded, no dropout, and the head runs chunk by chunk.
     pub fn loss_only(
         &self,
         input: &TrainInput,
         spec: &LossSpec,
         lora: Option<&Lora>,
         dense: &DenseWeights,
-        head_chunk: usize,
+        opts: &StepOptions,
     ) -> std::result::Result<f64, LlmError> {
         let run = || -> Result<f64> {
             let ctx = self.train_ctx(input, lora)?;
             let ops = Differentiable {
                 track: false,
                 dropout: None,
+                composed: opts.composed,
             };
-            let x = self.run_layers(&input.hidden, &ctx, lora, dense, &ops, None)?;
+            let x = self.run_layers(&input.hidden, &ctx, lora, dense, &ops)?;
             let mut total = 0.0;
-            self.head_losses(&x, spec, dense, head_chunk, &ops, &mut |l| {
+            self.head_losses(&x, spec, dense, opts.head_chunk, &ops, &mut |l| {
                 total += scalar(&l)?;
                 Ok(())
             })?;
@@ -125,19 +144,23 @@ impl Qwen2 {
     }
 
     /// The whole-graph training forward: logits `[b, n, vocab]` of every position, with
-    /// gradients tracked to the adapter's variables. For tests and diagnostics; training
-    /// uses [`Qwen2::loss_and_grads`].
+    /// gradients tracked to the adapter's variables (`opts.checkpointing` and `head_chunk`
+    /// do not apply). For tests and diagnostics; training uses [`Qwen2::loss_and_grads`].
     pub fn train_logits(
         &self,
         input: &TrainInput,
         lora: Option<&Lora>,
         dense: &DenseWeights,
-        dropout: Option<(f64, u64)>,
+        opts: &StepOptions,
     ) -> std::result::Result<Tensor, LlmError> {
         let run = || -> Result<Tensor> {
             let ctx = self.train_ctx(input, lora)?;
-            let ops = Differentiable { track: true, dropout };
-            let x = self.run_layers(&input.hidden, &ctx, lora, dense, &ops, None)?;
+            let ops = Differentiable {
+                track: true,
+                dropout: opts.dropout,
+                composed: opts.composed,
+            };
+            let x = self.run_layers(&input.hidden, &ctx, lora, dense, &ops)?;
             let x = ops.rms_norm(&x, &self.norm, self.cfg.rms_eps)?;
             ops.project(&self.lm_head, dense.head.as_ref(), &x, None)
         };
@@ -156,9 +179,10 @@ impl Qwen2 {
         let tracked = Differentiable {
             track: true,
             dropout: opts.dropout,
+            composed: opts.composed,
         };
-        if !opts.checkpointing {
-            let x = self.run_layers(&input.hidden, &ctx, Some(lora), dense, &tracked, None)?;
+        if opts.graph == Graph::Whole {
+            let x = self.run_layers(&input.hidden, &ctx, Some(lora), dense, &tracked)?;
             let mut losses = Vec::new();
             self.head_losses(&x, spec, dense, opts.head_chunk, &tracked, &mut |l| {
                 losses.push(l);
@@ -170,13 +194,32 @@ impl Qwen2 {
             };
             return Ok((scalar(&total)?, total.backward()?));
         }
-        // Forward without a graph, keeping each layer's input.
+        // The lowest adapted layer: no gradient is needed below it.
+        let lowest = (ctx.first..self.layers.len())
+            .find(|&li| !lora.layers[li].is_empty())
+            .unwrap_or(self.layers.len());
         let untracked = Differentiable {
             track: false,
             dropout: opts.dropout,
+            composed: opts.composed,
         };
+        // Forward: layers below the lowest adapted one without a graph; from there on each
+        // layer's input, and with `PerLayer` each layer's graph (its input a fresh variable).
         let mut inputs = Vec::with_capacity(self.layers.len() - ctx.first);
-        let x = self.run_layers(&input.hidden, &ctx, Some(lora), dense, &untracked, Some(&mut inputs))?;
+        let mut graphs: Vec<(Var, Tensor)> = Vec::new();
+        let mut x = input.hidden.clone();
+        for li in ctx.first..self.layers.len() {
+            if li < lowest || opts.graph == Graph::Recompute {
+                let y = self.train_layer(li, &x, &ctx, Some(lora), dense, &untracked)?;
+                inputs.push(x);
+                x = y;
+            } else {
+                let xin = Var::from_tensor(&x)?;
+                let y = self.train_layer(li, xin.as_tensor(), &ctx, Some(lora), dense, &tracked)?;
+                x = y.detach();
+                graphs.push((xin, y));
+            }
+        }
         // Head, chunk by chunk: d(loss)/d(last hidden state).
         let h = Var::from_tensor(&x)?;
         let mut total = 0.0;
@@ -196,13 +239,17 @@ impl Qwen2 {
         let Some(mut grad) = grad else {
             return Ok((total, out));
         };
-        // Backward, one recomputed layer at a time, down to the lowest adapted layer.
-        let lowest = (ctx.first..self.layers.len())
-            .find(|&li| !lora.layers[li].is_empty())
-            .unwrap_or(self.layers.len());
+        // Backward, one layer at a time (re-run with a graph for `Recompute`), down to the
+        // lowest adapted layer.
         for li in (lowest..self.layers.len()).rev() {
-            let xin = Var::from_tensor(&inputs[li - ctx.first])?;
-            let y = self.run_layer(li, xin.as_tensor(), &ctx, Some(lora), dense, &tracked)?;
+            let (xin, y) = match graphs.pop() {
+                Some(g) => g,
+                None => {
+                    let xin = Var::from_tensor(&inputs[li - ctx.first])?;
+                    let y = self.train_layer(li, xin.as_tensor(), &ctx, Some(lora), dense, &tracked)?;
+                    (xin, y)
+                }
+            };
             let mut g = (y * &grad)?.sum_all()?.backward()?;
             for p in lora.layers[li].values() {
                 for v in [&p.a, &p.b] {
@@ -257,7 +304,7 @@ impl Qwen2 {
     }
 
     /// Layer `li` of a training forward.
-    fn run_layer(
+    fn train_layer(
         &self,
         li: usize,
         x: &Tensor,
@@ -274,7 +321,7 @@ impl Qwen2 {
         Ok(self.layers[li].forward(li, &self.cfg, x, &ctx.at, past, extras, ops)?.0)
     }
 
-    /// Layers `ctx.first..` on `x`; with `inputs`, each layer's input is kept there.
+    /// Layers `ctx.first..` on `x`.
     fn run_layers(
         &self,
         x: &Tensor,
@@ -282,15 +329,10 @@ impl Qwen2 {
         lora: Option<&Lora>,
         dense: &DenseWeights,
         ops: &Differentiable,
-        mut inputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for li in ctx.first..self.layers.len() {
-            let y = self.run_layer(li, &x, ctx, lora, dense, ops)?;
-            if let Some(keep) = inputs.as_deref_mut() {
-                keep.push(x);
-            }
-            x = y;
+            x = self.train_layer(li, &x, ctx, lora, dense, ops)?;
         }
         Ok(x)
     }

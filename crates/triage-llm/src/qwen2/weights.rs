@@ -225,16 +225,6 @@ impl Qwen2 {
         build().map_err(err)
     }
 
-    /// Whether some projection of `layers` is stored in a type without a fast CPU kernel for
-    /// many rows (Q8_0 and Q5_0 here): a dense copy then computes a long forward pass several
-    /// times faster.
-    pub fn slow_quantized(&self, layers: Range<usize>) -> bool {
-        self.layers[layers.start.min(self.layers.len())..layers.end.min(self.layers.len())]
-            .iter()
-            .flat_map(|l| Target::ALL.map(|t| l.proj(t)))
-            .any(|w| matches!(w, QMatMul::QTensor(q) if !super::ops::fast_kernel(q)))
-    }
-
     /// Bytes [`Qwen2::load`] would hold for `gguf` with `opts`, from the file's tensor table
     /// alone (nothing is read): for memory checks before loading.
     pub fn load_bytes(gguf: &GgufFile, opts: &LoadOptions) -> u64 {
