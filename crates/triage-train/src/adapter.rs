@@ -281,3 +281,43 @@ pub fn check_compatible(
     }
     Ok(())
 }
+
+/// The adapters in the immediate subfolders of `roots` that were trained for `taxonomy`, this
+/// build's prompt version and a base model file named `base_file` (the base model's sha256 is
+/// checked when one is loaded), sorted by folder name; unreadable folders are skipped.
+pub fn find_compatible(
+    roots: &[PathBuf],
+    taxonomy: &triage_taxonomy::Taxonomy,
+    base_file: &str,
+) -> Vec<(PathBuf, TriageMeta)> {
+    let hash = taxonomy.content_hash();
+    let mut out: Vec<(PathBuf, TriageMeta)> = Vec::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let Ok(meta) = read_meta(&dir) else {
+                continue;
+            };
+            if meta.taxonomy_hash == hash
+                && meta.prompt_version == triage_infer::PROMPT_VERSION
+                && meta.base_model_file == base_file
+                && meta.scope == ADAPTER_SCOPE
+                && !out.iter().any(|(d, _)| d.file_name() == dir.file_name() && same_file(d, &dir))
+            {
+                out.push((dir, meta));
+            }
+        }
+    }
+    out
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

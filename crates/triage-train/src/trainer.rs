@@ -332,7 +332,7 @@ pub trait Observer {
     fn step(&mut self, report: &StepReport);
     /// A one-line message (evaluation results, checkpoints).
     fn message(&mut self, text: &str);
-    /// While the frozen layers' output is computed: `done` of `total` examples.
+    /// While the frozen layers' output is computed: `done` of `total` (example, layer) passes.
     fn features(&mut self, _done: usize, _total: usize) {}
 }
 

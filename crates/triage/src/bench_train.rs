@@ -139,7 +139,7 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
         bail!("--one needs --model and a length");
     };
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-    let (_gguf, base, path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu")?;
+    let (_gguf, base, path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", true)?;
     let prefix = base.prefix_cache()?;
     let spec = StepBenchSpec {
         seq,

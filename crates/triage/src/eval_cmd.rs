@@ -23,9 +23,10 @@ pub struct EvalArgs {
     /// Training examples for the TF-IDF baseline (same taxonomy); without it no baseline.
     #[arg(long, value_name = "FILE")]
     train: Option<PathBuf>,
-    /// Also evaluate with this adapter (PEFT directory from `triage train`).
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
+    /// The adapter system: `--adapter DIR`, else the default adapter for this taxonomy and
+    /// model (`--no-adapter`: none).
+    #[command(flatten)]
+    adapter: crate::adapter_cmd::AdapterArgs,
     /// Skip the base model without adapter.
     #[arg(long)]
     no_zero_shot: bool,
@@ -65,30 +66,19 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tfidf-baseline: fitting on {} examples", train.len());
         runs.push(run_baseline(&taxonomy, &train, &examples, 7));
     }
-    if !args.no_zero_shot || args.adapter.is_some() {
-        let (gguf, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu")?;
-        if !args.no_zero_shot {
-            let b = bar(examples.len(), "zero-shot");
-            runs.push(run_llm("zero-shot", &base, &examples, &mut |i| {
-                b.set_position(i as u64)
-            }));
-            b.finish_and_clear();
-        }
-        if let Some(dir) = &args.adapter {
-            let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
-            let tuned = Structurer::with_model(
-                base.model().clone(),
-                &gguf,
-                taxonomy.clone(),
-                base.options().clone(),
-            )?
+    let (gguf, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu", false)?;
+    if !args.no_zero_shot {
+        let b = bar(examples.len(), "zero-shot");
+        runs.push(run_llm("zero-shot", &base, &examples, &mut |i| b.set_position(i as u64)));
+        b.finish_and_clear();
+    }
+    if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
+        let tuned = Structurer::with_model(base.model().clone(), &gguf, taxonomy.clone(), base.options().clone())?
             .with_adapter(Arc::new(lora));
-            let b = bar(examples.len(), "adapter");
-            runs.push(run_llm("adapter", &tuned, &examples, &mut |i| {
-                b.set_position(i as u64)
-            }));
-            b.finish_and_clear();
-        }
+        let label = format!("adapter {name}");
+        let b = bar(examples.len(), "adapter");
+        runs.push(run_llm(&label, &tuned, &examples, &mut |i| b.set_position(i as u64)));
+        b.finish_and_clear();
     }
     let r = report::build(&taxonomy, &args.data.display().to_string(), &examples, &runs);
     report::write(&args.out, &r, &runs)?;

@@ -13,9 +13,8 @@ use crate::Cli;
 /// Options of `triage infer`.
 #[derive(Args)]
 pub struct InferArgs {
-    /// A LoRA adapter directory written by `triage train` (PEFT format + triage.json).
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    adapter: crate::adapter_cmd::AdapterArgs,
     /// Also create the ticket in an ITSM (jira, jsm, zoho, sdp); see `triage push --help`.
     #[arg(long, value_name = "VENDOR")]
     push: Option<triage_connectors::Vendor>,
@@ -113,8 +112,7 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
         ..StructurerOptions::default()
     };
     let mut s = Structurer::new(&gguf, taxonomy, opts)?;
-    if let Some(dir) = &args.adapter {
-        let lora = crate::train_cmd::load_adapter(cli, dir, &s, &path)?;
+    if let Some((_, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &s, &path)? {
         s = s.with_adapter(std::sync::Arc::new(lora));
     }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");

@@ -25,9 +25,8 @@ pub struct ServeArgs {
     /// More taxonomies to serve (chosen per request with `taxonomy`); --taxonomy is the default.
     #[arg(long = "also-taxonomy", value_name = "FILE")]
     also_taxonomy: Vec<PathBuf>,
-    /// Adapter for the default taxonomy (`adapters/<name>`).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    adapter: crate::adapter_cmd::AdapterArgs,
     /// Requests decoded at once (they share the model; each uses a core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -84,11 +83,19 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let mut desks = Vec::new();
     for (i, t) in taxonomies.into_iter().enumerate() {
         let mut s = Structurer::with_model(model.clone(), &gguf, t, opts.clone())?;
+        // --adapter names the default taxonomy's adapter; every taxonomy otherwise gets its
+        // shipped one (unless --no-adapter).
+        let choice = match i {
+            0 => args.adapter.clone(),
+            _ => crate::adapter_cmd::AdapterArgs {
+                adapter: None,
+                no_adapter: args.adapter.no_adapter,
+            },
+        };
         let mut adapter = None;
-        if let (0, Some(dir)) = (i, &args.adapter) {
-            let lora = crate::train_cmd::load_adapter(cli, dir, &s, &path)?;
+        if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &choice, &s, &path)? {
             s = s.with_adapter(Arc::new(lora));
-            adapter = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            adapter = Some(name);
         }
         desks.push(Desk::new(s, adapter));
     }

@@ -176,18 +176,21 @@ impl Observer for Bar {
         }
     }
     fn features(&mut self, done: usize, total: usize) {
-        self.0.set_message(format!("frozen layers: {done}/{total} examples"));
-        if self.0.is_hidden() && (done == total || done % 100 == 0) {
-            eprintln!("frozen layers: {done}/{total} examples");
+        self.0.set_message(format!("frozen layers: {done}/{total} example-layers"));
+        if self.0.is_hidden() && (done == total || done % 500 == 0) {
+            eprintln!("frozen layers: {done}/{total} example-layers");
         }
     }
 }
 
-/// Loads the model on `device` and builds the base structurer (no adapter).
+/// Loads the model on `device` and builds the base structurer (no adapter). A `training`
+/// process computes the system prompt's cache layer by layer (it must not keep candle's
+/// repacked weight copies); an evaluation computes it as inference does.
 pub fn base_structurer(
     cli: &Cli,
     taxonomy: Taxonomy,
     device_spec: &str,
+    training: bool,
 ) -> anyhow::Result<(GgufFile, Structurer, PathBuf)> {
     let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
     let gguf = GgufFile::open(&path)?;
@@ -195,8 +198,7 @@ pub fn base_structurer(
     let model = Arc::new(Qwen2::load(&gguf, &dev, &LoadOptions::default())?);
     let opts = StructurerOptions {
         prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
-        // A training process must not keep candle's repacked weight copies (memory).
-        layerwise_prefill: true,
+        layerwise_prefill: training,
         ..StructurerOptions::default()
     };
     let s = Structurer::with_model(model, &gguf, taxonomy, opts)?;
@@ -259,7 +261,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device)?;
+    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device, true)?;
     let name = args
         .out
         .file_name()
