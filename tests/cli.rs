@@ -94,7 +94,7 @@ fn validate_rejects_and_lists_every_violation() {
 #[test]
 fn validate_handles_garbage_and_empty_input() {
     let out = triage(&["validate"], "");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no ticket given"));
     let out = triage(&["validate"], "\u{0}\u{1}binary\u{7f}");
     assert_eq!(out.status.code(), Some(1));
@@ -121,7 +121,7 @@ fn malformed_taxonomy_is_reported_with_file_and_line() {
     let src = std::fs::read_to_string(root().join("configs/taxonomy/default.toml")).unwrap();
     std::fs::write(&f, src.replace("\"Wi-Fi\"", "\"VPN\"")).unwrap();
     let out = triage(&["schema", "--taxonomy", f.to_str().unwrap()], "");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     let line = src.lines().position(|l| l.contains("\"Wi-Fi\"")).unwrap() + 1;
     assert!(
@@ -162,7 +162,7 @@ fn model_list_and_path() {
         .ends_with("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"));
     assert!(text(&out.stderr).contains("triage model pull qwen2.5-coder-0.5b-instruct-q4_k_m"));
     let out = triage(&["model", "path", "gpt-9"], "");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("unknown model `gpt-9`"));
 }
 
@@ -186,14 +186,14 @@ fn model_verify_and_info_on_the_real_model_and_a_truncated_copy() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let out = triage(&["model", "verify", "0.5b", "--file", cut.to_str().unwrap()], "");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
         err.contains("truncated or corrupt") && err.contains("491400064 bytes"),
         "{err}"
     );
     let out = triage(&["model", "info", "--model", cut.to_str().unwrap()], "");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("file is truncated"),
         "{}",
@@ -300,7 +300,7 @@ fn batch_keeps_order_reports_bad_rows_and_resumes() {
 #[test]
 fn infer_rejects_empty_input_and_prints_one_valid_ticket() {
     let out = triage(&["infer", "--model", "0.5b"], "   \n ");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("incident text is empty"));
     let out = triage(
         &["infer", "--model", "0.5b", "--explain"],
@@ -372,7 +372,7 @@ fn push_dry_runs_for_jira_and_jsm_validate_against_atlassians_schemas() {
             c.wait_with_output()
         })
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("JIRA_EMAIL"), "{}", text(&out.stderr));
 }
 
@@ -510,7 +510,7 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        stdout.contains("activations for backward") && stdout.contains("total"),
+        stdout.contains("activations and one layer's gradients") && stdout.contains("total"),
         "{stdout}"
     );
     // A bad training configuration names the key.
@@ -529,7 +529,7 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
         ],
         "",
     );
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("rank"), "{}", text(&out.stderr));
     // A corrupt adapter directory is an error naming the file, not a panic.
     let adapter = dir.join("adapter");
@@ -539,8 +539,68 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
         &["--model", "0.5b", "infer", "--adapter", adapter.to_str().unwrap()],
         "my vpn drops",
     );
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("triage.json"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Admission control in `triage train`: a size over its built-in bound is an error naming
+/// it, and a run whose estimated peak exceeds `--memory-limit` is refused with the figures
+/// before the model is loaded (no run directory, no "preparing" line).
+#[test]
+fn train_refuses_out_of_bounds_sizes_and_runs_over_the_memory_limit() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-limits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    let out = triage(
+        &[
+            "data",
+            "synth",
+            "--n",
+            "30",
+            "--seed",
+            "1",
+            "-o",
+            data.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let train = |extra: &[&str]| {
+        let mut args = vec!["--model", "0.5b", "train", "--data", data.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        triage(&args, "")
+    };
+    for (flag, value, field) in [
+        ("--rank", "2000000", "rank = 2000000"),
+        ("--steps", "0", "steps = 0"),
+        ("--lr", "5", "optimizer.lr = 5"),
+        ("--batch-size", "100000", "batch_size = 100000"),
+    ] {
+        let out = train(&[flag, value, "--dry-run"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert!(err.contains(field) && err.contains(flag), "{flag}: {err}");
+    }
+    let run_dir = dir.join("run");
+    let out = train(&[
+        "--config",
+        "configs/train.toml",
+        "--memory-limit",
+        "64M",
+        "--out",
+        dir.join("adapter").to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not enough memory: training (rank 8") && err.contains("--memory-limit 64.0 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("preparing") && !run_dir.exists(), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -667,5 +727,137 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(md.contains("| field | tfidf-baseline | zero-shot |"), "{md}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Exit statuses: 2 for usage errors (clap's, and a flag value that contradicts the data),
+/// 1 for runtime errors, 0 for `--help`.
+#[test]
+fn usage_errors_exit_2_and_runtime_errors_exit_1() {
+    for args in [
+        &["no-such-command"][..],
+        &["infer", "--no-such-flag"],
+        &["data", "split"],
+        &["model", "list", "extra-argument"],
+        &["completions", "tcsh"],
+    ] {
+        let out = triage(args, "");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--help"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("triage-cli-exit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    assert!(
+        triage(&["data", "synth", "--n", "20", "-o", data.to_str().unwrap()], "")
+            .status
+            .success()
+    );
+    let out = triage(
+        &[
+            "data",
+            "split",
+            data.to_str().unwrap(),
+            "--stratify",
+            "colour",
+            "--out-dir",
+            dir.join("s").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--stratify colour"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = triage(
+        &["data", "stats", dir.join("missing.jsonl").to_str().unwrap()],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("No such file").count(), 1, "each cause once: {err}");
+    assert_eq!(triage(&["infer", "--help"], "").status.code(), Some(0));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--help` of every subcommand ends with examples; completions for bash, zsh and fish.
+#[test]
+fn help_has_examples_and_completions_are_generated() {
+    for args in [
+        &["--help"][..],
+        &["infer", "--help"],
+        &["serve", "--help"],
+        &["model", "pull", "--help"],
+        &["data", "import", "--help"],
+        &["adapter", "show", "--help"],
+        &["bench", "train", "--help"],
+    ] {
+        let out = triage(args, "");
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            text(&out.stdout).contains("Examples:\n  triage"),
+            "{args:?}: {}",
+            text(&out.stdout)
+        );
+    }
+    for (shell, marker) in [
+        ("bash", "_triage()"),
+        ("zsh", "#compdef triage"),
+        ("fish", "complete -c triage"),
+    ] {
+        let out = triage(&["completions", shell], "");
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        assert!(
+            script.contains(marker) && script.contains("serve"),
+            "{shell}: {script}"
+        );
+    }
+}
+
+/// `--json` on `model list`, `taxonomy` and `adapter show`: one JSON document on stdout.
+#[test]
+fn json_output_of_model_list_taxonomy_and_adapter_show() {
+    let out = triage(&["model", "list", "--json"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let models: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &models.as_array().unwrap()[0];
+    assert_eq!(first["name"], "qwen2.5-coder-1.5b-instruct-q4_k_m");
+    assert_eq!(first["default"], true);
+    assert!(first["state"].is_string() && first["path"].is_string());
+
+    let out = triage(
+        &["taxonomy", "configs/taxonomy/customer-support.toml", "--json"],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["name"], "customer-support");
+    assert_eq!(t["fields"][0]["name"], "category");
+    assert!(t["hash"].as_str().unwrap().len() >= 16);
+
+    let dir = std::env::temp_dir().join(format!("triage-cli-adapter-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"target_modules":["q_proj"]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("triage.json"),
+        r#"{"format":1,"taxonomy":"default","taxonomy_hash":"h","base_model_sha256":"","base_model_file":"m.gguf","prompt_version":1,"scope":"after-system-prompt"}"#,
+    )
+    .unwrap();
+    let out = triage(&["adapter", "show", dir.to_str().unwrap(), "--json"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["peft_config"]["r"], 8);
+    assert_eq!(a["triage"]["taxonomy"], "default");
     std::fs::remove_dir_all(dir).unwrap();
 }

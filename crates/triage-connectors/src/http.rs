@@ -53,10 +53,7 @@ impl HttpRequest {
     pub fn body_bytes(&self) -> Option<(&'static str, String)> {
         match &self.body {
             Body::Empty => None,
-            Body::Json(v) => Some((
-                "application/json",
-                serde_json::to_string(v).expect("json serialises"),
-            )),
+            Body::Json(v) => Some(("application/json", v.to_string())),
             Body::Form(pairs) => Some(("application/x-www-form-urlencoded", form_encode(pairs))),
         }
     }
@@ -75,7 +72,9 @@ impl HttpRequest {
         if let Some((ct, body)) = self.body_bytes() {
             let _ = writeln!(out, "Content-Type: {ct}\n");
             match &self.body {
-                Body::Json(v) => out.push_str(&serde_json::to_string_pretty(v).expect("json")),
+                Body::Json(v) => {
+                    out.push_str(&serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()))
+                }
                 _ => out.push_str(&body),
             }
             out.push('\n');
@@ -107,10 +106,11 @@ pub(crate) fn url_encode(s: &str) -> String {
     out
 }
 
-/// Retry and timeout settings.
+/// Retry, timeout and search settings.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Attempts per request, first one included (429/503 waits and connection errors count).
+    /// Attempts per request, first one included (429/503 waits and connection errors count);
+    /// also the most times one incident is posted.
     pub max_attempts: u32,
     /// Per-request timeout; a timed-out create is ambiguous and triggers a search.
     pub timeout: Duration,
@@ -118,6 +118,17 @@ pub struct RetryPolicy {
     pub max_retry_after: Duration,
     /// First backoff when the vendor gives no `Retry-After` (doubles per attempt).
     pub backoff: Duration,
+    /// How long to keep searching by external id after an ambiguous create before deciding
+    /// that it did not happen. Vendor search indexes lag behind writes (Jira: "from a few
+    /// seconds to minutes"), so one immediate search is not enough.
+    pub search_window: Duration,
+    /// First pause between two searches in that window (doubles, at most 8×).
+    pub search_interval: Duration,
+    /// Post again when the window passes without a hit (`true`, default: a slow index may
+    /// then yield a duplicate, which `--reconcile` reports), or stop and leave the outbox
+    /// entry `unknown` for `triage push --reconcile` (`false`: never a duplicate, but the
+    /// ticket may be missing until reconciled).
+    pub repost: bool,
 }
 
 impl Default for RetryPolicy {
@@ -127,16 +138,33 @@ impl Default for RetryPolicy {
             timeout: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(120),
             backoff: Duration::from_secs(1),
+            search_window: Duration::from_secs(60),
+            search_interval: Duration::from_secs(2),
+            repost: true,
         }
     }
 }
 
 /// How a vendor reports errors and rate limits.
-pub(crate) struct VendorRules {
+pub(crate) struct VendorRules<'a> {
+    /// Vendor name for messages and logs.
+    pub vendor: &'static str,
     /// The vendor's error body as one line, verbatim.
-    pub error_text: fn(&str) -> String,
-    /// Whether a 4xx/5xx body signals a rate limit (beyond HTTP 429/503).
-    pub rate_limited: fn(&str) -> bool,
+    pub error_text: &'a (dyn Fn(&str) -> String + Sync),
+    /// Whether a 4xx/5xx body signals a rate limit (beyond HTTP 429).
+    pub rate_limited: &'a (dyn Fn(&str) -> bool + Sync),
+}
+
+/// Whether a request may be sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Searches, lookups, token refreshes: a 503 is waited out and the request sent again
+    /// (a timeout or another 5xx is still reported as ambiguous, for the caller to decide).
+    Safe,
+    /// A create: only refusals that guarantee nothing happened (429, the vendor's rate-limit
+    /// code, a connection that never opened) are sent again; a timeout, a 503 or any other
+    /// 5xx is reported as ambiguous so the caller searches before posting again.
+    CreateOnce,
 }
 
 /// How one request ended.
@@ -145,21 +173,33 @@ pub(crate) enum Sent {
     /// 2xx, with the body.
     Ok(String),
     /// Timed out or 5xx after the request left: the vendor may have acted on it.
-    Ambiguous(String),
+    Ambiguous {
+        /// What happened.
+        reason: String,
+        /// The vendor's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
 }
 
-/// Sends `req`, retrying 429/503 (after `Retry-After`) and connection failures; returns the
-/// 2xx body, `Sent::Ambiguous` for a timeout or other 5xx, or the vendor's error for a 4xx.
+/// Sends `req`, retrying 429 (after `Retry-After`), connection failures and, for
+/// [`Retry::Safe`] requests, 503; returns the 2xx body, `Sent::Ambiguous` for a timeout or
+/// other 5xx, or the vendor's error for a 4xx.
 pub(crate) async fn send(
     client: &reqwest::Client,
     req: &HttpRequest,
     policy: &RetryPolicy,
-    vendor: &'static str,
-    rules: &VendorRules,
+    rules: &VendorRules<'_>,
+    retry: Retry,
 ) -> Result<Sent, ConnectorError> {
+    let vendor = rules.vendor;
     let error_text = rules.error_text;
+    let method =
+        reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| ConnectorError::InvalidHeader {
+            name: "(method)".into(),
+            message: e.to_string(),
+        })?;
     let mut last = String::new();
-    for attempt in 1..=policy.max_attempts {
+    for attempt in 1..=policy.max_attempts.max(1) {
         let mut headers = HeaderMap::new();
         for (k, v) in &req.headers {
             headers.insert(
@@ -173,34 +213,41 @@ pub(crate) async fn send(
             headers.insert(header_name(k)?, value);
         }
         let mut builder = client
-            .request(req.method.parse().expect("GET or POST"), &req.url)
+            .request(method.clone(), &req.url)
             .headers(headers)
             .timeout(policy.timeout);
         if let Some((ct, body)) = req.body_bytes() {
             builder = builder.header("Content-Type", ct).body(body);
         }
         tracing::debug!(vendor, method = req.method, url = %req.url, attempt, "sending");
+        let backoff = policy.backoff * 2u32.saturating_pow(attempt - 1);
         let response = match builder.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
                 tracing::warn!(vendor, url = %req.url, "timed out after {:?}", policy.timeout);
-                return Ok(Sent::Ambiguous(format!("timed out after {:?}", policy.timeout)));
+                return Ok(Sent::Ambiguous {
+                    reason: format!("timed out after {:?}", policy.timeout),
+                    retry_after: None,
+                });
             }
             Err(e) if e.is_connect() => {
                 last = format!("cannot connect: {}", error_chain(&e));
-                if attempt == policy.max_attempts {
+                if attempt >= policy.max_attempts {
                     return Err(ConnectorError::Unreachable {
                         vendor,
                         url: req.url.clone(),
                         message: last,
                     });
                 }
-                tokio::time::sleep(policy.backoff * 2u32.pow(attempt - 1)).await;
+                tokio::time::sleep(backoff).await;
                 continue;
             }
             Err(e) => {
                 // The request may have reached the vendor (reset mid-response).
-                return Ok(Sent::Ambiguous(error_chain(&e)));
+                return Ok(Sent::Ambiguous {
+                    reason: error_chain(&e),
+                    retry_after: None,
+                });
             }
         };
         let status = response.status().as_u16();
@@ -211,16 +258,29 @@ pub(crate) async fn send(
             .and_then(parse_retry_after);
         let body = match response.text().await {
             Ok(b) => b,
-            Err(e) if (200..300).contains(&status) => return Ok(Sent::Ambiguous(error_chain(&e))),
+            Err(e) if (200..300).contains(&status) => {
+                return Ok(Sent::Ambiguous {
+                    reason: error_chain(&e),
+                    retry_after: None,
+                })
+            }
             Err(_) => String::new(),
         };
-        let limited = status == 429 || status == 503 || (status >= 400 && (rules.rate_limited)(&body));
+        let refused = status == 429 || (status >= 400 && (rules.rate_limited)(&body));
+        let unavailable = status == 503 && !refused;
         match status {
             200..=299 => return Ok(Sent::Ok(body)),
-            _ if limited => {
+            _ if unavailable && retry == Retry::CreateOnce => {
+                // A 503 does not promise that nothing happened: search before sending again.
+                return Ok(Sent::Ambiguous {
+                    reason: format!("HTTP 503: {}", error_text(&body)),
+                    retry_after,
+                });
+            }
+            _ if refused || unavailable => {
                 last = format!("HTTP {status}: {}", error_text(&body));
-                let wait = retry_after.unwrap_or(policy.backoff * 2u32.pow(attempt - 1));
-                if wait > policy.max_retry_after || attempt == policy.max_attempts {
+                let wait = retry_after.unwrap_or(backoff);
+                if wait > policy.max_retry_after || attempt >= policy.max_attempts {
                     return Err(ConnectorError::GaveUp {
                         vendor,
                         attempts: attempt,
@@ -230,7 +290,12 @@ pub(crate) async fn send(
                 tracing::info!(vendor, status, "rate limited; waiting {wait:?} as asked");
                 tokio::time::sleep(wait).await;
             }
-            500..=599 => return Ok(Sent::Ambiguous(format!("HTTP {status}: {}", error_text(&body)))),
+            500..=599 => {
+                return Ok(Sent::Ambiguous {
+                    reason: format!("HTTP {status}: {}", error_text(&body)),
+                    retry_after,
+                })
+            }
             _ => {
                 return Err(ConnectorError::Vendor {
                     vendor,
@@ -252,9 +317,9 @@ fn header_name(k: &str) -> Result<HeaderName, ConnectorError> {
 }
 
 fn bad_header(k: &str, e: impl std::fmt::Display) -> ConnectorError {
-    ConnectorError::BadResponse {
-        vendor: "http",
-        message: format!("header {k} cannot be sent: {e}"),
+    ConnectorError::InvalidHeader {
+        name: k.to_owned(),
+        message: e.to_string(),
     }
 }
 
@@ -284,12 +349,15 @@ pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let month = MONTHS.iter().position(|m| *m == parts[2])? as i64 + 1;
-    let year: i64 = parts[3].parse().ok()?;
+    let year: i64 = parts[3].parse().ok().filter(|y| (1970..=9999).contains(y))?;
+    if !(1..=31).contains(&day) {
+        return None;
+    }
     let hms: Vec<i64> = parts[4]
         .split(':')
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    if hms.len() != 3 {
+    if hms.len() != 3 || hms.iter().any(|v| !(0..=60).contains(v)) {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
@@ -328,6 +396,12 @@ mod tests {
         let future = parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT").unwrap();
         assert!(future > Duration::from_secs(86_400 * 365 * 50));
         assert_eq!(parse_retry_after("soon"), None);
+        // Hostile values are ignored, never an overflow.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 99999999999999999 08:49:37 GMT"),
+            None
+        );
+        assert_eq!(parse_retry_after("Sun, 99999999999 Nov 2000 08:49:37 GMT"), None);
     }
 
     #[test]

@@ -6,16 +6,20 @@
 //! go by id or name; labels may not contain spaces; authentication is HTTP Basic
 //! `email:api_token`; errors are an `ErrorCollection` (`errorMessages[]`, `errors{field:msg}`).
 //! The external id is a label (`triage-<hash>`), found again with the JQL search
-//! `GET /rest/api/3/search/jql`.
+//! `GET /rest/api/3/search/jql` (not read-after-write consistent: see [`crate::push`]).
+//! JSM's `raiseOnBehalfOf` takes an Atlassian accountId: an e-mail address is looked up with
+//! `GET /rest/api/3/user/search` (cached in the session) or refused with advice.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use triage_taxonomy::Ticket;
 
-use crate::http::{url_encode, Body, HttpRequest};
-use crate::push::{one_line, PushInput, Pushed};
+use crate::connector::{parse_mapping, Auth, BoxFuture, Connector, Lookup};
+use crate::http::{self, url_encode, Body, HttpRequest, Retry, Sent, VendorRules};
+use crate::types::{one_line, raw_excerpt, PushInput, Pushed, Vendor};
 use crate::{adf, ConnectorError, Secret};
 
 /// Jira's summary limit.
@@ -113,7 +117,7 @@ impl JiraSite {
 
     fn search(&self, jql: &str) -> HttpRequest {
         let url = format!(
-            "{}/rest/api/3/search/jql?jql={}&fields=summary&maxResults=1",
+            "{}/rest/api/3/search/jql?jql={}&fields=summary,created&maxResults=10",
             self.base(),
             url_encode(jql)
         );
@@ -171,9 +175,19 @@ pub struct JsmMapping {
     /// Taxonomy field → where it goes in `requestFieldValues`.
     #[serde(default)]
     pub fields: BTreeMap<String, JiraTarget>,
-    /// Account id or e-mail to raise the request on behalf of (`raiseOnBehalfOf`).
+    /// Account id or e-mail to raise the request on behalf of (`raiseOnBehalfOf`) when the
+    /// push names no requester.
     #[serde(default)]
     pub raise_on_behalf_of: Option<String>,
+    /// Look an e-mail requester up (`GET /rest/api/3/user/search`, needs the *Browse users
+    /// and groups* permission) and send its accountId (default); `false` refuses e-mail
+    /// addresses and requires accountIds.
+    #[serde(default = "yes")]
+    pub requester_lookup: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn labels_for(
@@ -204,9 +218,9 @@ fn apply_fields(
         match target {
             JiraTarget::Components => {
                 let list = fields.entry("components").or_insert_with(|| json!([]));
-                list.as_array_mut()
-                    .expect("components is a list")
-                    .push(json!({ "name": v }));
+                if let Some(list) = list.as_array_mut() {
+                    list.push(json!({ "name": v }));
+                }
             }
             JiraTarget::Labels { .. } => {}
             JiraTarget::CustomText { field } => {
@@ -250,16 +264,29 @@ pub fn description(input: &PushInput, ext_id: &str) -> Value {
     adf::doc(blocks)
 }
 
-/// The `POST /rest/api/3/issue` body (`IssueUpdateDetails`).
-pub fn issue_payload(input: &PushInput, ext_id: &str, m: &JiraMapping) -> Result<Value, String> {
+/// The `POST /rest/api/3/issue` body (`IssueUpdateDetails`); `path` is the mapping file,
+/// named in errors.
+pub fn issue_payload(
+    input: &PushInput,
+    ext_id: &str,
+    m: &JiraMapping,
+    path: &Path,
+) -> Result<Value, ConnectorError> {
     let t = &input.ticket;
-    let kind = t
-        .get(&m.issue_type_from)
-        .ok_or_else(|| format!("ticket has no field {:?} (issue_type_from)", m.issue_type_from))?;
+    let kind = t.get(&m.issue_type_from).ok_or_else(|| {
+        ConnectorError::mapping(
+            path,
+            "issue_type_from",
+            format!("the ticket has no field {:?}", m.issue_type_from),
+            "name a field of the taxonomy (default request_type)",
+        )
+    })?;
     let issue_type = m.issue_types.get(kind).ok_or_else(|| {
-        format!(
-            "no issue type mapped for {} {kind:?}: add it under [issue_types]",
-            m.issue_type_from
+        ConnectorError::mapping(
+            path,
+            "issue_types",
+            format!("no issue type for {} {kind:?}", m.issue_type_from),
+            format!("add `\"{kind}\" = \"<issue type>\"` under [issue_types]"),
         )
     })?;
     let mut fields = Map::new();
@@ -281,19 +308,30 @@ pub fn issue_payload(input: &PushInput, ext_id: &str, m: &JiraMapping) -> Result
     Ok(json!({ "fields": fields }))
 }
 
-/// The `POST /rest/servicedeskapi/request` body.
-pub fn request_payload(input: &PushInput, ext_id: &str, m: &JsmMapping) -> Result<Value, String> {
+/// The `POST /rest/servicedeskapi/request` body; `path` is the mapping file, named in
+/// errors. `raiseOnBehalfOf` is the input's requester (or the mapping's), as given: the push
+/// flow has already turned an e-mail address into an accountId ([`Jsm::resolve`]).
+pub fn request_payload(
+    input: &PushInput,
+    ext_id: &str,
+    m: &JsmMapping,
+    path: &Path,
+) -> Result<Value, ConnectorError> {
     let t = &input.ticket;
     let kind = t.get(&m.request_type_from).ok_or_else(|| {
-        format!(
-            "ticket has no field {:?} (request_type_from)",
-            m.request_type_from
+        ConnectorError::mapping(
+            path,
+            "request_type_from",
+            format!("the ticket has no field {:?}", m.request_type_from),
+            "name a field of the taxonomy (default request_type)",
         )
     })?;
     let request_type_id = m.request_type_ids.get(kind).ok_or_else(|| {
-        format!(
-            "no request type id mapped for {} {kind:?}: add it under [request_type_ids]",
-            m.request_type_from
+        ConnectorError::mapping(
+            path,
+            "request_type_ids",
+            format!("no request type id for {} {kind:?}", m.request_type_from),
+            format!("add `\"{kind}\" = \"<id>\"` under [request_type_ids] (ids: GET /rest/servicedeskapi/servicedesk/{{id}}/requesttype)"),
         )
     })?;
     let mut values = Map::new();
@@ -326,7 +364,7 @@ pub fn request_payload(input: &PushInput, ext_id: &str, m: &JsmMapping) -> Resul
 /// Jira's `ErrorCollection` (and JSM's `errorMessage`) as one readable line, verbatim.
 pub fn error_text(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return crate::push::raw_excerpt(body);
+        return raw_excerpt(body);
     };
     let mut parts: Vec<String> = Vec::new();
     if let Some(msgs) = v.get("errorMessages").and_then(Value::as_array) {
@@ -342,7 +380,7 @@ pub fn error_text(body: &str) -> String {
         parts.push(m.to_owned());
     }
     if parts.is_empty() {
-        crate::push::raw_excerpt(body)
+        raw_excerpt(body)
     } else {
         parts.join("; ")
     }
@@ -353,23 +391,58 @@ pub fn error_text(body: &str) -> String {
 pub struct Jira {
     /// Its mapping.
     pub mapping: JiraMapping,
+    /// The mapping file.
+    pub path: PathBuf,
 }
 
 impl Jira {
-    pub(crate) fn create(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, String> {
+    /// Parses a mapping (`path` is named in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConnectorError> {
+        Ok(Jira {
+            mapping: parse_mapping(text, path)?,
+            path: path.to_owned(),
+        })
+    }
+}
+
+fn bad(vendor: Vendor) -> impl Fn(String) -> ConnectorError {
+    move |m| ConnectorError::bad_response(vendor.as_str(), m)
+}
+
+fn json_of(vendor: Vendor, body: &str) -> Result<Value, ConnectorError> {
+    serde_json::from_str(body).map_err(|e| bad(vendor)(format!("not JSON: {e}: {}", raw_excerpt(body))))
+}
+
+impl Connector for Jira {
+    fn vendor(&self) -> Vendor {
+        Vendor::Jira
+    }
+
+    fn mapping_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn auth(&self, dry_run: bool) -> Result<Auth<'_>, ConnectorError> {
+        self.mapping.site.auth(dry_run).map(Auth::Headers)
+    }
+
+    fn create_request(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, ConnectorError> {
         let mut r = HttpRequest::new("POST", format!("{}/rest/api/3/issue", self.mapping.site.base()));
         r.headers.push(("Accept".into(), "application/json".into()));
-        r.body = Body::Json(issue_payload(input, ext_id, &self.mapping)?);
+        r.body = Body::Json(issue_payload(input, ext_id, &self.mapping, &self.path)?);
         Ok(r)
     }
 
-    pub(crate) fn search(&self, ext_id: &str) -> HttpRequest {
-        self.mapping.site.search(&format!("labels = \"{ext_id}\""))
+    fn search_request(&self, ext_id: &str) -> HttpRequest {
+        self.mapping.site.search(&label_jql(ext_id))
     }
 
-    pub(crate) fn parse_created(&self, body: &str) -> Result<Pushed, String> {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-        let key = v["key"].as_str().ok_or("no `key` in the response")?.to_owned();
+    fn parse_created(&self, body: &str) -> Result<Pushed, ConnectorError> {
+        let v = json_of(Vendor::Jira, body)?;
+        let key = v["key"]
+            .as_str()
+            .ok_or_else(|| bad(Vendor::Jira)("no `key` in the response".into()))?
+            .to_owned();
         Ok(Pushed::new(
             v["id"].as_str().unwrap_or(&key).to_owned(),
             Some(key.clone()),
@@ -377,24 +450,36 @@ impl Jira {
         ))
     }
 
-    pub(crate) fn parse_search(&self, body: &str) -> Result<Option<Pushed>, String> {
-        parse_jql(body, &self.mapping.site.base())
+    fn parse_search(&self, body: &str) -> Result<Vec<Pushed>, ConnectorError> {
+        parse_jql(Vendor::Jira, body, &self.mapping.site.base())
+    }
+
+    fn error_text(&self, body: &str) -> String {
+        error_text(body)
     }
 }
 
-fn parse_jql(body: &str, base: &str) -> Result<Option<Pushed>, String> {
-    let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
+/// `labels = "<ext>" ORDER BY created ASC`: the oldest ticket first.
+fn label_jql(ext_id: &str) -> String {
+    format!("labels = \"{ext_id}\" ORDER BY created ASC")
+}
+
+fn parse_jql(vendor: Vendor, body: &str, base: &str) -> Result<Vec<Pushed>, ConnectorError> {
+    let v = json_of(vendor, body)?;
     let issues = v["issues"]
         .as_array()
-        .ok_or("no `issues` in the search response")?;
-    Ok(issues.first().map(|i| {
-        let key = i["key"].as_str().unwrap_or_default().to_owned();
-        Pushed::new(
-            i["id"].as_str().unwrap_or(&key).to_owned(),
-            Some(key.clone()),
-            Some(format!("{base}/browse/{key}")),
-        )
-    }))
+        .ok_or_else(|| bad(vendor)("no `issues` in the search response".into()))?;
+    Ok(issues
+        .iter()
+        .filter_map(|i| {
+            let key = i["key"].as_str()?.to_owned();
+            Some(Pushed::new(
+                i["id"].as_str().unwrap_or(&key).to_owned(),
+                Some(key.clone()),
+                Some(format!("{base}/browse/{key}")),
+            ))
+        })
+        .collect())
 }
 
 /// The Jira Service Management connector.
@@ -402,28 +487,193 @@ fn parse_jql(body: &str, base: &str) -> Result<Option<Pushed>, String> {
 pub struct Jsm {
     /// Its mapping.
     pub mapping: JsmMapping,
+    /// The mapping file.
+    pub path: PathBuf,
+}
+
+/// Whether `s` has the shape of an Atlassian accountId (`5b10ac8d82e05b22cc7d4ef5`,
+/// `557058:f58131cb-…`, `qm:…`): 1–128 of letters, digits, `:`, `-`, `_`.
+pub fn is_account_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_'))
 }
 
 impl Jsm {
-    pub(crate) fn create(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, String> {
+    /// Parses a mapping (`path` is named in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConnectorError> {
+        Ok(Jsm {
+            mapping: parse_mapping(text, path)?,
+            path: path.to_owned(),
+        })
+    }
+
+    fn requester_err(&self, who: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConnectorError {
+        ConnectorError::Requester {
+            vendor: "jsm",
+            requester: who.to_owned(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// The accountId for `raiseOnBehalfOf`: `who` itself when it is one, else the account
+    /// whose e-mail address it is (cached in the session).
+    async fn account_id(&self, who: &str, lookup: Lookup<'_>) -> Result<String, ConnectorError> {
+        if !who.contains('@') {
+            if is_account_id(who) {
+                return Ok(who.to_owned());
+            }
+            return Err(self.requester_err(
+                who,
+                "is neither an e-mail address nor an Atlassian accountId",
+                "pass the requester's e-mail address or accountId (e.g. 5b10ac8d82e05b22cc7d4ef5)",
+            ));
+        }
+        if !self.mapping.requester_lookup {
+            return Err(self.requester_err(
+                who,
+                "raiseOnBehalfOf takes an Atlassian accountId, not an e-mail address",
+                format!(
+                    "pass the accountId (Jira: People → profile URL), or set requester_lookup = true in {} to look e-mail addresses up",
+                    self.path.display()
+                ),
+            ));
+        }
+        let Lookup::Live { session, auth } = lookup else {
+            return Ok(format!("<accountId of {who}, looked up when sent>"));
+        };
+        let base = self.mapping.site.base();
+        let cache_key = format!("jira-account {base} {}", who.to_lowercase());
+        if let Some(id) = session.lookups.get(&cache_key) {
+            return Ok(id);
+        }
+        let mut req = HttpRequest::new(
+            "GET",
+            format!(
+                "{base}/rest/api/3/user/search?query={}&maxResults=10",
+                url_encode(who)
+            ),
+        );
+        req.headers.push(("Accept".into(), "application/json".into()));
+        req.secret_headers = auth.to_vec();
+        let rules = VendorRules {
+            vendor: "jsm",
+            error_text: &error_text,
+            rate_limited: &|_| false,
+        };
+        let body = match http::send(&session.client, &req, &session.policy, &rules, Retry::Safe).await? {
+            Sent::Ok(body) => body,
+            Sent::Ambiguous { reason, .. } => {
+                return Err(self.requester_err(
+                    who,
+                    format!("the user search failed: {reason}"),
+                    "retry later, or pass the accountId instead of the e-mail address",
+                ))
+            }
+        };
+        let id = pick_account(who, &body)?;
+        session.lookups.put(&cache_key, &id);
+        tracing::info!(requester = who, account_id = %id, "raiseOnBehalfOf resolved");
+        Ok(id)
+    }
+}
+
+/// The one active, non-app account of a user search answer whose e-mail is `email` (or
+/// hidden by its owner's privacy settings); otherwise a [`ConnectorError::Requester`] saying
+/// what is wrong and what to do.
+fn pick_account(email: &str, body: &str) -> Result<String, ConnectorError> {
+    let refuse = |problem: String, fix: &str| ConnectorError::Requester {
+        vendor: "jsm",
+        requester: email.to_owned(),
+        problem,
+        fix: fix.to_owned(),
+    };
+    let users: Vec<Value> = serde_json::from_str(body).map_err(|e| {
+        refuse(
+            format!("the user search answered something else than a list: {e}"),
+            "pass the accountId instead",
+        )
+    })?;
+    let candidates: Vec<&str> = users
+        .iter()
+        .filter(|u| u["accountType"].as_str() != Some("app") && u["active"].as_bool() != Some(false))
+        .filter(|u| {
+            u["emailAddress"]
+                .as_str()
+                .is_none_or(|e| e.eq_ignore_ascii_case(email))
+        })
+        .filter_map(|u| u["accountId"].as_str().filter(|id| is_account_id(id)))
+        .collect();
+    match candidates.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Err(refuse(
+            "no active Jira user or customer has this e-mail address (or the API user lacks the Browse users and groups permission, which makes the search return nothing)".into(),
+            "add the customer to the service desk, grant the permission, or pass the accountId",
+        )),
+        many => Err(refuse(
+            format!(
+                "{} accounts match (their e-mail addresses are hidden): {}",
+                many.len(),
+                many.join(", ")
+            ),
+            "pass the accountId of the right one",
+        )),
+    }
+}
+
+impl Connector for Jsm {
+    fn vendor(&self) -> Vendor {
+        Vendor::Jsm
+    }
+
+    fn mapping_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn auth(&self, dry_run: bool) -> Result<Auth<'_>, ConnectorError> {
+        self.mapping.site.auth(dry_run).map(Auth::Headers)
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        input: &'a PushInput,
+        lookup: Lookup<'a>,
+    ) -> BoxFuture<'a, Result<PushInput, ConnectorError>> {
+        Box::pin(async move {
+            let who = input
+                .requester
+                .as_deref()
+                .or(self.mapping.raise_on_behalf_of.as_deref())
+                .map(str::trim)
+                .filter(|w| !w.is_empty());
+            let mut out = input.clone();
+            if let Some(who) = who {
+                out.requester = Some(self.account_id(who, lookup).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn create_request(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, ConnectorError> {
         let mut r = HttpRequest::new(
             "POST",
             format!("{}/rest/servicedeskapi/request", self.mapping.site.base()),
         );
         r.headers.push(("Accept".into(), "application/json".into()));
-        r.body = Body::Json(request_payload(input, ext_id, &self.mapping)?);
+        r.body = Body::Json(request_payload(input, ext_id, &self.mapping, &self.path)?);
         Ok(r)
     }
 
-    pub(crate) fn search(&self, ext_id: &str) -> HttpRequest {
-        self.mapping.site.search(&format!("labels = \"{ext_id}\""))
+    fn search_request(&self, ext_id: &str) -> HttpRequest {
+        self.mapping.site.search(&label_jql(ext_id))
     }
 
-    pub(crate) fn parse_created(&self, body: &str) -> Result<Pushed, String> {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
+    fn parse_created(&self, body: &str) -> Result<Pushed, ConnectorError> {
+        let v = json_of(Vendor::Jsm, body)?;
         let key = v["issueKey"]
             .as_str()
-            .ok_or("no `issueKey` in the response")?
+            .ok_or_else(|| bad(Vendor::Jsm)("no `issueKey` in the response".into()))?
             .to_owned();
         let url = v["_links"]["web"]
             .as_str()
@@ -436,8 +686,12 @@ impl Jsm {
         ))
     }
 
-    pub(crate) fn parse_search(&self, body: &str) -> Result<Option<Pushed>, String> {
-        parse_jql(body, &self.mapping.site.base())
+    fn parse_search(&self, body: &str) -> Result<Vec<Pushed>, ConnectorError> {
+        parse_jql(Vendor::Jsm, body, &self.mapping.site.base())
+    }
+
+    fn error_text(&self, body: &str) -> String {
+        error_text(body)
     }
 }
 
@@ -493,6 +747,29 @@ mod tests {
             "Request type 99 not found"
         );
         assert_eq!(error_text("<html>Bad gateway</html>"), "<html>Bad gateway</html>");
+    }
+
+    #[test]
+    fn account_ids_are_told_from_e_mail_addresses_and_picked_exactly() {
+        assert!(is_account_id("5b10ac8d82e05b22cc7d4ef5"));
+        assert!(is_account_id("557058:f58131cb-b67d-43c7-b30d-6b58d40bd077"));
+        assert!(is_account_id("qm:a1b2c3d4-e5f6:0a1b2c3d"));
+        assert!(!is_account_id("Anna Smith"));
+        assert!(!is_account_id(""));
+        let body = r#"[{"accountId":"app-1","accountType":"app"},
+            {"accountId":"5b10aaaa","accountType":"atlassian","emailAddress":"anna@example.com.au"},
+            {"accountId":"5b10bbbb","accountType":"customer","emailAddress":"Anna@Example.com"}]"#;
+        assert_eq!(pick_account("anna@example.com", body).unwrap(), "5b10bbbb");
+        assert!(pick_account("anna@example.com", "[]")
+            .unwrap_err()
+            .to_string()
+            .contains("no active"));
+        let hidden = r#"[{"accountId":"5b10aaaa"},{"accountId":"5b10bbbb"}]"#;
+        assert!(pick_account("anna@example.com", hidden)
+            .unwrap_err()
+            .to_string()
+            .contains("2 accounts"));
+        assert!(pick_account("anna@example.com", "{").is_err());
     }
 
     #[test]

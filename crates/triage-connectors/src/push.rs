@@ -1,422 +1,400 @@
-//! The vendor-independent push flow: external id, outbox, create, search-before-retry.
+//! The vendor-independent push flow: external id, outbox, create, search before posting
+//! again, and reconciliation.
+//!
+//! No vendor offers an idempotency key, so a create whose outcome is unknown (a timeout, a
+//! 5xx, a 503 — the request may have been acted on) is followed by searches for the external
+//! id over [`RetryPolicy::search_window`] (vendor search indexes lag behind writes: Jira's
+//! "from a few seconds to minutes"). Found: that ticket is the result. Not found in the
+//! window: the create is posted again (or, with `repost = false`, the push stops), and the
+//! outbox keeps `unknown` / `reposted` so that [`reconcile`] can settle it and report a
+//! duplicate if the first create surfaces later. This bounds duplicates to creates that stay
+//! invisible to search for longer than the window; it does not exclude them.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use triage_taxonomy::Ticket;
+use serde::Serialize;
 
-use crate::http::{self, HttpRequest, RetryPolicy, Sent, VendorRules};
-use crate::jira::{Jira, JiraMapping, Jsm, JsmMapping};
-use crate::outbox::{now, Outbox, OutboxEntry};
-use crate::sdp::{Sdp, SdpAuth, SdpMapping};
-use crate::zoho::{self, Zoho, ZohoMapping, ZohoOAuth};
+use crate::connector::{Auth, Connector, Lookup};
+use crate::http::{self, HttpRequest, Retry, RetryPolicy, Sent, VendorRules};
+use crate::oauth::{auth_header, ZohoOAuth};
+use crate::outbox::{Outbox, OutboxEntry, OutboxState};
+use crate::session::Session;
+use crate::types::{external_id, now, PushInput, Pushed};
 use crate::{ConnectorError, Secret};
 
-/// A supported ITSM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Vendor {
-    /// Jira Cloud platform (`/rest/api/3/issue`).
-    Jira,
-    /// Jira Service Management (`/rest/servicedeskapi/request`).
-    Jsm,
-    /// Zoho Desk.
-    Zoho,
-    /// ManageEngine ServiceDesk Plus v3.
-    Sdp,
+/// Authentication headers for one connector, refreshed once on a 401 when they come from
+/// the Zoho OAuth flow.
+struct Authed<'a> {
+    c: &'a dyn Connector,
+    session: &'a Session,
+    headers: Vec<(String, Secret)>,
+    oauth: Option<(&'a ZohoOAuth, Secret)>,
+    refreshed: bool,
 }
 
-impl Vendor {
-    /// `jira`, `jsm`, `zoho` or `sdp`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Vendor::Jira => "jira",
-            Vendor::Jsm => "jsm",
-            Vendor::Zoho => "zoho",
-            Vendor::Sdp => "sdp",
-        }
-    }
-}
-
-impl fmt::Display for Vendor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Vendor {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "jira" => Ok(Vendor::Jira),
-            "jsm" => Ok(Vendor::Jsm),
-            "zoho" => Ok(Vendor::Zoho),
-            "sdp" | "servicedeskplus" | "manageengine" => Ok(Vendor::Sdp),
-            other => Err(format!("unknown ITSM {other:?}: use jira, jsm, zoho or sdp")),
-        }
-    }
-}
-
-/// What to push.
-#[derive(Debug, Clone)]
-pub struct PushInput {
-    /// The validated ticket.
-    pub ticket: Ticket,
-    /// The user's original report (put in the description; may be empty).
-    pub text: String,
-    /// Id of the source message (e-mail Message-ID, chat id), if any: part of the external id,
-    /// so two identical texts from different messages make two tickets.
-    pub source_message_id: Option<String>,
-    /// Requester e-mail / account (JSM `raiseOnBehalfOf`, Zoho contact, SDP requester).
-    pub requester: Option<String>,
-}
-
-/// The vendor ticket a push resulted in.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Pushed {
-    /// Vendor id.
-    pub id: String,
-    /// Human key or number (`IT-42`, `101`), where the vendor has one.
-    pub key: Option<String>,
-    /// Link to the ticket.
-    pub url: Option<String>,
-    /// The external id written into the ticket.
-    pub external_id: String,
-    /// `created` (this call created it), `outbox` (an earlier run had) or `search` (found by
-    /// external id after an ambiguous failure: not created twice).
-    pub via: &'static str,
-}
-
-impl Pushed {
-    pub(crate) fn new(id: String, key: Option<String>, url: Option<String>) -> Self {
-        Pushed {
-            id,
-            key,
-            url,
-            external_id: String::new(),
-            via: "created",
-        }
-    }
-}
-
-/// The deterministic external id of an incident: `triage-` and 16 hex digits of the SHA-256
-/// of the source message id (when given) and the whitespace-normalised text (or, without
-/// text, the summary).
-pub fn external_id(input: &PushInput) -> String {
-    let body = if input.text.trim().is_empty() {
-        input.ticket.summary().to_owned()
-    } else {
-        input.text.split_whitespace().collect::<Vec<_>>().join(" ")
-    };
-    let mut h = Sha256::new();
-    h.update(input.source_message_id.as_deref().unwrap_or("").as_bytes());
-    h.update([0u8]);
-    h.update(body.as_bytes());
-    let hex: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("triage-{hex}")
-}
-
-/// One line (newlines and runs of whitespace collapsed), at most `max` characters.
-pub(crate) fn one_line(s: &str, max: usize) -> String {
-    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() <= max {
-        line
-    } else {
-        let mut cut: String = line.chars().take(max - 1).collect();
-        cut.push('…');
-        cut
-    }
-}
-
-/// A non-JSON error body, shortened for a message.
-pub(crate) fn raw_excerpt(body: &str) -> String {
-    let t = body.trim();
-    if t.is_empty() {
-        return "(empty response body)".into();
-    }
-    let mut s: String = t.chars().take(2000).collect();
-    if t.chars().count() > 2000 {
-        s.push('…');
-    }
-    s
-}
-
-/// A configured connector.
-#[derive(Debug, Clone)]
-pub enum Connector {
-    /// Jira Cloud.
-    Jira(Jira),
-    /// Jira Service Management.
-    Jsm(Jsm),
-    /// Zoho Desk.
-    Zoho(Zoho),
-    /// ServiceDesk Plus.
-    Sdp(Sdp),
-}
-
-impl Connector {
-    /// Loads `path`, or `configs/connectors/<vendor>.toml` when `None`.
-    pub fn load(vendor: Vendor, path: Option<&Path>) -> Result<Self, ConnectorError> {
-        let path: PathBuf = path
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from(format!("configs/connectors/{vendor}.toml")));
-        let text = std::fs::read_to_string(&path).map_err(|e| ConnectorError::Mapping {
-            path: path.clone(),
-            message: format!("cannot read the mapping ({e}); pass --mapping FILE"),
-        })?;
-        Self::from_toml_str(vendor, &text).map_err(|message| ConnectorError::Mapping { path, message })
-    }
-
-    /// Parses a mapping.
-    pub fn from_toml_str(vendor: Vendor, text: &str) -> Result<Self, String> {
-        fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
-            toml::from_str(text).map_err(|e| {
-                let line = e
-                    .span()
-                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                    .map(|l| format!("line {l}: "))
-                    .unwrap_or_default();
-                format!("{line}{}", e.message())
-            })
-        }
-        Ok(match vendor {
-            Vendor::Jira => Connector::Jira(Jira {
-                mapping: parse::<JiraMapping>(text)?,
-            }),
-            Vendor::Jsm => Connector::Jsm(Jsm {
-                mapping: parse::<JsmMapping>(text)?,
-            }),
-            Vendor::Zoho => {
-                let mapping: ZohoMapping = parse(text)?;
-                mapping.check()?;
-                Connector::Zoho(Zoho { mapping })
+impl<'a> Authed<'a> {
+    async fn new(c: &'a dyn Connector, session: &'a Session) -> Result<Self, ConnectorError> {
+        let (headers, oauth) = match c.auth(false)? {
+            Auth::Headers(h) => (h, None),
+            Auth::ZohoOAuth(o) => {
+                let token = session
+                    .tokens
+                    .token(o, &session.client, &session.policy, None)
+                    .await?;
+                (vec![auth_header(&token)], Some((o, token)))
             }
-            Vendor::Sdp => {
-                let mapping: SdpMapping = parse(text)?;
-                mapping.check()?;
-                Connector::Sdp(Sdp { mapping })
-            }
-        })
-    }
-
-    /// Which vendor.
-    pub fn vendor(&self) -> Vendor {
-        match self {
-            Connector::Jira(_) => Vendor::Jira,
-            Connector::Jsm(_) => Vendor::Jsm,
-            Connector::Zoho(_) => Vendor::Zoho,
-            Connector::Sdp(_) => Vendor::Sdp,
-        }
-    }
-
-    fn rules(&self) -> VendorRules {
-        match self {
-            Connector::Jira(_) | Connector::Jsm(_) => VendorRules {
-                error_text: crate::jira::error_text,
-                rate_limited: |_| false,
-            },
-            Connector::Zoho(_) => VendorRules {
-                error_text: crate::zoho::error_text,
-                rate_limited: |_| false,
-            },
-            Connector::Sdp(_) => VendorRules {
-                error_text: crate::sdp::error_text,
-                rate_limited: crate::sdp::is_rate_limited,
-            },
-        }
-    }
-
-    /// The create request without credentials (what `--dry-run` prints, auth redacted).
-    pub fn create_request(&self, input: &PushInput) -> Result<HttpRequest, ConnectorError> {
-        let ext = external_id(input);
-        let mapping_err = |message: String| ConnectorError::Mapping {
-            path: PathBuf::from(format!("configs/connectors/{}.toml", self.vendor())),
-            message,
         };
-        match self {
-            Connector::Jira(j) => j.create(input, &ext).map_err(mapping_err),
-            Connector::Jsm(j) => j.create(input, &ext).map_err(mapping_err),
-            Connector::Zoho(z) => Ok(z.create(input, &ext)),
-            Connector::Sdp(s) => Ok(s.create(input, &ext)),
-        }
-    }
-
-    fn search_request(&self, ext: &str) -> HttpRequest {
-        match self {
-            Connector::Jira(j) => j.search(ext),
-            Connector::Jsm(j) => j.search(ext),
-            Connector::Zoho(z) => z.search(ext),
-            Connector::Sdp(s) => s.search(ext),
-        }
-    }
-
-    fn parse_created(&self, body: &str) -> Result<Pushed, String> {
-        match self {
-            Connector::Jira(j) => j.parse_created(body),
-            Connector::Jsm(j) => j.parse_created(body),
-            Connector::Zoho(_) => Zoho::parse_created(body),
-            Connector::Sdp(s) => s.parse_created(body),
-        }
-    }
-
-    fn parse_search(&self, body: &str) -> Result<Option<Pushed>, String> {
-        match self {
-            Connector::Jira(j) => j.parse_search(body),
-            Connector::Jsm(j) => j.parse_search(body),
-            Connector::Zoho(_) => Zoho::parse_search(body),
-            Connector::Sdp(s) => s.parse_search(body),
-        }
-    }
-
-    /// Authentication headers. In a dry run nothing is fetched and missing variables are
-    /// allowed (the values are printed redacted).
-    pub async fn auth_headers(
-        &self,
-        client: &reqwest::Client,
-        policy: &RetryPolicy,
-        dry_run: bool,
-    ) -> Result<Vec<(String, Secret)>, ConnectorError> {
-        match self {
-            Connector::Jira(j) => j.mapping.site.auth(dry_run),
-            Connector::Jsm(j) => j.mapping.site.auth(dry_run),
-            Connector::Zoho(z) => Ok(vec![zoho_token(&z.mapping.oauth, client, policy, dry_run).await?]),
-            Connector::Sdp(s) => match s.auth_kind() {
-                SdpAuth::Authtoken { token_env } => {
-                    Ok(vec![crate::sdp::authtoken_header(token_env, dry_run)?])
-                }
-                SdpAuth::Oauth(o) => Ok(vec![zoho_token(o, client, policy, dry_run).await?]),
-            },
-        }
-    }
-
-    /// The complete create request as `--dry-run` prints it (secrets redacted).
-    pub async fn dry_run(&self, input: &PushInput) -> Result<String, ConnectorError> {
-        let client = reqwest::Client::new();
-        let mut req = self.create_request(input)?;
-        req.secret_headers = self.auth_headers(&client, &RetryPolicy::default(), true).await?;
-        Ok(req.render())
-    }
-}
-
-async fn zoho_token(
-    oauth: &ZohoOAuth,
-    client: &reqwest::Client,
-    policy: &RetryPolicy,
-    dry_run: bool,
-) -> Result<(String, Secret), ConnectorError> {
-    if dry_run {
-        return Ok(zoho::auth_header(&Secret::new("dry-run")));
-    }
-    if let Some(token) = oauth.static_token() {
-        return Ok(zoho::auth_header(&token?));
-    }
-    let req = oauth.refresh_request()?;
-    let rules = VendorRules {
-        error_text: zoho::error_text,
-        rate_limited: |_| false,
-    };
-    match http::send(client, &req, policy, "zoho-accounts", &rules).await? {
-        Sent::Ok(body) => {
-            let token = ZohoOAuth::parse_token(&body).map_err(|message| ConnectorError::BadResponse {
-                vendor: "zoho-accounts",
-                message,
-            })?;
-            Ok(zoho::auth_header(&token))
-        }
-        Sent::Ambiguous(m) => Err(ConnectorError::GaveUp {
-            vendor: "zoho-accounts",
-            attempts: 1,
-            last: m,
-        }),
-    }
-}
-
-/// Creates the ticket unless it already exists: checks the outbox, posts, and after a timeout
-/// or 5xx searches by external id before posting again. Returns what was created or found.
-pub async fn push(
-    connector: &Connector,
-    input: &PushInput,
-    outbox: &Outbox,
-    client: &reqwest::Client,
-    policy: &RetryPolicy,
-) -> Result<Pushed, ConnectorError> {
-    let vendor = connector.vendor().as_str();
-    let ext = external_id(input);
-    if let Some(e) = outbox.find_created(vendor, &ext)? {
-        tracing::info!(vendor, external_id = %ext, "already created earlier (outbox): {}", e.id.as_deref().unwrap_or("?"));
-        return Ok(Pushed {
-            id: e.id.unwrap_or_default(),
-            key: e.key,
-            url: e.url,
-            external_id: ext,
-            via: "outbox",
-        });
-    }
-    let mut req = connector.create_request(input)?;
-    req.secret_headers = connector.auth_headers(client, policy, false).await?;
-    let mut search = connector.search_request(&ext);
-    search.secret_headers = req.secret_headers.clone();
-    let rules = connector.rules();
-    let record = |p: &Pushed| {
-        outbox.record(&OutboxEntry {
-            vendor: vendor.to_owned(),
-            external_id: ext.clone(),
-            state: "created".into(),
-            id: Some(p.id.clone()),
-            key: p.key.clone(),
-            url: p.url.clone(),
-            at: now(),
+        Ok(Authed {
+            c,
+            session,
+            headers,
+            oauth,
+            refreshed: false,
         })
-    };
-    outbox.record(&OutboxEntry {
-        vendor: vendor.to_owned(),
-        external_id: ext.clone(),
-        state: "pending".into(),
-        id: None,
-        key: None,
-        url: None,
-        at: now(),
-    })?;
-    let bad = |message: String| ConnectorError::BadResponse { vendor, message };
-    let mut last = String::new();
-    for attempt in 1..=policy.max_attempts {
-        if attempt > 1 {
-            // The previous create may have gone through: look before posting again.
-            match http::send(client, &search, policy, vendor, &rules).await? {
+    }
+
+    /// Sends `req` with the credentials; an OAuth token rejected with 401 is refreshed and
+    /// the request sent once more (a 401 means the request was not acted on).
+    async fn send(&mut self, req: &HttpRequest, retry: Retry) -> Result<Sent, ConnectorError> {
+        let c = self.c;
+        let error_text = |b: &str| c.error_text(b);
+        let rate_limited = |b: &str| c.rate_limited(b);
+        let rules = VendorRules {
+            vendor: c.vendor().as_str(),
+            error_text: &error_text,
+            rate_limited: &rate_limited,
+        };
+        let mut req = req.clone();
+        req.secret_headers = self.headers.clone();
+        let s = self.session;
+        let first = http::send(&s.client, &req, &s.policy, &rules, retry).await;
+        if self.refreshed || !matches!(first, Err(ConnectorError::Vendor { status: 401, .. })) {
+            return first;
+        }
+        let (o, stale) = match self.oauth.take() {
+            Some((o, stale)) if o.access_token_env.is_none() => (o, stale),
+            other => {
+                self.oauth = other;
+                return first;
+            }
+        };
+        self.refreshed = true;
+        tracing::info!(
+            vendor = rules.vendor,
+            "access token rejected (401); refreshing it once"
+        );
+        let token = s.tokens.token(o, &s.client, &s.policy, Some(&stale)).await?;
+        self.headers = vec![auth_header(&token)];
+        self.oauth = Some((o, token));
+        req.secret_headers = self.headers.clone();
+        http::send(&s.client, &req, &s.policy, &rules, retry).await
+    }
+
+    /// Searches for `ext` until a hit or `deadline` (at least once), pausing
+    /// `search_interval`, doubling, between searches. Returns the hits, oldest first.
+    async fn search_until(&mut self, ext: &str, deadline: Instant) -> Result<Vec<Pushed>, ConnectorError> {
+        let search = self.c.search_request(ext);
+        let policy: &RetryPolicy = &self.session.policy;
+        let first = policy.search_interval.max(Duration::from_millis(1));
+        let mut pause = first;
+        let mut searches = 0u32;
+        loop {
+            searches += 1;
+            match self.send(&search, Retry::Safe).await? {
                 Sent::Ok(body) => {
-                    if let Some(mut found) = connector.parse_search(&body).map_err(bad)? {
-                        tracing::info!(vendor, external_id = %ext, "found the ticket of the ambiguous attempt; not creating it again");
-                        found.external_id = ext.clone();
-                        found.via = "search";
-                        record(&found)?;
-                        return Ok(found);
+                    let hits = self.c.parse_search(&body)?;
+                    if !hits.is_empty() {
+                        return Ok(hits);
                     }
                 }
-                Sent::Ambiguous(m) => {
-                    last = format!("search failed: {m}");
-                    tokio::time::sleep(policy.backoff * 2u32.pow(attempt - 1)).await;
-                    continue;
+                Sent::Ambiguous { reason, .. } => {
+                    tracing::warn!(vendor = %self.c.vendor(), external_id = ext, "search failed ({reason}); trying again")
                 }
             }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::info!(vendor = %self.c.vendor(), external_id = ext, searches, "not found within the search window");
+                return Ok(Vec::new());
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(first * 8);
         }
-        match http::send(client, &req, policy, vendor, &rules).await? {
+    }
+}
+
+/// The first hit as the result, the others as duplicates.
+fn first_of(mut hits: Vec<Pushed>, ext: &str, via: &'static str) -> Pushed {
+    let mut found = hits.remove(0);
+    found.duplicates = hits.into_iter().map(|p| p.id).collect();
+    found.external_id = ext.to_owned();
+    found.via = via;
+    if !found.duplicates.is_empty() {
+        tracing::warn!(external_id = ext, id = %found.id, duplicates = ?found.duplicates, "more than one ticket carries this external id");
+    }
+    found
+}
+
+fn created_entry(vendor: &str, p: &Pushed, reposted: bool) -> OutboxEntry {
+    OutboxEntry {
+        id: Some(p.id.clone()),
+        key: p.key.clone(),
+        url: p.url.clone(),
+        reposted,
+        duplicates: p.duplicates.clone(),
+        ..OutboxEntry::new(vendor, &p.external_id, OutboxState::Created)
+    }
+}
+
+fn unknown_entry(vendor: &str, ext: &str, reason: &str, reposted: bool) -> OutboxEntry {
+    OutboxEntry {
+        reason: Some(reason.to_owned()),
+        reposted,
+        ..OutboxEntry::new(vendor, ext, OutboxState::Unknown)
+    }
+}
+
+/// Creates the ticket unless the outbox or the vendor already has it; see the module
+/// documentation for what happens when a create's outcome is unknown.
+pub async fn push(
+    c: &dyn Connector,
+    input: &PushInput,
+    outbox: &Outbox,
+    session: &Session,
+) -> Result<Pushed, ConnectorError> {
+    let ext = external_id(input);
+    let vendor = c.vendor().as_str();
+    let policy = &session.policy;
+    let previous = outbox.latest(vendor, &ext)?;
+    if let Some(e) = previous.as_ref().filter(|e| e.state == OutboxState::Created) {
+        tracing::info!(vendor, external_id = %ext, "already pushed (outbox)");
+        return Ok(Pushed {
+            id: e.id.clone().unwrap_or_default(),
+            key: e.key.clone(),
+            url: e.url.clone(),
+            external_id: ext,
+            via: "outbox",
+            duplicates: e.duplicates.clone(),
+        });
+    }
+    let mut auth = Authed::new(c, session).await?;
+    // An unknown outcome (or a crash after posting): look before posting, over what is left
+    // of the window since that attempt.
+    let mut reposted = false;
+    if let Some(e) = previous.filter(|e| e.state.unsettled()) {
+        let left = (e.at + policy.search_window.as_secs()).saturating_sub(now());
+        tracing::info!(vendor, external_id = %ext, state = e.state.as_str(), "an earlier attempt may have created it; searching first");
+        let hits = auth
+            .search_until(&ext, Instant::now() + Duration::from_secs(left))
+            .await?;
+        if !hits.is_empty() {
+            let found = first_of(hits, &ext, "search");
+            outbox.record(&created_entry(vendor, &found, false))?;
+            return Ok(found);
+        }
+        reposted = true;
+    }
+    let headers = auth.headers.clone();
+    let resolved = c
+        .resolve(
+            input,
+            Lookup::Live {
+                session,
+                auth: &headers,
+            },
+        )
+        .await?;
+    let req = c.create_request(&resolved, &ext)?;
+    outbox.record(&OutboxEntry {
+        reposted,
+        ..OutboxEntry::new(vendor, &ext, OutboxState::Pending)
+    })?;
+    let unsettled = |last: String| ConnectorError::Unsettled {
+        vendor,
+        external_id: ext.clone(),
+        outbox: outbox.path().to_owned(),
+        last,
+    };
+    for attempt in 1..=policy.max_attempts.max(1) {
+        let sent = match auth.send(&req, Retry::CreateOnce).await {
+            Ok(s) => s,
+            Err(e) => {
+                // A definitive answer (4xx, unreachable): this attempt created nothing.
+                let settled = if reposted {
+                    unknown_entry(vendor, &ext, &e.to_string(), true)
+                } else {
+                    OutboxEntry {
+                        reason: Some(e.to_string()),
+                        ..OutboxEntry::new(vendor, &ext, OutboxState::Absent)
+                    }
+                };
+                outbox.record(&settled)?;
+                return Err(e);
+            }
+        };
+        match sent {
             Sent::Ok(body) => {
-                let mut created = connector.parse_created(&body).map_err(bad)?;
+                let mut created = c.parse_created(&body)?;
                 created.external_id = ext.clone();
-                record(&created)?;
-                tracing::info!(vendor, external_id = %ext, id = %created.id, "created");
+                outbox.record(&created_entry(vendor, &created, reposted))?;
+                tracing::info!(vendor, external_id = %ext, id = %created.id, reposted, "created");
                 return Ok(created);
             }
-            Sent::Ambiguous(m) => {
-                tracing::warn!(vendor, external_id = %ext, "create outcome unknown ({m}); will search before retrying");
-                last = m;
+            Sent::Ambiguous { reason, retry_after } => {
+                tracing::warn!(vendor, external_id = %ext, "create outcome unknown ({reason}); will search before retrying");
+                outbox.record(&unknown_entry(vendor, &ext, &reason, reposted))?;
+                if let Some(wait) = retry_after {
+                    if wait > policy.max_retry_after {
+                        return Err(unsettled(format!("{reason}; Retry-After {wait:?} is too long")));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                let hits = auth
+                    .search_until(&ext, Instant::now() + policy.search_window)
+                    .await
+                    .map_err(|e| unsettled(format!("{reason}; then searching failed: {e}")))?;
+                if !hits.is_empty() {
+                    let found = first_of(hits, &ext, "search");
+                    tracing::info!(vendor, external_id = %ext, id = %found.id, "found the ticket of the ambiguous attempt; not creating it again");
+                    outbox.record(&created_entry(vendor, &found, reposted))?;
+                    return Ok(found);
+                }
+                if !policy.repost {
+                    return Err(unsettled(format!(
+                        "{reason}; not found by search within {:?}; not posting again (repost disabled)",
+                        policy.search_window
+                    )));
+                }
+                if attempt == policy.max_attempts {
+                    return Err(unsettled(format!(
+                        "{reason}; not found by search within {:?} after {attempt} posts",
+                        policy.search_window
+                    )));
+                }
+                tracing::warn!(vendor, external_id = %ext, "not found within {:?}; posting again (a duplicate is possible if the first create surfaces later; --reconcile reports it)", policy.search_window);
+                reposted = true;
             }
         }
     }
-    Err(ConnectorError::GaveUp {
-        vendor,
-        attempts: policy.max_attempts,
-        last,
-    })
+    Err(unsettled("no attempt was made".into()))
+}
+
+/// What [`reconcile`] found for one incident.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reconciled {
+    /// Vendor.
+    pub vendor: String,
+    /// External id.
+    pub external_id: String,
+    /// State before.
+    pub before: OutboxState,
+    /// State after (unchanged when it could not be settled yet).
+    pub after: OutboxState,
+    /// The ticket, when one exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Its key or number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Other tickets with the same external id: duplicates to close by hand.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<String>,
+    /// Why nothing changed, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Settles this connector's outbox entries that a push left open: `pending` / `unknown`
+/// become `created` (a ticket carries the external id) or `absent` (none does, and the
+/// attempt is older than the search window); `created` entries marked `reposted` are checked
+/// for a duplicate. Searches only; never posts.
+pub async fn reconcile(
+    c: &dyn Connector,
+    outbox: &Outbox,
+    session: &Session,
+) -> Result<Vec<Reconciled>, ConnectorError> {
+    let vendor = c.vendor().as_str();
+    let open: Vec<OutboxEntry> = outbox
+        .latest_all(Some(vendor))?
+        .into_iter()
+        .filter(|e| e.state.unsettled() || (e.state == OutboxState::Created && e.reposted))
+        .collect();
+    if open.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut auth = Authed::new(c, session).await?;
+    let window = session.policy.search_window.as_secs();
+    let mut out = Vec::new();
+    for e in open {
+        let mut r = Reconciled {
+            vendor: vendor.to_owned(),
+            external_id: e.external_id.clone(),
+            before: e.state,
+            after: e.state,
+            id: e.id.clone(),
+            key: e.key.clone(),
+            url: e.url.clone(),
+            duplicates: Vec::new(),
+            note: None,
+        };
+        let hits = match auth.send(&c.search_request(&e.external_id), Retry::Safe).await? {
+            Sent::Ok(body) => c.parse_search(&body)?,
+            Sent::Ambiguous { reason, .. } => {
+                r.note = Some(format!("search failed ({reason}); run --reconcile again"));
+                out.push(r);
+                continue;
+            }
+        };
+        if hits.is_empty() {
+            if e.state == OutboxState::Created {
+                r.note = Some("the ticket is not found by search yet; run --reconcile again later".into());
+            } else if now() < e.at + window {
+                r.note = Some(format!(
+                    "too recent to call absent (search lags up to the {window} s window); run --reconcile again later"
+                ));
+            } else {
+                r.after = OutboxState::Absent;
+                outbox.record(&OutboxEntry {
+                    reason: Some("reconcile: no ticket carries the external id".into()),
+                    ..OutboxEntry::new(vendor, &e.external_id, OutboxState::Absent)
+                })?;
+            }
+            out.push(r);
+            continue;
+        }
+        let found = match (e.state, e.id.as_deref()) {
+            (OutboxState::Created, Some(id)) => {
+                let mut p = hits
+                    .iter()
+                    .find(|h| h.id == id)
+                    .cloned()
+                    .unwrap_or_else(|| Pushed::new(id.to_owned(), e.key.clone(), e.url.clone()));
+                p.duplicates = hits.iter().filter(|h| h.id != id).map(|h| h.id.clone()).collect();
+                p.external_id = e.external_id.clone();
+                p
+            }
+            _ => first_of(hits, &e.external_id, "search"),
+        };
+        outbox.record(&created_entry(vendor, &found, false))?;
+        r.after = OutboxState::Created;
+        r.id = Some(found.id);
+        r.key = found.key;
+        r.url = found.url;
+        r.duplicates = found.duplicates;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The complete create request as `--dry-run` prints it (secrets redacted; nothing sent).
+pub async fn dry_run(c: &dyn Connector, input: &PushInput) -> Result<String, ConnectorError> {
+    let resolved = c.resolve(input, Lookup::DryRun).await?;
+    let mut req = c.create_request(&resolved, &external_id(input))?;
+    req.secret_headers = match c.auth(true)? {
+        Auth::Headers(h) => h,
+        Auth::ZohoOAuth(_) => vec![auth_header(&Secret::new("dry-run"))],
+    };
+    Ok(req.render())
 }

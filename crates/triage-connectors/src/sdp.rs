@@ -10,14 +10,16 @@
 //! bad key). The external id goes in a `udf_fields` single-line field.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::connector::{line_of, parse_mapping, Auth, Connector};
 use crate::http::{form_encode, url_encode, Body, HttpRequest};
-use crate::push::{one_line, PushInput, Pushed};
-use crate::zoho::ZohoOAuth;
-use crate::ConnectorError;
+use crate::oauth::ZohoOAuth;
+use crate::types::{one_line, plain_description, raw_excerpt, PushInput, Pushed, Vendor};
+use crate::{ConnectorError, Secret};
 
 /// ServiceDesk Plus's subject limit.
 pub const SUBJECT_MAX: usize = 250;
@@ -108,7 +110,8 @@ fn default_udf() -> String {
 }
 
 impl SdpMapping {
-    pub(crate) fn base(&self) -> String {
+    /// The instance: `SDP_BASE_URL`, else `base_url`.
+    pub fn base(&self) -> String {
         std::env::var("SDP_BASE_URL")
             .ok()
             .filter(|s| !s.is_empty())
@@ -117,18 +120,25 @@ impl SdpMapping {
             .to_owned()
     }
 
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if let SdpAuth::Oauth(o) = &self.auth {
-            o.check()?;
-        }
-        for f in
-            std::iter::once(&self.external_id_field).chain(self.fields.values().filter_map(|t| match t {
-                SdpTarget::Udf { field } => Some(field),
-                _ => None,
-            }))
-        {
+    fn check(&self, text: &str, path: &Path) -> Result<(), ConnectorError> {
+        let udfs = self.fields.values().filter_map(|t| match t {
+            SdpTarget::Udf { field } => Some(field),
+            _ => None,
+        });
+        for f in std::iter::once(&self.external_id_field).chain(udfs) {
             if !f.starts_with("udf_") {
-                return Err(format!("UDF key {f:?} must start with udf_ (e.g. udf_sline_1)"));
+                let line = text
+                    .lines()
+                    .position(|l| l.contains(&format!("\"{f}\"")))
+                    .map(|i| i + 1)
+                    .or_else(|| line_of(text, "external_id_field"));
+                return Err(ConnectorError::Mapping {
+                    path: path.to_owned(),
+                    line,
+                    key: Some(if *f == self.external_id_field { "external_id_field".into() } else { "field".into() }),
+                    problem: format!("UDF key {f:?} does not start with udf_"),
+                    fix: "use the UDF's API key, e.g. udf_sline_1 (Admin → Customization → Request → Additional Fields)".into(),
+                });
             }
         }
         Ok(())
@@ -160,13 +170,10 @@ pub fn request_payload(input: &PushInput, ext_id: &str, m: &SdpMapping) -> Value
         "subject".into(),
         Value::String(one_line(t.summary(), SUBJECT_MAX)),
     );
-    let classification: Vec<String> = t.fields().map(|(k, v)| format!("{k}: {v}")).collect();
-    let mut description = format!("{}\n{}", t.summary(), classification.join(" · "));
-    if !input.text.trim().is_empty() {
-        description.push_str("\n\nReported text:\n");
-        description.push_str(input.text.trim());
-    }
-    r.insert("description".into(), Value::String(html(&description)));
+    r.insert(
+        "description".into(),
+        Value::String(html(&plain_description(input))),
+    );
     let requester = input
         .requester
         .clone()
@@ -201,7 +208,7 @@ pub fn request_payload(input: &PushInput, ext_id: &str, m: &SdpMapping) -> Value
 /// `response_status.messages[]` as one line, verbatim, with the codes.
 pub fn error_text(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return crate::push::raw_excerpt(body);
+        return raw_excerpt(body);
     };
     let statuses: Vec<&Value> = match &v["response_status"] {
         Value::Array(a) => a.iter().collect(),
@@ -221,7 +228,7 @@ pub fn error_text(body: &str) -> String {
         }
     }
     if parts.is_empty() {
-        crate::push::raw_excerpt(body)
+        raw_excerpt(body)
     } else {
         parts.join("; ")
     }
@@ -249,27 +256,23 @@ pub fn is_rate_limited(body: &str) -> bool {
 pub struct Sdp {
     /// Its mapping.
     pub mapping: SdpMapping,
+    /// The mapping file.
+    pub path: PathBuf,
+}
+
+fn bad(m: impl Into<String>) -> ConnectorError {
+    ConnectorError::bad_response("sdp", m)
 }
 
 impl Sdp {
-    pub(crate) fn create(&self, input: &PushInput, ext_id: &str) -> HttpRequest {
-        let mut r = HttpRequest::new("POST", format!("{}/api/v3/requests", self.mapping.base()));
-        r.headers.push(("Accept".into(), ACCEPT.into()));
-        let payload = request_payload(input, ext_id, &self.mapping);
-        r.body = Body::Form(vec![("input_data".into(), payload.to_string())]);
-        r
-    }
-
-    pub(crate) fn search(&self, ext_id: &str) -> HttpRequest {
-        let input = json!({"list_info": {"row_count": 1, "search_criteria": [{
-            "field": format!("udf_fields.{}", self.mapping.external_id_field),
-            "condition": "is",
-            "value": ext_id,
-        }]}});
-        let q = form_encode(&[("input_data".into(), input.to_string())]);
-        let mut r = HttpRequest::new("GET", format!("{}/api/v3/requests?{q}", self.mapping.base()));
-        r.headers.push(("Accept".into(), ACCEPT.into()));
-        r
+    /// Parses and checks a mapping (`path` is named in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConnectorError> {
+        let mapping: SdpMapping = parse_mapping(text, path)?;
+        mapping.check(text, path)?;
+        Ok(Sdp {
+            mapping,
+            path: path.to_owned(),
+        })
     }
 
     fn url(&self, id: &str) -> String {
@@ -280,23 +283,78 @@ impl Sdp {
         )
     }
 
-    pub(crate) fn parse_created(&self, body: &str) -> Result<Pushed, String> {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-        let id = id_of(&v["request"]).ok_or("no `request.id` in the response")?;
+    fn json(body: &str) -> Result<Value, ConnectorError> {
+        serde_json::from_str(body).map_err(|e| bad(format!("not JSON: {e}: {}", raw_excerpt(body))))
+    }
+}
+
+impl Connector for Sdp {
+    fn vendor(&self) -> Vendor {
+        Vendor::Sdp
+    }
+
+    fn mapping_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn auth(&self, dry_run: bool) -> Result<Auth<'_>, ConnectorError> {
+        match &self.mapping.auth {
+            SdpAuth::Authtoken { token_env } => Ok(Auth::Headers(vec![(
+                "authtoken".into(),
+                Secret::for_request(token_env, dry_run)?,
+            )])),
+            SdpAuth::Oauth(o) => Ok(Auth::ZohoOAuth(o)),
+        }
+    }
+
+    fn create_request(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, ConnectorError> {
+        let mut r = HttpRequest::new("POST", format!("{}/api/v3/requests", self.mapping.base()));
+        r.headers.push(("Accept".into(), ACCEPT.into()));
+        let payload = request_payload(input, ext_id, &self.mapping);
+        r.body = Body::Form(vec![("input_data".into(), payload.to_string())]);
+        Ok(r)
+    }
+
+    fn search_request(&self, ext_id: &str) -> HttpRequest {
+        let input = json!({"list_info": {
+            "row_count": 10,
+            "sort_field": "created_time",
+            "sort_order": "asc",
+            "search_criteria": [{
+                "field": format!("udf_fields.{}", self.mapping.external_id_field),
+                "condition": "is",
+                "value": ext_id,
+            }],
+        }});
+        let q = form_encode(&[("input_data".into(), input.to_string())]);
+        let mut r = HttpRequest::new("GET", format!("{}/api/v3/requests?{q}", self.mapping.base()));
+        r.headers.push(("Accept".into(), ACCEPT.into()));
+        r
+    }
+
+    fn parse_created(&self, body: &str) -> Result<Pushed, ConnectorError> {
+        let v = Self::json(body)?;
+        let id = id_of(&v["request"]).ok_or_else(|| bad("no `request.id` in the response"))?;
         Ok(Pushed::new(id.clone(), None, Some(self.url(&id))))
     }
 
-    pub(crate) fn parse_search(&self, body: &str) -> Result<Option<Pushed>, String> {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
+    fn parse_search(&self, body: &str) -> Result<Vec<Pushed>, ConnectorError> {
+        let v = Self::json(body)?;
         Ok(v["requests"]
             .as_array()
-            .and_then(|a| a.first())
-            .and_then(id_of)
-            .map(|id| Pushed::new(id.clone(), None, Some(self.url(&id)))))
+            .into_iter()
+            .flatten()
+            .filter_map(id_of)
+            .map(|id| Pushed::new(id.clone(), None, Some(self.url(&id))))
+            .collect())
     }
 
-    pub(crate) fn auth_kind(&self) -> &SdpAuth {
-        &self.mapping.auth
+    fn error_text(&self, body: &str) -> String {
+        error_text(body)
+    }
+
+    fn rate_limited(&self, body: &str) -> bool {
+        is_rate_limited(body)
     }
 }
 
@@ -306,12 +364,4 @@ fn id_of(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-pub(crate) fn authtoken_header(
-    token_env: &str,
-    dry_run: bool,
-) -> Result<(String, crate::Secret), ConnectorError> {
-    let token = crate::Secret::for_request(token_env, dry_run)?;
-    Ok(("authtoken".into(), token))
 }

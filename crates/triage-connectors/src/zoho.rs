@@ -1,5 +1,5 @@
-//! Zoho Desk (`POST /api/v1/tickets`) and the Zoho OAuth refresh-token flow that Zoho Desk and
-//! ServiceDesk Plus Cloud share.
+//! Zoho Desk (`POST /api/v1/tickets`); authentication is the Zoho OAuth flow of
+//! [`crate::oauth`], shared with ServiceDesk Plus Cloud.
 //!
 //! Vendor rules applied here: headers `Authorization: Zoho-oauthtoken <token>` and `orgId`;
 //! `subject` (≤ 255 characters) and `departmentId` are required, plus `contactId` or
@@ -7,112 +7,22 @@
 //! top-level, custom fields go in `cf`; ids are 18–19 digit numbers, kept as strings (a JSON
 //! number would lose digits in JavaScript clients). The external id is a custom field, found
 //! again with `GET /api/v1/tickets/search?customField1=<cf>:<id>` (204 when nothing matches).
+//! The host follows the OAuth data centre ([`crate::Region::desk_url`]).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::connector::{line_of, parse_mapping, Auth, Connector};
 use crate::http::{Body, HttpRequest};
-use crate::push::{one_line, PushInput, Pushed};
-use crate::{ConnectorError, Secret};
+use crate::oauth::ZohoOAuth;
+use crate::types::{one_line, plain_description, raw_excerpt, PushInput, Pushed, Vendor};
+use crate::ConnectorError;
 
 /// Zoho Desk's subject limit.
 pub const SUBJECT_MAX: usize = 255;
-
-/// A Zoho data centre: `com`, `eu`, `in`, `com.au`, `jp`, `ca`, `sa` or `com.cn`.
-pub const REGIONS: [&str; 8] = ["com", "eu", "in", "com.au", "jp", "ca", "sa", "com.cn"];
-
-/// How to obtain a Zoho access token.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ZohoOAuth {
-    /// Data centre (see [`REGIONS`]); picks `accounts.zoho.<region>`.
-    #[serde(default = "default_region")]
-    pub region: String,
-    /// Override of the accounts server (tests, proxies).
-    #[serde(default)]
-    pub accounts_url: Option<String>,
-    /// Env var with a ready access token (skips the refresh flow).
-    #[serde(default)]
-    pub access_token_env: Option<String>,
-    /// Env var with the OAuth client id.
-    #[serde(default = "default_client_id_env")]
-    pub client_id_env: String,
-    /// Env var with the OAuth client secret.
-    #[serde(default = "default_client_secret_env")]
-    pub client_secret_env: String,
-    /// Env var with the long-lived refresh token.
-    #[serde(default = "default_refresh_env")]
-    pub refresh_token_env: String,
-}
-
-fn default_region() -> String {
-    "com".into()
-}
-fn default_client_id_env() -> String {
-    "ZOHO_CLIENT_ID".into()
-}
-fn default_client_secret_env() -> String {
-    "ZOHO_CLIENT_SECRET".into()
-}
-fn default_refresh_env() -> String {
-    "ZOHO_REFRESH_TOKEN".into()
-}
-
-impl ZohoOAuth {
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if !REGIONS.contains(&self.region.as_str()) {
-            return Err(format!(
-                "region {:?} is not a Zoho data centre ({})",
-                self.region,
-                REGIONS.join(", ")
-            ));
-        }
-        Ok(())
-    }
-
-    fn accounts(&self) -> String {
-        self.accounts_url
-            .clone()
-            .unwrap_or_else(|| format!("https://accounts.zoho.{}", self.region))
-            .trim_end_matches('/')
-            .to_owned()
-    }
-
-    /// The refresh request (`POST /oauth/v2/token`, form-encoded).
-    pub(crate) fn refresh_request(&self) -> Result<HttpRequest, ConnectorError> {
-        let client_id = Secret::from_env(&self.client_id_env)?;
-        let client_secret = Secret::from_env(&self.client_secret_env)?;
-        let refresh = Secret::from_env(&self.refresh_token_env)?;
-        let mut r = HttpRequest::new("POST", format!("{}/oauth/v2/token", self.accounts()));
-        r.body = Body::Form(vec![
-            ("refresh_token".into(), refresh.expose().to_owned()),
-            ("client_id".into(), client_id.expose().to_owned()),
-            ("client_secret".into(), client_secret.expose().to_owned()),
-            ("grant_type".into(), "refresh_token".into()),
-        ]);
-        Ok(r)
-    }
-
-    /// A ready token from the environment, if configured.
-    pub(crate) fn static_token(&self) -> Option<Result<Secret, ConnectorError>> {
-        self.access_token_env.as_deref().map(Secret::from_env)
-    }
-
-    /// Reads the access token from a refresh response (Zoho answers 200 with `{"error": ...}`
-    /// for a bad refresh token).
-    pub(crate) fn parse_token(body: &str) -> Result<Secret, String> {
-        let v: Value = serde_json::from_str(body).map_err(|_| "token response is not JSON".to_owned())?;
-        if let Some(e) = v.get("error") {
-            return Err(format!("Zoho OAuth refused the refresh token: {e}"));
-        }
-        v["access_token"]
-            .as_str()
-            .map(Secret::new)
-            .ok_or_else(|| "token response has no access_token".to_owned())
-    }
-}
 
 /// A default contact for tickets without a known requester.
 #[derive(Debug, Clone, Deserialize)]
@@ -130,7 +40,7 @@ pub struct ZohoContact {
 pub struct ZohoMapping {
     /// OAuth settings.
     pub oauth: ZohoOAuth,
-    /// Override of `https://desk.zoho.<region>` (the env var `ZOHO_DESK_URL` overrides both).
+    /// Override of the data centre's desk host (the env var `ZOHO_DESK_URL` overrides both).
     #[serde(default)]
     pub desk_url: Option<String>,
     /// Organisation id (string: 18–19 digits).
@@ -170,23 +80,28 @@ fn default_external_cf() -> String {
 }
 
 impl ZohoMapping {
-    pub(crate) fn base(&self) -> String {
+    /// The desk host: `ZOHO_DESK_URL`, else `desk_url`, else the data centre's.
+    pub fn base(&self) -> String {
         std::env::var("ZOHO_DESK_URL")
             .ok()
             .filter(|s| !s.is_empty())
             .or_else(|| self.desk_url.clone())
-            .unwrap_or_else(|| format!("https://desk.zoho.{}", self.oauth.region))
+            .unwrap_or_else(|| self.oauth.region.desk_url())
             .trim_end_matches('/')
             .to_owned()
     }
 
-    pub(crate) fn check(&self) -> Result<(), String> {
-        self.oauth.check()?;
+    fn check(&self, text: &str, path: &Path) -> Result<(), ConnectorError> {
         for (name, id) in [("org_id", &self.org_id), ("department_id", &self.department_id)] {
             if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!(
-                    "{name} {id:?} must be the numeric id, written as a string"
-                ));
+                return Err(ConnectorError::Mapping {
+                    path: path.to_owned(),
+                    line: line_of(text, name),
+                    key: Some(name.to_owned()),
+                    problem: format!("{id:?} is not a numeric id"),
+                    fix: "write the id from Zoho Desk (Setup → Developer Space → API) as a quoted string"
+                        .into(),
+                });
             }
         }
         Ok(())
@@ -207,13 +122,7 @@ pub fn ticket_payload(input: &PushInput, ext_id: &str, m: &ZohoMapping) -> Value
         None => json!({ "email": m.contact.email, "lastName": m.contact.last_name }),
     };
     body.insert("contact".into(), contact);
-    let classification: Vec<String> = t.fields().map(|(k, v)| format!("{k}: {v}")).collect();
-    let mut description = format!("{}\n{}", t.summary(), classification.join(" · "));
-    if !input.text.trim().is_empty() {
-        description.push_str("\n\nReported text:\n");
-        description.push_str(input.text.trim());
-    }
-    body.insert("description".into(), Value::String(description));
+    body.insert("description".into(), Value::String(plain_description(input)));
     if let Some(v) = m.category_from.as_deref().and_then(|f| t.get(f)) {
         body.insert("category".into(), Value::String(v.to_owned()));
     }
@@ -240,7 +149,7 @@ pub fn ticket_payload(input: &PushInput, ext_id: &str, m: &ZohoMapping) -> Value
 /// Zoho's error body (`errorCode`, `message`, `errors[]`) as one line, verbatim.
 pub fn error_text(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return crate::push::raw_excerpt(body);
+        return raw_excerpt(body);
     };
     let mut parts = Vec::new();
     if let Some(c) = v["errorCode"].as_str() {
@@ -256,7 +165,7 @@ pub fn error_text(body: &str) -> String {
         parts.push(format!("{field} {kind} {msg}").trim().to_owned());
     }
     if parts.is_empty() {
-        crate::push::raw_excerpt(body)
+        raw_excerpt(body)
     } else {
         parts.join(": ")
     }
@@ -267,27 +176,57 @@ pub fn error_text(body: &str) -> String {
 pub struct Zoho {
     /// Its mapping.
     pub mapping: ZohoMapping,
+    /// The mapping file.
+    pub path: PathBuf,
+}
+
+fn bad(m: impl Into<String>) -> ConnectorError {
+    ConnectorError::bad_response("zoho", m)
 }
 
 impl Zoho {
+    /// Parses and checks a mapping (`path` is named in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConnectorError> {
+        let mapping: ZohoMapping = parse_mapping(text, path)?;
+        mapping.check(text, path)?;
+        Ok(Zoho {
+            mapping,
+            path: path.to_owned(),
+        })
+    }
+
     fn headers(&self, r: &mut HttpRequest) {
         r.headers.push(("orgId".into(), self.mapping.org_id.clone()));
         r.headers.push(("Accept".into(), "application/json".into()));
     }
+}
 
-    pub(crate) fn create(&self, input: &PushInput, ext_id: &str) -> HttpRequest {
+impl Connector for Zoho {
+    fn vendor(&self) -> Vendor {
+        Vendor::Zoho
+    }
+
+    fn mapping_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn auth(&self, _dry_run: bool) -> Result<Auth<'_>, ConnectorError> {
+        Ok(Auth::ZohoOAuth(&self.mapping.oauth))
+    }
+
+    fn create_request(&self, input: &PushInput, ext_id: &str) -> Result<HttpRequest, ConnectorError> {
         let mut r = HttpRequest::new("POST", format!("{}/api/v1/tickets", self.mapping.base()));
         self.headers(&mut r);
         r.body = Body::Json(ticket_payload(input, ext_id, &self.mapping));
-        r
+        Ok(r)
     }
 
-    pub(crate) fn search(&self, ext_id: &str) -> HttpRequest {
+    fn search_request(&self, ext_id: &str) -> HttpRequest {
         let q = crate::http::url_encode(&format!("{}:{ext_id}", self.mapping.external_id_field));
         let mut r = HttpRequest::new(
             "GET",
             format!(
-                "{}/api/v1/tickets/search?customField1={q}&limit=1",
+                "{}/api/v1/tickets/search?customField1={q}&limit=10",
                 self.mapping.base()
             ),
         );
@@ -295,17 +234,28 @@ impl Zoho {
         r
     }
 
-    pub(crate) fn parse_created(body: &str) -> Result<Pushed, String> {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-        ticket_ref(&v).ok_or_else(|| "no `id` in the response".to_owned())
+    fn parse_created(&self, body: &str) -> Result<Pushed, ConnectorError> {
+        let v: Value =
+            serde_json::from_str(body).map_err(|e| bad(format!("not JSON: {e}: {}", raw_excerpt(body))))?;
+        ticket_ref(&v).ok_or_else(|| bad("no `id` in the response"))
     }
 
-    pub(crate) fn parse_search(body: &str) -> Result<Option<Pushed>, String> {
+    fn parse_search(&self, body: &str) -> Result<Vec<Pushed>, ConnectorError> {
         if body.trim().is_empty() {
-            return Ok(None); // 204 No Content: nothing found
+            return Ok(Vec::new()); // 204 No Content: nothing found
         }
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-        Ok(v["data"].as_array().and_then(|d| d.first()).and_then(ticket_ref))
+        let v: Value =
+            serde_json::from_str(body).map_err(|e| bad(format!("not JSON: {e}: {}", raw_excerpt(body))))?;
+        Ok(v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(ticket_ref)
+            .collect())
+    }
+
+    fn error_text(&self, body: &str) -> String {
+        error_text(body)
     }
 }
 
@@ -320,12 +270,4 @@ fn ticket_ref(v: &Value) -> Option<Pushed> {
         v["ticketNumber"].as_str().map(str::to_owned),
         v["webUrl"].as_str().map(str::to_owned),
     ))
-}
-
-/// `Authorization: Zoho-oauthtoken <token>`.
-pub(crate) fn auth_header(token: &Secret) -> (String, Secret) {
-    (
-        "Authorization".into(),
-        Secret::new(format!("Zoho-oauthtoken {}", token.expose())),
-    )
 }

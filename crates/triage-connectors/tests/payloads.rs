@@ -5,7 +5,11 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use triage_connectors::{adf, jira, sdp, zoho, Connector, PushInput, Vendor};
+use triage_connectors::sdp::Sdp;
+use triage_connectors::zoho::Zoho;
+use triage_connectors::{
+    adf, dry_run, jira, sdp, zoho, Connector, ConnectorError, PushInput, Region, Vendor,
+};
 use triage_taxonomy::{Taxonomy, Validator};
 
 fn fixtures() -> PathBuf {
@@ -23,15 +27,16 @@ fn load(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn connector(vendor: Vendor) -> Connector {
-    Connector::load(
-        vendor,
-        Some(
-            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join(format!("../../configs/connectors/{vendor}.toml")),
-        ),
-    )
-    .unwrap()
+fn mapping_path(vendor: Vendor) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/connectors/{vendor}.toml"))
+}
+
+fn connector(vendor: Vendor) -> Box<dyn Connector> {
+    triage_connectors::load(vendor, Some(&mapping_path(vendor))).unwrap()
+}
+
+fn mapping_text(vendor: Vendor) -> String {
+    std::fs::read_to_string(mapping_path(vendor)).unwrap()
 }
 
 /// Inputs that stress the rules: every category, a 300-character summary, CRLF and blank
@@ -106,7 +111,7 @@ async fn jira_dry_run_bodies_validate_against_the_openapi_spec_and_adf_schema() 
     let (issue, adf_v) = (jira_validator(), adf_validator());
     let c = connector(Vendor::Jira);
     for input in inputs() {
-        let rendered = c.dry_run(&input).await.unwrap();
+        let rendered = dry_run(&*c, &input).await.unwrap();
         assert!(rendered.starts_with("POST https://your-domain.atlassian.net/rest/api/3/issue HTTP/1.1\n"));
         assert!(rendered.contains("Authorization: <redacted>"));
         let body = dry_run_body(&rendered);
@@ -131,7 +136,7 @@ async fn jsm_dry_run_bodies_carry_an_adf_description_and_the_required_keys() {
     let adf_v = adf_validator();
     let c = connector(Vendor::Jsm);
     for input in inputs() {
-        let rendered = c.dry_run(&input).await.unwrap();
+        let rendered = dry_run(&*c, &input).await.unwrap();
         assert!(rendered
             .starts_with("POST https://your-domain.atlassian.net/rest/servicedeskapi/request HTTP/1.1\n"));
         let body = dry_run_body(&rendered);
@@ -144,6 +149,13 @@ async fn jsm_dry_run_bodies_carry_an_adf_description_and_the_required_keys() {
         assert_valid(&adf_v, &values["description"], "JSM description (ADF)");
         assert!(values["summary"].as_str().unwrap().chars().count() <= 255);
         assert_eq!(body.get("raiseOnBehalfOf").is_some(), input.requester.is_some());
+        if let Some(who) = &input.requester {
+            // A dry run sends nothing, so the accountId lookup is shown, not done.
+            assert_eq!(
+                body["raiseOnBehalfOf"],
+                format!("<accountId of {who}, looked up when sent>")
+            );
+        }
     }
 }
 
@@ -169,7 +181,7 @@ fn the_validators_are_not_vacuous() {
 #[tokio::test]
 async fn zoho_payload_follows_the_desk_rules() {
     let c = connector(Vendor::Zoho);
-    let Connector::Zoho(z) = &c else { unreachable!() };
+    let z = Zoho::from_toml(&mapping_text(Vendor::Zoho), &mapping_path(Vendor::Zoho)).unwrap();
     for input in inputs() {
         let body = zoho::ticket_payload(&input, "triage-0123456789abcdef", &z.mapping);
         let subject = body["subject"].as_str().unwrap();
@@ -180,34 +192,63 @@ async fn zoho_payload_follows_the_desk_rules() {
         assert_eq!(body["cf"]["cf_triage_id"], "triage-0123456789abcdef");
         assert_eq!(body["category"], input.ticket.get("category").unwrap());
         assert_eq!(body["subCategory"], input.ticket.get("subcategory").unwrap());
-        let rendered = c.dry_run(&input).await.unwrap();
+        let rendered = dry_run(&*c, &input).await.unwrap();
         assert!(rendered.contains("orgId: 60001234567") && rendered.contains("Authorization: <redacted>"));
     }
-    // A numeric id in the mapping is refused with advice, not rounded.
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/connectors/zoho.toml"),
-    )
-    .unwrap()
-    .replace(
+    // A numeric id in the mapping is refused with the file, line and advice, not rounded.
+    let path = mapping_path(Vendor::Zoho);
+    let text = mapping_text(Vendor::Zoho).replace(
         "department_id = \"1892000000006907\"",
         "department_id = 1892000000006907",
     );
-    let err = Connector::from_toml_str(Vendor::Zoho, &text).unwrap_err();
-    assert!(err.contains("department_id") || err.contains("string"), "{err}");
-    let bad_region = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/connectors/zoho.toml"),
-    )
-    .unwrap()
-    .replace("region = \"com\"", "region = \"mars\"");
-    assert!(Connector::from_toml_str(Vendor::Zoho, &bad_region)
+    let err = triage_connectors::from_toml_str(Vendor::Zoho, &text, &path).unwrap_err();
+    let line = text.lines().position(|l| l.starts_with("department_id")).unwrap() + 1;
+    assert!(
+        matches!(&err, ConnectorError::Mapping { line: Some(l), key: Some(k), .. } if *l == line && k == "department_id"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&format!("zoho.toml:{line}")), "{err}");
+    // An id that is a string but not a number: named too.
+    let text = mapping_text(Vendor::Zoho).replace("org_id = \"60001234567\"", "org_id = \"acme\"");
+    let err = triage_connectors::from_toml_str(Vendor::Zoho, &text, &path)
         .unwrap_err()
-        .contains("data centre"));
+        .to_string();
+    assert!(err.contains("`org_id`") && err.contains("quoted string"), "{err}");
+    let bad_region = mapping_text(Vendor::Zoho).replace("region = \"com\"", "region = \"mars\"");
+    let err = triage_connectors::from_toml_str(Vendor::Zoho, &bad_region, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data centre") && err.contains("uk") && err.contains("ae"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn every_zoho_data_centre_reaches_its_own_desk_host() {
+    std::env::remove_var("ZOHO_DESK_URL");
+    for region in Region::ALL {
+        let text = mapping_text(Vendor::Zoho)
+            .replace("region = \"com\"", &format!("region = \"{}\"", region.code()));
+        let c = triage_connectors::from_toml_str(Vendor::Zoho, &text, &mapping_path(Vendor::Zoho)).unwrap();
+        let rendered = dry_run(&*c, &inputs()[0]).await.unwrap();
+        let first = rendered.lines().next().unwrap();
+        assert_eq!(
+            first,
+            format!("POST {}/api/v1/tickets HTTP/1.1", region.desk_url()),
+            "{region}"
+        );
+    }
+    let ca = mapping_text(Vendor::Zoho).replace("region = \"com\"", "region = \"ca\"");
+    let z = Zoho::from_toml(&ca, &mapping_path(Vendor::Zoho)).unwrap();
+    assert_eq!(z.mapping.oauth.accounts(), "https://accounts.zohocloud.ca");
+    assert_eq!(z.mapping.base(), "https://desk.zohocloud.ca");
 }
 
 #[tokio::test]
 async fn sdp_payload_is_form_encoded_input_data_with_only_known_keys() {
     let c = connector(Vendor::Sdp);
-    let Connector::Sdp(s) = &c else { unreachable!() };
+    let s = Sdp::from_toml(&mapping_text(Vendor::Sdp), &mapping_path(Vendor::Sdp)).unwrap();
     for input in inputs() {
         let body = sdp::request_payload(&input, "triage-0123456789abcdef", &s.mapping);
         let request = body["request"].as_object().unwrap();
@@ -231,7 +272,7 @@ async fn sdp_payload_is_form_encoded_input_data_with_only_known_keys() {
             !request["description"].as_str().unwrap().contains('<')
                 || request["description"].as_str().unwrap().contains("<br>")
         );
-        let rendered = c.dry_run(&input).await.unwrap();
+        let rendered = dry_run(&*c, &input).await.unwrap();
         assert!(rendered.contains("Accept: application/vnd.manageengine.sdp.v3+json"));
         assert!(rendered.contains("Content-Type: application/x-www-form-urlencoded"));
         assert!(rendered.contains("authtoken: <redacted>"));
@@ -239,9 +280,12 @@ async fn sdp_payload_is_form_encoded_input_data_with_only_known_keys() {
         assert!(form.starts_with("input_data=%7B%22request%22"), "{form}");
     }
     let text = "base_url = \"https://x\"\ndefault_requester_email = \"a@b\"\nexternal_id_field = \"triage_id\"\n[auth]\nkind = \"authtoken\"\n";
-    assert!(Connector::from_toml_str(Vendor::Sdp, text)
-        .unwrap_err()
-        .contains("udf_"));
+    let err =
+        triage_connectors::from_toml_str(Vendor::Sdp, text, std::path::Path::new("sdp.toml")).unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Mapping { line: Some(3), .. }) && err.to_string().contains("udf_"),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use triage_taxonomy::{Ticket, Validator};
 
-use crate::DataError;
+use crate::{DataError, ExampleError, ValueError};
 
 /// Which part of a dataset an example belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -44,13 +44,17 @@ impl fmt::Display for Split {
 }
 
 impl FromStr for Split {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "train" => Ok(Split::Train),
             "val" | "valid" | "validation" => Ok(Split::Val),
             "test" => Ok(Split::Test),
-            other => Err(format!("unknown split {other:?} (expected train, val or test)")),
+            other => Err(ValueError {
+                what: "unknown split",
+                value: other.to_owned(),
+                expected: "expected train, val or test",
+            }),
         }
     }
 }
@@ -100,18 +104,17 @@ fn und() -> String {
 
 impl Example {
     /// Parses one JSONL line; the ticket is validated against `validator`'s taxonomy.
-    pub fn from_json_line(line: &str, validator: &Validator) -> Result<Self, String> {
-        let raw: RawExample =
-            serde_json::from_str(line).map_err(|e| format!("not a canonical example: {e}"))?;
+    pub fn from_json_line(line: &str, validator: &Validator) -> Result<Self, ExampleError> {
+        let raw: RawExample = serde_json::from_str(line).map_err(ExampleError::NotCanonical)?;
         if raw.text.trim().is_empty() {
-            return Err("`text` is empty".into());
+            return Err(ExampleError::EmptyText);
         }
-        let ticket = validator.parse(&raw.ticket).map_err(|v| {
-            format!(
-                "`ticket` does not validate against taxonomy {:?}: {v}",
-                validator.taxonomy().name
-            )
-        })?;
+        let ticket = validator
+            .parse(&raw.ticket)
+            .map_err(|violations| ExampleError::Ticket {
+                taxonomy: validator.taxonomy().name.clone(),
+                violations,
+            })?;
         Ok(Example {
             id: raw.id,
             text: raw.text,
@@ -150,10 +153,10 @@ pub fn read_examples(path: &Path, validator: &Validator) -> Result<Vec<Example>,
         if line.trim().is_empty() {
             continue;
         }
-        let example = Example::from_json_line(&line, validator).map_err(|message| DataError::Parse {
+        let example = Example::from_json_line(&line, validator).map_err(|source| DataError::Example {
             path: path.into(),
             line: line_no,
-            message,
+            source,
         })?;
         if !ids.insert(example.id.clone()) {
             return Err(DataError::Parse {
@@ -242,10 +245,12 @@ mod tests {
         assert!(
             Example::from_json_line(&LINE.replace("\"source\"", "\"sauce\""), &v)
                 .unwrap_err()
+                .to_string()
                 .contains("unknown field")
         );
         assert!(Example::from_json_line(&LINE.replace("vpn down", " "), &v)
             .unwrap_err()
+            .to_string()
             .contains("empty"));
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use triage_taxonomy::{Taxonomy, Validator};
 
-use crate::{lang, DataError, Example};
+use crate::{lang, DataError, Example, LabelMapError, RowError};
 
 /// Which input columns feed which parts of an example.
 #[derive(Debug, Clone, Default)]
@@ -118,27 +118,29 @@ impl LabelMap {
     /// Reads and checks a label map: fields and target values must exist in the taxonomy.
     pub fn from_file(path: &Path, taxonomy: &Taxonomy) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        Self::from_toml_str(&text, taxonomy).map_err(|message| DataError::Parse {
+        Self::from_toml_str(&text, taxonomy).map_err(|source| DataError::Labels {
             path: path.into(),
-            line: 0,
-            message,
+            source,
         })
     }
 
     /// Parses a label map from TOML text.
-    pub fn from_toml_str(text: &str, taxonomy: &Taxonomy) -> Result<Self, String> {
+    pub fn from_toml_str(text: &str, taxonomy: &Taxonomy) -> Result<Self, LabelMapError> {
         let map: BTreeMap<String, BTreeMap<String, String>> =
-            toml::from_str(text).map_err(|e| format!("not a label map: {e}"))?;
+            toml::from_str(text).map_err(LabelMapError::Toml)?;
         for (field, values) in &map {
-            let f = taxonomy
-                .field(field)
-                .ok_or_else(|| format!("[{field}]: not a field of taxonomy {:?}", taxonomy.name))?;
+            let f = taxonomy.field(field).ok_or_else(|| LabelMapError::UnknownField {
+                field: field.clone(),
+                taxonomy: taxonomy.name.clone(),
+            })?;
             for (from, to) in values {
                 if !f.has_value(to) {
-                    return Err(format!(
-                        "[{field}] {from:?} = {to:?}: {to:?} is not a value of {field} in taxonomy {:?}",
-                        taxonomy.name
-                    ));
+                    return Err(LabelMapError::UnknownValue {
+                        field: field.clone(),
+                        from: from.clone(),
+                        to: to.clone(),
+                        taxonomy: taxonomy.name.clone(),
+                    });
                 }
             }
         }
@@ -242,7 +244,7 @@ pub fn import_file(
             Err((reason, row)) => {
                 report.rejects.push(Reject {
                     line,
-                    reason,
+                    reason: reason.to_string(),
                     row: row.into_iter().collect(),
                 });
                 continue;
@@ -251,13 +253,13 @@ pub fn import_file(
         match row_to_example(&row, line, validator, options) {
             Ok(example) if !ids.insert(example.id.clone()) => report.rejects.push(Reject {
                 line,
-                reason: format!("duplicate id {:?}", example.id),
+                reason: RowError::DuplicateId(example.id).to_string(),
                 row: row.into_iter().collect(),
             }),
             Ok(example) => report.examples.push(example),
             Err(reason) => report.rejects.push(Reject {
                 line,
-                reason,
+                reason: reason.to_string(),
                 row: row.into_iter().collect(),
             }),
         }
@@ -272,25 +274,46 @@ fn cell<'a>(row: &'a Row, column: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-fn row_to_example(row: &Row, line: u64, validator: &Validator, o: &ImportOptions) -> Result<Example, String> {
+/// A cell with escaped line breaks and no real one (some exports store `\n` as the two
+/// characters backslash and n, e.g. a release of the shared customer-support dataset) gets
+/// real line breaks; any other text is returned as it is.
+fn unescape_line_breaks(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\n') || text.matches("\\n").count() < 2 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(text.replace("\\r\\n", "\n").replace("\\n", "\n"))
+}
+
+fn row_to_example(
+    row: &Row,
+    line: u64,
+    validator: &Validator,
+    o: &ImportOptions,
+) -> Result<Example, RowError> {
     let taxonomy = validator.taxonomy();
     let m = &o.mapping;
     let subject = m.subject.as_deref().and_then(|c| cell(row, c));
     let mut parts: Vec<&str> = subject.into_iter().collect();
     parts.extend(m.text.iter().filter_map(|c| cell(row, c)));
     if parts.len() == subject.iter().count() {
-        return Err(format!("text is empty (column {})", m.text.join(", ")));
+        return Err(RowError::EmptyText {
+            columns: m.text.join(", "),
+        });
     }
-    let text = parts.join("\n\n");
+    let text = parts
+        .iter()
+        .map(|p| unescape_line_breaks(p))
+        .collect::<Vec<_>>()
+        .join("\n\n");
     let chars = text.chars().count();
     if chars > o.max_text_chars {
-        return Err(format!(
-            "text has {chars} characters, more than the limit of {}; shorten it or raise --max-text-chars",
-            o.max_text_chars
-        ));
+        return Err(RowError::TooLong {
+            chars,
+            max: o.max_text_chars,
+        });
     }
     if text.contains('\u{0}') {
-        return Err("text contains NUL bytes (binary data?)".into());
+        return Err(RowError::Nul);
     }
     let summary_source = m
         .summary
@@ -303,8 +326,10 @@ fn row_to_example(row: &Row, line: u64, validator: &Validator, o: &ImportOptions
     let mut ticket = Map::new();
     ticket.insert("summary".into(), Value::String(summary));
     for (field, column) in &m.fields {
-        let raw =
-            cell(row, column).ok_or_else(|| format!("{field} is missing (column {column:?} is empty)"))?;
+        let raw = cell(row, column).ok_or_else(|| RowError::MissingLabel {
+            field: field.clone(),
+            column: column.clone(),
+        })?;
         let mapped = o.labels.apply(field, raw);
         let f = taxonomy
             .field(field)
@@ -319,10 +344,12 @@ fn row_to_example(row: &Row, line: u64, validator: &Validator, o: &ImportOptions
             match folded.as_slice() {
                 [one] => (*one).to_owned(),
                 _ => {
-                    return Err(format!(
-                        "{field} {raw:?} (column {column:?}) is not a value of taxonomy {:?}; map it in a --labels file",
-                        taxonomy.name
-                    ))
+                    return Err(RowError::UnknownLabel {
+                        field: field.clone(),
+                        value: raw.to_owned(),
+                        column: column.clone(),
+                        taxonomy: taxonomy.name.clone(),
+                    })
                 }
             }
         };
@@ -330,7 +357,7 @@ fn row_to_example(row: &Row, line: u64, validator: &Validator, o: &ImportOptions
     }
     let ticket = validator
         .parse(&Value::Object(ticket))
-        .map_err(|v| format!("labels do not validate: {v}"))?;
+        .map_err(|v| RowError::Invalid(v.to_string()))?;
     let lang = m
         .lang
         .as_deref()
@@ -385,7 +412,7 @@ pub fn clip(text: &str, max: usize) -> String {
     }
 }
 
-type Record = (u64, Result<Row, (String, Row)>);
+type Record = (u64, Result<Row, (RowError, Row)>);
 
 /// The 1-based line on which a record starting at byte `offset` begins. (The `csv` crate's
 /// own line counter is one short for files with CRLF line ends, which most exports have.)
@@ -422,7 +449,7 @@ fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Record>, DataError> {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                out.push((line, Err((format!("malformed CSV: {e}"), Vec::new()))));
+                out.push((line, Err((RowError::MalformedCsv(e.to_string()), Vec::new()))));
                 continue;
             }
         }
@@ -440,16 +467,15 @@ fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Record>, DataError> {
             out.push((
                 line,
                 Err((
-                    format!(
-                        "row has {} fields but the header has {}",
-                        record.len(),
-                        headers.len()
-                    ),
+                    RowError::FieldCount {
+                        got: record.len(),
+                        header: headers.len(),
+                    },
                     row,
                 )),
             ));
         } else if record.iter().any(|v| std::str::from_utf8(v).is_err()) {
-            out.push((line, Err(("row is not valid UTF-8".into(), lossy))));
+            out.push((line, Err((RowError::NotUtf8("row"), lossy))));
         } else {
             out.push((line, Ok(lossy)));
         }
@@ -491,17 +517,14 @@ fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
             continue;
         }
         let record = match std::str::from_utf8(line) {
-            Err(_) => Err((
-                "line is not valid UTF-8".to_owned(),
-                vec![("raw".into(), text.into_owned())],
-            )),
+            Err(_) => Err((RowError::NotUtf8("line"), vec![("raw".into(), text.into_owned())])),
             Ok(s) => match serde_json::from_str::<Value>(s) {
                 Ok(Value::Object(obj)) => Ok(object_to_row(&obj)),
-                Ok(_) => Err((
-                    "line is not a JSON object".to_owned(),
+                Ok(_) => Err((RowError::NotObject("line"), vec![("raw".into(), s.to_owned())])),
+                Err(e) => Err((
+                    RowError::InvalidJson(e.to_string()),
                     vec![("raw".into(), s.to_owned())],
                 )),
-                Err(e) => Err((format!("invalid JSON: {e}"), vec![("raw".into(), s.to_owned())])),
             },
         };
         out.push((line_no, record));
@@ -533,7 +556,7 @@ fn read_json_array(path: &Path) -> Result<Vec<Record>, DataError> {
                 other => (
                     n,
                     Err((
-                        "record is not a JSON object".to_owned(),
+                        RowError::NotObject("record"),
                         vec![("raw".into(), other.to_string())],
                     )),
                 ),
@@ -552,6 +575,25 @@ mod tests {
             "/../../configs/taxonomy/customer-support.toml"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn escaped_line_breaks_become_real_ones_only_where_a_text_has_none() {
+        assert_eq!(
+            unescape_line_breaks("Hello,\\n\\nthe VPN is down.\\nThanks"),
+            "Hello,\n\nthe VPN is down.\nThanks"
+        );
+        assert_eq!(unescape_line_breaks("Windows\\r\\nLinux\\n"), "Windows\nLinux\n");
+        // A real line break: the backslashes are content (a pasted path or regex).
+        assert_eq!(
+            unescape_line_breaks("C:\\new\\n\nsecond line \\n"),
+            "C:\\new\\n\nsecond line \\n"
+        );
+        // A single escape is not a pattern.
+        assert_eq!(
+            unescape_line_breaks("use \\n in the format"),
+            "use \\n in the format"
+        );
     }
 
     fn options(taxonomy: &Taxonomy) -> ImportOptions {
@@ -639,7 +681,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key"), "{err}");
-        let err = LabelMap::from_toml_str("[priority]\nP1 = \"urgent\"\n", &taxonomy).unwrap_err();
+        let err = LabelMap::from_toml_str("[priority]\nP1 = \"urgent\"\n", &taxonomy)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("urgent"), "{err}");
     }
 

@@ -23,5 +23,5 @@ pub mod split;
 pub mod stats;
 pub mod synth;
 
-pub use error::DataError;
+pub use error::{DataError, ExampleError, LabelMapError, RowError, TemplateError, ValueError};
 pub use example::{atomic_write, read_examples, write_examples, Example, Split};

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use crate::dedup;
 use crate::rng::stable_hash;
-use crate::{DataError, Example, Split};
+use crate::{DataError, Example, Split, ValueError};
 
 /// What keeps examples together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,12 +24,16 @@ pub enum SplitBy {
 }
 
 impl FromStr for SplitBy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "template" | "group" => Ok(SplitBy::Template),
             "hash" => Ok(SplitBy::Hash),
-            other => Err(format!("unknown split key {other:?}: use template or hash")),
+            other => Err(ValueError {
+                what: "unknown split key",
+                value: other.to_owned(),
+                expected: "use template or hash",
+            }),
         }
     }
 }
@@ -39,13 +43,17 @@ impl FromStr for SplitBy {
 pub struct Ratios(pub [u32; 3]);
 
 impl FromStr for Ratios {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         let nums: Result<Vec<u32>, _> = parts.iter().map(|p| p.parse::<u32>()).collect();
         match nums {
             Ok(n) if n.len() == 3 && n[0] > 0 && n.iter().sum::<u32>() > 0 => Ok(Ratios([n[0], n[1], n[2]])),
-            _ => Err(format!("ratios {s:?}: expected three non-negative integers TRAIN,VAL,TEST with TRAIN > 0, e.g. 80,10,10")),
+            _ => Err(ValueError {
+                what: "ratios",
+                value: s.to_owned(),
+                expected: "expected three non-negative integers TRAIN,VAL,TEST with TRAIN > 0, e.g. 80,10,10",
+            }),
         }
     }
 }

@@ -269,3 +269,40 @@ fn imports_every_complete_row_of_the_shared_customer_support_dataset() {
     // Line numbers point at the record: the first data row is on line 2.
     assert_eq!(report.examples[0].id, "v3:2");
 }
+
+/// The seed material built into the binary (`Seeds::builtin`, what `triage data synth` uses
+/// outside the source tree) is the shipped folder, file for file, and generates the same bytes.
+#[test]
+fn builtin_seed_files_are_the_shipped_folder() {
+    use triage_data::synth::SeedFiles;
+    let taxonomy = Taxonomy::builtin_default();
+    let dir = Seeds::default_dir(&root(), &taxonomy);
+    let folder = SeedFiles::read(&dir).unwrap();
+    let builtin = SeedFiles::builtin("default").expect("the default taxonomy ships seeds");
+    assert_eq!(
+        builtin.surface, folder.surface,
+        "surface.toml: rebuild after editing"
+    );
+    assert_eq!(builtin.slots, folder.slots, "slots.toml");
+    let names = |f: &SeedFiles| -> Vec<String> {
+        f.scenarios
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&builtin),
+        names(&folder),
+        "a scenario file was added or removed: list it in BUILTIN_DEFAULT_SCENARIOS (crates/triage-data/src/synth/seeds.rs)"
+    );
+    for ((name, a), (_, b)) in builtin.scenarios.iter().zip(&folder.scenarios) {
+        assert!(a == b, "{} differs from the built-in copy", name.display());
+    }
+    assert!(SeedFiles::builtin("customer-support").is_none());
+    let validator = Validator::new(&taxonomy);
+    let from_dir = Seeds::load(&dir, &taxonomy).unwrap();
+    let built_in = Seeds::builtin(&taxonomy).unwrap().unwrap();
+    let a = generate(&from_dir, &validator, &options(60, 3)).unwrap();
+    let b = generate(&built_in, &validator, &options(60, 3)).unwrap();
+    assert_eq!(jsonl(&a.examples), jsonl(&b.examples));
+}

@@ -393,7 +393,265 @@ pub fn markdown(r: &Report) -> String {
     md
 }
 
-/// Writes `report.json`, `report.md`, `report.html` and `confusion-<system>-<field>.svg`.
+/// A reliability diagram as an SVG: accuracy per confidence bucket (bars, labelled with the
+/// number of decisions) against the diagonal of perfect calibration.
+pub fn reliability_svg(title: &str, buckets: &[(f64, f64, usize, f64)]) -> String {
+    let (left, top, w, h) = (50.0, 40.0, 300.0, 300.0);
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{}</text>"#,
+        left + w + 20.0,
+        top + h + 50.0,
+        esc(title)
+    );
+    let _ = write!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/><line x1="{left}" y1="{}" x2="{}" y2="{top}" stroke="#999" stroke-dasharray="4 3"/>"##,
+        top + h,
+        left + w
+    );
+    for t in [0.0, 0.5, 1.0] {
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{t:.1}</text><text x="{}" y="{}" text-anchor="end">{t:.1}</text>"#,
+            left + w * t,
+            top + h + 16.0,
+            left - 6.0,
+            top + h - h * t + 4.0
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">confidence</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">accuracy</text>"#,
+        left + w / 2.0,
+        top + h + 36.0,
+        top + h / 2.0,
+        top + h / 2.0
+    );
+    for (lo, hi, n, acc) in buckets {
+        if *n == 0 {
+            continue;
+        }
+        let (x, bw) = (left + w * lo, w * (hi - lo));
+        let bh = h * acc.clamp(0.0, 1.0);
+        let _ = write!(
+            svg,
+            r##"<rect x="{}" y="{}" width="{}" height="{bh}" fill="#4a7ebb" fill-opacity="0.8" stroke="white"/><text x="{}" y="{}" text-anchor="middle">{n}</text>"##,
+            x + 1.0,
+            top + h - bh,
+            (bw - 2.0).max(1.0),
+            x + bw / 2.0,
+            (top + h - bh - 4.0).max(top + 12.0)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Appends an HTML table: `head` cells, then `rows` (cells already escaped).
+fn table(html: &mut String, class: &str, head: &[String], rows: &[Vec<String>]) {
+    let _ = write!(html, "<table class=\"{class}\"><thead><tr>");
+    for h in head {
+        let _ = write!(html, "<th>{h}</th>");
+    }
+    html.push_str("</tr></thead><tbody>");
+    for r in rows {
+        html.push_str("<tr>");
+        for c in r {
+            let _ = write!(html, "<td>{c}</td>");
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</tbody></table>\n");
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}\
+th:first-child,td:first-child{text-align:left}thead th{background:#f0f3f7}tbody tr:nth-child(even){background:#fafafa}\
+h2{border-bottom:2px solid #4a7ebb;padding-bottom:.2em;margin-top:2em}figure{display:inline-block;margin:.5em;vertical-align:top}\
+figcaption{font-size:.85em;color:#555;text-align:center}span.text{display:block;text-align:left;max-width:40em;font-size:.9em}";
+
+/// The HTML report: the Markdown report's tables as real tables, with each system's
+/// reliability diagram and confusion matrices inline (SVG), so the one file is the whole page.
+pub fn html(r: &Report) -> String {
+    let mut h = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>triage evaluation: {}</title><style>{STYLE}</style></head><body>\n<h1>Evaluation: {} ({} examples, taxonomy <code>{}</code>)</h1>\n",
+        esc(&r.dataset),
+        esc(&r.dataset),
+        r.examples,
+        esc(&r.taxonomy)
+    );
+    let names: Vec<String> = r.systems.iter().map(|s| esc(&s.name)).collect();
+    h.push_str("<h2 id=\"fields\">Per field: accuracy / macro-F1</h2>\n");
+    let mut head = vec!["field".to_owned()];
+    head.extend(names.iter().cloned());
+    let rows: Vec<Vec<String>> = r
+        .systems
+        .first()
+        .map(|first| {
+            (0..first.fields.len())
+                .map(|i| {
+                    let mut row = vec![esc(&first.fields[i].field)];
+                    row.extend(r.systems.iter().map(|s| {
+                        let x = &s.fields[i];
+                        format!("{} / {:.3}", pct(x.accuracy), x.macro_f1)
+                    }));
+                    row
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&mut h, "fields", &head, &rows);
+    let mut head = vec![String::new()];
+    head.extend(names.iter().cloned());
+    type Cell = fn(&SystemReport) -> String;
+    let overall: [(&str, Cell); 5] = [
+        ("all fields right", |s| pct(s.exact_match)),
+        ("schema-valid outputs", |s| pct(s.validity_rate)),
+        ("failed", |s| s.failed.to_string()),
+        ("latency p50", |s| format!("{:.0} ms", s.latency_p50_ms)),
+        ("latency p95", |s| format!("{:.0} ms", s.latency_p95_ms)),
+    ];
+    let rows: Vec<Vec<String>> = overall
+        .iter()
+        .map(|(name, f)| {
+            let mut row = vec![name.to_string()];
+            row.extend(r.systems.iter().map(f));
+            row
+        })
+        .collect();
+    table(&mut h, "overall", &head, &rows);
+    for s in &r.systems {
+        let _ = write!(h, "<h2 id=\"{0}\">{0}</h2>\n<h3>By language</h3>\n", esc(&s.name));
+        let mut head = vec!["lang".to_owned(), "n".to_owned()];
+        head.extend(s.fields.iter().map(|f| esc(&f.field)));
+        let rows: Vec<Vec<String>> = s
+            .by_lang
+            .iter()
+            .map(|l| {
+                let mut row = vec![esc(&l.lang), l.n.to_string()];
+                row.extend(l.accuracy.iter().map(|(_, a)| pct(*a)));
+                row
+            })
+            .collect();
+        table(&mut h, "by-lang", &head, &rows);
+        h.push_str("<h3>Reliability (all field decisions)</h3>\n");
+        let rows: Vec<Vec<String>> = s
+            .reliability
+            .iter()
+            .map(|(lo, hi, n, a)| {
+                vec![
+                    format!("{lo:.1}–{hi:.1}"),
+                    n.to_string(),
+                    if *n > 0 { pct(*a) } else { "–".into() },
+                ]
+            })
+            .collect();
+        table(
+            &mut h,
+            "reliability",
+            &["confidence".into(), "decisions".into(), "accuracy".into()],
+            &rows,
+        );
+        let _ = writeln!(
+            h,
+            "<figure class=\"reliability\">{}<figcaption>reliability diagram: accuracy per confidence bucket; the dashed line is perfect calibration</figcaption></figure>",
+            reliability_svg(&format!("{} — reliability", s.name), &s.reliability)
+        );
+        h.push_str("<h3>Review threshold (<code>--min-confidence</code>): coverage vs accuracy</h3>\n");
+        let rows: Vec<Vec<String>> = s
+            .coverage
+            .iter()
+            .map(|(t, c, a)| vec![format!("{t:.2}"), pct(*c), pct(*a)])
+            .collect();
+        table(
+            &mut h,
+            "coverage",
+            &[
+                "threshold".into(),
+                "auto-handled".into(),
+                "all fields right among them".into(),
+            ],
+            &rows,
+        );
+        h.push_str("<h3>Per class</h3>\n");
+        for f in &s.fields {
+            let _ = writeln!(h, "<h4>{}</h4>", esc(&f.field));
+            let rows: Vec<Vec<String>> = f
+                .classes
+                .iter()
+                .filter(|c| c.support > 0 || c.precision > 0.0)
+                .map(|c| {
+                    vec![
+                        esc(&c.class),
+                        format!("{:.2}", c.precision),
+                        format!("{:.2}", c.recall),
+                        format!("{:.2}", c.f1),
+                        c.support.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut h,
+                "classes",
+                &[
+                    "class".into(),
+                    "precision".into(),
+                    "recall".into(),
+                    "F1".into(),
+                    "support".into(),
+                ],
+                &rows,
+            );
+        }
+        h.push_str("<h3>Confusion matrices</h3>\n");
+        for f in &s.fields {
+            let _ = writeln!(
+                h,
+                "<figure class=\"confusion\">{}<figcaption>confusion-{}-{}.svg</figcaption></figure>",
+                confusion_svg(&format!("{} — {}", s.name, f.field), f),
+                esc(&s.name),
+                esc(&f.field)
+            );
+        }
+        h.push_str("<h3>Worst errors</h3>\n");
+        let rows: Vec<Vec<String>> = s
+            .worst
+            .iter()
+            .map(|w| {
+                let wrong: Vec<String> = w
+                    .wrong
+                    .iter()
+                    .map(|(f, g, p, c)| format!("{}: {} → {} ({c:.2})", esc(f), esc(g), esc(p)))
+                    .collect();
+                vec![
+                    format!("<code>{}</code>", esc(&w.id)),
+                    wrong.join("<br>"),
+                    format!("<span class=\"text\">{}</span>", esc(&w.text)),
+                ]
+            })
+            .collect();
+        table(
+            &mut h,
+            "worst",
+            &["id".into(), "wrong fields".into(), "text".into()],
+            &rows,
+        );
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// Writes `report.json`, `report.md`, `report.html` (a self-contained page: tables, and the
+/// reliability diagrams and confusion matrices inline), `confusion-<system>-<field>.svg` and
+/// `reliability-<system>.svg`.
 pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let write = |name: &str, bytes: &[u8]| {
@@ -404,9 +662,7 @@ pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result
         "report.json",
         serde_json::to_string_pretty(&json).expect("json").as_bytes(),
     )?;
-    let md = markdown(report);
-    write("report.md", md.as_bytes())?;
-    let mut images = String::new();
+    write("report.md", markdown(report).as_bytes())?;
     for s in &report.systems {
         for f in &s.fields {
             let name = format!("confusion-{}-{}.svg", s.name, f.field);
@@ -414,17 +670,11 @@ pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result
                 &name,
                 confusion_svg(&format!("{} — {}", s.name, f.field), f).as_bytes(),
             )?;
-            let _ = writeln!(
-                images,
-                "<figure><img src=\"{name}\" alt=\"{name}\"><figcaption>{name}</figcaption></figure>"
-            );
         }
+        write(
+            &format!("reliability-{}.svg", s.name),
+            reliability_svg(&format!("{} — reliability", s.name), &s.reliability).as_bytes(),
+        )?;
     }
-    let esc = md.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>triage evaluation</title>\
-         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}pre{{white-space:pre-wrap}}figure{{display:inline-block}}</style>\
-         </head><body><pre>{esc}</pre>{images}</body></html>\n"
-    );
-    write("report.html", html.as_bytes())
+    write("report.html", html(report).as_bytes())
 }

@@ -73,7 +73,9 @@ impl Structurer {
             }
             let ff = matcher.compute_ff_tokens();
             if !ff.is_empty() {
-                matcher.consume_tokens(&ff).map_err(|e| grammar_err(e.to_string()))?;
+                matcher
+                    .consume_tokens(&ff)
+                    .map_err(|e| grammar_err(e.to_string()))?;
                 out.extend(ff.into_iter().map(|id| AnswerToken {
                     id,
                     role: TokenRole::Forced,
@@ -90,7 +92,8 @@ impl Structurer {
                     }
                     Some(ValueState::Open { opening, pending }) => {
                         let parent = field.dependency.as_ref().and_then(|d| ticket.get(&d.parent));
-                        let cands = enum_candidates(&self.env, &mut matcher, field, parent, &opening, &pending);
+                        let cands =
+                            enum_candidates(&self.env, &mut matcher, field, parent, &opening, &pending);
                         let value = ticket.get(&field.name).unwrap_or_default();
                         let Some((_, toks)) = cands.iter().find(|(v, _)| *v == value) else {
                             return Err(grammar_err(format!(
@@ -98,7 +101,9 @@ impl Structurer {
                                 field.name
                             )));
                         };
-                        matcher.consume_tokens(toks).map_err(|e| grammar_err(e.to_string()))?;
+                        matcher
+                            .consume_tokens(toks)
+                            .map_err(|e| grammar_err(e.to_string()))?;
                         for (&id, candidates) in toks.iter().zip(choice_sets(&cands, toks)) {
                             out.push(AnswerToken {
                                 id,
@@ -131,15 +136,22 @@ impl Structurer {
             };
             let segment = &rest[..segment_end.min(rest.len())];
             let toks = self.env.tokenize_bytes(segment);
-            let ok = matcher.validate_tokens(&toks).map_err(|e| grammar_err(e.to_string()))?;
+            let ok = matcher
+                .validate_tokens(&toks)
+                .map_err(|e| grammar_err(e.to_string()))?;
             if toks.is_empty() || ok != toks.len() {
                 return Err(grammar_err(format!(
                     "segment {:?} is not accepted",
                     String::from_utf8_lossy(segment)
                 )));
             }
-            matcher.consume_tokens(&toks).map_err(|e| grammar_err(e.to_string()))?;
-            out.extend(toks.into_iter().map(|id| AnswerToken { id, role: TokenRole::Free }));
+            matcher
+                .consume_tokens(&toks)
+                .map_err(|e| grammar_err(e.to_string()))?;
+            out.extend(toks.into_iter().map(|id| AnswerToken {
+                id,
+                role: TokenRole::Free,
+            }));
         }
         Err(grammar_err("did not finish".into()))
     }

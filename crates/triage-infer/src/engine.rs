@@ -26,8 +26,8 @@ use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
 
 use crate::grammar::Grammar;
-use crate::values::{enum_candidates, value_state, ValueState};
 use crate::prompt::PromptBuilder;
+use crate::values::{enum_candidates, value_state, ValueState};
 use crate::InferError;
 
 /// Decoding settings.
@@ -152,10 +152,6 @@ pub struct Structurer {
     /// the base model's: that is how the adapter was trained).
     adapter: Option<Arc<Lora>>,
     opts: StructurerOptions,
-}
-
-fn candle(e: candle_core::Error) -> InferError {
-    InferError::Model(triage_llm::LlmError::Candle(e.to_string()))
 }
 
 impl Structurer {
@@ -487,7 +483,7 @@ fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
     logits
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
-        .map_err(candle)
+        .map_err(|e| InferError::Model(e.into()))
 }
 
 /// The state of one decoding run.

@@ -20,7 +20,12 @@ pub(crate) enum ValueState {
 /// Where the output `out`, plus the bytes the grammar forces next, stands relative to the
 /// value of `field`; `None` before its key. Works on bytes: forced bytes may end inside a
 /// multi-byte character.
-pub(crate) fn value_state(env: &TokEnv, out: &[u32], matcher: &mut Matcher, field: &str) -> Option<ValueState> {
+pub(crate) fn value_state(
+    env: &TokEnv,
+    out: &[u32],
+    matcher: &mut Matcher,
+    field: &str,
+) -> Option<ValueState> {
     let mut full = env.tok_trie().decode(out);
     let pending = matcher.compute_ff_bytes();
     full.extend_from_slice(&pending);

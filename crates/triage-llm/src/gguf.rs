@@ -47,7 +47,18 @@ impl GgufFile {
             .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
         let mut needed = content.tensor_data_offset;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count() as u64;
+            // Checked: a damaged header can declare dimensions whose product overflows.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}`: shape {:?} overflows",
+                        info.shape.dims()
+                    ))
+                })?;
             let block = info.ggml_dtype.block_size() as u64;
             if block == 0 || !elems.is_multiple_of(block) {
                 return Err(bad(format!(
@@ -55,12 +66,15 @@ impl GgufFile {
                     info.ggml_dtype
                 )));
             }
-            let bytes = elems / block * info.ggml_dtype.type_size() as u64;
-            let end = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .and_then(|x| x.checked_add(bytes))
-                .ok_or_else(|| bad(format!("tensor `{name}`: offset overflows")))?;
+            let end = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                })
+                .ok_or_else(|| bad(format!("tensor `{name}`: offset or size overflows")))?;
             needed = needed.max(end);
         }
         if needed > file_len {

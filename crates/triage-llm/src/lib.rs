@@ -42,4 +42,15 @@ pub enum LlmError {
     /// Tensor computation failure.
     #[error("model computation failed: {0}")]
     Candle(String),
+    /// A LoRA adapter or setting that does not fit the model.
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
+}
+
+/// The one conversion of candle's errors: every crate's `?` on a candle call goes through it
+/// (via `From<LlmError>` of its own error type where it has one).
+impl From<candle_core::Error> for LlmError {
+    fn from(e: candle_core::Error) -> Self {
+        LlmError::Candle(e.to_string())
+    }
 }

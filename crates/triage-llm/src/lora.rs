@@ -93,13 +93,74 @@ impl Target {
 }
 
 impl FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = LoraError;
+    fn from_str(s: &str) -> Result<Self, LoraError> {
         Target::ALL
             .into_iter()
             .find(|t| s == t.peft_name() || s == t.peft_name().trim_end_matches("_proj"))
-            .ok_or_else(|| format!("unknown LoRA target {s:?}: use q, k, v, o, gate, up, down"))
+            .ok_or_else(|| LoraError::UnknownTarget { name: s.to_owned() })
     }
+}
+
+/// A LoRA setting or adapter file that does not fit the model, naming the tensor or setting
+/// and what to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoraError {
+    /// A target name that is not a projection.
+    #[error("unknown LoRA target {name:?}: use q, k, v, o, gate, up, down (or their PEFT names q_proj, …)")]
+    UnknownTarget {
+        /// The name given.
+        name: String,
+    },
+    /// Rank 0 or no target.
+    #[error("LoRA needs rank ≥ 1 and at least one target (got rank {rank} and {targets} targets): set `rank` and `targets`")]
+    Empty {
+        /// The rank given.
+        rank: usize,
+        /// How many targets were given.
+        targets: usize,
+    },
+    /// `layers` given but empty.
+    #[error("LoRA layers list is empty: list the layer numbers, or leave it out to adapt every layer")]
+    NoLayers,
+    /// A layer beyond the model's.
+    #[error("LoRA layer {layer} does not exist (the model has {layers} layers): the adapter was made for a larger model, or `layers` is wrong")]
+    NoSuchLayer {
+        /// The layer asked for.
+        layer: usize,
+        /// The model's layer count.
+        layers: usize,
+    },
+    /// An expected tensor is absent from the weights.
+    #[error("missing tensor {key}: the weights do not match the adapter's configuration (targets, layers); was the adapter written for another model?")]
+    MissingTensor {
+        /// The PEFT tensor name.
+        key: String,
+    },
+    /// A tensor of the wrong shape.
+    #[error("{key} has shape {got:?}, expected {expected:?}: the adapter was trained for another model size or rank")]
+    Shape {
+        /// The PEFT tensor name.
+        key: String,
+        /// Its shape.
+        got: Vec<usize>,
+        /// The shape the model and rank need.
+        expected: [usize; 2],
+    },
+    /// NaN or infinity in a tensor.
+    #[error("{key} contains NaN or infinite values: the training diverged; use an earlier checkpoint or a lower learning rate")]
+    NotFinite {
+        /// The PEFT tensor name.
+        key: String,
+    },
+    /// More tensors than the configuration describes.
+    #[error("{got} tensors, expected {expected} for this configuration: the weights hold tensors the adapter's configuration does not describe")]
+    TensorCount {
+        /// Tensors in the file.
+        got: usize,
+        /// Tensors the configuration implies.
+        expected: usize,
+    },
 }
 
 /// Shape and scaling of an adapter.
@@ -143,16 +204,15 @@ pub struct Lora {
     pub layers: Vec<BTreeMap<Target, LoraPair>>,
 }
 
-fn err(e: candle_core::Error) -> LlmError {
-    LlmError::Candle(e.to_string())
-}
-
 /// Checks that the adapter's layers exist in a model of shape `cfg`.
-fn check_layers(cfg: &Config, config: &LoraConfig) -> Result<(), String> {
+fn check_layers(cfg: &Config, config: &LoraConfig) -> Result<(), LoraError> {
     match &config.layers {
-        Some(l) if l.is_empty() => Err("LoRA layers list is empty".into()),
+        Some(l) if l.is_empty() => Err(LoraError::NoLayers),
         Some(l) => match l.iter().find(|&&i| i >= cfg.num_layers) {
-            Some(i) => Err(format!("LoRA layer {i} does not exist (the model has {} layers)", cfg.num_layers)),
+            Some(&layer) => Err(LoraError::NoSuchLayer {
+                layer,
+                layers: cfg.num_layers,
+            }),
             None => Ok(()),
         },
         None => Ok(()),
@@ -178,11 +238,13 @@ impl Lora {
     /// A fresh adapter for a model of shape `cfg`: A ~ U(-1/√in, 1/√in), B = 0.
     pub fn new(cfg: &Config, config: LoraConfig, seed: u64, device: &Device) -> Result<Self, LlmError> {
         if config.rank == 0 || config.targets.is_empty() {
-            return Err(LlmError::Candle(
-                "LoRA needs rank ≥ 1 and at least one target".into(),
-            ));
+            return Err(LoraError::Empty {
+                rank: config.rank,
+                targets: config.targets.len(),
+            }
+            .into());
         }
-        check_layers(cfg, &config).map_err(LlmError::Candle)?;
+        check_layers(cfg, &config)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut m = BTreeMap::new();
@@ -197,9 +259,8 @@ impl Lora {
                     .into_iter()
                     .map(|u| u * bound)
                     .collect();
-                let a = Var::from_tensor(&Tensor::from_vec(vals, (config.rank, inp), device).map_err(err)?)
-                    .map_err(err)?;
-                let b = Var::zeros((out, config.rank), DType::F32, device).map_err(err)?;
+                let a = Var::from_tensor(&Tensor::from_vec(vals, (config.rank, inp), device)?)?;
+                let b = Var::zeros((out, config.rank), DType::F32, device)?;
                 m.insert(t, LoraPair { a, b });
             }
             layers.push(m);
@@ -209,7 +270,10 @@ impl Lora {
 
     /// The lowest layer that carries the adapter (the number of layers if none does).
     pub fn first_layer(&self) -> usize {
-        self.layers.iter().position(|m| !m.is_empty()).unwrap_or(self.layers.len())
+        self.layers
+            .iter()
+            .position(|m| !m.is_empty())
+            .unwrap_or(self.layers.len())
     }
 
     /// `alpha / rank`.
@@ -257,7 +321,7 @@ impl Lora {
         config: LoraConfig,
         tensors: &std::collections::HashMap<String, Tensor>,
         device: &Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LlmError> {
         check_layers(cfg, &config)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -268,29 +332,25 @@ impl Lora {
             }
             for &t in &config.targets {
                 let (inp, out) = t.dims(cfg);
-                let get = |ab: &str, shape: (usize, usize)| -> Result<Var, String> {
+                let get = |ab: &str, shape: (usize, usize)| -> Result<Var, LlmError> {
                     let key = Self::peft_key(i, t, ab);
-                    let v = tensors.get(&key).ok_or_else(|| format!("missing tensor {key}"))?;
+                    let v = tensors
+                        .get(&key)
+                        .ok_or_else(|| LoraError::MissingTensor { key: key.clone() })?;
                     if v.dims() != [shape.0, shape.1] {
-                        return Err(format!(
-                            "{key} has shape {:?}, expected [{}, {}]",
-                            v.dims(),
-                            shape.0,
-                            shape.1
-                        ));
+                        return Err(LoraError::Shape {
+                            key,
+                            got: v.dims().to_vec(),
+                            expected: [shape.0, shape.1],
+                        }
+                        .into());
                     }
-                    let v = v
-                        .to_dtype(DType::F32)
-                        .and_then(|v| v.to_device(device))
-                        .map_err(|e| e.to_string())?;
-                    let vals: Vec<f32> = v
-                        .flatten_all()
-                        .and_then(|f| f.to_vec1())
-                        .map_err(|e| e.to_string())?;
+                    let v = v.to_dtype(DType::F32).and_then(|v| v.to_device(device))?;
+                    let vals: Vec<f32> = v.flatten_all().and_then(|f| f.to_vec1())?;
                     if vals.iter().any(|x| !x.is_finite()) {
-                        return Err(format!("{key} contains NaN or infinite values"));
+                        return Err(LoraError::NotFinite { key }.into());
                     }
-                    Var::from_tensor(&v).map_err(|e| e.to_string())
+                    Ok(Var::from_tensor(&v)?)
                 };
                 let a = get("A", (config.rank, inp))?;
                 let b = get("B", (out, config.rank))?;
@@ -301,10 +361,11 @@ impl Lora {
         let adapted = (0..cfg.num_layers).filter(|&i| config.has_layer(i)).count();
         let expected = adapted * config.targets.len() * 2;
         if tensors.len() != expected {
-            return Err(format!(
-                "{} tensors, expected {expected} for this configuration",
-                tensors.len()
-            ));
+            return Err(LoraError::TensorCount {
+                got: tensors.len(),
+                expected,
+            }
+            .into());
         }
         Ok(Lora { config, layers })
     }
@@ -313,7 +374,7 @@ impl Lora {
     pub fn save_safetensors(&self, path: &Path) -> Result<(), LlmError> {
         let tensors: std::collections::HashMap<String, Tensor> = self.peft_tensors().into_iter().collect();
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        candle_core::safetensors::save(&tensors, &tmp).map_err(err)?;
+        candle_core::safetensors::save(&tensors, &tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| LlmError::Io {
             path: path.to_path_buf(),
             source: e,

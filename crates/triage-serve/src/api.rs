@@ -1,106 +1,40 @@
-//! Request and response types, the error body, and the structuring handlers
-//! (`/v1/tickets`, `/v1/tickets:batch`, `/api/v1/classify`).
+//! Request and response types, the request-body readers, and the structuring handlers
+//! (`/v1/tickets`, `/v1/tickets:batch`, `/api/v1/classify`). The error answer is
+//! [`crate::error::ApiError`].
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use triage_infer::{InferError, Meta, Structured};
+use triage_train::admission::fmt_bytes;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
-/// An error answer: `{"error": {"code", "message"}}` with an HTTP status.
-#[derive(Debug)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable machine-readable code.
-    pub code: &'static str,
-    /// What happened and what to do.
-    pub message: String,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    /// 400 with `code`.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    /// 422 with `code`.
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-    }
-
-    /// 404.
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    /// 503 with `Retry-After`.
-    pub fn busy(retry_after_s: u64) -> Self {
-        ApiError {
-            retry_after: Some(retry_after_s),
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "all workers are busy and the queue is full; retry after the Retry-After delay",
-            )
-        }
-    }
-
-    /// 504.
-    pub fn timeout(what: &str) -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("the request timed out {what}; retry later or send less text"),
+/// The request body, or 413 naming the limit and the flag that sets it (`flag`) when it was
+/// over `limit` bytes.
+pub(crate) fn body(b: Result<Bytes, BytesRejection>, limit: usize, flag: &str) -> Result<Bytes, ApiError> {
+    b.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is over the limit of {limit} bytes ({}): send less, or start the \
+                 server with a higher {flag}",
+                fmt_bytes(limit as u64)
+            ),
         )
-    }
-
-    /// 500 (the cause is logged; the answer says only what failed).
-    pub fn internal(what: &str, cause: impl std::fmt::Display) -> Self {
-        tracing::error!("{what}: {cause}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("{what} failed: {cause}"),
-        )
-    }
-
-    /// Any status.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    fn body(&self) -> Value {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}})
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (self.status, Json(self.body())).into_response();
-        if let Some(s) = self.retry_after {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        r
-    }
+        .with("field", "body")
+        .with("limit", limit),
+        status => ApiError::new(status, "bad_body", r.body_text()),
+    })
 }
 
 /// Maps a structuring failure to its status: input problems are 422, a passed deadline 504.
@@ -109,27 +43,43 @@ fn infer_error(e: InferError) -> ApiError {
         InferError::EmptyInput => ApiError::unprocessable("empty_text", "the incident text is empty"),
         InferError::TooLong { tokens, budget } => ApiError::unprocessable(
             "text_too_long",
-            format!("the prompt has {tokens} tokens; the budget is {budget}: send a shorter text"),
-        ),
+            format!(
+                "the prompt has {tokens} tokens; the budget is {budget} (the model's context less \
+                 --max-new-tokens): send a shorter text"
+            ),
+        )
+        .with("field", "text")
+        .with("limit", budget),
         InferError::Deadline { .. } => ApiError::timeout("while decoding"),
         other => ApiError::internal("structuring", other),
     }
 }
 
+/// A JSON endpoint's body (413 over `--max-body-bytes`).
+pub(crate) fn json_body(s: &AppState, b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body(b, s.config.max_body_bytes, "--max-body-bytes")
+}
+
 /// Parses a JSON body, naming the line and column of a syntax error and the field of a
-/// type error.
+/// type error (`rank: invalid value: integer `-1`, expected usize`).
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let code = match e.classify() {
-            serde_json::error::Category::Data => "invalid_request",
-            _ => "malformed_json",
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (status, code) = match inner.classify() {
+            serde_json::error::Category::Data => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            _ => (StatusCode::BAD_REQUEST, "malformed_json"),
         };
-        let status = match code {
-            "invalid_request" => StatusCode::UNPROCESSABLE_ENTITY,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, code, format!("request body: {e}"))
-    })
+        match path.as_str() {
+            "." | "" => ApiError::new(status, code, format!("request body: {inner}")),
+            p => ApiError::new(status, code, format!("request body: {p}: {inner}")).with("field", p),
+        }
+    })?;
+    // Trailing characters after the value are a syntax error, as with `from_slice`.
+    de.end()
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("request body: {e}")))?;
+    Ok(value)
 }
 
 /// `POST /v1/tickets` body.
@@ -213,14 +163,7 @@ impl AppState {
         texts: Vec<String>,
     ) -> Result<(Vec<Result<Structured, ApiError>>, String, Option<String>), ApiError> {
         if !self.is_ready() {
-            return Err(ApiError {
-                retry_after: Some(self.config.retry_after_s),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "warming_up",
-                    "the model is warming up",
-                )
-            });
+            return Err(ApiError::warming_up(self.config.retry_after_s));
         }
         let desk = self.desk(taxonomy)?;
         let max = self.config.max_input_chars;
@@ -234,8 +177,13 @@ impl AppState {
                 )),
                 n if n > max => Err(ApiError::unprocessable(
                     "text_too_long",
-                    format!("the text has {n} characters; the limit is {max}"),
-                )),
+                    format!(
+                        "the text has {n} characters; the limit is {max}: send a shorter text (the \
+                         server's --max-input-chars sets the limit)"
+                    ),
+                )
+                .with("field", "text")
+                .with("limit", max)),
                 _ => Ok(t),
             });
         }
@@ -270,8 +218,11 @@ impl AppState {
 }
 
 /// `POST /v1/tickets`: one incident → `{ticket, meta}`.
-pub async fn tickets(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let req: TicketRequest = parse_json(&body)?;
+pub async fn tickets(
+    State(s): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: TicketRequest = parse_json(&json_body(&s, b)?)?;
     let (mut r, taxonomy, adapter) = s.structure(req.taxonomy.as_deref(), vec![req.text]).await?;
     let st = r.pop().expect("one result per text")?;
     let meta = ticket_meta(&st.meta, &taxonomy, adapter.as_deref());
@@ -280,17 +231,23 @@ pub async fn tickets(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json
 
 /// `POST /v1/tickets:batch`: up to `max_batch` incidents → per-item `{id, ticket, meta}` or
 /// `{id, error}` (one bad item does not fail the others).
-pub async fn tickets_batch(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let req: BatchRequest = parse_json(&body)?;
+pub async fn tickets_batch(
+    State(s): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: BatchRequest = parse_json(&json_body(&s, b)?)?;
     if req.items.is_empty() || req.items.len() > s.config.max_batch {
         return Err(ApiError::unprocessable(
             "batch_size",
             format!(
-                "a batch holds 1 to {} items; got {}",
+                "a batch holds 1 to {} items; got {}: split it (the server's --max-batch sets the \
+                 limit)",
                 s.config.max_batch,
                 req.items.len()
             ),
-        ));
+        )
+        .with("field", "items")
+        .with("limit", s.config.max_batch));
     }
     let ids: Vec<Option<String>> = req.items.iter().map(|i| i.id.clone()).collect();
     let texts = req.items.into_iter().map(|i| i.text).collect();
@@ -311,8 +268,11 @@ pub async fn tickets_batch(State(s): State<Arc<AppState>>, body: Bytes) -> Resul
 /// `POST /api/v1/classify`: Open Ticket AI's classify call. `predicted_label` is the value of
 /// the taxonomy's first enum field (the category) and `confidence` its probability; the full
 /// ticket comes along.
-pub async fn classify(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let req: ClassifyRequest = parse_json(&body)?;
+pub async fn classify(
+    State(s): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: ClassifyRequest = parse_json(&json_body(&s, b)?)?;
     let (mut r, taxonomy, adapter) = s.structure(None, vec![req.ticket_data]).await?;
     let st = r.pop().expect("one result per text")?;
     let first = st.meta.confidence.first();

@@ -3,7 +3,9 @@
 //! * Native API: `POST /v1/tickets` (`{text, taxonomy?}` → `{ticket, meta}`) and
 //!   `POST /v1/tickets:batch`.
 //! * Open Ticket AI compatible: `POST /api/v1/classify`, `POST /api/v1/train-data` (CSV),
-//!   `POST /api/v1/train`, `GET /api/v1/train/{id}`, plus `POST /api/v1/train/{id}/activate`.
+//!   `POST /api/v1/train`, `GET /api/v1/train/{id}`, plus `POST /api/v1/train/{id}/activate`
+//!   and `GET /api/v1/train` (every job, those of earlier runs included: job statuses are kept
+//!   in the data folder and survive a restart).
 //! * Operations: `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
 //! Safety: bearer-token auth ([`ServeConfig::token`]), body limits (413), input limits (422),
@@ -11,9 +13,28 @@
 //! queue (503 + `Retry-After` when full), a per-request deadline enforced between decoding
 //! steps (504), graceful shutdown that finishes requests in flight and checkpoints a running
 //! training job. Every error is a JSON body `{"error": {"code", "message"}}`.
+//!
+//! Admission control, so that no request, configuration or upload can exhaust the machine
+//! (`docs/limits.md` lists every limit and its default):
+//! * every user-controlled size is bounded: text length and batch size of ticket requests,
+//!   rows and bytes of uploads, and rank, steps, learning rate, batch, accumulation and
+//!   sequence length of training jobs ([`limits::TrainLimits`]); a request outside is a 422
+//!   `limit_exceeded` naming the field, its bound and the flag that moves it;
+//! * a training job, an adapter activation (and, in `triage serve`, the model and each
+//!   taxonomy at startup) is admitted only when its estimated memory fits in what the process
+//!   may use (cgroup limit or `MemAvailable`) less what serving needs (507
+//!   `insufficient_memory`);
+//! * datasets, runs and adapters share a disk quota with a retention rule (see the `disk`
+//!   module); what does not fit is a 507 `insufficient_storage`, and no write leaves a
+//!   partial file.
 
 mod api;
+mod disk;
+mod error;
+#[cfg(test)]
+mod fuzz_tests;
 mod jobs;
+pub mod limits;
 mod metrics;
 mod openapi;
 mod state;
@@ -31,8 +52,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 
-pub use api::ApiError;
+pub use disk::QuotaError;
+pub use error::ApiError;
 pub use jobs::{JobState, JobStatus};
+pub use limits::TrainLimits;
 pub use openapi::ROUTES;
 pub use state::{AppState, Desk, Engine, ServeConfig, TrainContext};
 
@@ -46,7 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tickets", post(api::tickets))
         .route("/v1/tickets:batch", post(api::tickets_batch))
         .route("/api/v1/classify", post(api::classify))
-        .route("/api/v1/train", post(jobs::train_start))
+        .route("/api/v1/train", post(jobs::train_start).get(jobs::train_list))
         .route("/api/v1/train/{id}", get(jobs::train_status))
         .route("/api/v1/train/{id}/activate", post(jobs::train_activate))
         .route("/healthz", get(healthz))
@@ -63,21 +86,29 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves; requests in flight are
-/// finished, and a running training job is asked to checkpoint and stop.
+/// finished, and a running training job is asked to checkpoint and stop: this returns once it
+/// has (its record then says `stopped`, listed as `interrupted` at the next start).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = state.stop.clone();
-    let app = router(state);
-    axum::serve(listener, app)
+    let app = router(state.clone());
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing requests in flight");
             stop.store(true, Ordering::SeqCst);
         })
-        .await
+        .await;
+    if let Some(id) = state.jobs.running_id() {
+        tracing::info!("shutting down: waiting for training job {id} to checkpoint");
+        while state.jobs.running() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    served
 }
 
 /// Whether `bind` may be served without a token (loopback only).

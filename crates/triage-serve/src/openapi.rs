@@ -7,12 +7,13 @@ use crate::state::AppState;
 
 /// Every route the service answers, `(method, path)`; the router and the document both use
 /// it, and a test checks they agree.
-pub const ROUTES: [(&str, &str); 11] = [
+pub const ROUTES: [(&str, &str); 12] = [
     ("post", "/v1/tickets"),
     ("post", "/v1/tickets:batch"),
     ("post", "/api/v1/classify"),
     ("post", "/api/v1/train-data"),
     ("post", "/api/v1/train"),
+    ("get", "/api/v1/train"),
     ("get", "/api/v1/train/{id}"),
     ("post", "/api/v1/train/{id}/activate"),
     ("get", "/healthz"),
@@ -51,6 +52,7 @@ pub fn document(state: &AppState) -> Value {
     let tax = json!({"type": "string", "enum": taxonomies, "description": "Taxonomy (default: the first)."});
     let meta = json!({"$ref": "#/components/schemas/TicketMeta"});
     let common = ["400", "401", "413", "422", "503", "504"];
+    let limits = &state.config.train_limits;
     let with = |mut op: Value, errs: &[&str]| {
         let mut r = error_responses(errs);
         if let (Some(dst), Some(src)) = (op["responses"].as_object_mut(), r.as_object_mut()) {
@@ -91,26 +93,31 @@ pub fn document(state: &AppState) -> Value {
                 {"name": "map", "in": "query", "required": true, "description": "KEY=COLUMN, repeated: text (repeatable), subject, summary, id, lang and every taxonomy field.", "schema": {"type": "string"}},
                 {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "tsv", "json", "jsonl"], "default": "csv"}},
                 {"name": "taxonomy", "in": "query", "schema": tax}],
-            "requestBody": {"required": true, "content": {"text/csv": {"schema": {"type": "string"}}}},
+            "requestBody": {"required": true, "content": {"text/csv": {"schema": {"type": "string", "maxLength": state.config.max_upload_bytes}}}},
             "responses": {"201": ok("Dataset id, row counts and the first rejects.", json!({"type": "object", "properties": {
                 "id": {"type": "string"}, "rows": {"type": "integer"}, "imported": {"type": "integer"}, "rejected": {"type": "integer"},
                 "rejects": {"type": "array"}, "labels": {"type": "object"}}}))}
-        }), &["400", "401", "413", "422"])},
-        "/api/v1/train": {"post": with(json!({
+        }), &["400", "401", "413", "422", "507"])},
+        "/api/v1/train": {"get": with(json!({
+            "summary": "Every training job, those of earlier runs of the service included (job statuses are kept in the data folder).",
+            "responses": {"200": ok("The jobs, in id order.", json!({"type": "object", "properties": {
+                "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobStatus"}}}}))}
+        }), &["401"]),
+        "post": with(json!({
             "summary": "Start a training job on an uploaded dataset (one at a time).",
             "requestBody": json_body(json!({"type": "object", "required": ["dataset_id"], "additionalProperties": false, "properties": {
-                "dataset_id": {"type": "string"}, "steps": {"type": "integer", "minimum": 1}, "lr": {"type": "number"},
-                "rank": {"type": "integer", "minimum": 1}, "activate": {"type": "boolean", "default": false}, "taxonomy": tax}})),
+                "dataset_id": {"type": "string"},
+                "steps": {"type": "integer", "minimum": 1, "maximum": limits.steps},
+                "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": limits.lr},
+                "rank": {"type": "integer", "minimum": 1, "maximum": limits.rank},
+                "activate": {"type": "boolean", "default": false}, "taxonomy": tax}})),
             "responses": {"202": ok("Job started.", json!({"type": "object", "properties": {"job_id": {"type": "string"}, "status_url": {"type": "string"}}})),
                 "404": {"$ref": "#/components/responses/E404"}, "409": {"$ref": "#/components/responses/E409"}}
-        }), &["400", "401", "422", "503"])},
+        }), &["400", "401", "422", "503", "507"])},
         "/api/v1/train/{id}": {"get": with(json!({
             "summary": "A training job's progress and metrics.",
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-            "responses": {"200": ok("Job status.", json!({"type": "object", "properties": {
-                "id": {"type": "string"}, "state": {"type": "string", "enum": ["running", "succeeded", "failed", "stopped"]},
-                "step": {"type": "integer"}, "steps": {"type": "integer"}, "loss": {"type": ["number", "null"]},
-                "summary": {}, "adapter": {"type": ["string", "null"]}, "active": {"type": "boolean"}, "error": {"type": ["string", "null"]}}})),
+            "responses": {"200": ok("Job status.", json!({"$ref": "#/components/schemas/JobStatus"})),
                 "404": {"$ref": "#/components/responses/E404"}}
         }), &["401"])},
         "/api/v1/train/{id}/activate": {"post": with(json!({
@@ -118,7 +125,7 @@ pub fn document(state: &AppState) -> Value {
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
             "responses": {"200": ok("Activated.", json!({"type": "object"})), "404": {"$ref": "#/components/responses/E404"},
                 "409": {"$ref": "#/components/responses/E409"}}
-        }), &["401", "422"])},
+        }), &["401", "422", "507"])},
         "/healthz": {"get": {"summary": "Liveness (no authentication).", "responses": {"200": ok("Alive.", json!({"type": "object"}))}}},
         "/readyz": {"get": {"summary": "Readiness: model loaded and warmed up (no authentication).",
             "responses": {"200": ok("Ready.", json!({"type": "object"})), "503": {"$ref": "#/components/responses/E503"}}}},
@@ -133,9 +140,10 @@ pub fn document(state: &AppState) -> Value {
         ("404", "Unknown job or dataset."),
         ("409", "A training job is running, or the job has no adapter yet."),
         ("413", "Request body over the limit."),
-        ("422", "Valid JSON, unusable request (empty or over-long text, unknown field or taxonomy, bad batch size)."),
+        ("422", "Valid JSON, unusable request (empty or over-long text, unknown field or taxonomy, bad batch size, a size over its limit: `limit_exceeded` with `field` and `limit`)."),
         ("503", "Overloaded or warming up; see Retry-After."),
         ("504", "The request's time budget ran out."),
+        ("507", "Does not fit: `insufficient_memory` (a job's estimated memory) or `insufficient_storage` (the data folder's disk quota), with the figures."),
     ] {
         responses.insert(
             format!("E{code}"),
@@ -154,11 +162,73 @@ pub fn document(state: &AppState) -> Value {
                     "confidence": {"type": "object", "additionalProperties": {"type": "number"}},
                     "needs_review": {"type": "boolean"}, "timings": {"type": "object"}, "taxonomy": {"type": "string"},
                     "adapter": {"type": ["string", "null"]}, "warnings": {"type": "array", "items": {"type": "string"}}}},
-                "ErrorDetail": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                "JobStatus": {"type": "object", "properties": {
+                    "id": {"type": "string"},
+                    "state": {"type": "string", "enum": ["running", "succeeded", "failed", "stopped", "interrupted"],
+                        "description": "`stopped`: checkpointed and stopped by a shutdown of this process. `interrupted`: found running or stopping when the service started again (a restart, a crash); `checkpoint` and `checkpoint_step` say what was saved. A job is not resumed by the service: start a new one."},
+                    "dataset": {"type": "string"}, "taxonomy": {"type": "string"},
+                    "step": {"type": "integer"}, "steps": {"type": "integer"}, "loss": {"type": ["number", "null"]},
+                    "tokens_per_s": {"type": ["number", "null"]}, "log": {"type": "array", "items": {"type": "string"}},
+                    "summary": {}, "adapter": {"type": ["string", "null"]}, "active": {"type": "boolean"}, "error": {"type": ["string", "null"]},
+                    "checkpoint": {"type": ["string", "null"], "description": "The last checkpoint of an interrupted job (its run folder's `checkpoint/`)."},
+                    "checkpoint_step": {"type": ["integer", "null"], "description": "The optimizer step that checkpoint holds."}}},
+                "ErrorDetail": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                    "field": {"type": "string"}, "limit": {}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}}},
             },
             "responses": responses,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn the_document_lists_exactly_the_routes_and_every_job_state() {
+        let dir = std::env::temp_dir().join(format!("triage-openapi-{}", std::process::id()));
+        let state = AppState::new(
+            crate::ServeConfig {
+                data_dir: dir.clone(),
+                ..crate::ServeConfig::default()
+            },
+            Vec::new(),
+            None,
+        );
+        let doc = document(&state);
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(p, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |m| (m.clone(), p.clone()))
+            })
+            .collect();
+        let routed: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(documented, routed);
+        let states: Vec<&str> = doc["components"]["schemas"]["JobStatus"]["properties"]["state"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        use crate::JobState::*;
+        for s in [Running, Succeeded, Failed, Stopped, Interrupted] {
+            let name = serde_json::to_value(s).unwrap();
+            assert!(
+                states.contains(&name.as_str().unwrap()),
+                "{name} is not documented"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

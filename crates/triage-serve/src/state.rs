@@ -1,5 +1,5 @@
 //! What the service holds: its limits, one engine per taxonomy (swapped atomically when an
-//! adapter is activated), the admission queue, metrics and training jobs.
+//! adapter is activated), the admission queue, metrics, training jobs and the disk lock.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,13 +9,17 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use triage_infer::Structurer;
 use triage_llm::GgufFile;
+use triage_train::admission::{self, MemoryBudget, MemoryLimit};
 use triage_train::trainer::TrainConfig;
 
-use crate::api::ApiError;
+use crate::disk::Disk;
+use crate::error::ApiError;
 use crate::jobs::Jobs;
+use crate::limits::{self, TrainLimits};
 use crate::metrics::Metrics;
 
-/// Limits and locations of the service.
+/// Limits and locations of the service (`docs/limits.md` lists them with their defaults and
+/// flags).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// Bearer token every endpoint but `/healthz` and `/readyz` requires (`None`: open).
@@ -24,6 +28,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Largest `train-data` upload in bytes (413 beyond).
     pub max_upload_bytes: usize,
+    /// Most rows in one `train-data` upload (422 beyond).
+    pub max_upload_rows: usize,
     /// Longest incident text in characters (422 beyond).
     pub max_input_chars: usize,
     /// Most incidents in one `/v1/tickets:batch` request (422 beyond).
@@ -38,6 +44,16 @@ pub struct ServeConfig {
     pub retry_after_s: u64,
     /// Uploaded datasets, training runs and trained adapters live here.
     pub data_dir: PathBuf,
+    /// Bounds on training jobs (422 beyond).
+    pub train_limits: TrainLimits,
+    /// Total bytes of datasets, runs and adapters under `data_dir`; past it the retention rule
+    /// deletes finished runs, and what still does not fit is refused with 507.
+    pub disk_quota_bytes: u64,
+    /// Memory the service may use: detected (cgroup limit or `MemAvailable`), a given size, or
+    /// not checked. Training jobs and adapter activations that do not fit are refused (507).
+    pub memory_limit: MemoryLimit,
+    /// Memory kept free for serving when a job is admitted, besides each worker's request.
+    pub memory_reserve_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -53,7 +69,34 @@ impl Default for ServeConfig {
             request_timeout: Duration::from_secs(120),
             retry_after_s: 5,
             data_dir: PathBuf::from("serve-data"),
+            max_upload_rows: 50_000,
+            train_limits: TrainLimits::default(),
+            disk_quota_bytes: 10 << 30,
+            memory_limit: MemoryLimit::Auto,
+            memory_reserve_bytes: 512 << 20,
         }
+    }
+}
+
+impl ServeConfig {
+    /// Every limit within its ceiling (at startup). The errors name the flag.
+    pub fn check(&self) -> Result<(), admission::LimitError> {
+        use admission::LimitError;
+        let flags = [
+            ("--max-body-bytes", self.max_body_bytes, 1024, 64 << 20),
+            ("--max-upload-bytes", self.max_upload_bytes, 1024, 4 << 30),
+            ("--max-upload-rows", self.max_upload_rows, 1, 10_000_000),
+            ("--max-input-chars", self.max_input_chars, 1, 1_000_000),
+            ("--max-batch", self.max_batch, 1, 256),
+            ("--workers", self.workers, 1, 256),
+            ("--queue", self.queue, 0, 100_000),
+        ];
+        for (flag, v, min, max) in flags {
+            LimitError::check_range(flag, v, min, max, || {
+                format!("start the server with {flag} in {min}..={max}")
+            })?;
+        }
+        self.train_limits.check_ceilings()
     }
 }
 
@@ -122,6 +165,7 @@ pub struct AppState {
     pub(crate) metrics: Metrics,
     pub(crate) jobs: Jobs,
     pub(crate) train: Option<TrainContext>,
+    pub(crate) disk: Disk,
     ready: AtomicBool,
     /// Set on shutdown: a running training job checkpoints and stops.
     pub stop: Arc<AtomicBool>,
@@ -129,18 +173,65 @@ pub struct AppState {
 
 impl AppState {
     /// State over `desks` (the first is the default taxonomy). Training endpoints answer 503
-    /// without a `train` context.
+    /// without a `train` context. Temporaries left in the data folder by a crashed process are
+    /// removed, and the training jobs of earlier processes are listed from their records
+    /// (`runs/<job>.json`): one that was running when its process went down is `interrupted`,
+    /// with its last checkpoint.
     pub fn new(config: ServeConfig, desks: Vec<Desk>, train: Option<TrainContext>) -> Arc<Self> {
-        Arc::new(AppState {
+        let state = Arc::new(AppState {
             admission: Admission::new(config.workers, config.queue),
             config,
             desks,
             metrics: Metrics::default(),
             jobs: Jobs::default(),
             train,
+            disk: Disk::default(),
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
-        })
+        });
+        crate::disk::sweep(&state.config.data_dir, &state.disk.lock(), None);
+        let served: Vec<String> = state
+            .desks
+            .iter()
+            .filter_map(|d| d.engine().adapter.clone())
+            .collect();
+        let n = state.jobs.load(&state.config.data_dir, &served);
+        if n > 0 {
+            tracing::info!(
+                "{n} training job(s) of earlier runs listed from {}",
+                state.config.data_dir.join("runs").display()
+            );
+        }
+        state
+    }
+
+    /// Every training job's status (this process's and those of earlier runs), in id order.
+    pub fn training_jobs(&self) -> Vec<crate::JobStatus> {
+        self.jobs.list()
+    }
+
+    /// Memory kept free for serving while other work is admitted: the configured reserve plus
+    /// what each worker's request may add ([`limits::request_bytes`]).
+    pub fn serving_reserve(&self) -> u64 {
+        let per_request = self
+            .desks
+            .iter()
+            .map(|d| {
+                let s = &d.engine().structurer;
+                limits::request_bytes(s.model().config(), s.system_prompt_tokens(), s.options())
+            })
+            .max()
+            .unwrap_or(0);
+        self.config.memory_reserve_bytes + self.config.workers.max(1) as u64 * per_request
+    }
+
+    /// Refuses (507, with the figures) work estimated at `need` bytes that does not fit in the
+    /// memory available minus [`AppState::serving_reserve`].
+    pub(crate) fn admit_memory(&self, what: &str, need: u64, hint: &str) -> Result<(), ApiError> {
+        let Some(budget) = MemoryBudget::resolve(self.config.memory_limit, "--memory-limit") else {
+            return Ok(());
+        };
+        admission::admit(what, need, self.serving_reserve(), &budget, hint).map_err(ApiError::from)
     }
 
     /// Computes every desk's system-prompt cache, then reports ready (`/readyz`).

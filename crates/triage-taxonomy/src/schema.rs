@@ -57,7 +57,7 @@ pub fn ticket_schema(taxonomy: &Taxonomy) -> Value {
     schema.insert("$schema".into(), json!(SCHEMA_DIALECT));
     schema.insert(
         "$id".into(),
-        json!(format!("urn:triage:ticket:{}", taxonomy.name)),
+        json!(format!("urn:triage:ticket:{}", uri_component(&taxonomy.name))),
     );
     schema.insert(
         "title".into(),
@@ -101,6 +101,20 @@ pub fn ticket_schema(taxonomy: &Taxonomy) -> Value {
         }
     }
     Value::Object(schema)
+}
+
+/// `name` with every byte outside the URI's unreserved characters (`A-Z a-z 0-9 - . _ ~`)
+/// percent-encoded, so any taxonomy name makes a valid `$id` (`my desk` → `my%20desk`);
+/// names made of those characters only are unchanged.
+fn uri_component(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// Pretty-printed schema text with a trailing newline, as committed under `schemas/`.

@@ -493,3 +493,39 @@ fn content_hash_ignores_comments_but_not_values() {
     assert_ne!(a.content_hash(), c.content_hash());
     assert_eq!(a.content_hash().len(), 64);
 }
+
+/// Found by the property tests (`tests/fuzz.rs`): a name that is not a valid URI segment (a
+/// space, non-ASCII letters) made the schema's `$id` invalid, and `Validator::new` panicked.
+#[test]
+fn any_taxonomy_name_gives_a_working_validator() {
+    let base = std::fs::read_to_string(repo("configs/taxonomy/default.toml")).unwrap();
+    let default_id = ticket_schema(&Taxonomy::from_toml_str(&base, "d").unwrap())["$id"].clone();
+    assert_eq!(
+        default_id, "urn:triage:ticket:default",
+        "plain names are unchanged"
+    );
+    for name in [
+        "IT desk – Zürich",
+        "a/b?c#d%e",
+        "\u{fffd}\u{fffd}",
+        "<x> \"y\" {z}",
+    ] {
+        let text = base.replacen("name = \"default\"", &format!("name = {name:?}"), 1);
+        let t = Taxonomy::from_toml_str(&text, "t.toml").unwrap();
+        assert_eq!(t.name, name);
+        let v = Validator::new(&t);
+        let id = v.schema()["$id"].as_str().unwrap().to_owned();
+        assert!(
+            id.starts_with("urn:triage:ticket:") && id.is_ascii() && !id.contains(' '),
+            "{id}"
+        );
+        v.parse(
+            &json!({"summary": "VPN drops", "category": "Network", "subcategory": "VPN",
+            "priority": "High", "assignment_group": "Network Operations", "request_type": "Incident"}),
+        )
+        .unwrap();
+    }
+    let t =
+        Taxonomy::from_toml_str(&base.replacen("name = \"default\"", "name = \"my desk\"", 1), "t").unwrap();
+    assert_eq!(ticket_schema(&t)["$id"], "urn:triage:ticket:my%20desk");
+}

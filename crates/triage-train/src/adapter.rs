@@ -178,21 +178,33 @@ pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, 
         .as_array()
         .ok_or_else(|| bad("`target_modules` must be a list".into()))?
         .iter()
-        .map(|t| t.as_str().unwrap_or("").parse::<Target>().map_err(&bad))
+        .map(|t| {
+            t.as_str()
+                .unwrap_or("")
+                .parse::<Target>()
+                .map_err(|e| bad(e.to_string()))
+        })
         .collect::<Result<_, _>>()?;
     if peft["use_dora"] == true || peft["use_rslora"] == true {
         return Err(bad("DoRA / rsLoRA adapters are not supported".into()));
     }
     let layers = match &peft["layers_to_transform"] {
         Value::Null => None,
-        Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be layer numbers".into()))? as usize]),
+        Value::Number(n) => Some(vec![n
+            .as_u64()
+            .ok_or_else(|| bad("`layers_to_transform` must be layer numbers".into()))?
+            as usize]),
         Value::Array(a) => Some(
             a.iter()
                 .map(|v| v.as_u64().map(|n| n as usize))
                 .collect::<Option<Vec<usize>>>()
                 .ok_or_else(|| bad("`layers_to_transform` must be a list of layer numbers".into()))?,
         ),
-        other => return Err(bad(format!("`layers_to_transform` must be a list of layer numbers, not {other}"))),
+        other => {
+            return Err(bad(format!(
+                "`layers_to_transform` must be a list of layer numbers, not {other}"
+            )))
+        }
     };
     let config = LoraConfig {
         rank,
@@ -296,7 +308,11 @@ pub fn find_compatible(
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
-        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
         dirs.sort();
         for dir in dirs {
             let Ok(meta) = read_meta(&dir) else {
@@ -306,7 +322,9 @@ pub fn find_compatible(
                 && meta.prompt_version == triage_infer::PROMPT_VERSION
                 && meta.base_model_file == base_file
                 && meta.scope == ADAPTER_SCOPE
-                && !out.iter().any(|(d, _)| d.file_name() == dir.file_name() && same_file(d, &dir))
+                && !out
+                    .iter()
+                    .any(|(d, _)| d.file_name() == dir.file_name() && same_file(d, &dir))
             {
                 out.push((dir, meta));
             }

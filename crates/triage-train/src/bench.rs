@@ -50,7 +50,8 @@ pub struct StepBenchResult {
     /// Trained tokens (after the prefix) per second of steps: every epoch after the first,
     /// when the frozen layers' output is already on disk.
     pub tokens_per_s: f64,
-    /// Seconds to compute the frozen layers' output of one sequence (once per example).
+    /// Seconds to compute the frozen layers' output of one sequence (once per example; timed
+    /// over 16 sequences).
     pub features_s_per_seq: f64,
     /// Tokens per second over a first epoch, features included.
     pub epoch_tokens_per_s: f64,
@@ -76,11 +77,18 @@ pub fn step_bench(
             spec.seq, spec.answer, spec.batch
         )));
     }
+    // Memory after each stage (`-vv`), to see where a peak comes from.
     let rss = |what: &str| {
-        if std::env::var_os("TRIAGE_BENCH_RSS").is_some() {
+        if tracing::enabled!(tracing::Level::DEBUG) {
             let st = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-            let get = |k: &str| st.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
-            eprintln!("[rss] {what}: {} | {}", get("VmRSS:"), get("VmHWM:"));
+            let get = |k: &str| {
+                st.lines()
+                    .find(|l| l.starts_with(k))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            tracing::debug!("bench memory after {what}: {}, {}", get("VmRSS:"), get("VmHWM:"));
         }
     };
     rss("start");
@@ -99,9 +107,12 @@ pub fn step_bench(
             ..config.optimizer.clone()
         },
     )?;
-    let items = items(spec, cfg.vocab_size);
-    let idx: Vec<usize> = (0..items.len()).collect();
-    let mb = micro_batch(&items, &idx, 0, config.objective, config.summary_weight);
+    // Features are timed over more sequences than a batch, as a run computes them for all its
+    // examples: each frozen layer's dense copy is made once per pass, not once per example.
+    let timed_items = items(spec, FEATURE_SEQS.max(spec.batch), cfg.vocab_size);
+    let batch_items = &timed_items[..spec.batch];
+    let idx: Vec<usize> = (0..batch_items.len()).collect();
+    let mb = micro_batch(batch_items, &idx, 0, config.objective, config.summary_weight);
 
     // The input of the first adapted layer: embeddings, or the frozen layers' output
     // computed as a training run computes it (layer by layer, through files on disk).
@@ -112,11 +123,11 @@ pub fn step_bench(
     } else {
         let dir = std::env::temp_dir().join(format!("triage-bench-features-{}", std::process::id()));
         let features = Features::new(&dir, "bench", first, cfg.hidden_size);
-        let refs: Vec<&Item> = items.iter().collect();
+        let refs: Vec<&Item> = timed_items.iter().collect();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let done = features.prepare(model, prefix, &refs, &stop, &mut |_, _| {});
         let rows = done.and_then(|()| {
-            items
+            batch_items
                 .iter()
                 .map(|it| features.load(it, model.device()))
                 .collect::<Result<Vec<_>, _>>()
@@ -126,7 +137,7 @@ pub fn step_bench(
     };
     let features_s_per_seq = match first {
         0 => 0.0,
-        _ => t0.elapsed().as_secs_f64() / spec.batch as f64,
+        _ => t0.elapsed().as_secs_f64() / timed_items.len() as f64,
     };
     rss("features");
 
@@ -177,12 +188,15 @@ pub fn step_bench(
     })
 }
 
-/// `spec.batch` pseudo-random sequences of ordinary text tokens (below 32,000), the last
-/// `spec.answer` of each being the answer with a real answer's mix of roles.
-fn items(spec: &StepBenchSpec, vocab: usize) -> Vec<Item> {
+/// Sequences whose frozen-layer features are computed for the features timing.
+const FEATURE_SEQS: usize = 16;
+
+/// `count` pseudo-random sequences of ordinary text tokens (below 32,000) of `spec.seq` tokens,
+/// the last `spec.answer` of each being the answer with a real answer's mix of roles.
+fn items(spec: &StepBenchSpec, count: usize, vocab: usize) -> Vec<Item> {
     let mut rng = Rng::new(spec.seq as u64);
     let vocab = vocab.min(32_000);
-    (0..spec.batch)
+    (0..count)
         .map(|r| {
             let tokens: Vec<u32> = (0..spec.seq).map(|_| rng.below(vocab) as u32).collect();
             let start = spec.seq - spec.answer;

@@ -14,11 +14,14 @@
 //!   version, metrics) so inference refuses a mismatched adapter.
 //! * [`merge`]: an adapter folded into the base weights, written as a standalone GGUF.
 //! * [`memory`]: the `--dry-run` peak-memory estimate; [`bench`]: the training step benchmark.
+//! * [`admission`]: bounds on user-controlled sizes ([`admission::LimitError`]) and the memory
+//!   check before a job allocates (the estimate against the cgroup limit or `MemAvailable`).
 //!
 //! The adapter applies to the tokens after the shared system prompt: the prompt's KV cache is
 //! the base model's, computed once (see `docs/adr/0003-qlora-training.md`).
 
 pub mod adapter;
+pub mod admission;
 pub mod bench;
 pub mod data;
 pub mod features;
@@ -42,6 +45,9 @@ pub enum TrainError {
     /// Invalid configuration or data.
     #[error("{0}")]
     Invalid(String),
+    /// A size or rate outside its bounds (field, bound, what to do).
+    #[error("train config: {0}")]
+    Limit(admission::LimitError),
     /// Model or tensor failure.
     #[error(transparent)]
     Llm(#[from] triage_llm::LlmError),
@@ -56,8 +62,10 @@ pub enum TrainError {
     Interrupted(usize),
 }
 
+/// Candle's errors through the one conversion ([`triage_llm::LlmError`]'s `From`), for
+/// `.map_err(candle)` at the call sites.
 pub(crate) fn candle(e: candle_core::Error) -> TrainError {
-    TrainError::Llm(triage_llm::LlmError::Candle(e.to_string()))
+    TrainError::Llm(e.into())
 }
 
 pub(crate) fn file_err(path: &std::path::Path, e: impl std::fmt::Display) -> TrainError {

@@ -1,7 +1,8 @@
-//! The `triage train --dry-run` peak-memory estimate: the tensors a training step holds at
-//! its peak, plus the process's fixed overhead (tokenizer, grammar, allocator), whose size was
-//! measured with `triage bench train` (`docs/benchmarks.md` prints both side by side). It is
-//! an estimate: allocator fragmentation varies with the sequence lengths a run sees.
+//! The `triage train --dry-run` peak-memory estimate: the weights and copies a training
+//! process holds, plus the activations and gradients of its largest moment, plus the process's
+//! fixed overhead (tokenizer, grammar, allocator). The per-token terms were calibrated against
+//! `triage bench train` (`docs/benchmarks.md` prints the estimate beside each measured peak);
+//! it is an estimate: allocator fragmentation varies with the lengths a run sees.
 
 use serde::Serialize;
 use triage_llm::lora::LoraConfig;
@@ -14,6 +15,9 @@ pub struct MemoryInputs {
     pub cfg: Config,
     /// Bytes of the weights as loaded (quantized, after any re-quantization).
     pub weight_bytes: u64,
+    /// Bytes of the adapted layers' projections stored in a type with a fast repacked CPU
+    /// kernel (Q4_K, Q6_K): the forward pass runs on it, and candle keeps a repacked copy.
+    pub repackable_bytes: u64,
     /// Adapter shape (its `layers` are the adapted ones).
     pub lora: LoraConfig,
     /// Sequences per micro-batch.
@@ -30,6 +34,8 @@ pub struct MemoryInputs {
     pub head_chunk: usize,
     /// Dense f16 copies of the adapted layers and the head.
     pub dense_weights: bool,
+    /// The composed differentiable primitives instead of the CPU training kernels.
+    pub composed_ops: bool,
 }
 
 /// The estimate, in bytes.
@@ -37,27 +43,31 @@ pub struct MemoryInputs {
 pub struct MemoryEstimate {
     /// Base weights as loaded.
     pub weights: u64,
+    /// Candle's repacked copies of the adapted layers' fast-kernel weights.
+    pub repacked: u64,
     /// Dense f16 copies of the adapted layers' projections and the LM head.
     pub dense_copies: u64,
     /// Base-model KV cache of the prefix.
     pub prefix_kv: u64,
     /// LoRA parameters, gradients, accumulated gradients and two AdamW moments.
     pub lora_and_optimizer: u64,
-    /// Activations kept for the backward pass.
+    /// Activations kept for the backward pass, and one layer's gradients.
     pub activations: u64,
     /// Logits of one head chunk, their softmax and gradient.
     pub logits: u64,
     /// Largest weight dequantized at once during the backward pass (without dense copies).
     pub dequant_transient: u64,
-    /// Tokenizer, grammar, code and allocator slack (measured, see the module docs).
+    /// Tokenizer, grammar, code and allocator slack (measured).
     pub runtime: u64,
     /// Sum.
     pub total: u64,
 }
 
-/// Fixed overhead of a training process besides its tensors, measured with `triage bench
-/// train` on the reference machine (peak RSS minus the tensors counted here).
-const RUNTIME_BYTES: u64 = 400 << 20;
+/// Fixed overhead of a training process besides its tensors: the tokenizer and its 151,936
+/// entries, the compiled grammar, code, thread stacks and allocator slack. Measured with
+/// `triage bench train` on the reference machine (resident memory after loading, minus the
+/// weights and the prompt cache).
+const RUNTIME_BYTES: u64 = 330 << 20;
 
 /// Computes the estimate.
 pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
@@ -69,15 +79,23 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
         (c.num_kv_heads * c.head_dim) as u64,
         c.vocab_size as u64,
     );
+    let heads = c.num_heads as u64;
     let adapted = (0..c.num_layers).filter(|&l| i.lora.has_layer(l)).count() as u64;
+    let first = (0..c.num_layers)
+        .find(|&l| i.lora.has_layer(l))
+        .unwrap_or(c.num_layers) as u64;
+    // Layers whose forward runs with a graph: from the first adapted one to the top.
+    let graphed = c.num_layers as u64 - first;
     let tokens = (i.batch * i.seq_len) as u64;
-    let total_len = (i.prefix_len + i.seq_len) as u64;
+    let context = (i.prefix_len + i.seq_len) as u64;
     let prefix_kv = c.num_layers as u64 * 2 * kv * i.prefix_len as u64 * f;
     let per_layer_params = 2 * h * h + 2 * kv * h + 3 * h * inter;
     let dense_copies = match i.dense_weights {
         true => (adapted * per_layer_params + v * h) * 2,
         false => 0,
     };
+    // Candle's repacked tiles take ~1.33x a Q4_K weight (1.5x for Q6_K).
+    let repacked = i.repackable_bytes * 4 / 3;
     let lora_params: u64 = i
         .lora
         .targets
@@ -89,27 +107,29 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
         .sum::<u64>()
         * adapted;
     let lora_and_optimizer = lora_params * f * 5;
-    // Per token and layer: norms and residuals (~14 h), q/k/v and their rotations (~6 kv),
-    // the MLP (~7 intermediate), f16 copies of matmul inputs with dense weights, and the
-    // attention scores, mask, exponentials and probabilities over the whole context
-    // (~4 heads × context), plus this layer's copy of the prefix keys and values.
-    let f16_inputs = if i.dense_weights { (3 * h + inter) / 2 } else { 0 };
-    let per_token_layer = 14 * h + 6 * kv + 7 * inter + f16_inputs + 4 * c.num_heads as u64 * total_len;
-    let prefix_copy = 2 * kv * total_len * i.batch as u64 * f;
-    let (activations, head_positions) = match i.checkpointing {
-        // Every adapted layer's graph at once.
-        false => (
-            adapted * (tokens * per_token_layer * f + prefix_copy),
-            i.logit_positions,
-        ),
-        // Adapted layers' inputs, plus one layer's graph and its gradients during the
-        // recomputation.
-        true => (
-            adapted * tokens * h * f + 2 * (tokens * per_token_layer * f + prefix_copy),
-            i.logit_positions.min(i.head_chunk.max(1)),
-        ),
+    // One layer's graph per token (f32 values): with the training kernels, each operation
+    // keeps its inputs and output only (norms, projections, rotations, attention output,
+    // residuals: ~11 hidden widths, ~8 kv widths, 4 MLP widths); composed primitives also keep
+    // the attention scores and probabilities over the whole context, the LoRA branches' full
+    // outputs and the norms' intermediates.
+    let per_token = match i.composed_ops {
+        false => 11 * h + 8 * kv + 4 * inter,
+        true => 20 * h + 8 * kv + 9 * inter + 4 * heads * context,
     };
-    let logits = (head_positions as u64 * v) * (f * 3 + if i.dense_weights { 2 } else { 0 });
+    // This layer's copy of the prefix keys and values, broadcast to the batch.
+    let prefix_copy = 2 * kv * context * i.batch as u64 * f;
+    let layer_graph = tokens * per_token * f + prefix_copy;
+    // The backward pass of one layer: its gradients (about its graph again) and, with the
+    // attention kernel, the recomputed probabilities and their gradient.
+    let layer_backward = layer_graph + 2 * heads * tokens * context * f;
+    let activations = match i.checkpointing {
+        // Each graphed layer's input, plus one layer's graph and its backward.
+        true => graphed * tokens * h * f + layer_graph + layer_backward,
+        // Every adapted layer's graph, plus one layer's backward.
+        false => graphed * layer_graph + layer_backward,
+    };
+    let head_positions = i.logit_positions.min(i.head_chunk.max(1)) as u64;
+    let logits = head_positions * v * (f * 3 + if i.dense_weights { 2 } else { 0 });
     // Without dense copies the backward dequantizes the head in bands and a layer's largest
     // projection whole.
     let dequant_transient = match i.dense_weights {
@@ -118,6 +138,7 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
     };
     let runtime = RUNTIME_BYTES;
     let total = i.weight_bytes
+        + repacked
         + dense_copies
         + prefix_kv
         + lora_and_optimizer
@@ -127,6 +148,7 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
         + runtime;
     MemoryEstimate {
         weights: i.weight_bytes,
+        repacked,
         dense_copies,
         prefix_kv,
         lora_and_optimizer,
@@ -144,10 +166,11 @@ impl std::fmt::Display for MemoryEstimate {
         writeln!(f, "estimated peak memory:")?;
         for (name, v) in [
             ("base weights (as loaded)", self.weights),
+            ("repacked copies (fast CPU kernels)", self.repacked),
             ("dense f16 copies (adapted layers, head)", self.dense_copies),
             ("system-prompt KV cache", self.prefix_kv),
             ("LoRA params + grads + AdamW", self.lora_and_optimizer),
-            ("activations for backward", self.activations),
+            ("activations and one layer's gradients", self.activations),
             ("answer logits", self.logits),
             ("largest weight dequantized in backward", self.dequant_transient),
             ("tokenizer, grammar, allocator", self.runtime),

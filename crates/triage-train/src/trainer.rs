@@ -154,11 +154,65 @@ impl TrainConfig {
         self.alpha = 2.0 * rank as f64;
     }
 
-    /// Checks ranges, naming the offending key.
+    /// Checks ranges, naming the offending key. Sizes and rates a user sets (`rank`, `steps`,
+    /// `optimizer.lr`, `batch_size`, `grad_accum`, `max_tokens`, `head_chunk`) must lie within
+    /// the built-in bounds [`MAX_RANK`], [`MAX_STEPS`], [`MAX_LR`], [`MAX_BATCH_SIZE`],
+    /// [`MAX_GRAD_ACCUM`], [`MAX_TOKENS`] and [`MAX_HEAD_CHUNK`]; a value outside is a
+    /// [`TrainError::Limit`] naming the key, the bound and what to do. These are ceilings
+    /// against absurd values: whether a run fits the machine is
+    /// [`crate::admission`]'s memory check, and a server has stricter limits of its own.
     pub fn check(&self) -> Result<(), TrainError> {
         let bad = |k: &str, why: &str| Err(TrainError::Invalid(format!("train config: {k} {why}")));
-        if self.rank == 0 {
-            return bad("rank", "must be at least 1");
+        let size =
+            |key: &str, flag: &str, value: usize, max: usize, ceiling: &str| -> Result<(), TrainError> {
+                let how = match flag {
+                    "" => format!("set `{key}`"),
+                    f => format!("pass {f} (or set `{key}`)"),
+                };
+                crate::admission::LimitError::check_range(key, value, 1, max, || {
+                    format!(
+                        "{how} in the training configuration to 1..={max}; the ceiling is built in \
+                     (triage_train::trainer::{ceiling})"
+                    )
+                })
+                .map_err(TrainError::Limit)
+            };
+        size("rank", "--rank", self.rank, MAX_RANK, "MAX_RANK")?;
+        size("steps", "--steps", self.steps, MAX_STEPS, "MAX_STEPS")?;
+        size(
+            "batch_size",
+            "--batch-size",
+            self.batch_size,
+            MAX_BATCH_SIZE,
+            "MAX_BATCH_SIZE",
+        )?;
+        size(
+            "grad_accum",
+            "--grad-accum",
+            self.grad_accum,
+            MAX_GRAD_ACCUM,
+            "MAX_GRAD_ACCUM",
+        )?;
+        size("max_tokens", "", self.max_tokens, MAX_TOKENS, "MAX_TOKENS")?;
+        size(
+            "head_chunk",
+            "",
+            self.head_chunk,
+            MAX_HEAD_CHUNK,
+            "MAX_HEAD_CHUNK",
+        )?;
+        let lr = self.optimizer.lr;
+        if !(lr > 0.0 && lr <= MAX_LR) {
+            return Err(TrainError::Limit(crate::admission::LimitError::new(
+                "optimizer.lr",
+                lr,
+                format!("a number in (0, {MAX_LR}]"),
+                format!(
+                    "pass --lr (or set `lr` under [optimizer] in the training configuration) in \
+                     (0, {MAX_LR}], typically 1e-4 to 1e-3; the ceiling is built in \
+                     (triage_train::trainer::MAX_LR)"
+                ),
+            )));
         }
         if self.targets.is_empty() {
             return bad("targets", "must name at least one projection");
@@ -166,21 +220,29 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", "must be in [0, 1)");
         }
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            return bad("steps/batch_size/grad_accum", "must be at least 1");
-        }
-        if self.head_chunk == 0 {
-            return bad("head_chunk", "must be at least 1");
-        }
-        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
-            return bad("optimizer.lr", "must be a positive number");
-        }
         if !(self.summary_weight >= 0.0 && self.summary_weight.is_finite()) {
             return bad("summary_weight", "must be a number ≥ 0");
         }
         Ok(())
     }
 }
+
+/// Largest LoRA rank [`TrainConfig::check`] accepts: ranks past a few hundred approach the
+/// width of the projections themselves (896 to 1,536 in the supported models) and cost memory
+/// linearly.
+pub const MAX_RANK: usize = 512;
+/// Most optimizer steps [`TrainConfig::check`] accepts.
+pub const MAX_STEPS: usize = 1_000_000;
+/// Highest peak learning rate [`TrainConfig::check`] accepts (LoRA diverges well below it).
+pub const MAX_LR: f64 = 1.0;
+/// Most sequences per micro-batch [`TrainConfig::check`] accepts.
+pub const MAX_BATCH_SIZE: usize = 256;
+/// Most micro-batches per optimizer step [`TrainConfig::check`] accepts.
+pub const MAX_GRAD_ACCUM: usize = 4096;
+/// Longest example after the system prompt, in tokens, [`TrainConfig::check`] accepts.
+pub const MAX_TOKENS: usize = 8192;
+/// Most whole-vocabulary logit positions at once [`TrainConfig::check`] accepts.
+pub const MAX_HEAD_CHUNK: usize = 4096;
 
 /// One padded micro-batch: `tokens` `[b, n]` and the supervised positions.
 pub(crate) struct MicroBatch {
@@ -197,7 +259,13 @@ pub(crate) struct MicroBatch {
 
 /// Pads the items `idx` into one micro-batch with `pad` and lists its supervised positions
 /// under `objective`: the output at position `j - 1` predicts answer token `j`.
-pub(crate) fn micro_batch(items: &[Item], idx: &[usize], pad: u32, objective: Objective, summary_weight: f64) -> MicroBatch {
+pub(crate) fn micro_batch(
+    items: &[Item],
+    idx: &[usize],
+    pad: u32,
+    objective: Objective,
+    summary_weight: f64,
+) -> MicroBatch {
     let n = idx.iter().map(|&i| items[i].tokens.len()).max().unwrap_or(0);
     let b = idx.len();
     let mut tokens = vec![pad; b * n];
@@ -234,7 +302,10 @@ pub(crate) fn micro_batch(items: &[Item], idx: &[usize], pad: u32, objective: Ob
         b,
         n,
         tokens,
-        spec: LossSpec { positions, denom: 1.0 },
+        spec: LossSpec {
+            positions,
+            denom: 1.0,
+        },
         weight,
         seen,
     }
@@ -282,9 +353,15 @@ pub(crate) fn step_loss(
         composed: ctx.composed,
     };
     match grads {
-        None => Ok((ctx.model.loss_only(&input, &spec, Some(ctx.lora), ctx.dense, &opts)?, None)),
+        None => Ok((
+            ctx.model
+                .loss_only(&input, &spec, Some(ctx.lora), ctx.dense, &opts)?,
+            None,
+        )),
         Some(_) => {
-            let (l, g) = ctx.model.loss_and_grads(&input, &spec, ctx.lora, ctx.dense, &opts)?;
+            let (l, g) = ctx
+                .model
+                .loss_and_grads(&input, &spec, ctx.lora, ctx.dense, &opts)?;
             Ok((l, Some(g)))
         }
     }
@@ -560,7 +637,9 @@ impl<'a> Trainer<'a> {
             missing.len(),
             self.run_dir.join("features").display()
         ));
-        f.prepare(&self.model, &self.prefix, &missing, stop, &mut |d, t| observer.features(d, t))
+        f.prepare(&self.model, &self.prefix, &missing, stop, &mut |d, t| {
+            observer.features(d, t)
+        })
     }
 
     /// Mean validation loss per unit of weight (canonical prompt, no dropout).
@@ -626,7 +705,7 @@ impl<'a> Trainer<'a> {
             &tensors,
             self.model.device(),
         )
-        .map_err(TrainError::Invalid)
+        .map_err(TrainError::Llm)
     }
 
     /// Writes `run_dir/checkpoint/` atomically.

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::Device;
 use common::{examples, gguf, tiny, TAXONOMY};
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::lora::Target;
@@ -40,7 +39,7 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
     let gguf = gguf();
     let vocab = triage_llm::qwen2::Config::from_gguf(&gguf).unwrap().vocab_size;
     let cfg = tiny(vocab);
-    let model = Arc::new(Qwen2::random(&cfg, 11, &Device::Cpu).unwrap());
+    let model = Arc::new(Qwen2::random(&cfg, 11, &common::device()).unwrap());
     let taxonomy = Taxonomy::from_toml_str(TAXONOMY, "overfit-test").unwrap();
     let validator = Validator::new(&taxonomy);
     let opts = StructurerOptions {
@@ -123,7 +122,7 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
         metrics: serde_json::to_value(&summary).unwrap(),
     };
     adapter::save(&dir, &trainer.lora, "tiny-random", &meta).unwrap();
-    let loaded = adapter::load(&dir, &cfg, &Device::Cpu).unwrap();
+    let loaded = adapter::load(&dir, &cfg, &common::device()).unwrap();
     adapter::check_compatible(&loaded.meta, &taxonomy, None, &dir).unwrap();
     assert_eq!(
         common::max_abs_diff(&trainer.lora, &loaded.lora),

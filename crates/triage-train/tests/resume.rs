@@ -7,7 +7,6 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::Device;
 use common::{examples, gguf, tiny, TAXONOMY};
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::lora::Target;
@@ -32,7 +31,7 @@ impl Observer for StopAt<'_> {
 fn an_interrupted_run_resumes_to_the_same_adapter() {
     let gguf = gguf();
     let vocab = triage_llm::qwen2::Config::from_gguf(&gguf).unwrap().vocab_size;
-    let model = Arc::new(Qwen2::random(&tiny(vocab), 3, &Device::Cpu).unwrap());
+    let model = Arc::new(Qwen2::random(&tiny(vocab), 3, &common::device()).unwrap());
     let taxonomy = Taxonomy::from_toml_str(TAXONOMY, "resume-test").unwrap();
     let data = examples(&Validator::new(&taxonomy));
     let opts = StructurerOptions {

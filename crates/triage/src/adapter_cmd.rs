@@ -22,6 +22,9 @@ pub enum AdapterCommand {
     Show {
         /// Adapter directory (`adapters/<name>`).
         dir: PathBuf,
+        /// Print one JSON document, `{"peft_config": …, "triage": …}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Fold the adapter into the base model (`--model`) and write a standalone GGUF for
     /// engines without LoRA support. The update then applies to every token, the system
@@ -80,7 +83,10 @@ pub fn resolve(
     structurer: &triage_infer::Structurer,
     model_path: &std::path::Path,
 ) -> anyhow::Result<Option<(String, triage_llm::lora::Lora)>> {
-    let name = |d: &std::path::Path| d.file_name().map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = |d: &std::path::Path| {
+        d.file_name()
+            .map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned())
+    };
     if args.no_adapter {
         return Ok(None);
     }
@@ -88,10 +94,16 @@ pub fn resolve(
         let lora = crate::train_cmd::load_adapter(cli, dir, structurer, model_path)?;
         return Ok(Some((name(dir), lora)));
     }
-    let file = model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let found = adapter::find_compatible(&search_dirs(), structurer.taxonomy(), &file);
     let Some((dir, meta)) = found.first() else {
-        tracing::info!("no adapter for taxonomy {:?} and {file}: using the base model", structurer.taxonomy().name);
+        tracing::info!(
+            "no adapter for taxonomy {:?} and {file}: using the base model",
+            structurer.taxonomy().name
+        );
         return Ok(None);
     };
     let sha = crate::train_cmd::model_sha256(cli, model_path)?;
@@ -110,15 +122,24 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
         AdapterCommand::List => {
             let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
             let model = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
-            let file = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let default = adapter::find_compatible(&search_dirs(), &taxonomy, &file).into_iter().next();
+            let file = model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let default = adapter::find_compatible(&search_dirs(), &taxonomy, &file)
+                .into_iter()
+                .next();
             for root in search_dirs() {
                 let Ok(entries) = std::fs::read_dir(&root) else {
                     println!("{} (not found)", root.display());
                     continue;
                 };
                 println!("{}", root.display());
-                let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+                let mut dirs: Vec<PathBuf> = entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect();
                 dirs.sort();
                 for dir in dirs {
                     let Ok(meta) = adapter::read_meta(&dir) else {
@@ -138,15 +159,29 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
                 }
             }
             match default {
-                Some((d, _)) => eprintln!("default for taxonomy {:?} and {file}: {}", taxonomy.name, d.display()),
-                None => eprintln!("no adapter for taxonomy {:?} and {file}: the base model is used", taxonomy.name),
+                Some((d, _)) => eprintln!(
+                    "default for taxonomy {:?} and {file}: {}",
+                    taxonomy.name,
+                    d.display()
+                ),
+                None => eprintln!(
+                    "no adapter for taxonomy {:?} and {file}: the base model is used",
+                    taxonomy.name
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }
-        AdapterCommand::Show { dir } => {
+        AdapterCommand::Show { dir, json } => {
             let meta = adapter::read_meta(dir)?;
             let peft = std::fs::read_to_string(dir.join("adapter_config.json"))
                 .with_context(|| format!("cannot read {}", dir.join("adapter_config.json").display()))?;
+            if *json {
+                let peft: serde_json::Value = serde_json::from_str(&peft)
+                    .with_context(|| format!("{}: not JSON", dir.join("adapter_config.json").display()))?;
+                let doc = serde_json::json!({ "peft_config": peft, "triage": meta });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("{peft}");
             println!("{}", serde_json::to_string_pretty(&meta)?);
             Ok(ExitCode::SUCCESS)

@@ -8,6 +8,13 @@
 //! Output is appended and flushed row by row. On restart, rows already in the output are
 //! skipped (a torn last line from a kill is cut off first). Ctrl-C finishes the current row
 //! and stops cleanly.
+//!
+//! With `--push VENDOR` every structured row is also pushed, and its line gets `"push"`
+//! (the vendor ticket) or `"push_error"` (counted as an error). The row's id is part of the
+//! external id, so two identical texts in two rows are two tickets, and the outbox makes
+//! pushing idempotent: on a re-run, rows already in the output without a `push` result
+//! (pushed without success, or written by a run without `--push`) are pushed again from
+//! their recorded ticket and their lines rewritten; rows already pushed are not sent again.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -18,6 +25,45 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use triage_infer::Structurer;
+use triage_taxonomy::{Ticket, Validator};
+
+use crate::push_cmd::Pusher;
+
+/// `--push` in batch mode: the pusher, and the validator that reads tickets back from an
+/// earlier run's output.
+pub struct BatchPush<'a> {
+    /// Pushes each row.
+    pub pusher: &'a Pusher,
+    /// The taxonomy's validator.
+    pub validator: &'a Validator,
+}
+
+impl BatchPush<'_> {
+    /// Pushes a row's ticket; sets `push` or `push_error` on its output line. Returns
+    /// whether it failed.
+    fn push_row(&self, line: &mut Value, ticket: Ticket, text: &str, id: &str) -> bool {
+        let input = self.pusher.input(ticket, text.to_owned(), Some(id));
+        let obj = line.as_object_mut();
+        let Some(obj) = obj else { return true };
+        obj.remove("push_error");
+        match self.pusher.push(&input, false) {
+            Ok(outcome) => {
+                obj.insert("push".into(), outcome.to_json());
+                false
+            }
+            Err(e) => {
+                obj.remove("push");
+                obj.insert("push_error".into(), Value::String(format!("{e:#}")));
+                true
+            }
+        }
+    }
+}
+
+/// Whether an output line records a successful push (a dry run does not count).
+fn pushed(line: &Value) -> bool {
+    line.get("push").and_then(|p| p.get("id")).is_some()
+}
 
 /// One input row: its id (given or the 1-based row number) and text, or why it is unusable.
 pub struct Row {
@@ -26,8 +72,38 @@ pub struct Row {
     /// The row's id column, or the row number.
     pub id: String,
     /// The incident text, or the reason the row cannot be read.
-    pub text: Result<String, String>,
+    pub text: Result<String, RowError>,
 }
+
+/// Why an input row has no text to structure (its output line's `error`). `line` is the
+/// 1-based line of the input file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowError {
+    /// A JSONL object without `text`, `subject` or `body`.
+    NoTextField { line: usize },
+    /// A JSONL line that is neither an object nor a string.
+    NotObjectOrString { line: usize },
+    /// A JSONL line that is not JSON (the parser's message).
+    InvalidJson { line: usize, message: String },
+    /// A CSV record the reader could not read (the reader's message).
+    Csv { line: usize, message: String },
+    /// A CSV row whose text columns are all empty.
+    EmptyText { line: usize },
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RowError::NoTextField { line } => write!(f, "line {line}: no `text` (or `subject`/`body`) field"),
+            RowError::NotObjectOrString { line } => write!(f, "line {line}: expected an object or a string"),
+            RowError::InvalidJson { line, message } => write!(f, "line {line}: invalid JSON: {message}"),
+            RowError::Csv { line, message } => write!(f, "line {line}: {message}"),
+            RowError::EmptyText { line } => write!(f, "line {line}: empty text"),
+        }
+    }
+}
+
+impl std::error::Error for RowError {}
 
 fn join_subject_body(subject: Option<&str>, body: Option<&str>) -> Option<String> {
     let parts: Vec<&str> = [subject, body]
@@ -67,14 +143,17 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
                         let text = s("text")
                             .map(str::to_string)
                             .or_else(|| join_subject_body(s("subject"), s("body")))
-                            .ok_or_else(|| format!("line {}: no `text` (or `subject`/`body`) field", i + 1));
+                            .ok_or(RowError::NoTextField { line: i + 1 });
                         (id, text)
                     }
-                    Ok(_) => (
+                    Ok(_) => (row.to_string(), Err(RowError::NotObjectOrString { line: i + 1 })),
+                    Err(e) => (
                         row.to_string(),
-                        Err(format!("line {}: expected an object or a string", i + 1)),
+                        Err(RowError::InvalidJson {
+                            line: i + 1,
+                            message: e.to_string(),
+                        }),
                     ),
-                    Err(e) => (row.to_string(), Err(format!("line {}: invalid JSON: {e}", i + 1))),
                 };
                 rows.push(Row { row, id, text });
             }
@@ -103,7 +182,10 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
                     Err(e) => rows.push(Row {
                         row,
                         id: row.to_string(),
-                        text: Err(format!("line {line}: {e}")),
+                        text: Err(RowError::Csv {
+                            line,
+                            message: e.to_string(),
+                        }),
                     }),
                     Ok(r) => {
                         let get = |c: Option<usize>| c.and_then(|c| r.get(c));
@@ -111,7 +193,7 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
                             .filter(|t| !t.trim().is_empty())
                             .map(str::to_string)
                             .or_else(|| join_subject_body(get(c_subj), get(c_body)))
-                            .ok_or_else(|| format!("line {line}: empty text"));
+                            .ok_or(RowError::EmptyText { line });
                         let id = get(c_id).map(str::to_string).unwrap_or(row.to_string());
                         rows.push(Row { row, id, text });
                     }
@@ -165,7 +247,7 @@ fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
                 done + 1
             );
         };
-        errors += usize::from(v.get("error").is_some());
+        errors += usize::from(v.get("error").is_some() || v.get("push_error").is_some());
         done += 1;
         good_len += n as u64;
     }
@@ -199,12 +281,85 @@ pub(crate) fn install_ctrlc() {
     });
 }
 
-/// Structures every row of `input` into `output`, skipping rows already there.
+/// Structures every row of `input` into `output`, skipping rows already there; with
+/// `push`, pushes every structured row (see the module documentation).
 pub fn run(
     structurer: &Structurer,
     input: &Path,
     output: &Path,
     explain: bool,
+    push: Option<&BatchPush>,
+) -> anyhow::Result<(usize, usize)> {
+    let structure = |text: &str| -> anyhow::Result<(Ticket, Value)> {
+        let s = structurer.structure(text)?;
+        let meta = if explain {
+            serde_json::to_value(&s.meta)?
+        } else {
+            json!({"confidence": s.meta.confidence, "needs_review": s.meta.needs_review})
+        };
+        Ok((s.ticket, meta))
+    };
+    run_with(&structure, input, output, push)
+}
+
+/// Pushes the rows already in `output` that have a ticket but no push result, rewriting
+/// their lines (atomically); returns the number of error lines afterwards.
+fn push_done_rows(output: &Path, rows: &[Row], push: &BatchPush) -> anyhow::Result<usize> {
+    let content =
+        std::fs::read_to_string(output).with_context(|| format!("cannot read {}", output.display()))?;
+    let mut lines: Vec<Value> = Vec::new();
+    let mut changed = 0usize;
+    for l in content.lines() {
+        let mut v: Value = serde_json::from_str(l)
+            .with_context(|| format!("{}: not a batch output line", output.display()))?;
+        let row = v["row"].as_u64().unwrap_or(0) as usize;
+        let text = rows.get(row.wrapping_sub(1)).and_then(|r| r.text.as_ref().ok());
+        if let (Some(text), Some(t), false) = (text, v.get("ticket"), pushed(&v)) {
+            let ticket = push.validator.parse(t).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: row {row}: the recorded ticket is not valid: {e}",
+                    output.display()
+                )
+            })?;
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            push.push_row(&mut v, ticket, text, &id);
+            changed += 1;
+        }
+        lines.push(v);
+    }
+    let errors = lines
+        .iter()
+        .filter(|v| v.get("error").is_some() || v.get("push_error").is_some())
+        .count();
+    if changed > 0 {
+        tracing::info!(
+            "pushed {changed} rows already in {} that had no push result",
+            output.display()
+        );
+        let mut text = String::new();
+        for v in &lines {
+            text.push_str(&serde_json::to_string(v)?);
+            text.push('\n');
+        }
+        let mut tmp = output.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, output).with_context(|| format!("cannot replace {}", output.display()))?;
+    }
+    Ok(errors)
+}
+
+/// The structuring step: a row's text → its ticket and meta, or the error (its message is
+/// the row's `error`).
+type Structure<'a> = dyn Fn(&str) -> anyhow::Result<(Ticket, Value)> + 'a;
+
+/// [`run`] with the structuring step as a function.
+fn run_with(
+    structure: &Structure,
+    input: &Path,
+    output: &Path,
+    push: Option<&BatchPush>,
 ) -> anyhow::Result<(usize, usize)> {
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
         if a == b {
@@ -230,6 +385,9 @@ pub fn run(
             rows.len(),
             output.display()
         );
+        if let Some(push) = push {
+            errors = push_done_rows(output, &rows, push)?;
+        }
     }
     install_ctrlc();
     STOP.store(false, Ordering::SeqCst);
@@ -253,24 +411,21 @@ pub fn run(
                 rows.len()
             );
         }
-        let line = match r
-            .text
-            .as_deref()
-            .map_err(String::clone)
-            .and_then(|t| structurer.structure(t).map_err(|e| e.to_string()))
-        {
-            Ok(s) => {
-                let mut v = json!({"row": r.row, "id": r.id, "ticket": s.ticket});
-                if explain {
-                    v["meta"] = serde_json::to_value(&s.meta)?;
-                } else {
-                    v["meta"] = json!({"confidence": s.meta.confidence, "needs_review": s.meta.needs_review});
+        let outcome = match &r.text {
+            Ok(text) => structure(text),
+            Err(e) => Err(e.clone().into()),
+        };
+        let line = match outcome {
+            Ok((ticket, meta)) => {
+                let mut v = json!({"row": r.row, "id": r.id, "ticket": ticket, "meta": meta});
+                if let (Some(push), Ok(text)) = (push, r.text.as_deref()) {
+                    errors += usize::from(push.push_row(&mut v, ticket, text, &r.id));
                 }
                 v
             }
             Err(e) => {
                 errors += 1;
-                json!({"row": r.row, "id": r.id, "error": e})
+                json!({"row": r.row, "id": r.id, "error": e.to_string()})
             }
         };
         writeln!(out, "{}", serde_json::to_string(&line)?)?;
@@ -285,6 +440,153 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use triage_connectors::{Outbox, RetryPolicy, Session, Vendor};
+    use triage_taxonomy::Taxonomy;
+
+    /// A loopback Jira: creates answer 201 with a new key (400 for a text containing
+    /// "printer" while `fail` is set); searches find nothing. Returns its URL and the number
+    /// of tickets created.
+    fn fake_jira(fail: Arc<AtomicBool>) -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let created = Arc::new(AtomicUsize::new(0));
+        let count = created.clone();
+        std::thread::spawn(move || {
+            for sock in listener.incoming() {
+                let Ok(mut sock) = sock else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, len) = loop {
+                    let n = sock.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        break (buf.len(), 0);
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..p]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0usize);
+                        break (p + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = sock.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let req = String::from_utf8_lossy(&buf).into_owned();
+                let (status, body) = if req.starts_with("POST /rest/api/3/issue") {
+                    if fail.load(Ordering::SeqCst) && req.contains("printer") {
+                        (
+                            400,
+                            r#"{"errorMessages":["Field 'priority' is required."]}"#.to_owned(),
+                        )
+                    } else {
+                        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                        (201, format!(r#"{{"id":"{}","key":"IT-{n}"}}"#, 10000 + n))
+                    }
+                } else {
+                    (200, r#"{"issues":[],"isLast":true}"#.to_owned())
+                };
+                let _ = write!(
+                    sock,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, created)
+    }
+
+    #[test]
+    fn batch_push_pushes_every_row_once_and_retries_failed_pushes_on_rerun() {
+        let dir = scratch().join("push");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.txt");
+        std::fs::write(&input, "my vpn drops\nthe printer is jammed\nmy vpn drops\n").unwrap();
+        let output = dir.join("out.jsonl");
+        let fail = Arc::new(AtomicBool::new(true));
+        let (url, created) = fake_jira(fail.clone());
+        std::env::set_var("TRIAGE_BATCH_TEST_EMAIL", "me@example.com");
+        std::env::set_var("TRIAGE_BATCH_TEST_TOKEN", "t0ken");
+        let mapping = format!(
+            "project_key = \"IT\"\n[site]\nbase_url = \"{url}\"\nemail_env = \"TRIAGE_BATCH_TEST_EMAIL\"\ntoken_env = \"TRIAGE_BATCH_TEST_TOKEN\"\n[issue_types]\n\"Incident\" = \"Incident\"\n\"Service Request\" = \"Service Request\"\n"
+        );
+        let policy = RetryPolicy {
+            timeout: std::time::Duration::from_secs(5),
+            search_window: std::time::Duration::ZERO,
+            ..RetryPolicy::default()
+        };
+        let connector =
+            triage_connectors::from_toml_str(Vendor::Jira, &mapping, Path::new("jira.toml")).unwrap();
+        let pusher = Pusher::from_parts(
+            connector,
+            Session::new(reqwest::Client::new(), policy),
+            Outbox::new(dir.join("outbox.jsonl")),
+            false,
+        )
+        .unwrap();
+        let validator = Validator::new(&Taxonomy::builtin_default());
+        let push = BatchPush {
+            pusher: &pusher,
+            validator: &validator,
+        };
+        let ticket = validator
+            .parse_str(r#"{"summary":"x","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#)
+            .unwrap();
+        let structure = |_: &str| -> anyhow::Result<(Ticket, Value)> { Ok((ticket.clone(), json!({}))) };
+        let lines = || -> Vec<Value> {
+            std::fs::read_to_string(&output)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+
+        // First run: rows 1 and 3 (same text, other row) make two tickets; row 2 is refused.
+        assert_eq!(
+            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            (3, 1)
+        );
+        assert_eq!(created.load(Ordering::SeqCst), 2);
+        let l = lines();
+        assert_eq!(l.len(), 3);
+        assert!(pushed(&l[0]) && pushed(&l[2]) && l[0]["push"]["id"] != l[2]["push"]["id"]);
+        assert!(l[1]["push_error"]
+            .as_str()
+            .unwrap()
+            .contains("Field 'priority' is required."));
+
+        // Re-run once the cause is fixed: only row 2 is pushed, its line rewritten in place.
+        fail.store(false, Ordering::SeqCst);
+        assert_eq!(
+            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            (3, 0)
+        );
+        assert_eq!(created.load(Ordering::SeqCst), 3);
+        let l = lines();
+        assert!(l.iter().all(pushed), "{l:?}");
+        assert!(l[1].get("push_error").is_none());
+        assert_eq!(
+            l.iter().map(|v| v["row"].as_u64().unwrap()).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+
+        // Again: nothing left to push, nothing sent.
+        assert_eq!(
+            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            (3, 0)
+        );
+        assert_eq!(created.load(Ordering::SeqCst), 3);
+    }
 
     /// A folder for this test process's files.
     fn scratch() -> std::path::PathBuf {
@@ -301,6 +603,42 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_rows_and_structuring_failures_become_error_lines_with_their_messages() {
+        let dir = scratch();
+        let input = dir.join("errors.jsonl");
+        std::fs::write(
+            &input,
+            "{\"text\": \"VPN down\"}\n[1]\n{\"id\": \"x\"}\nnot json\n",
+        )
+        .unwrap();
+        let output = dir.join("errors.out.jsonl");
+        let _ = std::fs::remove_file(&output);
+        let structure =
+            |_: &str| -> anyhow::Result<(Ticket, Value)> { Err(triage_infer::InferError::EmptyInput.into()) };
+        assert_eq!(run_with(&structure, &input, &output, None).unwrap(), (4, 4));
+        let errors: Vec<String> = std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["error"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let invalid = serde_json::from_str::<Value>("not json").unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                triage_infer::InferError::EmptyInput.to_string(),
+                "line 2: expected an object or a string".to_owned(),
+                "line 3: no `text` (or `subject`/`body`) field".to_owned(),
+                format!("line 4: invalid JSON: {invalid}"),
+            ]
+        );
+    }
+
+    #[test]
     fn csv_rows_join_subject_and_body_and_report_bad_rows() {
         let rows = rows_of(
             "t.csv",
@@ -310,13 +648,16 @@ mod tests {
         assert_eq!(rows[0].id, "T-1");
         assert_eq!(rows[0].text.as_deref(), Ok("VPN\n\ndrops, every 10 min"));
         assert_eq!(rows[1].text.as_deref(), Ok("only body"));
-        assert_eq!(rows[2].text.as_ref().unwrap_err(), "line 4: empty text");
+        assert_eq!(
+            rows[2].text.as_ref().unwrap_err().to_string(),
+            "line 4: empty text"
+        );
         // The csv crate is lenient: a quote left open at the end of the file closes there.
         assert_eq!(rows[3].text.as_deref().ok(), Some("unterminated"));
         assert!(rows.iter().enumerate().all(|(i, r)| r.row == i + 1));
         // Exports with CRLF line ends report the same lines.
         let crlf = rows_of("crlf.csv", "id,subject,body\r\nT-1,VPN,x\r\nT-2,,y\r\nT-3,,\r\n");
-        assert_eq!(crlf[2].text.as_ref().unwrap_err(), "line 4: empty text");
+        assert_eq!(crlf[2].text, Err(RowError::EmptyText { line: 4 }));
     }
 
     #[test]
@@ -345,12 +686,14 @@ mod tests {
             "{\"id\": 7, \"text\": \"a\"}\n[1]\n{\"x\": 1}\n\"plain\"\n",
         );
         assert_eq!(rows[0].id, "7");
-        assert!(rows[1]
-            .text
-            .as_ref()
-            .unwrap_err()
-            .contains("expected an object or a string"));
-        assert!(rows[2].text.as_ref().unwrap_err().contains("no `text`"));
+        assert_eq!(
+            rows[1].text.as_ref().unwrap_err().to_string(),
+            "line 2: expected an object or a string"
+        );
+        assert_eq!(
+            rows[2].text.as_ref().unwrap_err().to_string(),
+            "line 3: no `text` (or `subject`/`body`) field"
+        );
         assert_eq!(rows[3].text.as_deref(), Ok("plain"));
     }
 

@@ -4,13 +4,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use sha2::{Digest, Sha256};
 use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
 use triage_data::split::{self, Ratios, SplitBy, SplitOptions};
 use triage_data::stats::Counts;
-use triage_data::synth::{self, Balance, Seeds, SynthOptions};
+use triage_data::synth::{self, Balance, SynthOptions};
 use triage_data::{atomic_write, read_examples, write_examples, Example, Split};
 use triage_taxonomy::{Taxonomy, Validator};
 
@@ -73,8 +73,9 @@ pub struct SynthArgs {
     /// Class balance: uniform (every category × subcategory equally) or natural (scenario weights).
     #[arg(long, default_value = "uniform")]
     balance: Balance,
-    /// Seed material (default: data/synth/<taxonomy name>).
-    #[arg(long, value_name = "DIR")]
+    /// Seed folder of the taxonomy (default: `synth_seeds` in the user config file, else the
+    /// built-in data/synth/default for the default taxonomy).
+    #[arg(long, value_name = "DIR", env = "TRIAGE_SYNTH_SEEDS")]
     seeds: Option<PathBuf>,
     /// Jaccard similarity (character 5-grams) from which two texts count as near duplicates.
     #[arg(long, default_value_t = 0.8)]
@@ -210,30 +211,14 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(format!("{stem}{suffix}"))
 }
 
-/// The seed folder: `--seeds`, else `data/synth/<taxonomy>` under the current directory, else
-/// under the source tree the binary was built from.
-fn seeds_dir(taxonomy: &Taxonomy, explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_owned();
-    }
-    let local = Seeds::default_dir(Path::new("."), taxonomy);
-    if local.exists() {
-        return local;
-    }
-    Seeds::default_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), taxonomy)
-}
-
 fn synth_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SynthArgs) -> anyhow::Result<ExitCode> {
-    let dir = seeds_dir(taxonomy, a.seeds.as_deref());
-    let seeds = Seeds::load(&dir, taxonomy)
-        .with_context(|| format!("loading the seed material for taxonomy {:?}", taxonomy.name))?;
+    let (seeds, dir) = crate::settings::Settings::load()?.seeds(taxonomy, a.seeds.as_deref())?;
     let unreachable = synth::unreachable_values(&seeds, validator);
     if !unreachable.is_empty() {
         let list: Vec<String> = unreachable.iter().map(|(f, v)| format!("{f}={v:?}")).collect();
         if !a.allow_unreachable {
             bail!(
-                "no scenario in {} can produce {}; add scenarios (or pass --allow-unreachable)",
-                dir.display(),
+                "no scenario in {dir} can produce {}; add scenarios (or pass --allow-unreachable)",
                 list.join(", ")
             );
         }
@@ -261,7 +246,7 @@ fn synth_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SynthArgs) -> anyho
         "{} examples from {} scenarios in {} -> {} (sha256 {}); discarded {} exact and {} near duplicates",
         report.examples.len(),
         seeds.scenario_count(),
-        dir.display(),
+        dir,
         a.out.display(),
         sha256_hex(&bytes),
         report.exact_duplicates,
@@ -276,7 +261,10 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
     let stratify = match a.stratify.as_deref() {
         Some("none") => None,
         Some(f) if taxonomy.field(f).is_none() => {
-            bail!("--stratify {f}: not a field of taxonomy {:?}", taxonomy.name)
+            return Err(crate::usage_error(format!(
+                "--stratify {f}: not a field of taxonomy {:?} (use one of its fields, or none)",
+                taxonomy.name
+            )))
         }
         Some(f) => Some(f.to_owned()),
         None => taxonomy.fields.first().map(|f| f.name.clone()),

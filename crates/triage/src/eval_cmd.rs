@@ -69,15 +69,24 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let (gguf, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu", false)?;
     if !args.no_zero_shot {
         let b = bar(examples.len(), "zero-shot");
-        runs.push(run_llm("zero-shot", &base, &examples, &mut |i| b.set_position(i as u64)));
+        runs.push(run_llm("zero-shot", &base, &examples, &mut |i| {
+            b.set_position(i as u64)
+        }));
         b.finish_and_clear();
     }
     if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
-        let tuned = Structurer::with_model(base.model().clone(), &gguf, taxonomy.clone(), base.options().clone())?
-            .with_adapter(Arc::new(lora));
+        let tuned = Structurer::with_model(
+            base.model().clone(),
+            &gguf,
+            taxonomy.clone(),
+            base.options().clone(),
+        )?
+        .with_adapter(Arc::new(lora));
         let label = format!("adapter {name}");
         let b = bar(examples.len(), "adapter");
-        runs.push(run_llm(&label, &tuned, &examples, &mut |i| b.set_position(i as u64)));
+        runs.push(run_llm(&label, &tuned, &examples, &mut |i| {
+            b.set_position(i as u64)
+        }));
         b.finish_and_clear();
     }
     let r = report::build(&taxonomy, &args.data.display().to_string(), &examples, &runs);

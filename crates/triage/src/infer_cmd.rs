@@ -16,6 +16,8 @@ pub struct InferArgs {
     #[command(flatten)]
     adapter: crate::adapter_cmd::AdapterArgs,
     /// Also create the ticket in an ITSM (jira, jsm, zoho, sdp); see `triage push --help`.
+    /// Prints one document, `{"ticket": ..., "push": ...}`; with --input every row is pushed
+    /// (idempotently: a re-run pushes only the rows not pushed yet).
     #[arg(long, value_name = "VENDOR")]
     push: Option<triage_connectors::Vendor>,
     #[command(flatten)]
@@ -50,9 +52,19 @@ pub struct InferArgs {
 }
 
 pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
+    // Built before the model loads, so a bad mapping fails at once.
+    let pusher = args
+        .push
+        .map(|vendor| crate::push_cmd::Pusher::new(cli, vendor, &args.push_options))
+        .transpose()?;
     if let (Some(input), Some(output)) = (&args.input, &args.output) {
         let structurer = load(cli, args)?;
-        let (rows, errors) = crate::batch::run(&structurer, input, output, args.explain)?;
+        let validator = triage_taxonomy::Validator::new(structurer.taxonomy());
+        let push = pusher.as_ref().map(|pusher| crate::batch::BatchPush {
+            pusher,
+            validator: &validator,
+        });
+        let (rows, errors) = crate::batch::run(&structurer, input, output, args.explain, push.as_ref())?;
         eprintln!("{rows} rows in {}, {errors} with errors", output.display());
         return Ok(if errors == 0 {
             ExitCode::SUCCESS
@@ -79,20 +91,29 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
     for w in &out.meta.warnings {
         tracing::warn!("{w}");
     }
-    let json = if args.pretty || std::io::stdout().is_terminal() {
-        serde_json::to_string_pretty(&out.ticket)?
-    } else {
-        serde_json::to_string(&out.ticket)?
-    };
-    println!("{json}");
     if args.explain {
         eprintln!("{}", serde_json::to_string_pretty(&out.meta)?);
     }
     if out.meta.needs_review {
         tracing::warn!("needs review: a field's confidence is below --min-confidence");
     }
-    if let Some(vendor) = args.push {
-        return crate::push_cmd::push_ticket(vendor, out.ticket, text, &args.push_options);
+    // With --push, one document: {"ticket": ..., "push": ...} (or "push_error").
+    let (doc, push_failed) = match &pusher {
+        None => (serde_json::to_value(&out.ticket)?, None),
+        Some(pusher) => {
+            let result = pusher.push(&pusher.input(out.ticket.clone(), text, None), true);
+            let doc = crate::push_cmd::combined(&out.ticket, result.as_ref());
+            (doc, result.err())
+        }
+    };
+    let json = if args.pretty || std::io::stdout().is_terminal() {
+        serde_json::to_string_pretty(&doc)?
+    } else {
+        serde_json::to_string(&doc)?
+    };
+    println!("{json}");
+    if let Some(e) = push_failed {
+        return Err(e.context("the ticket was structured (printed above) but not pushed"));
     }
     Ok(ExitCode::SUCCESS)
 }

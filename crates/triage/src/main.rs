@@ -5,26 +5,48 @@
 //! tokenizer, chat template, Qwen2), `triage-infer` (prompts, grammar, decoding) and
 //! `triage-data` (datasets), `triage-train` (QLoRA), `triage-eval` (reports),
 //! `triage-connectors` (ITSM payloads and clients) and `triage-serve` (HTTP service). Results go to stdout, logs and progress to stderr.
+//!
+//! Exit status ([`exit`]): 0 success, 1 runtime error, 2 usage error (clap), 3 partial
+//! failure of a batch, 130 interrupted. Built-in defaults and their overrides: [`settings`].
 
 mod adapter_cmd;
 mod alloc;
 mod batch;
 mod bench;
-mod bench_serve;
-mod bench_train;
 mod data_cmd;
 mod eval_cmd;
+mod help;
 mod infer_cmd;
 mod model_cmd;
 mod push_cmd;
 mod serve_cmd;
+mod settings;
 mod taxonomy_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser, Subcommand};
+
+/// Exit statuses of `triage`.
+pub mod exit {
+    /// A runtime error: a file that cannot be read, a model that fails, an invalid ticket
+    /// (`validate`), a model not downloaded (`model path`).
+    pub const RUNTIME: u8 = 1;
+    /// A usage error: an unknown flag, a missing or malformed argument (reported by clap).
+    pub const USAGE: u8 = 2;
+    /// A partial failure: some rows of a batch failed, or `push --reconcile` left entries open.
+    pub const PARTIAL: u8 = 3;
+}
+
+/// A usage error found after parsing (a flag value that contradicts the data), reported the
+/// way clap reports its own, with exit status [`exit::USAGE`].
+pub fn usage_error(message: impl std::fmt::Display) -> anyhow::Error {
+    help::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .into()
+}
 
 /// Turn free-text IT incidents into strict, schema-valid JSON tickets.
 #[derive(Parser)]
@@ -66,6 +88,9 @@ enum Command {
     Taxonomy {
         /// Taxonomy file to check (default: --taxonomy, else the built-in one).
         file: Option<PathBuf>,
+        /// Print the whole checked taxonomy as JSON (fields, values, descriptions, hash).
+        #[arg(long)]
+        json: bool,
     },
     /// Download, locate, verify and inspect models.
     #[command(subcommand)]
@@ -84,6 +109,18 @@ enum Command {
     /// Build datasets: import exports, generate synthetic tickets, split without leakage.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Show the user config file and where each default comes from (flag, environment,
+    /// config file or built in).
+    Config {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -102,16 +139,62 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// The error and its causes on one line, each cause once: many error types already write
+/// their source into their own message (`{path}: {source}`), which `{:#}` would repeat.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// Commands that only print: they end quietly, as Unix tools do, when stdout is a pipe whose
+/// reader has gone (`triage completions bash | head`), instead of panicking. Commands that
+/// talk to the network keep SIGPIPE ignored (a closed socket is an error there, not a signal).
+fn restore_sigpipe(command: &Command) {
+    let prints_only = matches!(
+        command,
+        Command::Schema
+            | Command::Validate { .. }
+            | Command::Taxonomy { .. }
+            | Command::Completions { .. }
+            | Command::Config { .. }
+            | Command::Data(_)
+            | Command::Model(
+                model_cmd::ModelCommand::List { .. }
+                    | model_cmd::ModelCommand::Path { .. }
+                    | model_cmd::ModelCommand::Info
+                    | model_cmd::ModelCommand::Tokenize { .. }
+            )
+    );
+    #[cfg(unix)]
+    if prints_only {
+        // SAFETY: called once at start-up, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     alloc::tune();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&help::command().get_matches()).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose);
+    restore_sigpipe(&cli.command);
     let result = match &cli.command {
         Command::Infer(args) => infer_cmd::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
         Command::Schema => taxonomy_cmd::schema(&cli),
         Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
-        Command::Taxonomy { file } => taxonomy_cmd::check(&cli, file.as_deref()),
+        Command::Taxonomy { file, json } => taxonomy_cmd::check(&cli, file.as_deref(), *json),
         Command::Model(cmd) => model_cmd::run(&cli, cmd),
         Command::Data(cmd) => data_cmd::run(&cli, cmd),
         Command::Push(args) => push_cmd::run(&cli, args),
@@ -119,12 +202,23 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(&cli, args),
         Command::Adapter(cmd) => adapter_cmd::run(&cli, cmd),
         Command::Serve(args) => serve_cmd::run(&cli, args),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut help::command(), "triage", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { json } => settings::show(*json),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(usage) => {
+                let _ = usage.print();
+                ExitCode::from(exit::USAGE)
+            }
+            Err(e) => {
+                eprintln!("error: {}", describe(&e));
+                ExitCode::from(exit::RUNTIME)
+            }
+        },
     }
 }

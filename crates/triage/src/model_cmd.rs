@@ -13,7 +13,11 @@ use crate::Cli;
 #[derive(Subcommand)]
 pub enum ModelCommand {
     /// List the registry's models and whether each is cached.
-    List,
+    List {
+        /// Print a JSON array (name, aliases, size, sha256, sources, state, path).
+        #[arg(long)]
+        json: bool,
+    },
     /// Download a model (default: the registry default), verify its SHA-256, cache it, and
     /// print its path. Resumes an interrupted download.
     Pull {
@@ -88,7 +92,35 @@ pub fn run(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<ExitCode> {
         None => Ok(reg.default_model()),
     };
     match cmd {
-        ModelCommand::List => {
+        ModelCommand::List { json: true } => {
+            let list: Vec<serde_json::Value> = reg
+                .models
+                .iter()
+                .map(|m| {
+                    let (state, partial) = match store.state(m) {
+                        CacheState::Verified => ("cached", None),
+                        CacheState::Unverified => ("unverified", None),
+                        CacheState::Partial(n) => ("partial", Some(n)),
+                        CacheState::Missing => ("missing", None),
+                    };
+                    serde_json::json!({
+                        "name": m.name,
+                        "default": m.name == reg.default,
+                        "aliases": m.aliases,
+                        "description": m.description,
+                        "size": m.size,
+                        "sha256": m.sha256,
+                        "sources": m.sources.iter().map(|s| s.describe()).collect::<Vec<_>>(),
+                        "state": state,
+                        "partial_bytes": partial,
+                        "path": store.model_path(m),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelCommand::List { json: false } => {
             for m in &reg.models {
                 let state = match store.state(m) {
                     CacheState::Verified => "cached".to_string(),

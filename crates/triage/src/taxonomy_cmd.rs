@@ -59,11 +59,17 @@ pub fn validate(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn check(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn check(cli: &Cli, file: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     let taxonomy = match file {
         Some(p) => Taxonomy::from_file(p)?,
         None => load_taxonomy(cli)?,
     };
+    if json {
+        let mut v = serde_json::to_value(&taxonomy)?;
+        v["hash"] = taxonomy.content_hash().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{taxonomy}: ok");
     println!("  hash    {}", taxonomy.content_hash());
     println!("  summary string, 1..={} characters", taxonomy.summary.max_length);

@@ -14,7 +14,6 @@ use triage_llm::qwen2::{LoadOptions, Qwen2};
 use triage_llm::GgufFile;
 use triage_taxonomy::{Taxonomy, Validator};
 use triage_train::adapter::{self, TriageMeta};
-use triage_train::memory::{estimate, MemoryInputs};
 use triage_train::trainer::{device, Objective, Observer, StepReport, TrainConfig, Trainer};
 
 use crate::Cli;
@@ -79,6 +78,11 @@ pub struct TrainArgs {
     /// down-weighted) or `tokens` (every answer token; config key `objective`).
     #[arg(long, value_parser = ["decisions", "tokens"])]
     objective: Option<String>,
+    /// Memory the run may use: `auto` (the cgroup limit or MemAvailable), a size such as `6G`,
+    /// or `off`. A run whose estimated peak (`--dry-run`) does not fit is refused before the
+    /// model is loaded.
+    #[arg(long, value_name = "auto|off|SIZE", default_value = "auto")]
+    memory_limit: triage_train::admission::MemoryLimit,
 }
 
 /// Reads a training configuration (TOML), naming the file in errors.
@@ -176,8 +180,9 @@ impl Observer for Bar {
         }
     }
     fn features(&mut self, done: usize, total: usize) {
-        self.0.set_message(format!("frozen layers: {done}/{total} example-layers"));
-        if self.0.is_hidden() && (done == total || done % 500 == 0) {
+        self.0
+            .set_message(format!("frozen layers: {done}/{total} example-layers"));
+        if self.0.is_hidden() && (done == total || done.is_multiple_of(500)) {
             eprintln!("frozen layers: {done}/{total} example-layers");
         }
     }
@@ -207,24 +212,21 @@ pub fn base_structurer(
 
 /// The `--dry-run` estimate for `config` on the model in `gguf`, at typical lengths: the
 /// system prompt (~2,100 tokens) and sequences of `max_tokens` (at most 256).
-pub fn dry_run_estimate(gguf: &GgufFile, config: &TrainConfig) -> anyhow::Result<triage_train::memory::MemoryEstimate> {
+pub fn dry_run_estimate(
+    gguf: &GgufFile,
+    config: &TrainConfig,
+) -> anyhow::Result<triage_train::memory::MemoryEstimate> {
     let cfg = triage_llm::qwen2::Config::from_gguf(gguf)?;
-    let seq_len = config.max_tokens.min(256);
-    Ok(estimate(&MemoryInputs {
-        weight_bytes: Qwen2::load_bytes(gguf, &LoadOptions::default()),
-        lora: config.lora(cfg.num_layers),
-        cfg,
-        batch: config.batch_size,
-        seq_len,
-        prefix_len: 2100,
-        logit_positions: match config.objective {
-            Objective::Tokens => 96,
-            Objective::Decisions => 40,
-        },
-        checkpointing: config.checkpointing,
-        head_chunk: config.head_chunk,
-        dense_weights: config.dense_weights,
-    }))
+    let first = config.first_layer(cfg.num_layers);
+    Ok(triage_train::admission::training_estimate(
+        &cfg,
+        Qwen2::load_bytes(gguf, &LoadOptions::default()),
+        // The forward pass of the adapted layers runs on candle's fast kernels where there
+        // are some (and the head's too without a dense copy).
+        Qwen2::repackable_bytes(gguf, first..cfg.num_layers, !config.dense_weights),
+        config,
+        2100,
+    ))
 }
 
 /// Runs `triage train`.
@@ -261,6 +263,11 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    // Memory admission: the dry-run estimate against what this process may use, before the
+    // model is loaded.
+    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let peak = dry_run_estimate(&GgufFile::open(&path)?, &config)?;
+    triage_train::admission::admit_training(&peak, &config, args.memory_limit)?;
     let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device, true)?;
     let name = args
         .out

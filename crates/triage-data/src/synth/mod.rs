@@ -21,11 +21,11 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 use triage_taxonomy::Validator;
 
-pub use seeds::Seeds;
+pub use seeds::{SeedFiles, Seeds};
 
 use crate::dedup::{Duplicate, NearDupIndex};
 use crate::rng::Rng;
-use crate::{DataError, Example};
+use crate::{DataError, Example, ValueError};
 
 /// How classes are balanced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,12 +38,16 @@ pub enum Balance {
 }
 
 impl FromStr for Balance {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "uniform" => Ok(Balance::Uniform),
             "natural" => Ok(Balance::Natural),
-            other => Err(format!("unknown balance {other:?}: use uniform or natural")),
+            other => Err(ValueError {
+                what: "unknown balance",
+                value: other.to_owned(),
+                expected: "use uniform or natural",
+            }),
         }
     }
 }
@@ -89,7 +93,8 @@ pub fn unreachable_values(seeds: &Seeds, validator: &Validator) -> Vec<(String, 
                     .iter()
                     .find(|(k, _)| k == &f.name)
                     .map(|(_, x)| x.as_str());
-                base == Some(v) || (f.name == compose::PRIORITY && compose::priority_reachable(seeds, s, f, v))
+                base == Some(v)
+                    || (f.name == compose::PRIORITY && compose::priority_reachable(seeds, s, f, v))
             });
             if !reachable {
                 out.push((f.name.clone(), v.to_owned()));

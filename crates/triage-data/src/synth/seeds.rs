@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use triage_taxonomy::Taxonomy;
 
-use crate::DataError;
+use crate::{DataError, TemplateError};
 
 /// A text with `{slot}` references, parsed once.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +65,8 @@ pub(crate) enum UrgencyKind {
 impl UrgencyKind {
     /// The kinds a scenario accepts when it does not list its own: anything that can happen
     /// to one person ("scope" must be chosen explicitly).
-    pub(crate) const DEFAULT: [UrgencyKind; 3] = [UrgencyKind::Deadline, UrgencyKind::Blocked, UrgencyKind::Vip];
+    pub(crate) const DEFAULT: [UrgencyKind; 3] =
+        [UrgencyKind::Deadline, UrgencyKind::Blocked, UrgencyKind::Vip];
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +192,114 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
     })
 }
 
+/// The text of one taxonomy's seed files, wherever they come from: a folder
+/// ([`SeedFiles::read`]) or the copy built into the binary ([`SeedFiles::builtin`]). Paths
+/// name the files in error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedFiles {
+    /// The seed folder (`data/synth/<taxonomy>` for the built-in copy).
+    pub dir: PathBuf,
+    /// `surface.toml`.
+    pub surface: String,
+    /// `slots.toml`, if present.
+    pub slots: Option<String>,
+    /// `scenarios/*.toml` with their paths, in file-name order.
+    pub scenarios: Vec<(PathBuf, String)>,
+}
+
+/// The seed material of the default taxonomy, built in (`data/synth/default/`), so that
+/// `triage data synth` works from any folder. A test checks it against the folder.
+const BUILTIN_DEFAULT_SCENARIOS: [(&str, &str); 10] = [
+    (
+        "access-2.toml",
+        include_str!("../../../../data/synth/default/scenarios/access-2.toml"),
+    ),
+    (
+        "access.toml",
+        include_str!("../../../../data/synth/default/scenarios/access.toml"),
+    ),
+    (
+        "email.toml",
+        include_str!("../../../../data/synth/default/scenarios/email.toml"),
+    ),
+    (
+        "hardware.toml",
+        include_str!("../../../../data/synth/default/scenarios/hardware.toml"),
+    ),
+    (
+        "network.toml",
+        include_str!("../../../../data/synth/default/scenarios/network.toml"),
+    ),
+    (
+        "security-2.toml",
+        include_str!("../../../../data/synth/default/scenarios/security-2.toml"),
+    ),
+    (
+        "security.toml",
+        include_str!("../../../../data/synth/default/scenarios/security.toml"),
+    ),
+    (
+        "software-2.toml",
+        include_str!("../../../../data/synth/default/scenarios/software-2.toml"),
+    ),
+    (
+        "software.toml",
+        include_str!("../../../../data/synth/default/scenarios/software.toml"),
+    ),
+    (
+        "workplace.toml",
+        include_str!("../../../../data/synth/default/scenarios/workplace.toml"),
+    ),
+];
+
+impl SeedFiles {
+    /// Reads `dir/surface.toml`, `dir/slots.toml` (optional) and `dir/scenarios/*.toml`.
+    pub fn read(dir: &Path) -> Result<Self, DataError> {
+        let surface = read(&dir.join("surface.toml"))?;
+        let slots_path = dir.join("slots.toml");
+        let slots = match slots_path.exists() {
+            true => Some(read(&slots_path)?),
+            false => None,
+        };
+        let scen_dir = dir.join("scenarios");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&scen_dir)
+            .map_err(|e| DataError::io(&scen_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        let scenarios = files
+            .into_iter()
+            .map(|p| read(&p).map(|t| (p, t)))
+            .collect::<Result<_, _>>()?;
+        Ok(SeedFiles {
+            dir: dir.to_owned(),
+            surface,
+            slots,
+            scenarios,
+        })
+    }
+
+    /// The built-in seed files of the taxonomy named `taxonomy` (only `default` has them).
+    pub fn builtin(taxonomy: &str) -> Option<Self> {
+        if taxonomy != "default" {
+            return None;
+        }
+        let dir = PathBuf::from("data/synth/default");
+        let mut scenarios: Vec<(PathBuf, String)> = BUILTIN_DEFAULT_SCENARIOS
+            .iter()
+            .map(|(name, text)| (dir.join("scenarios").join(name), (*text).to_owned()))
+            .collect();
+        scenarios.sort();
+        Some(SeedFiles {
+            surface: include_str!("../../../../data/synth/default/surface.toml").to_owned(),
+            slots: Some(include_str!("../../../../data/synth/default/slots.toml").to_owned()),
+            scenarios,
+            dir,
+        })
+    }
+}
+
 impl Seeds {
     /// The conventional seed folder of a taxonomy: `<root>/data/synth/<taxonomy name>`.
     pub fn default_dir(root: &Path, taxonomy: &Taxonomy) -> PathBuf {
@@ -215,9 +324,26 @@ impl Seeds {
     /// Loads `dir/slots.toml`, `dir/surface.toml` and `dir/scenarios/*.toml` (in file-name
     /// order) and checks them against `taxonomy`.
     pub fn load(dir: &Path, taxonomy: &Taxonomy) -> Result<Self, DataError> {
+        Self::from_files(SeedFiles::read(dir)?, taxonomy)
+    }
+
+    /// The seed material built into the binary for `taxonomy` (by its name; only `default`
+    /// ships one), checked against it; `None` when there is none.
+    pub fn builtin(taxonomy: &Taxonomy) -> Option<Result<Self, DataError>> {
+        SeedFiles::builtin(&taxonomy.name).map(|files| Self::from_files(files, taxonomy))
+    }
+
+    /// Checks seed files (read from a folder or built in) against `taxonomy`.
+    pub fn from_files(files: SeedFiles, taxonomy: &Taxonomy) -> Result<Self, DataError> {
+        let SeedFiles {
+            dir,
+            surface: surface_text,
+            slots: slots_text,
+            scenarios: scenario_files,
+        } = files;
+        let dir = dir.as_path();
         // Surface first: it defines the languages.
         let surface_path = dir.join("surface.toml");
-        let surface_text = read(&surface_path)?;
         let surface: BTreeMap<String, Surface> = parse_toml(&surface_path, &surface_text)?;
         if surface.is_empty() {
             return Err(seeds_err(
@@ -287,28 +413,19 @@ impl Seeds {
         // Slots: slots.toml, then every scenario file's [slots].
         let mut slots: Vec<Slot> = Vec::new();
         let slots_path = dir.join("slots.toml");
-        if slots_path.exists() {
-            let text = read(&slots_path)?;
-            let raw: RawSlotsFile = parse_toml(&slots_path, &text)?;
-            add_slots(&mut slots, raw.slots, &langs, &slots_path, &text)?;
+        if let Some(text) = &slots_text {
+            let raw: RawSlotsFile = parse_toml(&slots_path, text)?;
+            add_slots(&mut slots, raw.slots, &langs, &slots_path, text)?;
         }
-        let scen_dir = dir.join("scenarios");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&scen_dir)
-            .map_err(|e| DataError::io(&scen_dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
+        if scenario_files.is_empty() {
             return Err(DataError::Seeds {
-                path: scen_dir,
+                path: dir.join("scenarios"),
                 line: None,
                 message: "no scenario files (*.toml)".into(),
             });
         }
         let mut raw_files = Vec::new();
-        for path in files {
-            let text = read(&path)?;
+        for (path, text) in scenario_files {
             let raw: RawScenarioFile = parse_toml(&path, &text)?;
             let RawScenarioFile {
                 slots: file_slots,
@@ -355,7 +472,7 @@ impl Seeds {
                         }
                         let parsed: Vec<Template> = strs
                             .iter()
-                            .map(|s| parse_template(s, &slots).map_err(&err))
+                            .map(|s| parse_template(s, &slots).map_err(|e| err(e.to_string())))
                             .collect::<Result<_, _>>()?;
                         let arr: [Template; 3] = parsed.try_into().expect("three texts");
                         texts.insert(key.clone(), arr);
@@ -392,7 +509,7 @@ impl Seeds {
                         return Err(err(format!("no texts for language {lang}")));
                     }
                 }
-                let summary = parse_template(&raw.summary, &slots).map_err(&err)?;
+                let summary = parse_template(&raw.summary, &slots).map_err(|e| err(e.to_string()))?;
                 let weight = raw.weight.unwrap_or(2);
                 if !(1..=5).contains(&weight) {
                     return Err(err(format!("weight {weight} is outside 1..=5")));
@@ -465,21 +582,26 @@ fn add_slots(
     Ok(())
 }
 
-pub(crate) fn parse_template(text: &str, slots: &[Slot]) -> Result<Template, String> {
+pub(crate) fn parse_template(text: &str, slots: &[Slot]) -> Result<Template, TemplateError> {
     let mut pieces = Vec::new();
     let mut rest = text;
     while let Some(open) = rest.find(['{', '}']) {
         if rest.as_bytes()[open] == b'}' {
-            return Err(format!("unmatched '}}' in {text:?}"));
+            return Err(TemplateError::Unmatched {
+                text: text.to_owned(),
+            });
         }
-        let close = rest[open..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed '{{' in {text:?}"))?
-            + open;
+        let close = rest[open..].find('}').ok_or_else(|| TemplateError::Unclosed {
+            text: text.to_owned(),
+        })? + open;
         let name = &rest[open + 1..close];
-        let idx = slots.iter().position(|s| s.name == name).ok_or_else(|| {
-            format!("unknown slot {{{name}}} in {text:?}; define it in slots.toml or the file's [slots]")
-        })?;
+        let idx = slots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| TemplateError::UnknownSlot {
+                name: name.to_owned(),
+                text: text.to_owned(),
+            })?;
         if open > 0 {
             pieces.push(Piece::Lit(rest[..open].to_owned()));
         }

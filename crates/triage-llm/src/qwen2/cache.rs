@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{err, Config};
+use super::Config;
 use crate::LlmError;
 
 /// Keys and values of the tokens seen so far, per layer. Cloning is cheap (tensors are
@@ -33,7 +33,7 @@ impl KvCache {
                 map.insert(format!("v.{i}"), v.clone());
             }
         }
-        let len = Tensor::new(&[self.len as u32], &Device::Cpu).map_err(err)?;
+        let len = Tensor::new(&[self.len as u32], &Device::Cpu).map_err(LlmError::from)?;
         map.insert("len".to_string(), len);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let io = |e: std::io::Error| LlmError::Io {
@@ -43,7 +43,7 @@ impl KvCache {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        candle_core::safetensors::save(&map, &tmp).map_err(err)?;
+        candle_core::safetensors::save(&map, &tmp).map_err(LlmError::from)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
 
@@ -68,4 +68,3 @@ impl KvCache {
         Some(Self { layers, len })
     }
 }
-

@@ -8,7 +8,9 @@
 //! Each is tested against the composed form (`ops.rs` keeps that form for other devices).
 
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
 
 use super::ops::{dense_matmul, dropout_mask, lora_delta};
 
@@ -73,8 +75,10 @@ fn use_quantized(q: &QTensor, x: &Tensor) -> bool {
         return false;
     };
     let rows = x.elem_count() / inp.max(1);
-    matches!(q.dtype(), candle_core::quantized::GgmlDType::Q4K | candle_core::quantized::GgmlDType::Q6K)
-        && k % 256 == 0
+    matches!(
+        q.dtype(),
+        candle_core::quantized::GgmlDType::Q4K | candle_core::quantized::GgmlDType::Q6K
+    ) && k % 256 == 0
         && n % 16 == 0
         && rows >= 64
 }
@@ -237,7 +241,13 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let h = w.len();
         let mut out = vec![0f32; x.len()];
@@ -251,10 +261,18 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x
-            .contiguous()?
-            .apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad.contiguous()?,
+            &RmsNormGrad { eps: self.eps },
+        )?;
         Ok((Some(dx), None))
     }
 }
@@ -285,7 +303,13 @@ impl CustomOp3 for RmsNormGrad {
         par_rows(&mut out, h, |r, dx| {
             let (x, dy) = (&x[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h]);
             let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / h as f32 + self.eps).sqrt();
-            let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, wv), v)| g * wv * v).sum::<f32>() / h as f32;
+            let gx: f32 = dy
+                .iter()
+                .zip(w)
+                .zip(x)
+                .map(|((g, wv), v)| g * wv * v)
+                .sum::<f32>()
+                / h as f32;
             let c = inv * inv * inv * gx;
             for (((o, &g), &wv), &v) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                 *o = inv * g * wv - v * c;
@@ -316,7 +340,10 @@ impl CustomOp1 for Rope {
         let cos: Vec<f32> = self.cos.flatten_all()?.to_vec1()?;
         let sin: Vec<f32> = self.sin.flatten_all()?.to_vec1()?;
         if cos.len() != n * half || sin.len() != n * half {
-            candle_core::bail!("rope: tables for {} positions, input has {n}", cos.len() / half.max(1));
+            candle_core::bail!(
+                "rope: tables for {} positions, input has {n}",
+                cos.len() / half.max(1)
+            );
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
@@ -402,7 +429,13 @@ impl CustomOp2 for MaskedSoftmaxGrad {
         "masked-softmax-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (y, dy) = (slice(s1, l1)?, slice(s2, l2)?);
         let t = *l1.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; y.len()];
@@ -473,7 +506,12 @@ impl CustomOp3 for CausalAttention {
         let (q, k, v, d_out) = (q.detach(), k.detach(), v.detach(), d_out.contiguous()?);
         let p = self.probs(&q, &k)?; // [b, hk, rows, t]
         let dp = d_out.matmul(&v.t()?)?.contiguous()?;
-        let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxGrad { scale: self.scale as f32 })?;
+        let ds = p.apply_op2_no_bwd(
+            &dp,
+            &MaskedSoftmaxGrad {
+                scale: self.scale as f32,
+            },
+        )?;
         let dq = ds.matmul(&k)?;
         let new = |x: &Tensor| x.narrow(3, self.past, self.n)?.t()?.contiguous();
         let dk_new = new(&ds)?.matmul(&q)?; // [b, hk, n, d]
@@ -499,7 +537,14 @@ mod tests {
     use crate::qwen2::ops::{masked, Differentiable, Fused, Ops};
 
     fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         diff / scale
     }
@@ -511,7 +556,9 @@ mod tests {
     /// Gradients of `Σ y·probe` with respect to `vars`.
     fn grads(y: &Tensor, probe: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
         let g = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
-        vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect()
+        vars.iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+            .collect()
     }
 
     /// d(input) of a weight, through `FrozenLinear` (banded dequantization for one larger than
@@ -566,7 +613,10 @@ mod tests {
         let xd = dropout_mask(x.as_tensor(), 0.3, 17).unwrap();
         let composed = (base + lora_delta(&xd, a.as_tensor(), b.as_tensor(), scale).unwrap()).unwrap();
         assert!(max_rel_diff(&fused, &composed) < 1e-5);
-        let (gf, gc) = (grads(&fused, &probe, &[&x, &a, &b]), grads(&composed, &probe, &[&x, &a, &b]));
+        let (gf, gc) = (
+            grads(&fused, &probe, &[&x, &a, &b]),
+            grads(&composed, &probe, &[&x, &a, &b]),
+        );
         for (name, (f, c)) in ["x", "A", "B"].iter().zip(gf.iter().zip(&gc)) {
             let d = max_rel_diff(f, c);
             assert!(d < 1e-4, "d{name} differs by {d}");
@@ -584,7 +634,12 @@ mod tests {
         let xt = x.as_tensor();
         let norm_fused = xt.apply_op2(&w, RmsNorm { eps: 1e-6 }).unwrap();
         let norm_composed = {
-            let r = (xt.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-6).unwrap().sqrt().unwrap().recip().unwrap();
+            let r = (xt.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-6)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .recip()
+                .unwrap();
             xt.broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap()
         };
         let rope = |inverse| Rope {
@@ -595,12 +650,18 @@ mod tests {
         let rope_fused = xt.apply_op1(rope(false)).unwrap();
         let rope_composed = {
             let (x1, x2) = (xt.narrow(3, 0, 8).unwrap(), xt.narrow(3, 8, 8).unwrap());
-            let (c, s) = (cos.unsqueeze(0).unwrap().unsqueeze(0).unwrap(), sin.unsqueeze(0).unwrap().unsqueeze(0).unwrap());
+            let (c, s) = (
+                cos.unsqueeze(0).unwrap().unsqueeze(0).unwrap(),
+                sin.unsqueeze(0).unwrap().unsqueeze(0).unwrap(),
+            );
             let o1 = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
             let o2 = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
             Tensor::cat(&[&o1, &o2], 3).unwrap()
         };
-        for (name, f, c) in [("rms-norm", &norm_fused, &norm_composed), ("rope", &rope_fused, &rope_composed)] {
+        for (name, f, c) in [
+            ("rms-norm", &norm_fused, &norm_composed),
+            ("rope", &rope_fused, &rope_composed),
+        ] {
             assert!(max_rel_diff(f, c) < 1e-5, "{name} forward");
             let d = max_rel_diff(&grads(f, &probe, &[&x])[0], &grads(c, &probe, &[&x])[0]);
             assert!(d < 1e-4, "{name}: d(input) differs by {d}");
@@ -630,13 +691,22 @@ mod tests {
             dropout: None,
             composed: false,
         }
-            .attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, past, n)
-            .unwrap();
+        .attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, past, n)
+        .unwrap();
         let composed = {
-            let m = masked(&q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap(), scale, past, n).unwrap();
+            let m = masked(
+                &q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap(),
+                scale,
+                past,
+                n,
+            )
+            .unwrap();
             let mx = m.max_keepdim(D::Minus1).unwrap().detach();
             let e = m.broadcast_sub(&mx).unwrap().exp().unwrap();
-            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap().matmul(v.as_tensor()).unwrap()
+            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap())
+                .unwrap()
+                .matmul(v.as_tensor())
+                .unwrap()
         };
         assert!(max_rel_diff(&fused, &composed) < 1e-5);
         let inference = Fused
@@ -650,7 +720,15 @@ mod tests {
             .apply_op1_no_bwd(&MaskedSoftmax::new(scale, past, n))
             .unwrap();
         // Row 0 of each group is new position 0: it sees keys 0..=past only.
-        let row0: Vec<f32> = probs.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+        let row0: Vec<f32> = probs
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(row0[past + 1..].iter().all(|&p| p == 0.0), "{row0:?}");
         let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let (gf, gc) = (grads(&fused), grads(&composed));

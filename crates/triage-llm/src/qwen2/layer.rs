@@ -24,21 +24,21 @@ pub(crate) struct Positions {
     pub(crate) sin: Tensor,
 }
 
-/// What one layer adds to its frozen weights: the adapter's pairs and scale, and the dense
-/// weight copies of a training run.
+/// What one layer adds to its frozen weights: its index (which names the adapter's pairs),
+/// the adapter's pairs and scale, and the dense weight copies of a training run.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Extras<'a> {
+    pub(crate) layer: usize,
     pub(crate) adapter: Option<(&'a BTreeMap<Target, LoraPair>, f64)>,
     pub(crate) dense: Option<&'a BTreeMap<Target, Tensor>>,
 }
 
 impl Layer {
-    /// Runs layer `li` on `x` `[b, n, hidden]` attending to `past` keys and values
+    /// Runs layer `extras.layer` on `x` `[b, n, hidden]` attending to `past` keys and values
     /// `[b, kv_heads, past, head_dim]` (the cache, or a frozen prefix) and to itself. Returns
     /// the layer's output and the keys and values of past and new positions together.
     pub(crate) fn forward<O: Ops>(
         &self,
-        li: usize,
         cfg: &Config,
         x: &Tensor,
         at: &Positions,
@@ -54,7 +54,7 @@ impl Layer {
                 m.get(&t).map(|pair| LoraRef {
                     pair,
                     scale,
-                    layer: li,
+                    layer: extras.layer,
                     target: t,
                 })
             });

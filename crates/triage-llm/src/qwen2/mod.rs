@@ -57,10 +57,6 @@ pub struct Qwen2 {
     sin: Tensor,
 }
 
-pub(crate) fn err(e: candle_core::Error) -> LlmError {
-    LlmError::Candle(e.to_string())
-}
-
 impl Qwen2 {
     /// The configuration.
     pub fn config(&self) -> &Config {
@@ -104,7 +100,7 @@ impl Qwen2 {
             let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
             self.lm_head.forward(&x)?.squeeze(0)
         };
-        run().map_err(err)
+        run().map_err(LlmError::from)
     }
 
     /// Runs `tokens` through `layers` only (with the fused inference kernels) and returns
@@ -150,17 +146,18 @@ impl Qwen2 {
             for li in layers.clone() {
                 let kv = &mut cache.layers[li];
                 let extras = Extras {
+                    layer: li,
                     adapter: lora.map(|l| (&l.layers[li], l.scale())),
                     dense: dense.and_then(|d| d.layer(li)),
                 };
                 let past = kv.as_ref().map(|(k, v)| (k, v));
-                let (y, new_kv) = self.layers[li].forward(li, &self.cfg, &x, &at, past, extras, &Fused)?;
+                let (y, new_kv) = self.layers[li].forward(&self.cfg, &x, &at, past, extras, &Fused)?;
                 *kv = Some(new_kv);
                 x = y;
             }
             Ok(x)
         };
-        let x = run().map_err(err)?;
+        let x = run().map_err(LlmError::from)?;
         if layers == (0..self.layers.len()) {
             cache.len += n;
         }
@@ -177,7 +174,10 @@ impl Qwen2 {
         dense: Option<&DenseWeights>,
     ) -> Result<Tensor, LlmError> {
         let layer = self.layers.get(li).ok_or_else(|| {
-            LlmError::Candle(format!("layer {li} does not exist (the model has {})", self.layers.len()))
+            LlmError::Candle(format!(
+                "layer {li} does not exist (the model has {})",
+                self.layers.len()
+            ))
         })?;
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
@@ -190,31 +190,37 @@ impl Qwen2 {
             };
             let n = x.dim(1)?;
             if past + n > self.max_seq_len() {
-                candle_core::bail!("sequence of {} tokens exceeds the model's budget {}", past + n, self.max_seq_len());
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the model's budget {}",
+                    past + n,
+                    self.max_seq_len()
+                );
             }
             let extras = Extras {
+                layer: li,
                 adapter: None,
                 dense: dense.and_then(|d| d.layer(li)),
             };
             let prev = kv.as_ref().map(|(k, v)| (k, v));
-            let (y, new_kv) = layer.forward(li, &self.cfg, x, &self.positions(past, n)?, prev, extras, &Fused)?;
+            let (y, new_kv) = layer.forward(&self.cfg, x, &self.positions(past, n)?, prev, extras, &Fused)?;
             *kv = Some(new_kv);
             Ok(y)
         };
-        run().map_err(err)
+        run().map_err(LlmError::from)
     }
 
     /// The KV cache of `tokens` (e.g. the system prompt), computed one layer at a time with a
     /// dense copy of each layer made for the pass and dropped after it: no repacked copy of
     /// the quantized weights stays behind (candle keeps one per weight its fast kernels have
     /// multiplied by many rows), so a training process stays small. Equal to
-    /// [`Qwen2::forward`]'s cache up to rounding (f16 weights against quantized activations).
+    /// [`Qwen2::forward`]'s cache up to rounding (the dequantized weights in f32 against the
+    /// quantized kernels' 8-bit activations).
     pub fn prefill_layerwise(&self, tokens: &[u32]) -> Result<KvCache, LlmError> {
-        let ids = Tensor::new(tokens, &self.device).map_err(err)?;
-        let mut x = self.embed(&ids.unsqueeze(0).map_err(err)?)?;
+        let ids = Tensor::new(tokens, &self.device).map_err(LlmError::from)?;
+        let mut x = self.embed(&ids.unsqueeze(0).map_err(LlmError::from)?)?;
         let mut cache = KvCache::default();
         for li in 0..self.layers.len() {
-            let dense = self.dense_weights(li..li + 1, false, candle_core::DType::F16)?;
+            let dense = self.dense_weights(li..li + 1, false, candle_core::DType::F32)?;
             x = self.run_layer(li, &x, &mut cache, Some(&dense))?;
         }
         cache.len = tokens.len();
@@ -229,7 +235,7 @@ impl Qwen2 {
                 .embedding(&tokens.flatten_all()?)?
                 .reshape((b, n, self.cfg.hidden_size))
         };
-        run().map_err(err)
+        run().map_err(LlmError::from)
     }
 
     /// Rotary tables for `n` new positions after `past`.
@@ -246,5 +252,5 @@ pub fn argmax(logits: &Tensor) -> Result<u32, LlmError> {
     logits
         .argmax(D::Minus1)
         .and_then(|t| t.to_scalar::<u32>())
-        .map_err(err)
+        .map_err(LlmError::from)
 }

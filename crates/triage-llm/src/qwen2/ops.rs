@@ -27,10 +27,24 @@ pub(crate) trait Ops {
     /// Causal grouped-query attention `softmax(q·kᵀ·scale + mask)·v` for `q`
     /// `[b, kv_heads, group · n, head_dim]` (query row `g · n + i` is new position `i`, which
     /// sees keys `..=past + i`) and `k`, `v` `[b, kv_heads, past + n, head_dim]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, past: usize, n: usize) -> Result<Tensor>;
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        past: usize,
+        n: usize,
+    ) -> Result<Tensor>;
     /// `x·Wᵀ` for the frozen weight `w` (with its dense copy if the caller has one), plus the
     /// LoRA update when `lora` is given.
-    fn project(&self, w: &QMatMul, dense: Option<&Tensor>, x: &Tensor, lora: Option<LoraRef>) -> Result<Tensor>;
+    fn project(
+        &self,
+        w: &QMatMul,
+        dense: Option<&Tensor>,
+        x: &Tensor,
+        lora: Option<LoraRef>,
+    ) -> Result<Tensor>;
 }
 
 /// The LoRA pair of one projection, its scale, and where it sits (layer and target: the
@@ -61,7 +75,15 @@ impl Ops for Fused {
         candle_nn::rotary_emb::rope(x, cos, sin)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, past: usize, n: usize) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        past: usize,
+        n: usize,
+    ) -> Result<Tensor> {
         let scores = q.matmul(&k.t()?)?;
         let probs = match scores.device().is_cpu() {
             true => scores.apply_op1_no_bwd(&MaskedSoftmax::new(scale, past, n))?,
@@ -72,14 +94,27 @@ impl Ops for Fused {
 
     /// The quantized kernel, or the dense copy when the caller made one (see
     /// [`Qwen2::prefill_layerwise`](super::Qwen2::prefill_layerwise)).
-    fn project(&self, w: &QMatMul, dense: Option<&Tensor>, x: &Tensor, lora: Option<LoraRef>) -> Result<Tensor> {
+    fn project(
+        &self,
+        w: &QMatMul,
+        dense: Option<&Tensor>,
+        x: &Tensor,
+        lora: Option<LoraRef>,
+    ) -> Result<Tensor> {
         let y = match dense {
             Some(d) => dense_matmul(x, d)?,
             None => w.forward(x)?,
         };
         match lora {
             None => Ok(y),
-            Some(l) => y + lora_delta(x, &l.pair.a.as_tensor().detach(), &l.pair.b.as_tensor().detach(), l.scale)?,
+            Some(l) => {
+                y + lora_delta(
+                    x,
+                    &l.pair.a.as_tensor().detach(),
+                    &l.pair.b.as_tensor().detach(),
+                    l.scale,
+                )?
+            }
         }
     }
 }
@@ -105,7 +140,9 @@ impl Differentiable {
 impl Ops for Differentiable {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         if self.kernel(x) {
-            return x.contiguous()?.apply_op2(w, super::kernels::RmsNorm { eps: eps as f32 });
+            return x
+                .contiguous()?
+                .apply_op2(w, super::kernels::RmsNorm { eps: eps as f32 });
         }
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
         x.broadcast_mul(&r)?.broadcast_mul(w)
@@ -129,11 +166,21 @@ impl Ops for Differentiable {
     }
 
     /// The max is a constant: softmax does not depend on it.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, past: usize, n: usize) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        past: usize,
+        n: usize,
+    ) -> Result<Tensor> {
         if self.kernel(q) {
-            return q
-                .contiguous()?
-                .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention::new(scale, past, n));
+            return q.contiguous()?.apply_op3(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                CausalAttention::new(scale, past, n),
+            );
         }
         let x = masked(&q.matmul(&k.t()?)?, scale, past, n)?;
         let m = x.max_keepdim(D::Minus1)?.detach();
@@ -141,11 +188,23 @@ impl Ops for Differentiable {
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)
     }
 
-    fn project(&self, w: &QMatMul, dense: Option<&Tensor>, x: &Tensor, lora: Option<LoraRef>) -> Result<Tensor> {
+    fn project(
+        &self,
+        w: &QMatMul,
+        dense: Option<&Tensor>,
+        x: &Tensor,
+        lora: Option<LoraRef>,
+    ) -> Result<Tensor> {
         let (a, b) = match (lora, self.track) {
             (None, _) => (None, None),
-            (Some(l), true) => (Some(l.pair.a.as_tensor().clone()), Some(l.pair.b.as_tensor().clone())),
-            (Some(l), false) => (Some(l.pair.a.as_tensor().detach()), Some(l.pair.b.as_tensor().detach())),
+            (Some(l), true) => (
+                Some(l.pair.a.as_tensor().clone()),
+                Some(l.pair.b.as_tensor().clone()),
+            ),
+            (Some(l), false) => (
+                Some(l.pair.a.as_tensor().detach()),
+                Some(l.pair.b.as_tensor().detach()),
+            ),
         };
         let scale = lora.map_or(0.0, |l| l.scale);
         let dropout = match (self.dropout, lora) {
@@ -191,7 +250,9 @@ pub(crate) fn masked(scores: &Tensor, scale: f64, past: usize, n: usize) -> Resu
         return Ok(x);
     };
     let (b, hk, rows, t) = x.dims4()?;
-    x.reshape((b, hk, rows / n, n, t))?.broadcast_add(&mask)?.reshape((b, hk, rows, t))
+    x.reshape((b, hk, rows / n, n, t))?
+        .broadcast_add(&mask)?
+        .reshape((b, hk, rows, t))
 }
 
 /// `x·dᵀ` for a dense weight `d` `[out, in]` (f32, or f16 computed in f16).
@@ -250,7 +311,14 @@ mod tests {
     use super::*;
 
     fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         diff / scale
     }
@@ -268,8 +336,14 @@ mod tests {
             composed: false,
         };
         let pairs = [
-            (Fused.rms_norm(&x, &w, 1e-6).unwrap(), d.rms_norm(&x, &w, 1e-6).unwrap()),
-            (Fused.rope(&x, &cos, &sin).unwrap(), d.rope(&x, &cos, &sin).unwrap()),
+            (
+                Fused.rms_norm(&x, &w, 1e-6).unwrap(),
+                d.rms_norm(&x, &w, 1e-6).unwrap(),
+            ),
+            (
+                Fused.rope(&x, &cos, &sin).unwrap(),
+                d.rope(&x, &cos, &sin).unwrap(),
+            ),
         ];
         for (i, (a, b)) in pairs.iter().enumerate() {
             assert!(max_rel_diff(b, a) < 1e-5, "op {i}");

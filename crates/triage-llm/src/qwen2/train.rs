@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor, Var, D};
 
 use super::layer::{Extras, Positions};
 use super::ops::{Differentiable, Ops};
-use super::{err, DenseWeights, KvCache, Qwen2};
+use super::{DenseWeights, KvCache, Qwen2};
 use crate::lora::Lora;
 use crate::LlmError;
 
@@ -112,7 +112,7 @@ impl Qwen2 {
         dense: &DenseWeights,
         opts: &StepOptions,
     ) -> std::result::Result<(f64, GradStore), LlmError> {
-        self.step(input, spec, lora, dense, opts).map_err(err)
+        self.step(input, spec, lora, dense, opts).map_err(LlmError::from)
     }
 
     /// The loss of [`Qwen2::loss_and_grads`] without gradients (validation): no graph is
@@ -140,7 +140,7 @@ impl Qwen2 {
             })?;
             Ok(total)
         };
-        run().map_err(err)
+        run().map_err(LlmError::from)
     }
 
     /// The whole-graph training forward: logits `[b, n, vocab]` of every position, with
@@ -164,7 +164,7 @@ impl Qwen2 {
             let x = ops.rms_norm(&x, &self.norm, self.cfg.rms_eps)?;
             ops.project(&self.lm_head, dense.head.as_ref(), &x, None)
         };
-        run().map_err(err)
+        run().map_err(LlmError::from)
     }
 
     fn step(
@@ -275,7 +275,11 @@ impl Qwen2 {
         let (b, n, hidden) = input.hidden.dims3()?;
         let first = input.first_layer;
         let past = input.prefix.map_or(0, |p| p.len);
-        if n == 0 || hidden != self.cfg.hidden_size || first > self.layers.len() || past + n > self.max_seq_len() {
+        if n == 0
+            || hidden != self.cfg.hidden_size
+            || first > self.layers.len()
+            || past + n > self.max_seq_len()
+        {
             candle_core::bail!(
                 "training input [{b}, {n}, {hidden}] from layer {first} after {past} prefix positions does not fit the model"
             );
@@ -293,7 +297,10 @@ impl Qwen2 {
             let kv = input.prefix.and_then(|p| p.layers.get(li).cloned().flatten());
             past_kv.push(match kv {
                 None => None,
-                Some((k, v)) => Some((k.broadcast_as((b, hk, past, d))?, v.broadcast_as((b, hk, past, d))?)),
+                Some((k, v)) => Some((
+                    k.broadcast_as((b, hk, past, d))?,
+                    v.broadcast_as((b, hk, past, d))?,
+                )),
             });
         }
         Ok(Ctx {
@@ -314,11 +321,14 @@ impl Qwen2 {
         ops: &Differentiable,
     ) -> Result<Tensor> {
         let extras = Extras {
+            layer: li,
             adapter: lora.map(|l| (&l.layers[li], l.scale())),
             dense: dense.layer(li),
         };
         let past = ctx.past[li - ctx.first].as_ref().map(|(k, v)| (k, v));
-        Ok(self.layers[li].forward(li, &self.cfg, x, &ctx.at, past, extras, ops)?.0)
+        Ok(self.layers[li]
+            .forward(&self.cfg, x, &ctx.at, past, extras, ops)?
+            .0)
     }
 
     /// Layers `ctx.first..` on `x`.
@@ -355,7 +365,11 @@ impl Qwen2 {
         let denom = if spec.denom > 0.0 { spec.denom } else { 1.0 };
         for s in &spec.positions {
             if s.row >= b || s.pos >= n {
-                candle_core::bail!("supervised position ({}, {}) outside the batch [{b}, {n}]", s.row, s.pos);
+                candle_core::bail!(
+                    "supervised position ({}, {}) outside the batch [{b}, {n}]",
+                    s.row,
+                    s.pos
+                );
             }
         }
         let select = |items: &[&Supervised]| -> Result<Tensor> {
@@ -391,7 +405,10 @@ impl Qwen2 {
         for s in &choice {
             let among = s.among.as_deref().unwrap_or_default();
             let Some(at) = among.iter().position(|&t| t == s.target) else {
-                candle_core::bail!("supervised token {} is not among its candidates {among:?}", s.target);
+                candle_core::bail!(
+                    "supervised token {} is not among its candidates {among:?}",
+                    s.target
+                );
             };
             picks.push((ids.len() + at) as u32);
             ranges.push(ids.len()..ids.len() + among.len());

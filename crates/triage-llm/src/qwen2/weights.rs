@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::ops::rope_tables;
-use super::{err, Config, Qwen2};
+use super::{Config, Qwen2};
 use crate::lora::Target;
 use crate::{GgufFile, LlmError};
 
@@ -87,7 +87,12 @@ impl DenseWeights {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
-        self.layers.iter().flatten().flat_map(|m| m.values()).map(t).sum::<usize>()
+        self.layers
+            .iter()
+            .flatten()
+            .flat_map(|m| m.values())
+            .map(t)
+            .sum::<usize>()
             + self.head.as_ref().map_or(0, t)
     }
 
@@ -116,7 +121,7 @@ impl Qwen2 {
         };
         let requant = opts.requantize_q5_0;
         let matmul = |t: QTensor| to_matmul(t, requant, device);
-        let dense = |t: QTensor| t.dequantize(device).map_err(err);
+        let dense = |t: QTensor| t.dequantize(device).map_err(LlmError::from);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut get = |s: &str| read(&format!("blk.{i}.{s}"));
@@ -142,8 +147,8 @@ impl Qwen2 {
             true => QMatMul::from_qtensor(read("output.weight")?),
             false => QMatMul::from_arc(embed.clone()),
         }
-        .map_err(err)?;
-        let (cos, sin) = rope_tables(&cfg, opts.max_seq_len, device).map_err(err)?;
+        .map_err(LlmError::from)?;
+        let (cos, sin) = rope_tables(&cfg, opts.max_seq_len, device).map_err(LlmError::from)?;
         Ok(Self {
             cfg,
             device: device.clone(),
@@ -206,7 +211,10 @@ impl Qwen2 {
                     down: quant(rand((h, i), 1.0 / (i as f32).sqrt())?)?,
                 });
             }
-            let embed = Arc::new(QTensor::quantize(&rand((cfg.vocab_size, h), 1.0)?, GgmlDType::Q8_0)?);
+            let embed = Arc::new(QTensor::quantize(
+                &rand((cfg.vocab_size, h), 1.0)?,
+                GgmlDType::Q8_0,
+            )?);
             // Unit-scale rows: with RMS-normalised inputs the logits can reach the peaks a
             // trained head has (a 1/√h scale would cap them near 5 and the loss near ln V − 5).
             let lm_head = quant(rand((cfg.vocab_size, h), 1.0)?)?;
@@ -222,7 +230,7 @@ impl Qwen2 {
                 sin,
             })
         };
-        build().map_err(err)
+        build().map_err(LlmError::from)
     }
 
     /// Bytes [`Qwen2::load`] would hold for `gguf` with `opts`, from the file's tensor table
@@ -245,6 +253,42 @@ impl Qwen2 {
             elems / dt.block_size() as u64 * dt.type_size() as u64
         };
         content.tensor_infos.keys().map(|n| size(n)).sum()
+    }
+
+    /// Bytes in `gguf` of the projections of `layers` (and, with `head`, of the LM head) stored
+    /// in a type for which candle's fast CPU kernel builds a repacked copy when it multiplies
+    /// many rows (Q4_K and Q6_K with widths of whole 256-blocks): what a training forward over
+    /// those layers adds to the memory (about 4/3 of these bytes).
+    pub fn repackable_bytes(gguf: &GgufFile, layers: Range<usize>, head: bool) -> u64 {
+        let content = gguf.content();
+        let size = |name: &str| -> u64 {
+            let Some(info) = content.tensor_infos.get(name) else {
+                return 0;
+            };
+            let dims = info.shape.dims();
+            let fast = matches!(info.ggml_dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+                && dims.len() == 2
+                && dims[1] % 256 == 0
+                && dims[0] % 16 == 0;
+            match fast {
+                true => {
+                    info.shape.elem_count() as u64 / info.ggml_dtype.block_size() as u64
+                        * info.ggml_dtype.type_size() as u64
+                }
+                false => 0,
+            }
+        };
+        let mut total: u64 = layers
+            .flat_map(|li| Target::ALL.map(move |t| format!("blk.{li}.{}.weight", t.gguf_name())))
+            .map(|n| size(&n))
+            .sum();
+        if head {
+            total += match content.tensor_infos.contains_key("output.weight") {
+                true => size("output.weight"),
+                false => size("token_embd.weight"),
+            };
+        }
+        total
     }
 
     /// Bytes of the weights as loaded (quantized projections, embeddings, head, norms).
@@ -275,7 +319,12 @@ impl Qwen2 {
     /// Dense copies (as `dtype`, e.g. F16 to halve their memory) of the projections of
     /// `layers` and, with `head`, of the LM head: what a training run over those layers
     /// multiplies by in its backward pass. See [`DenseWeights`].
-    pub fn dense_weights(&self, layers: Range<usize>, head: bool, dtype: DType) -> Result<DenseWeights, LlmError> {
+    pub fn dense_weights(
+        &self,
+        layers: Range<usize>,
+        head: bool,
+        dtype: DType,
+    ) -> Result<DenseWeights, LlmError> {
         let mut out = DenseWeights::none(self.layers.len());
         // Dequantized a band of rows at a time, so that a large weight (the head: 151,936
         // rows) never exists whole in f32 when the copy is f16.
@@ -297,22 +346,29 @@ impl Qwen2 {
                 let len = band.min(rows - s);
                 let bytes = std::borrow::Cow::Borrowed(&data[s * row_bytes..(s + len) * row_bytes]);
                 let storage = candle_core::quantized::QStorage::from_data(bytes, &self.device, q.dtype())?;
-                parts.push(QTensor::new(storage, (len, cols))?.dequantize(&self.device)?.to_dtype(dtype)?);
+                parts.push(
+                    QTensor::new(storage, (len, cols))?
+                        .dequantize(&self.device)?
+                        .to_dtype(dtype)?,
+                );
             }
             Tensor::cat(&parts, 0)
         };
         for li in layers {
             let layer = self.layers.get(li).ok_or_else(|| {
-                LlmError::Candle(format!("layer {li} does not exist (the model has {})", self.layers.len()))
+                LlmError::Candle(format!(
+                    "layer {li} does not exist (the model has {})",
+                    self.layers.len()
+                ))
             })?;
             let mut m = BTreeMap::new();
             for t in Target::ALL {
-                m.insert(t, dense(layer.proj(t)).map_err(err)?);
+                m.insert(t, dense(layer.proj(t)).map_err(LlmError::from)?);
             }
             out.layers[li] = Some(m);
         }
         if head {
-            out.head = Some(dense(&self.lm_head).map_err(err)?);
+            out.head = Some(dense(&self.lm_head).map_err(LlmError::from)?);
         }
         Ok(out)
     }
@@ -321,9 +377,10 @@ impl Qwen2 {
 /// A projection weight as a quantized matmul, Q5_0 re-quantized to Q8_0 if asked.
 fn to_matmul(t: QTensor, requantize_q5_0: bool, device: &Device) -> Result<QMatMul, LlmError> {
     let t = if requantize_q5_0 && t.dtype() == GgmlDType::Q5_0 {
-        QTensor::quantize(&t.dequantize(device).map_err(err)?, GgmlDType::Q8_0).map_err(err)?
+        QTensor::quantize(&t.dequantize(device).map_err(LlmError::from)?, GgmlDType::Q8_0)
+            .map_err(LlmError::from)?
     } else {
         t
     };
-    QMatMul::from_qtensor(t).map_err(err)
+    QMatMul::from_qtensor(t).map_err(LlmError::from)
 }

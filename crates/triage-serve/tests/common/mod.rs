@@ -82,6 +82,29 @@ pub fn real_structurer(train: triage_train::trainer::TrainConfig) -> (Structurer
     (s, ctx)
 }
 
+/// A training context for the tiny structurer: the 0.5B GGUF for tokenizer and metadata, and a
+/// one-step configuration small enough for CI.
+pub fn tiny_train_context() -> TrainContext {
+    let (gguf, _) = gguf();
+    TrainContext {
+        base_model_name: "tiny-random-qwen2".into(),
+        base_sha256: "0".repeat(64),
+        base_file: "tiny.gguf".into(),
+        config: triage_train::trainer::TrainConfig {
+            steps: 1,
+            warmup_steps: 0,
+            batch_size: 1,
+            grad_accum: 1,
+            eval_every: 0,
+            accuracy_samples: 0,
+            checkpoint_every: 0,
+            max_tokens: 256,
+            ..triage_train::trainer::TrainConfig::default()
+        },
+        gguf,
+    }
+}
+
 /// A running server: its address, and a handle that shuts it down gracefully.
 pub struct Server {
     pub addr: SocketAddr,
@@ -92,7 +115,12 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: ServeConfig, s: Structurer, train: Option<TrainContext>) -> Server {
-        let state = AppState::new(config, vec![Desk::new(s, None)], train);
+        Self::start_desks(config, vec![Desk::new(s, None)], train).await
+    }
+
+    /// A server over `desks` (the first is the default taxonomy).
+    pub async fn start_desks(config: ServeConfig, desks: Vec<Desk>, train: Option<TrainContext>) -> Server {
+        let state = AppState::new(config, desks, train);
         let warm = state.clone();
         tokio::task::spawn_blocking(move || warm.warm_up().unwrap())
             .await

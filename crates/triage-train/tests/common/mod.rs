@@ -10,6 +10,13 @@ use triage_llm::GgufFile;
 use triage_registry::ModelStore;
 use triage_taxonomy::Validator;
 
+/// The device the training tests run on: the CPU, or the GPU with `TRIAGE_TEST_DEVICE=cuda`
+/// (or `cuda:N`; build with `--features cuda`, see docs/gpu.sh).
+pub fn device() -> candle_core::Device {
+    let spec = std::env::var("TRIAGE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    triage_train::trainer::device(&spec).unwrap_or_else(|e| panic!("TRIAGE_TEST_DEVICE: {e}"))
+}
+
 pub fn gguf() -> GgufFile {
     let store = ModelStore::from_env();
     let spec = store.registry().get("0.5b").unwrap();

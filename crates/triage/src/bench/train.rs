@@ -86,7 +86,11 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
     for model in &args.models {
         for &seq in &args.seq {
             for baseline in [true, false] {
-                let label = if baseline { "first release's path" } else { "configured path" };
+                let label = if baseline {
+                    "first release's path"
+                } else {
+                    "configured path"
+                };
                 eprintln!("== {model}, {seq} tokens, {label}");
                 let mut cmd = Command::new(&exe);
                 cmd.args(["--model", model, "bench", "train", "--one"])
@@ -128,7 +132,7 @@ pub fn run(cli: &Cli, args: &BenchTrainArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let md = markdown(args, &rows);
-    crate::bench::write_section(&args.out, "train", &md, &rows)?;
+    super::common::write_section(&args.out, "train", &md, &rows)?;
     eprintln!("wrote {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -165,7 +169,7 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
         model: model.clone(),
         baseline: args.baseline,
         result,
-        peak_rss_mib: crate::bench::peak_rss_mib(),
+        peak_rss_mib: super::common::peak_rss_mib(),
         estimate_mib: est.total as f64 / (1024.0 * 1024.0),
         prefix_tokens: base.prefix_tokens().len(),
     })
@@ -174,7 +178,7 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
 fn markdown(args: &BenchTrainArgs, rows: &[Row]) -> String {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let mut md = format!(
-        "## Training (QLoRA)\n\nWritten by `triage {}` (see `crates/triage/src/bench_train.rs`); {}. \
+        "## Training (QLoRA)\n\nWritten by `triage {}` (see `crates/triage/src/bench/train.rs`); {}. \
          Each configuration runs in its own process: one warm-up step, then {} timed AdamW steps on one \
          fixed batch of {} sequence(s) of pseudo-random text whose last {} tokens are the answer (a real \
          answer's mix: a third free text, half forced by the grammar, a sixth enum choices), attending to \
@@ -186,7 +190,7 @@ fn markdown(args: &BenchTrainArgs, rows: &[Row]) -> String {
          every backward pass, per-layer recomputation, glibc's default allocator), measured in the same \
          run; ratios are against it.\n\n",
         command.join(" "),
-        crate::bench::machine(),
+        super::common::machine(),
         args.steps,
         args.batch,
         args.answer,

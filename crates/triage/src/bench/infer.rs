@@ -1,4 +1,4 @@
-//! `triage bench`: inference speed on this machine, three engines in the same run over the
+//! `triage bench` (inference): speed on this machine, three engines in the same run over the
 //! same incidents, written as Markdown (and JSON) — never a timed test.
 //!
 //! * (a) unconstrained greedy decoding of the same model and prompt, full prefill each time;
@@ -10,21 +10,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use serde_json::Value;
 use triage_infer::{Meta, Structurer, StructurerOptions};
 
+use super::common::{machine, peak_rss_mib, read_incidents, write_section};
 use crate::Cli;
 
-/// Options of `triage bench`.
+/// Options of the inference benchmark (`triage bench` without a subcommand).
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct BenchArgs {
-    /// `train`: the training-step benchmark instead of inference.
-    #[command(subcommand)]
-    what: Option<BenchWhat>,
+pub struct InferBenchArgs {
     /// Models to measure (registry names or paths), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.5b,1.5b")]
     models: Vec<String>,
@@ -40,15 +35,6 @@ pub struct BenchArgs {
     /// Markdown report to write (a JSON twin is written beside it).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
-}
-
-/// Benchmarks other than inference.
-#[derive(clap::Subcommand)]
-enum BenchWhat {
-    /// Training steps: tokens/s and peak RSS, per-layer recomputation vs the whole graph.
-    Train(crate::bench_train::BenchTrainArgs),
-    /// The HTTP service under a bounded loopback load, against one client.
-    Serve(crate::bench_serve::BenchServeArgs),
 }
 
 #[derive(Serialize, Default)]
@@ -100,34 +86,8 @@ struct ModelReport {
     variants: Vec<Variant>,
 }
 
-/// The `text` of each incident in a JSON array file (`tests/fixtures/incidents.json`).
-pub(crate) fn read_incidents(path: &Path) -> anyhow::Result<Vec<String>> {
-    let v: Value = serde_json::from_str(
-        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", path.display()))?;
-    Ok(v.as_array()
-        .context("incidents file must be a JSON array")?
-        .iter()
-        .filter_map(|i| i["text"].as_str().map(str::to_string))
-        .collect())
-}
-
-/// This process's peak resident set (VmHWM), in MiB.
-pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    match &args.what {
-        Some(BenchWhat::Train(t)) => return crate::bench_train::run(cli, t),
-        Some(BenchWhat::Serve(t)) => return crate::bench_serve::run(cli, t),
-        None => {}
-    }
+/// Runs the inference benchmark and writes its section of the report.
+pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let incidents = read_incidents(&args.incidents)?;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let store = crate::model_cmd::store(cli)?;
@@ -201,7 +161,7 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<std::process::ExitCode
 fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let mut md = format!(
-        "## Inference\n\nWritten by `triage {}` (see `crates/triage/src/bench.rs`); {}. Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
+        "## Inference\n\nWritten by `triage {}` (see `crates/triage/src/bench/infer.rs`); {}. Incidents: `tests/fixtures/incidents.json`. Ratios are against (a) in the same run.\n\n",
         command.join(" "),
         machine()
     );
@@ -232,50 +192,4 @@ fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
         md.push('\n');
     }
     write_section(out, "inference", &md, reports)
-}
-
-/// "N cores, CPU model; build profile P", for report headers.
-pub(crate) fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    format!(
-        "machine: {} cores, {cpu}; build profile `{}` (dependencies at opt-level 3 in both)",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if cfg!(debug_assertions) { "dev" } else { "release" }
-    )
-}
-
-/// Replaces the section `key` of the Markdown report `out` (between `<!-- begin key -->` and
-/// `<!-- end key -->`; appended when absent), so each benchmark rewrites only its own part,
-/// and writes `data` as `<out stem>-<key>.json` beside it. Both writes are atomic.
-pub(crate) fn write_section<T: Serialize + ?Sized>(
-    out: &Path,
-    key: &str,
-    md: &str,
-    data: &T,
-) -> anyhow::Result<()> {
-    let (begin, end) = (format!("<!-- begin {key} -->"), format!("<!-- end {key} -->"));
-    let old = match std::fs::read_to_string(out) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n\n".to_string(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", out.display())),
-    };
-    let block = format!("{begin}\n{}\n{end}", md.trim_end());
-    let new = match (old.find(&begin), old.find(&end)) {
-        (Some(a), Some(b)) if a < b => format!("{}{block}{}", &old[..a], &old[b + end.len()..]),
-        _ => format!("{}\n\n{block}\n", old.trim_end()),
-    };
-    triage_data::atomic_write(out, new.as_bytes())?;
-    let stem = out
-        .file_stem()
-        .map_or("benchmarks".into(), |s| s.to_string_lossy().into_owned());
-    let json = out.with_file_name(format!("{stem}-{key}.json"));
-    triage_data::atomic_write(&json, serde_json::to_string_pretty(data)?.as_bytes())?;
-    Ok(())
 }

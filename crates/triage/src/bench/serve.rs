@@ -55,7 +55,7 @@ struct Level {
 }
 
 pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
-    let texts = crate::bench::read_incidents(&args.incidents)?;
+    let texts = super::common::read_incidents(&args.incidents)?;
     if texts.is_empty() || args.n == 0 || args.concurrency.is_empty() {
         bail!("need incidents, --n ≥ 1 and at least one concurrency level");
     }
@@ -94,14 +94,14 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
     let command: Vec<String> = std::env::args().skip(1).collect();
     let base = levels[0].tickets_per_s;
     let mut md = format!(
-        "## HTTP service under load\n\nWritten by `triage {}` (see `crates/triage/src/bench_serve.rs`); {}; model `{}`. \
+        "## HTTP service under load\n\nWritten by `triage {}` (see `crates/triage/src/bench/serve.rs`); {}; model `{}`. \
          The service runs in-process on loopback with {} workers and a queue of {}; clients send incidents from \
          `{}` and, on 503, wait for `Retry-After` (1 s) and retry. Every request ended as a ticket (anything else \
          fails the benchmark). Ratios are against {} client(s) in the same run.\n\n\
          | clients | requests | 503s retried | tickets/s | p50 ms | p95 ms | max ms | throughput vs baseline |\n\
          |---|---|---|---|---|---|---|---|\n",
         command.join(" "),
-        crate::bench::machine(),
+        super::common::machine(),
         path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         args.workers,
         args.queue,
@@ -121,7 +121,7 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
             l.tickets_per_s / base
         ));
     }
-    crate::bench::write_section(&args.out, "serve", &md, &levels)?;
+    super::common::write_section(&args.out, "serve", &md, &levels)?;
     eprintln!("wrote {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
