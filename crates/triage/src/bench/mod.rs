@@ -32,7 +32,7 @@ pub struct BenchArgs {
 /// Benchmarks other than inference.
 #[derive(clap::Subcommand)]
 enum BenchWhat {
-    /// Training steps: tokens/s and peak RSS, per-layer recomputation vs the whole graph.
+    /// Training speed and peak RSS: the configured path against the first release's, same run.
     Train(train::BenchTrainArgs),
     /// The HTTP service under a bounded loopback load, against one client.
     Serve(serve::BenchServeArgs),
