@@ -740,6 +740,8 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         &["data", "split"],
         &["model", "list", "extra-argument"],
         &["completions", "tcsh"],
+        // Sizes are bounded (docs/limits.md).
+        &["infer", "--max-new-tokens", "100000"],
     ] {
         let out = triage(args, "");
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));

@@ -34,8 +34,9 @@ pub struct InferArgs {
     /// Seed for sampling (with --temperature).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Cap on generated tokens.
-    #[arg(long, default_value_t = 320)]
+    /// Cap on generated tokens (16..=2048; a ticket needs 40 to 80).
+    #[arg(long, default_value_t = 320, value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+        .range(triage_serve::limits::MIN_TOKENS as u64..=triage_serve::limits::MAX_NEW_TOKENS_CEILING as u64))]
     max_new_tokens: usize,
     /// Incident tokens kept (longer input is cut from the middle, with a warning).
     #[arg(long, default_value_t = 1536)]
