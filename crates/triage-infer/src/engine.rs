@@ -415,25 +415,9 @@ impl Structurer {
     }
 
     fn prepare_input(&self, text: &str, warnings: &mut Vec<String>) -> Result<String, InferError> {
-        let text = text.trim();
-        if text.is_empty() {
-            return Err(InferError::EmptyInput);
-        }
-        let text = self.tokenizer.neutralize_specials(text);
-        let ids = self.tokenizer.encode_text(&text)?;
-        let max = self.opts.max_input_tokens.max(16);
-        if ids.len() <= max {
-            return Ok(text);
-        }
-        let keep = max / 2;
-        let head = self.tokenizer.decode(&ids[..keep])?;
-        let tail = self.tokenizer.decode(&ids[ids.len() - keep..])?;
-        let cut = ids.len() - 2 * keep;
-        warnings.push(format!(
-            "input is {} tokens; kept the first and last {keep}, cut {cut} from the middle",
-            ids.len()
-        ));
-        Ok(format!("{head}\n[... {cut} tokens omitted ...]\n{tail}"))
+        let (text, w) = crate::prompt::clean_input(&self.tokenizer, text, self.opts.max_input_tokens)?;
+        warnings.extend(w);
+        Ok(text)
     }
 }
 

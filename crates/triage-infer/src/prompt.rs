@@ -3,7 +3,7 @@
 //! delimited as data. Templates live in `prompts/` and are embedded at build time.
 
 use minijinja::Environment;
-use triage_llm::{ChatMessage, Role};
+use triage_llm::{ChatMessage, Role, Tokenizer};
 use triage_taxonomy::Taxonomy;
 
 use crate::InferError;
@@ -100,6 +100,38 @@ impl PromptBuilder {
             ChatMessage::new(Role::User, user),
         ])
     }
+}
+
+/// Input hygiene, the same for inference, training and `triage prompt`: trims, neutralises
+/// special-token strings, and cuts input over `max_input_tokens` (at least 16) from the
+/// middle. Returns the text for the user turn and warnings describing what was done.
+pub fn clean_input(
+    tokenizer: &Tokenizer,
+    text: &str,
+    max_input_tokens: usize,
+) -> Result<(String, Vec<String>), InferError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(InferError::EmptyInput);
+    }
+    let text = tokenizer.neutralize_specials(text);
+    let ids = tokenizer.encode_text(&text)?;
+    let max = max_input_tokens.max(16);
+    if ids.len() <= max {
+        return Ok((text, Vec::new()));
+    }
+    let keep = max / 2;
+    let head = tokenizer.decode(&ids[..keep])?;
+    let tail = tokenizer.decode(&ids[ids.len() - keep..])?;
+    let cut = ids.len() - 2 * keep;
+    let warning = format!(
+        "input is {} tokens; kept the first and last {keep}, cut {cut} from the middle",
+        ids.len()
+    );
+    Ok((
+        format!("{head}\n[... {cut} tokens omitted ...]\n{tail}"),
+        vec![warning],
+    ))
 }
 
 /// Renders an instruction variant for a taxonomy; `fields` is the field order to mention

@@ -46,6 +46,11 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
   triage schema --taxonomy configs/taxonomy/customer-support.toml",
     ),
     (
+        "prompt",
+        "triage prompt < examples/vpn.txt                     # system and user messages
+  triage prompt --json < examples/vpn.txt | jq '.messages'   # OpenAI chat format, with the schema",
+    ),
+    (
         "validate",
         "triage infer < examples/vpn.txt | triage validate
   triage validate ticket.json

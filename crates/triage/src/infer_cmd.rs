@@ -73,20 +73,7 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(3)
         });
     }
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut bytes)
-        .context("cannot read stdin")?;
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("input is not valid UTF-8; invalid bytes were replaced with U+FFFD");
-            String::from_utf8_lossy(e.as_bytes()).into_owned()
-        }
-    };
-    if text.trim().is_empty() {
-        anyhow::bail!("the incident text is empty: pipe it on stdin, e.g. `triage infer < examples/vpn.txt`");
-    }
+    let text = read_incident()?;
     let structurer = load(cli, args)?;
     let out = structurer.structure(&text)?;
     for w in &out.meta.warnings {
@@ -139,4 +126,24 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
     }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");
     Ok(s)
+}
+
+/// Reads one incident from stdin: invalid UTF-8 is replaced (with a warning), empty input is
+/// an error that says how to give one.
+pub fn read_incident() -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("cannot read stdin")?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("input is not valid UTF-8; invalid bytes were replaced with U+FFFD");
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        }
+    };
+    if text.trim().is_empty() {
+        anyhow::bail!("the incident text is empty: pipe it on stdin, e.g. `triage infer < examples/vpn.txt`");
+    }
+    Ok(text)
 }

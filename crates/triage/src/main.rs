@@ -18,6 +18,7 @@ mod eval_cmd;
 mod help;
 mod infer_cmd;
 mod model_cmd;
+mod prompt_cmd;
 mod push_cmd;
 mod serve_cmd;
 mod settings;
@@ -79,6 +80,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the ticket JSON Schema generated from the taxonomy.
     Schema,
+    /// Print the exact system and user messages (and schema) inference gives the model for
+    /// the incident on stdin, for running the same work on another engine.
+    Prompt(prompt_cmd::PromptArgs),
     /// Validate a ticket (JSON from stdin or FILE); exit 1 and list every violation if invalid.
     Validate {
         /// Ticket file; `-` or absent reads stdin.
@@ -163,6 +167,7 @@ fn restore_sigpipe(command: &Command) {
     let prints_only = matches!(
         command,
         Command::Schema
+            | Command::Prompt(_)
             | Command::Validate { .. }
             | Command::Taxonomy { .. }
             | Command::Completions { .. }
@@ -193,6 +198,7 @@ fn main() -> ExitCode {
         Command::Infer(args) => infer_cmd::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
         Command::Schema => taxonomy_cmd::schema(&cli),
+        Command::Prompt(args) => prompt_cmd::run(&cli, args),
         Command::Validate { file } => taxonomy_cmd::validate(&cli, file.as_deref()),
         Command::Taxonomy { file, json } => taxonomy_cmd::check(&cli, file.as_deref(), *json),
         Command::Model(cmd) => model_cmd::run(&cli, cmd),
