@@ -141,21 +141,6 @@ fn gguf_header_mutations_never_panic_and_errors_name_the_file() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
-fn tiny_config() -> Config {
-    Config {
-        vocab_size: 16,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.,
-        rms_eps: 1e-6,
-        max_position: 64,
-    }
-}
-
 fn lora_config() -> LoraConfig {
     LoraConfig {
         rank: 2,
@@ -170,7 +155,7 @@ fn lora_config() -> LoraConfig {
 fn tiny_adapter() -> Vec<u8> {
     let d = dir("adapter-seed");
     let p = d.join("adapter_model.safetensors");
-    let lora = Lora::new(&tiny_config(), lora_config(), 7, &Device::Cpu).unwrap();
+    let lora = Lora::new(&Config::tiny(), lora_config(), 7, &Device::Cpu).unwrap();
     // Non-zero B so a flipped byte can make a NaN.
     for v in lora.vars() {
         v.set(&(v.as_tensor().ones_like().unwrap() * 0.5).unwrap())
@@ -185,7 +170,7 @@ fn tiny_adapter() -> Vec<u8> {
 /// Loads adapter weights `b` with `config`: an accepted adapter has the configured shape; a
 /// rejection names a tensor, the setting or the tensor count.
 fn check_lora(b: &[u8], config: LoraConfig) -> Check {
-    let cfg = tiny_config();
+    let cfg = Config::tiny();
     let tensors: HashMap<String, Tensor> = match candle_core::safetensors::load_buffer(b, &Device::Cpu) {
         Ok(t) => t,
         Err(e) => {

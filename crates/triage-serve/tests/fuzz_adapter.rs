@@ -19,21 +19,6 @@ use triage_train::adapter::{self, TriageMeta};
 
 const FILES: [&str; 3] = ["adapter_config.json", "adapter_model.safetensors", "triage.json"];
 
-fn tiny_config() -> Config {
-    Config {
-        vocab_size: 16,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.,
-        rms_eps: 1e-6,
-        max_position: 64,
-    }
-}
-
 /// A saved tiny adapter: its folder's three files.
 fn seed(dir: &Path) -> [Vec<u8>; 3] {
     let config = LoraConfig {
@@ -43,7 +28,7 @@ fn seed(dir: &Path) -> [Vec<u8>; 3] {
         targets: vec![Target::Q, Target::V],
         layers: Some(vec![1]),
     };
-    let lora = Lora::new(&tiny_config(), config, 3, &Device::Cpu).unwrap();
+    let lora = Lora::new(&Config::tiny(), config, 3, &Device::Cpu).unwrap();
     let meta = TriageMeta::new(
         &Taxonomy::builtin_default(),
         &"0".repeat(64),
@@ -59,7 +44,7 @@ fn check(dir: &Path, files: &[Vec<u8>; 3], k: usize, b: &[u8]) -> Check {
     for (i, f) in FILES.iter().enumerate() {
         std::fs::write(dir.join(f), if i == k { b } else { &files[i] }).unwrap();
     }
-    match adapter::load(dir, &tiny_config(), &Device::Cpu) {
+    match adapter::load(dir, &Config::tiny(), &Device::Cpu) {
         Ok(a) => {
             let n = a.lora.vars().len();
             let layers = (0..2).filter(|&i| a.lora.config.has_layer(i)).count();

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{client, tiny_structurer, tiny_train_context, Server};
+use common::{answer, client, csv, tiny_structurer, tiny_train_context, Server, MAP};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use triage_serve::{Desk, ServeConfig, TrainLimits};
@@ -16,35 +16,10 @@ use triage_taxonomy::Validator;
 use triage_train::admission::MemoryLimit;
 
 const VPN: &str = "My VPN drops every 10 minutes since the update, payroll is due today!";
-const MAP: &str = "map=text=body&map=category=cat&map=subcategory=sub&map=priority=prio&map=assignment_group=grp&map=request_type=kind";
-
 fn data_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("triage-limits-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-/// A CSV of `n` valid rows (distinct texts, two classes).
-fn csv(n: usize) -> String {
-    let mut s = String::from("body,cat,sub,prio,grp,kind\n");
-    for i in 0..n {
-        match i % 2 {
-            0 => s.push_str(&format!(
-                "\"VPN disconnects every {} minutes at home\",Network,VPN,High,Network Operations,Incident\n",
-                i + 2
-            )),
-            _ => s.push_str(&format!(
-                "\"Please install Visio on laptop LT-{i}\",Software,Installation / Update,Low,Desktop Support,Service Request\n"
-            )),
-        }
-    }
-    s
-}
-
-async fn answer(r: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let r = r.send().await.unwrap();
-    let status = r.status();
-    (status, r.json::<Value>().await.unwrap_or(Value::Null))
 }
 
 async fn upload(c: &reqwest::Client, server: &Server, body: String) -> (StatusCode, Value) {

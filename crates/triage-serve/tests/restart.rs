@@ -6,34 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, tiny_structurer, tiny_train_context, Server};
+use common::{answer, client, csv, tiny_structurer, tiny_train_context, Server, MAP};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use triage_serve::{JobState, ServeConfig, TrainContext};
-
-const MAP: &str = "map=text=body&map=category=cat&map=subcategory=sub&map=priority=prio&map=assignment_group=grp&map=request_type=kind";
-
-fn csv(n: usize) -> String {
-    let mut s = String::from("body,cat,sub,prio,grp,kind\n");
-    for i in 0..n {
-        match i % 2 {
-            0 => s.push_str(&format!(
-                "\"VPN disconnects every {} minutes at home\",Network,VPN,High,Network Operations,Incident\n",
-                i + 2
-            )),
-            _ => s.push_str(&format!(
-                "\"Please install Visio on laptop LT-{i}\",Software,Installation / Update,Low,Desktop Support,Service Request\n"
-            )),
-        }
-    }
-    s
-}
-
-async fn answer(r: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let r = r.send().await.unwrap();
-    let status = r.status();
-    (status, r.json::<Value>().await.unwrap_or(Value::Null))
-}
 
 /// The tiny training context, checkpointing after every step.
 fn train_context() -> TrainContext {

@@ -822,7 +822,7 @@ mod tests {
         );
         assert!(admit("x", u64::MAX, 1, &budget, "h").is_err());
         // Off: nothing to compare with.
-        let est = training_estimate(&tiny(), 1 << 20, 0, &TrainConfig::default(), 100);
+        let est = training_estimate(&Config::tiny(), 1 << 20, 0, &TrainConfig::default(), 100);
         assert!(admit_training(&est, &TrainConfig::default(), MemoryLimit::Off).is_ok());
         let e = admit_training(&est, &TrainConfig::default(), MemoryLimit::Bytes(1 << 20)).unwrap_err();
         assert_eq!(e.need, est.total);
@@ -870,23 +870,8 @@ mod tests {
         let c = TrainConfig::default();
         let mut big = c.clone();
         big.set_rank(512);
-        let a = training_estimate(&tiny(), 0, 0, &c, 100);
-        let b = training_estimate(&tiny(), 0, 0, &big, 100);
+        let a = training_estimate(&Config::tiny(), 0, 0, &c, 100);
+        let b = training_estimate(&Config::tiny(), 0, 0, &big, 100);
         assert!(b.lora_and_optimizer > 32 * a.lora_and_optimizer, "{a:?} {b:?}");
-    }
-
-    fn tiny() -> Config {
-        Config {
-            vocab_size: 1000,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            rope_theta: 1_000_000.0,
-            rms_eps: 1e-6,
-            max_position: 4096,
-        }
     }
 }

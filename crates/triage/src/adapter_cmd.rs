@@ -121,7 +121,7 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AdapterCommand::List => {
             let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-            let model = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+            let model = crate::model_cmd::model_path(cli)?;
             let file = model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -187,7 +187,7 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AdapterCommand::Merge { dir, out, q8_0 } => {
-            let base = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+            let base = crate::model_cmd::model_path(cli)?;
             let meta = adapter::read_meta(dir)?;
             let sha = crate::train_cmd::model_sha256(cli, &base)?;
             adapter::check_base(&meta, &sha, dir)?;

@@ -108,7 +108,7 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
 
 fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = crate::model_cmd::model_path(cli)?;
     let t = std::time::Instant::now();
     let gguf = GgufFile::open(&path)?;
     let opts = StructurerOptions {

@@ -79,8 +79,13 @@ pub fn store(cli: &Cli) -> anyhow::Result<ModelStore> {
     Ok(ModelStore::new(registry, cache_dir(cli)))
 }
 
+/// The GGUF of `--model` (a registry name, alias or path), fetched and verified if missing.
+pub fn model_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(store(cli)?.resolve(cli.model.as_deref(), None)?)
+}
+
 fn open_model(cli: &Cli) -> anyhow::Result<GgufFile> {
-    let path = store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = model_path(cli)?;
     Ok(GgufFile::open(&path)?)
 }
 

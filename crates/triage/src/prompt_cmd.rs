@@ -31,7 +31,7 @@ pub fn run(cli: &Cli, args: &PromptArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     // The tokenizer (from the GGUF's metadata; the weights are not loaded) neutralises
     // special-token strings and measures the input, exactly as inference does.
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = crate::model_cmd::model_path(cli)?;
     let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path)?)?;
     let schema = ticket_schema(&taxonomy);
     let prompt = PromptBuilder::new(&taxonomy, &schema)?;

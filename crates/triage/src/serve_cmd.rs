@@ -162,7 +162,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--also-taxonomy {}", f.display()))?,
         );
     }
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = crate::model_cmd::model_path(cli)?;
     let gguf = GgufFile::open(&path)?;
     let shape = Config::from_gguf(&gguf)?;
     let file = path

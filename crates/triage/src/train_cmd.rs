@@ -197,7 +197,7 @@ pub fn base_structurer(
     device_spec: &str,
     training: bool,
 ) -> anyhow::Result<(GgufFile, Structurer, PathBuf)> {
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = crate::model_cmd::model_path(cli)?;
     let gguf = GgufFile::open(&path)?;
     let dev = device(device_spec)?;
     let model = Arc::new(Qwen2::load(&gguf, &dev, &LoadOptions::default())?);
@@ -239,11 +239,11 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         Some(p) => read_examples(p, &validator)?,
         None => Vec::new(),
     };
+    // The estimated peak, before the model is loaded: printed by --dry-run, else compared
+    // with what this process may use (memory admission).
+    let peak = dry_run_estimate(&GgufFile::open(crate::model_cmd::model_path(cli)?)?, &config)?;
     if args.dry_run {
-        let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
-        let gguf = GgufFile::open(&path)?;
-        let est = dry_run_estimate(&gguf, &config)?;
-        println!("{est}");
+        println!("{peak}");
         println!(
             "(batch {}, {} tokens after a ~2,100-token system prompt, adapter on {}, {}, {})",
             config.batch_size,
@@ -263,10 +263,6 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    // Memory admission: the dry-run estimate against what this process may use, before the
-    // model is loaded.
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
-    let peak = dry_run_estimate(&GgufFile::open(&path)?, &config)?;
     triage_train::admission::admit_training(&peak, &config, args.memory_limit)?;
     let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device, true)?;
     let name = args

@@ -534,20 +534,8 @@ mod tests {
     use candle_core::{Var, D};
 
     use super::*;
+    use crate::qwen2::ops::tests::max_rel_diff;
     use crate::qwen2::ops::{masked, Differentiable, Fused, Ops};
-
-    fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        diff / scale
-    }
 
     fn var(shape: &[usize], std: f32) -> Var {
         Var::from_tensor(&Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()).unwrap()

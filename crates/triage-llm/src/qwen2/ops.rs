@@ -307,10 +307,11 @@ pub(crate) fn rope_tables(cfg: &Config, max_seq_len: usize, device: &Device) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    /// max |got − want| / max |want|: the tests' measure of agreement between two paths.
+    pub(crate) fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
         let diff = (got - want)
             .unwrap()
             .abs()

@@ -156,3 +156,35 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The `train-data` query mapping the columns of [`csv`] to the default taxonomy's fields.
+pub const MAP: &str = "map=text=body&map=category=cat&map=subcategory=sub&map=priority=prio&map=assignment_group=grp&map=request_type=kind";
+
+/// A CSV of `n` valid rows (distinct texts, two classes) for the default taxonomy.
+pub fn csv(n: usize) -> String {
+    let mut s = String::from("body,cat,sub,prio,grp,kind\n");
+    for i in 0..n {
+        match i % 2 {
+            0 => s.push_str(&format!(
+                "\"VPN disconnects every {} minutes at home\",Network,VPN,High,Network Operations,Incident\n",
+                i + 2
+            )),
+            _ => s.push_str(&format!(
+                "\"Please install Visio on laptop LT-{i}\",Software,Installation / Update,Low,Desktop Support,Service Request\n"
+            )),
+        }
+    }
+    s
+}
+
+/// Sends a request; its status and JSON body (`null` when the body is not JSON).
+pub async fn answer(r: reqwest::RequestBuilder) -> (reqwest::StatusCode, serde_json::Value) {
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    (
+        status,
+        r.json::<serde_json::Value>()
+            .await
+            .unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -59,7 +59,7 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
     if texts.is_empty() || args.n == 0 || args.concurrency.is_empty() {
         bail!("need incidents, --n ≥ 1 and at least one concurrency level");
     }
-    let path = crate::model_cmd::store(cli)?.resolve(cli.model.as_deref(), None)?;
+    let path = crate::model_cmd::model_path(cli)?;
     let (gguf, model) = crate::model_cmd::load_cpu(&path)?;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let opts = StructurerOptions {
