@@ -2,9 +2,11 @@
 # GPU check, for a machine with an NVIDIA GPU (and internet for the toolkit and the model):
 #   1. builds triage with the `cuda` feature (installs a toolkit first if nvcc is missing);
 #   2. runs the training tests (tiny model: overfit, resume) on the GPU;
-#   3. trains the 1.5B default adapter on the GPU with configs/train.toml for at most
+#   3. structures 20 incidents with the 1.5B on the GPU and on the CPU (batch mode) and
+#      compares the tickets (same greedy choices expected; confidences within 0.02);
+#   4. trains the 1.5B default adapter on the GPU with configs/train.toml for at most
 #      GPU_MINUTES (default 10) and samples the process's GPU memory every 0.5 s;
-#   4. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget.
+#   5. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget.
 # Usage, from the repository root:  bash docs/gpu.sh   [OUT=gpu-run] [GPU_MINUTES=10]
 set -uo pipefail
 OUT=${OUT:-gpu-run}
@@ -36,6 +38,25 @@ step pull "$BIN" model pull 1.5b || exit 1
 step data bash -c "'$BIN' data synth --n 2500 --seed 7 -o '$OUT/synth.jsonl' && \
   '$BIN' data split '$OUT/synth.jsonl' --by template --ratios 80,10,10 --out-dir '$OUT/synth' && \
   head -64 '$OUT/synth/val.jsonl' > '$OUT/synth/val-64.jsonl'" || exit 1
+
+# Inference on the GPU against the CPU, same incidents, same batch mode.
+python3 -c "import json; [print(json.dumps({'id': x['id'], 'text': x['text']})) for x in json.load(open('tests/fixtures/incidents.json'))[:20]]" > "$OUT/incidents.jsonl"
+rm -f "$OUT/cpu.jsonl" "$OUT/cuda.jsonl"
+step infer-cpu "$BIN" --model 1.5b infer --no-adapter --input "$OUT/incidents.jsonl" --output "$OUT/cpu.jsonl" --batch-size 8
+step infer-cuda "$BIN" --model 1.5b infer --no-adapter --device cuda --input "$OUT/incidents.jsonl" --output "$OUT/cuda.jsonl" --batch-size 8
+note "- inference, cuda vs cpu: $(python3 - "$OUT/cpu.jsonl" "$OUT/cuda.jsonl" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+same = sum(x.get("ticket") == y.get("ticket") for x, y in zip(a, b))
+diff = 0.0
+for x, y in zip(a, b):
+    cx = {c["field"]: c["confidence"] for c in x.get("meta", {}).get("confidence", [])}
+    cy = {c["field"]: c["confidence"] for c in y.get("meta", {}).get("confidence", [])}
+    diff = max([diff] + [abs(cx[k] - cy[k]) for k in cx if k in cy])
+print(f"{same} of {len(a)} tickets identical, largest confidence difference {diff:.4f}")
+PY
+)"
 
 # Peak GPU memory of the training process, sampled every 0.5 s.
 "$BIN" --model 1.5b train --device cuda --config configs/train.toml \

@@ -779,6 +779,8 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         &["completions", "tcsh"],
         // Sizes are bounded (docs/limits.md).
         &["infer", "--max-new-tokens", "100000"],
+        &["infer", "--batch-size", "0"],
+        &["infer", "--backend", "grpc://gpu-box:8000"],
     ] {
         let out = triage(args, "");
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use triage_data::Example;
-use triage_infer::Structurer;
+use triage_infer::TicketEngine;
 use triage_taxonomy::Taxonomy;
 
 use crate::baseline::Baseline;
@@ -63,50 +63,61 @@ fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Runs the real inference path (constrained decoding) on every example.
+/// Runs the real inference path (constrained decoding) on every example, `concurrency`
+/// examples at a time (sharing forward passes; the tickets are the same as one at a time).
+/// Latency is each ticket's wall time, waits for the shared passes included.
 pub fn run_llm(
     name: &str,
-    structurer: &Structurer,
+    structurer: &dyn TicketEngine,
     examples: &[Example],
+    concurrency: usize,
     progress: &mut dyn FnMut(usize),
 ) -> SystemRun {
     let taxonomy = structurer.taxonomy();
     let mut predictions = Vec::with_capacity(examples.len());
-    for (i, e) in examples.iter().enumerate() {
-        let t = Instant::now();
-        let out = structurer.structure(&e.text);
-        let latency_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let (predicted, valid, error) = match out {
-            Ok(s) => {
-                let predicted = taxonomy
-                    .fields
-                    .iter()
-                    .map(|f| {
-                        let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
-                        let c = s
-                            .meta
-                            .confidence
-                            .iter()
-                            .find(|c| c.field == f.name)
-                            .map_or(1.0, |c| c.confidence as f64);
-                        (f.name.clone(), v, c)
-                    })
-                    .collect();
-                (predicted, true, None)
-            }
-            Err(err) => (Vec::new(), false, Some(err.to_string())),
-        };
-        predictions.push(Prediction {
-            id: e.id.clone(),
-            lang: e.lang.clone(),
-            gold: gold(taxonomy, e),
-            predicted,
-            valid,
-            error,
-            latency_ms,
-        });
-        progress(i + 1);
-    }
+    triage_infer::for_each_concurrently(
+        examples.len(),
+        concurrency,
+        |i| {
+            let t = Instant::now();
+            let out = structurer.structure(&examples[i].text);
+            (out, t.elapsed().as_secs_f64() * 1000.0)
+        },
+        |i, (out, latency_ms)| {
+            let e = &examples[i];
+            let (predicted, valid, error) = match out {
+                Ok(s) => {
+                    let predicted = taxonomy
+                        .fields
+                        .iter()
+                        .map(|f| {
+                            let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
+                            let c = s
+                                .meta
+                                .confidence
+                                .iter()
+                                .find(|c| c.field == f.name)
+                                .map_or(1.0, |c| c.confidence as f64);
+                            (f.name.clone(), v, c)
+                        })
+                        .collect();
+                    (predicted, true, None)
+                }
+                Err(err) => (Vec::new(), false, Some(err.to_string())),
+            };
+            predictions.push(Prediction {
+                id: e.id.clone(),
+                lang: e.lang.clone(),
+                gold: gold(taxonomy, e),
+                predicted,
+                valid,
+                error,
+                latency_ms,
+            });
+            progress(i + 1);
+            true
+        },
+    );
     SystemRun {
         name: name.to_owned(),
         predictions,

@@ -25,6 +25,7 @@ use triage_llm::qwen2::{KvCache, LoadOptions, Qwen2};
 use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
 
+use crate::batcher::{Batcher, Job, Member, Work};
 use crate::grammar::Grammar;
 use crate::prompt::PromptBuilder;
 use crate::values::{enum_candidates, value_state, ValueState};
@@ -49,9 +50,16 @@ pub struct StructurerOptions {
     pub max_input_tokens: usize,
     /// Re-quantize Q5_0 weights to Q8_0 at load (faster CPU kernels).
     pub requantize_q5_0: bool,
-    /// Folder where the system prompt's KV cache is kept between runs (keyed by model file
-    /// and exact prompt tokens), so a one-shot `triage infer` does not prefill it every time.
+    /// Folder where the system prompt's KV cache is kept between runs, in f16 (keyed by
+    /// the model's SHA-256 and the exact prompt tokens), so a one-shot `triage infer` does
+    /// not prefill it every time. Used only when `model_sha256` is known.
     pub prefix_cache_dir: Option<std::path::PathBuf>,
+    /// SHA-256 of the GGUF file (lower-case hex), the model's identity in the prefix cache's
+    /// key (`triage_registry::model_sha256` finds it).
+    pub model_sha256: Option<String>,
+    /// Where the weights and every pass live ([`Structurer::new`]; `with_model` takes the
+    /// model's own device). `Device::Cpu` by default; `cuda` with the `cuda` feature.
+    pub device: Device,
     /// Compute the system prompt's KV cache one layer at a time with dense weight copies
     /// ([`Qwen2::prefill_layerwise`]): for a training process, which must not keep candle's
     /// repacked copies of the quantized weights.
@@ -70,6 +78,8 @@ impl Default for StructurerOptions {
             max_input_tokens: 1536,
             requantize_q5_0: true,
             prefix_cache_dir: None,
+            model_sha256: None,
+            device: Device::Cpu,
             layerwise_prefill: false,
         }
     }
@@ -118,6 +128,9 @@ pub struct Meta {
     pub forced_tokens: usize,
     /// Model forward passes after prefill.
     pub forward_passes: usize,
+    /// Of all this ticket's passes (prefill included), those shared with other tickets
+    /// decoded at the same time.
+    pub shared_passes: usize,
     /// Timings.
     pub timings: Timings,
     /// Input hygiene notes (lossy UTF-8, truncation).
@@ -146,7 +159,9 @@ pub struct Structurer {
     pub(crate) env: toktrie::TokEnv,
     pub(crate) end_of_turn: u32,
     prefix: Vec<u32>,
-    prefix_cache: Mutex<Option<KvCache>>,
+    prefix_cache: Mutex<Option<Arc<KvCache>>>,
+    /// Merges the forward passes of tickets decoded at the same time.
+    batcher: Batcher,
     prefix_file: Option<std::path::PathBuf>,
     /// LoRA adapter applied to everything after the shared system prompt (whose KV cache is
     /// the base model's: that is how the adapter was trained).
@@ -161,7 +176,7 @@ impl Structurer {
             requantize_q5_0: opts.requantize_q5_0,
             ..LoadOptions::default()
         };
-        let model = Arc::new(Qwen2::load(gguf, &Device::Cpu, &load)?);
+        let model = Arc::new(Qwen2::load(gguf, &opts.device, &load)?);
         Self::with_model(model, gguf, taxonomy, opts)
     }
 
@@ -184,10 +199,10 @@ impl Structurer {
         let grammar = Grammar::new(&env, &schema)?;
         let system = [ChatMessage::new(Role::System, prompt.system())];
         let prefix = tokenizer.encode_prompt(&chat.render(&system, false)?)?;
-        let prefix_file = opts
-            .prefix_cache_dir
-            .as_ref()
-            .map(|dir| dir.join(prefix_cache_name(gguf, &prefix, &opts)));
+        let prefix_file = match (&opts.prefix_cache_dir, &opts.model_sha256) {
+            (Some(dir), Some(sha)) => Some(dir.join(prefix_cache_name(sha, &prefix, &opts))),
+            _ => None,
+        };
         Ok(Self {
             prefix_file,
             validator: Validator::new(&taxonomy),
@@ -200,6 +215,7 @@ impl Structurer {
             env,
             prefix,
             prefix_cache: Mutex::new(None),
+            batcher: Batcher::default(),
             end_of_turn,
             adapter: None,
             opts,
@@ -231,7 +247,7 @@ impl Structurer {
         self.prefix_kv().map(|_| ())
     }
 
-    fn prefix_kv(&self) -> Result<KvCache, InferError> {
+    fn prefix_kv(&self) -> Result<Arc<KvCache>, InferError> {
         let mut slot = self.prefix_cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
@@ -240,6 +256,7 @@ impl Structurer {
             if let Some(c) = KvCache::load(file, self.model.config(), self.prefix.len(), self.model.device())
             {
                 tracing::debug!(file = %file.display(), "system prompt KV cache loaded");
+                let c = Arc::new(c);
                 *slot = Some(c.clone());
                 return Ok(c);
             }
@@ -248,7 +265,7 @@ impl Structurer {
             tokens = self.prefix.len(),
             "prefilling the system prompt (cached afterwards)"
         );
-        let cache = match self.opts.layerwise_prefill {
+        let mut cache = match self.opts.layerwise_prefill {
             true => self.model.prefill_layerwise(&self.prefix)?,
             false => {
                 let mut cache = KvCache::default();
@@ -257,10 +274,13 @@ impl Structurer {
             }
         };
         if let Some(file) = &self.prefix_file {
+            // Decode with what the next process will read back (f16), not the f32 original.
+            cache = cache.rounded_to_f16()?;
             if let Err(e) = cache.save(file) {
                 tracing::warn!("could not keep the system prompt cache: {e}");
             }
         }
+        let cache = Arc::new(cache);
         *slot = Some(cache.clone());
         Ok(cache)
     }
@@ -275,33 +295,39 @@ impl Structurer {
     /// passes (checked between decoding steps), so a server can bound each request's work.
     pub fn structure_until(&self, text: &str, deadline: Option<Instant>) -> Result<Structured, InferError> {
         let t0 = Instant::now();
+        let member = self.batcher.join();
         let mut meta = Meta::default();
         let tokens = self.prompt_tokens(text, &mut meta)?;
+        // Room for the rest of the prompt and a typical answer; the buffers grow if needed.
         let (mut cache, start) = if self.opts.prefix_cache && tokens.starts_with(&self.prefix) {
-            (self.prefix_kv()?, self.prefix.len())
+            let rest = tokens.len() - self.prefix.len() + 128;
+            (self.prefix_kv()?.fork(rest)?, self.prefix.len())
         } else {
             (KvCache::default(), 0)
         };
+        cache.set_reserve(tokens.len() - start + 128);
         meta.cached_prompt_tokens = start;
-        let t_prefill = Instant::now();
-        let logits = self
-            .model
-            .forward_with(&tokens[start..], &mut cache, 1, self.adapter.as_deref())?;
-        meta.timings.prefill_ms = ms(t_prefill);
-
-        let t_decode = Instant::now();
         let mut dec = Decoder {
             s: self,
+            member: &member,
             matcher: self.grammar.matcher(),
             cache,
-            logits: to_vec(&logits)?,
+            pending: tokens[start..].to_vec(),
+            logits: Vec::new(),
             out: Vec::new(),
             meta: &mut meta,
             rng: self.opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             deadline,
         };
+        let t_prefill = Instant::now();
+        dec.flush()?;
+        dec.meta.forward_passes = 0;
+        dec.meta.timings.prefill_ms = ms(t_prefill);
+
+        let t_decode = Instant::now();
         dec.run()?;
         let out = std::mem::take(&mut dec.out);
+        drop(member);
         meta.timings.decode_ms = ms(t_decode);
         meta.output_tokens = out.len();
         let json = self.tokenizer.decode(&out)?;
@@ -314,6 +340,11 @@ impl Structurer {
         }
         meta.timings.total_ms = ms(t0);
         Ok(Structured { ticket, meta })
+    }
+
+    /// Tickets being decoded right now (their forward passes are merged).
+    pub fn in_flight(&self) -> usize {
+        self.batcher.members()
     }
 
     /// Baseline for benchmarks: the same prompt, full prefill (no prefix cache), greedy
@@ -370,7 +401,7 @@ impl Structurer {
     }
 
     /// The base model's KV cache of the system prompt (computed once, then shared).
-    pub fn prefix_cache(&self) -> Result<KvCache, InferError> {
+    pub fn prefix_cache(&self) -> Result<Arc<KvCache>, InferError> {
         self.prefix_kv()
     }
 
@@ -421,28 +452,22 @@ impl Structurer {
     }
 }
 
-/// File name of a persisted prefix cache: a hash of everything that determines its contents.
-fn prefix_cache_name(gguf: &GgufFile, prefix: &[u32], opts: &StructurerOptions) -> String {
+/// File name of a persisted prefix cache: a hash of everything that determines its contents
+/// (the model by its SHA-256, the exact prompt tokens, how it is computed). A collision only
+/// costs a recomputation: shapes and length are checked at load.
+fn prefix_cache_name(model_sha256: &str, prefix: &[u32], opts: &StructurerOptions) -> String {
     use std::hash::{Hash, Hasher};
-    // FNV-1a over a canonical description; collisions only cost a recomputation (shapes and
-    // length are checked at load) and the model identity includes size and mtime.
-    let meta = std::fs::metadata(gguf.path()).ok();
-    let mtime = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
-        .map(|t| format!("{t:?}"));
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     (
-        gguf.path(),
-        gguf.file_len(),
-        mtime,
+        model_sha256,
         prefix,
         opts.requantize_q5_0,
         opts.layerwise_prefill,
         env!("CARGO_PKG_VERSION"),
     )
         .hash(&mut h);
-    format!("prefix-{:016x}.safetensors", h.finish())
+    let short = model_sha256.get(..16).unwrap_or(model_sha256);
+    format!("prefix-{short}-{:016x}.f16.safetensors", h.finish())
 }
 
 struct Fnv(u64);
@@ -473,9 +498,14 @@ fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
 /// The state of one decoding run.
 struct Decoder<'a> {
     s: &'a Structurer,
+    member: &'a Member<'a>,
     matcher: Matcher,
     cache: KvCache,
-    /// Logits for the next position.
+    /// Tokens of the prompt or the answer not yet run through the model: appended in one
+    /// pass when logits are next needed (a sampled token together with the grammar-forced
+    /// tokens after it).
+    pending: Vec<u32>,
+    /// Logits for the next position (valid when nothing is pending).
     logits: Vec<f32>,
     out: Vec<u32>,
     meta: &'a mut Meta,
@@ -544,6 +574,7 @@ impl Decoder<'_> {
                 .compute_mask()
                 .map_err(|e| InferError::Grammar(e.to_string()))?;
             self.meta.timings.mask_ms += ms(t);
+            self.flush()?;
             let tok = self.pick(&mask)?;
             if self.s.tokenizer.eos_ids().contains(&tok) {
                 return Ok(());
@@ -552,9 +583,7 @@ impl Decoder<'_> {
                 .consume_token(tok)
                 .map_err(|e| InferError::Grammar(e.to_string()))?;
             self.out.push(tok);
-            if !self.finished() {
-                self.forward(&[tok])?;
-            }
+            self.pending.push(tok);
         }
     }
 
@@ -565,30 +594,44 @@ impl Decoder<'_> {
         }
     }
 
-    /// Appends tokens the grammar accepts: to the matcher, the output and the KV cache.
+    /// Appends tokens the grammar accepts: to the matcher and the output, and (when logits
+    /// are next needed) the KV cache. Without fast-forward, one pass per token.
     fn commit(&mut self, toks: &[u32]) -> Result<(), InferError> {
         self.matcher
             .consume_tokens(toks)
             .map_err(|e| InferError::Grammar(e.to_string()))?;
         self.out.extend_from_slice(toks);
         self.meta.forced_tokens += toks.len();
-        if self.finished() {
-            return Ok(()); // the closing brace: no logits are needed after it
+        for t in toks {
+            self.pending.push(*t);
+            if !self.s.opts.fast_forward && !self.finished() {
+                self.flush()?;
+            }
         }
-        if self.s.opts.fast_forward {
-            self.forward(toks)
-        } else {
-            toks.iter().try_for_each(|t| self.forward(&[*t]))
-        }
+        Ok(())
     }
 
-    fn forward(&mut self, toks: &[u32]) -> Result<(), InferError> {
-        let logits = self
-            .s
-            .model
-            .forward_with(toks, &mut self.cache, 1, self.s.adapter.as_deref())?;
+    /// Runs one job through the batcher: this ticket's part of the next forward pass.
+    fn job(&mut self, work: Work) -> Result<Vec<Vec<f32>>, InferError> {
+        let job = Job {
+            cache: std::mem::take(&mut self.cache),
+            work,
+        };
+        let done = self.member.run(&self.s.model, self.s.adapter.as_deref(), job)?;
+        self.cache = done.cache;
         self.meta.forward_passes += 1;
-        self.logits = to_vec(&logits)?;
+        self.meta.shared_passes += usize::from(done.batch > 1);
+        Ok(done.logits)
+    }
+
+    /// Runs the pending tokens, so `logits` is the next position's.
+    fn flush(&mut self) -> Result<(), InferError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let toks = std::mem::take(&mut self.pending);
+        let mut rows = self.job(Work::Extend(toks))?;
+        self.logits = rows.pop().unwrap_or_default();
         Ok(())
     }
 
@@ -628,12 +671,9 @@ impl Decoder<'_> {
                 field.name
             )));
         }
-        let mut logp = vec![0f32; cands.len()];
-        let idxs: Vec<usize> = (0..cands.len()).collect();
+        self.flush()?;
         let seqs: Vec<&[u32]> = cands.iter().map(|(_, t)| t.as_slice()).collect();
-        let logits = std::mem::take(&mut self.logits);
-        self.score(&seqs, &idxs, 0, &logits, &self.cache.clone(), &mut logp)?;
-        self.logits = logits;
+        let logp = self.score(&seqs)?;
         let probs = softmax(&logp, 1.0);
         let chosen = if self.s.opts.temperature > 0.0 {
             let p = softmax(&logp, self.s.opts.temperature);
@@ -657,54 +697,66 @@ impl Decoder<'_> {
         self.commit(&toks)
     }
 
-    /// Adds to `logp[i]` the renormalised log-probability of each candidate's tokens from
-    /// `depth` on, running the model only where candidates share a token.
-    fn score(
-        &mut self,
-        seqs: &[&[u32]],
-        idxs: &[usize],
-        depth: usize,
-        logits: &[f32],
-        cache: &KvCache,
-        logp: &mut [f32],
-    ) -> Result<(), InferError> {
-        let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
-        for &i in idxs {
-            let Some(&t) = seqs[i].get(depth) else { continue };
-            match groups.iter_mut().find(|(g, _)| *g == t) {
-                Some((_, m)) => m.push(i),
-                None => groups.push((t, vec![i])),
-            }
-        }
-        if groups.len() > 1 {
-            let max = groups
-                .iter()
-                .map(|(t, _)| logits[*t as usize])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let z = groups
-                .iter()
-                .map(|(t, _)| (logits[*t as usize] - max).exp())
-                .sum::<f32>()
-                .ln()
-                + max;
-            for (t, members) in &groups {
+    /// The renormalised log-probability of each candidate token sequence after the current
+    /// position: a walk down their trie, level by level, where each node with two or more
+    /// children divides its probability among them by their logits. The model runs only at
+    /// nodes that candidates share, and all of one level's nodes in one pass (each scored
+    /// after the cache and dropped).
+    fn score(&mut self, seqs: &[&[u32]]) -> Result<Vec<f32>, InferError> {
+        let mut logp = vec![0f32; seqs.len()];
+        // (path from the current position, candidates through it, logits after it)
+        let mut level = vec![(
+            Vec::new(),
+            (0..seqs.len()).collect::<Vec<_>>(),
+            self.logits.clone(),
+        )];
+        loop {
+            let mut next: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
+            for (path, members, logits) in &level {
+                let depth = path.len();
+                let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
                 for &i in members {
-                    logp[i] += logits[*t as usize] - z;
+                    let Some(&t) = seqs[i].get(depth) else { continue };
+                    match groups.iter_mut().find(|(g, _)| *g == t) {
+                        Some((_, m)) => m.push(i),
+                        None => groups.push((t, vec![i])),
+                    }
+                }
+                let logit = |t: u32| logits.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY);
+                if groups.len() > 1 {
+                    let max = groups
+                        .iter()
+                        .map(|(t, _)| logit(*t))
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let z = groups
+                        .iter()
+                        .map(|(t, _)| (logit(*t) - max).exp())
+                        .sum::<f32>()
+                        .ln()
+                        + max;
+                    for (t, m) in &groups {
+                        for &i in m {
+                            logp[i] += logit(*t) - z;
+                        }
+                    }
+                }
+                for (t, m) in groups {
+                    if m.len() > 1 {
+                        let mut p = path.clone();
+                        p.push(t);
+                        next.push((p, m));
+                    }
                 }
             }
-        }
-        for (t, members) in groups {
-            if members.len() > 1 {
-                let mut c = cache.clone();
-                let next = self
-                    .s
-                    .model
-                    .forward_with(&[t], &mut c, 1, self.s.adapter.as_deref())?;
-                self.meta.forward_passes += 1;
-                self.score(seqs, &members, depth + 1, &to_vec(&next)?, &c, logp)?;
+            if next.is_empty() {
+                return Ok(logp);
             }
+            let rows = self.job(Work::Peek(next.iter().map(|(p, _)| p.clone()).collect()))?;
+            if rows.len() != next.len() {
+                return Err(InferError::Grammar("a scoring pass lost a branch".into()));
+            }
+            level = next.into_iter().zip(rows).map(|((p, m), l)| (p, m, l)).collect();
         }
-        Ok(())
     }
 
     /// Picks the next token among those the mask allows.

@@ -25,6 +25,7 @@ fn structurer(taxonomy: Taxonomy, opts: StructurerOptions) -> Structurer {
     // in its own process): the first one to need it computes it.
     let opts = StructurerOptions {
         prefix_cache_dir: Some(store.cache_dir().join("prefix")),
+        model_sha256: Some(spec.sha256.clone()),
         ..opts
     };
     Structurer::new(&gguf, taxonomy, opts).unwrap()
@@ -106,6 +107,42 @@ fn every_output_validates_on_varied_and_hostile_incidents() {
             m.timings.total_ms
         );
     }
+}
+
+/// Tickets decoded together (their forward passes shared, ragged lengths, one text twice)
+/// are exactly the tickets decoded one at a time, confidences included: every row of a
+/// product is computed the same way whatever the batch (`qwen2::ops::qmatmul`).
+#[test]
+fn batched_decoding_gives_the_tickets_of_one_at_a_time() {
+    let s = structurer(Taxonomy::builtin_default(), StructurerOptions::default());
+    let mut texts: Vec<String> = incidents().into_iter().map(|c| c.2).step_by(2).take(7).collect();
+    texts.push(texts[0].clone());
+    let alone: Vec<_> = texts.iter().map(|t| s.structure(t).unwrap()).collect();
+    let mut together = Vec::new();
+    triage_infer::for_each_concurrently(
+        texts.len(),
+        4,
+        |i| s.structure(&texts[i]).unwrap(),
+        |_, out| {
+            together.push(out);
+            true
+        },
+    );
+    let shared: usize = together.iter().map(|o| o.meta.shared_passes).sum();
+    assert!(shared > 0, "no forward pass was shared");
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.ticket, b.ticket, "text {i}");
+        assert_eq!(a.meta.output_tokens, b.meta.output_tokens, "text {i}");
+        let conf = |o: &triage_infer::Structured| -> Vec<(String, f32)> {
+            o.meta
+                .confidence
+                .iter()
+                .map(|c| (c.value.clone(), c.confidence))
+                .collect()
+        };
+        assert_eq!(conf(a), conf(b), "text {i}");
+    }
+    assert_eq!(together[0].ticket, together[7].ticket);
 }
 
 #[test]

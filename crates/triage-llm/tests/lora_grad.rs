@@ -173,7 +173,7 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
     let suffix = [10u32, 20, 30, 40];
     let tokens = Tensor::new(&[suffix], &device).unwrap();
     let infer = |lora: Option<&Lora>| {
-        let mut cache = prefix.clone();
+        let mut cache = prefix.fork(0).unwrap();
         model
             .forward_with(&suffix, &mut cache, suffix.len(), lora)
             .unwrap()
@@ -213,9 +213,7 @@ fn inference_with_the_adapter_gives_the_training_paths_logits() {
     // Adapter on the top layer only; layers 0..2 run once with the inference kernels.
     let top = adapter(&cfg, Some(vec![2]), &device);
     assert_eq!(top.first_layer(), 2);
-    let hidden = model
-        .hidden_states(&suffix, &mut prefix.clone(), 0..2, None, None)
-        .unwrap();
+    let hidden = model.hidden_states(&suffix, &prefix, 2).unwrap();
     let input = TrainInput {
         hidden,
         first_layer: 2,
@@ -294,9 +292,7 @@ fn checkpointed_gradients_equal_whole_graph_gradients() {
                 let rows: Vec<Tensor> = (0..2)
                     .map(|r| {
                         let ids: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
-                        model
-                            .hidden_states(&ids, &mut prefix.clone(), 0..f, None, None)
-                            .unwrap()
+                        model.hidden_states(&ids, &prefix, f).unwrap()
                     })
                     .collect();
                 Tensor::cat(&rows, 0).unwrap()
@@ -422,9 +418,7 @@ fn training_kernels_equal_the_composed_primitives() {
         &(0..2)
             .map(|r| {
                 let ids: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
-                model
-                    .hidden_states(&ids, &mut prefix.clone(), 0..1, None, None)
-                    .unwrap()
+                model.hidden_states(&ids, &prefix, 1).unwrap()
             })
             .collect::<Vec<_>>(),
         0,

@@ -469,3 +469,48 @@ pub fn sha256_file(path: &Path, bar: &ProgressBar) -> io::Result<String> {
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// SHA-256 of the model file at `path`, the model's identity for caches derived from it
+/// (the system prompt's KV cache). Read from the marker a verified pull leaves beside the
+/// file, else from a memo under `memo_dir` (keyed by path, size and modification time),
+/// else computed once (~1 s per GB) and memoised there.
+pub fn model_sha256(path: &Path, memo_dir: &Path) -> io::Result<String> {
+    let meta = fs::metadata(path)?;
+    let mtime = meta
+        .modified()?
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let stamp = |line: &str| -> Option<String> {
+        let mut parts = line.split_whitespace();
+        let (sha, size, t) = (parts.next()?, parts.next()?, parts.next()?);
+        let ok = sha.len() == 64
+            && sha.bytes().all(|b| b.is_ascii_hexdigit())
+            && size == meta.len().to_string()
+            && t == mtime.to_string();
+        ok.then(|| sha.to_owned())
+    };
+    if let Some(sha) = fs::read_to_string(ModelStore::sidecar(path, "verified"))
+        .ok()
+        .and_then(|s| stamp(&s))
+    {
+        return Ok(sha);
+    }
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let key: String = Sha256::digest(canonical.to_string_lossy().as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let memo = memo_dir.join(format!("sha256-{key}.txt"));
+    if let Some(sha) = fs::read_to_string(&memo).ok().and_then(|s| stamp(&s)) {
+        return Ok(sha);
+    }
+    tracing::info!(model = %path.display(), "computing the model's sha256 once (memoised)");
+    let sha = sha256_file(path, &ProgressBar::hidden())?;
+    fs::create_dir_all(memo_dir)?;
+    let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, format!("{sha} {} {mtime}\n", meta.len()))?;
+    fs::rename(&tmp, &memo)?;
+    Ok(sha)
+}

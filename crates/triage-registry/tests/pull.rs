@@ -420,3 +420,29 @@ fn malformed_registries_are_rejected() {
         );
     }
 }
+
+/// The model's identity for derived caches: computed once, then read from the memo while
+/// the file is unchanged, and computed anew when it changes.
+#[test]
+fn model_sha256_is_memoised_until_the_file_changes() {
+    let dir = scratch("sha");
+    let file = dir.join("m.gguf");
+    std::fs::write(&file, b"abc").unwrap();
+    let memo = dir.join("memo");
+    let abc = hex(b"abc");
+    assert_eq!(triage_registry::model_sha256(&file, &memo).unwrap(), abc);
+    // A forged memo is what is read back while size and mtime match: the memo is used.
+    let memo_file = std::fs::read_dir(&memo).unwrap().next().unwrap().unwrap().path();
+    let line = std::fs::read_to_string(&memo_file).unwrap();
+    let forged = line.replacen(&abc, &"0".repeat(64), 1);
+    std::fs::write(&memo_file, forged).unwrap();
+    assert_eq!(
+        triage_registry::model_sha256(&file, &memo).unwrap(),
+        "0".repeat(64)
+    );
+    // A changed file is hashed again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&file, b"abcd").unwrap();
+    assert_eq!(triage_registry::model_sha256(&file, &memo).unwrap(), hex(b"abcd"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -51,6 +51,12 @@ fn infer_error(e: InferError) -> ApiError {
         .with("field", "text")
         .with("limit", budget),
         InferError::Deadline { .. } => ApiError::timeout("while decoding"),
+        e @ InferError::RemoteInvalid { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "backend_invalid_answer", e.to_string())
+        }
+        e @ InferError::Remote { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "backend_unavailable", e.to_string())
+        }
         other => ApiError::internal("structuring", other),
     }
 }
@@ -201,7 +207,7 @@ impl AppState {
                 .into_iter()
                 .map(|t| {
                     t.and_then(|t| {
-                        e.structurer
+                        e.tickets()
                             .structure_until(&t, Some(std_deadline))
                             .map_err(infer_error)
                     })

@@ -933,6 +933,7 @@ fn activate_adapter(s: &AppState, taxonomy: &str, dir: &Path, name: &str) -> Res
     desk.swap(Engine {
         structurer: Arc::new(s2),
         adapter: Some(name.to_owned()),
+        remote: current.remote.clone(),
     });
     tracing::info!("adapter {name} now serves taxonomy {taxonomy}");
     Ok(())

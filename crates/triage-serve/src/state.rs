@@ -34,7 +34,9 @@ pub struct ServeConfig {
     pub max_input_chars: usize,
     /// Most incidents in one `/v1/tickets:batch` request (422 beyond).
     pub max_batch: usize,
-    /// Requests decoded at once (each on its own blocking thread, sharing the model).
+    /// Requests decoded at once (each on its own blocking thread; their forward passes are
+    /// merged into one, see `triage_infer`'s batcher). Waiting requests are served first
+    /// come, first served.
     pub workers: usize,
     /// Requests waiting for a worker beyond which new ones get 503 + `Retry-After`.
     pub queue: usize,
@@ -64,7 +66,7 @@ impl Default for ServeConfig {
             max_upload_bytes: 32 * 1024 * 1024,
             max_input_chars: 20_000,
             max_batch: 16,
-            workers: 1,
+            workers: triage_infer::DEFAULT_BATCH_SIZE,
             queue: 16,
             request_timeout: Duration::from_secs(120),
             retry_after_s: 5,
@@ -106,6 +108,19 @@ pub struct Engine {
     pub structurer: Arc<Structurer>,
     /// Name of the active adapter (`None`: the base model).
     pub adapter: Option<String>,
+    /// With `--backend openai:URL`: tickets are decoded there instead (training jobs still
+    /// run on the local model).
+    pub remote: Option<Arc<triage_infer::remote::RemoteStructurer>>,
+}
+
+impl Engine {
+    /// What structures tickets: the remote backend if there is one, else the local engine.
+    pub fn tickets(&self) -> &dyn triage_infer::TicketEngine {
+        match &self.remote {
+            Some(r) => r.as_ref(),
+            None => self.structurer.as_ref(),
+        }
+    }
 }
 
 /// One taxonomy served.
@@ -122,7 +137,22 @@ impl Desk {
             engine: RwLock::new(Arc::new(Engine {
                 structurer: Arc::new(structurer),
                 adapter,
+                remote: None,
             })),
+        }
+    }
+
+    /// This desk with its tickets decoded by an OpenAI-compatible server.
+    pub fn with_remote(self, remote: triage_infer::remote::RemoteStructurer) -> Self {
+        let e = self.engine();
+        let engine = Engine {
+            structurer: e.structurer.clone(),
+            adapter: e.adapter.clone(),
+            remote: Some(Arc::new(remote)),
+        };
+        Desk {
+            name: self.name,
+            engine: RwLock::new(Arc::new(engine)),
         }
     }
 

@@ -122,7 +122,7 @@ impl Features {
                     }
                     l => self.read(item, l, device)?.unsqueeze(0).map_err(candle)?,
                 };
-                let y = model.run_layer(layer, &x, &mut prefix.clone(), Some(&dense))?;
+                let y = model.run_layer(layer, &x, prefix, Some(&dense))?;
                 self.write(item, layer + 1, &y)?;
                 if layer > 0 {
                     let _ = std::fs::remove_file(self.path(item, layer));

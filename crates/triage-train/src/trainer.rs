@@ -437,7 +437,7 @@ pub struct Trainer<'a> {
     base: &'a Structurer,
     gguf: &'a GgufFile,
     model: Arc<Qwen2>,
-    prefix: KvCache,
+    prefix: std::sync::Arc<KvCache>,
     config: TrainConfig,
     train: Vec<Item>,
     val: Vec<Item>,

@@ -106,7 +106,7 @@ pub fn resolve(
         );
         return Ok(None);
     };
-    let sha = crate::train_cmd::model_sha256(cli, model_path)?;
+    let sha = crate::model_cmd::model_sha256(cli, model_path)?;
     adapter::check_base(meta, &sha, dir)?;
     let lora = adapter::load(dir, structurer.model().config(), structurer.model().device())?.lora;
     tracing::info!(
@@ -189,7 +189,7 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
         AdapterCommand::Merge { dir, out, q8_0 } => {
             let base = crate::model_cmd::model_path(cli)?;
             let meta = adapter::read_meta(dir)?;
-            let sha = crate::train_cmd::model_sha256(cli, &base)?;
+            let sha = crate::model_cmd::model_sha256(cli, &base)?;
             adapter::check_base(&meta, &sha, dir)?;
             let gguf = GgufFile::open(&base)?;
             let cfg = triage_llm::qwen2::Config::from_gguf(&gguf)?;

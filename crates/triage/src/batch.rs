@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use triage_infer::Structurer;
+use triage_infer::TicketEngine;
 use triage_taxonomy::{Ticket, Validator};
 
 use crate::push_cmd::Pusher;
@@ -284,11 +284,12 @@ pub(crate) fn install_ctrlc() {
 /// Structures every row of `input` into `output`, skipping rows already there; with
 /// `push`, pushes every structured row (see the module documentation).
 pub fn run(
-    structurer: &Structurer,
+    structurer: &dyn TicketEngine,
     input: &Path,
     output: &Path,
     explain: bool,
     push: Option<&BatchPush>,
+    batch_size: usize,
 ) -> anyhow::Result<(usize, usize)> {
     let structure = |text: &str| -> anyhow::Result<(Ticket, Value)> {
         let s = structurer.structure(text)?;
@@ -299,7 +300,7 @@ pub fn run(
         };
         Ok((s.ticket, meta))
     };
-    run_with(&structure, input, output, push)
+    run_with(&structure, input, output, push, batch_size)
 }
 
 /// Pushes the rows already in `output` that have a ticket but no push result, rewriting
@@ -352,14 +353,16 @@ fn push_done_rows(output: &Path, rows: &[Row], push: &BatchPush) -> anyhow::Resu
 
 /// The structuring step: a row's text → its ticket and meta, or the error (its message is
 /// the row's `error`).
-type Structure<'a> = dyn Fn(&str) -> anyhow::Result<(Ticket, Value)> + 'a;
+type Structure<'a> = dyn Fn(&str) -> anyhow::Result<(Ticket, Value)> + Sync + 'a;
 
-/// [`run`] with the structuring step as a function.
+/// [`run`] with the structuring step as a function, called for up to `batch_size` rows at
+/// once (their forward passes are shared); lines are written in row order.
 fn run_with(
     structure: &Structure,
     input: &Path,
     output: &Path,
     push: Option<&BatchPush>,
+    batch_size: usize,
 ) -> anyhow::Result<(usize, usize)> {
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
         if a == b {
@@ -402,35 +405,56 @@ fn run_with(
             .expect("valid template"),
     );
     bar.set_position(done as u64);
-    for r in rows.iter().skip(done) {
-        if STOP.load(Ordering::SeqCst) {
-            bar.abandon();
-            bail!(
-                "interrupted after {} of {} rows; run the same command again to resume",
-                r.row - 1,
-                rows.len()
-            );
-        }
-        let outcome = match &r.text {
+    let todo = &rows[done..];
+    let mut written = done;
+    let mut failed: Option<anyhow::Error> = None;
+    triage_infer::for_each_concurrently(
+        todo.len(),
+        batch_size,
+        |i| match &todo[i].text {
             Ok(text) => structure(text),
             Err(e) => Err(e.clone().into()),
-        };
-        let line = match outcome {
-            Ok((ticket, meta)) => {
-                let mut v = json!({"row": r.row, "id": r.id, "ticket": ticket, "meta": meta});
-                if let (Some(push), Ok(text)) = (push, r.text.as_deref()) {
-                    errors += usize::from(push.push_row(&mut v, ticket, text, &r.id));
+        },
+        |i, outcome| {
+            let r = &todo[i];
+            let line = match outcome {
+                Ok((ticket, meta)) => {
+                    let mut v = json!({"row": r.row, "id": r.id, "ticket": ticket, "meta": meta});
+                    if let (Some(push), Ok(text)) = (push, r.text.as_deref()) {
+                        errors += usize::from(push.push_row(&mut v, ticket, text, &r.id));
+                    }
+                    v
                 }
-                v
+                Err(e) => {
+                    errors += 1;
+                    json!({"row": r.row, "id": r.id, "error": e.to_string()})
+                }
+            };
+            if failed.is_some() {
+                return false;
             }
-            Err(e) => {
-                errors += 1;
-                json!({"row": r.row, "id": r.id, "error": e.to_string()})
+            let write = serde_json::to_string(&line)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(writeln!(out, "{l}").and_then(|_| out.flush())?));
+            if let Err(e) = write {
+                failed = Some(e.context(format!("cannot write {}", output.display())));
+                return false;
             }
-        };
-        writeln!(out, "{}", serde_json::to_string(&line)?)?;
-        out.flush()?;
-        bar.inc(1);
+            written += 1;
+            bar.inc(1);
+            !STOP.load(Ordering::SeqCst)
+        },
+    );
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if written < rows.len() && STOP.load(Ordering::SeqCst) {
+        out.sync_all()?;
+        bar.abandon();
+        bail!(
+            "interrupted after {written} of {} rows; run the same command again to resume",
+            rows.len()
+        );
     }
     out.sync_all()?;
     bar.finish_and_clear();
@@ -553,7 +577,7 @@ mod tests {
 
         // First run: rows 1 and 3 (same text, other row) make two tickets; row 2 is refused.
         assert_eq!(
-            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            run_with(&structure, &input, &output, Some(&push), 3).unwrap(),
             (3, 1)
         );
         assert_eq!(created.load(Ordering::SeqCst), 2);
@@ -568,7 +592,7 @@ mod tests {
         // Re-run once the cause is fixed: only row 2 is pushed, its line rewritten in place.
         fail.store(false, Ordering::SeqCst);
         assert_eq!(
-            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            run_with(&structure, &input, &output, Some(&push), 3).unwrap(),
             (3, 0)
         );
         assert_eq!(created.load(Ordering::SeqCst), 3);
@@ -582,7 +606,7 @@ mod tests {
 
         // Again: nothing left to push, nothing sent.
         assert_eq!(
-            run_with(&structure, &input, &output, Some(&push)).unwrap(),
+            run_with(&structure, &input, &output, Some(&push), 3).unwrap(),
             (3, 0)
         );
         assert_eq!(created.load(Ordering::SeqCst), 3);
@@ -615,7 +639,7 @@ mod tests {
         let _ = std::fs::remove_file(&output);
         let structure =
             |_: &str| -> anyhow::Result<(Ticket, Value)> { Err(triage_infer::InferError::EmptyInput.into()) };
-        assert_eq!(run_with(&structure, &input, &output, None).unwrap(), (4, 4));
+        assert_eq!(run_with(&structure, &input, &output, None, 2).unwrap(), (4, 4));
         let errors: Vec<String> = std::fs::read_to_string(&output)
             .unwrap()
             .lines()

@@ -27,6 +27,10 @@ pub struct EvalArgs {
     /// model (`--no-adapter`: none).
     #[command(flatten)]
     adapter: crate::adapter_cmd::AdapterArgs,
+    /// With `--backend openai:URL` the server is the one system evaluated besides the
+    /// baseline (named after `--backend-model`).
+    #[command(flatten)]
+    backend: crate::backend_cmd::BackendArgs,
     /// Skip the base model without adapter.
     #[arg(long)]
     no_zero_shot: bool,
@@ -36,6 +40,14 @@ pub struct EvalArgs {
     /// Report folder (report.json, report.md, report.html, confusion-*.svg).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
+    /// Examples decoded at once, sharing every forward pass (1: one at a time; the tickets
+    /// are the same).
+    #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    batch_size: usize,
 }
 
 fn bar(len: usize, name: &str) -> ProgressBar {
@@ -66,12 +78,35 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tfidf-baseline: fitting on {} examples", train.len());
         runs.push(run_baseline(&taxonomy, &train, &examples, 7));
     }
-    let (gguf, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu", false)?;
-    if !args.no_zero_shot {
-        let b = bar(examples.len(), "zero-shot");
-        runs.push(run_llm("zero-shot", &base, &examples, &mut |i| {
+    let defaults = triage_infer::StructurerOptions::default();
+    let remote = crate::backend_cmd::remote(
+        cli,
+        &args.backend,
+        taxonomy.clone(),
+        defaults.max_new_tokens,
+        defaults.max_input_tokens,
+        None,
+    )?;
+    if let Some(remote) = remote {
+        let label = format!("backend {}", args.backend.backend_model);
+        let b = bar(examples.len(), "backend");
+        runs.push(run_llm(&label, &remote, &examples, args.batch_size, &mut |i| {
             b.set_position(i as u64)
         }));
+        b.finish_and_clear();
+        return finish(&taxonomy, args, &examples, &runs);
+    }
+    let (gguf, base, model_path) =
+        crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device, false)?;
+    if !args.no_zero_shot {
+        let b = bar(examples.len(), "zero-shot");
+        runs.push(run_llm(
+            "zero-shot",
+            &base,
+            &examples,
+            args.batch_size,
+            &mut |i| b.set_position(i as u64),
+        ));
         b.finish_and_clear();
     }
     if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
@@ -84,13 +119,23 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         .with_adapter(Arc::new(lora));
         let label = format!("adapter {name}");
         let b = bar(examples.len(), "adapter");
-        runs.push(run_llm(&label, &tuned, &examples, &mut |i| {
+        runs.push(run_llm(&label, &tuned, &examples, args.batch_size, &mut |i| {
             b.set_position(i as u64)
         }));
         b.finish_and_clear();
     }
-    let r = report::build(&taxonomy, &args.data.display().to_string(), &examples, &runs);
-    report::write(&args.out, &r, &runs)?;
+    finish(&taxonomy, args, &examples, &runs)
+}
+
+/// Writes the report of `runs` and prints one line per system.
+fn finish(
+    taxonomy: &triage_taxonomy::Taxonomy,
+    args: &EvalArgs,
+    examples: &[triage_data::Example],
+    runs: &[SystemRun],
+) -> anyhow::Result<ExitCode> {
+    let r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
+    report::write(&args.out, &r, runs)?;
     for s in &r.systems {
         let fields: Vec<String> = s
             .fields

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use triage_infer::{Structurer, StructurerOptions};
+use triage_infer::{Structurer, StructurerOptions, TicketEngine};
 use triage_llm::GgufFile;
 
 use crate::Cli;
@@ -15,6 +15,8 @@ use crate::Cli;
 pub struct InferArgs {
     #[command(flatten)]
     adapter: crate::adapter_cmd::AdapterArgs,
+    #[command(flatten)]
+    backend: crate::backend_cmd::BackendArgs,
     /// Also create the ticket in an ITSM (jira, jsm, zoho, sdp); see `triage push --help`.
     /// Prints one document, `{"ticket": ..., "push": ...}`; with --input every row is pushed
     /// (idempotently: a re-run pushes only the rows not pushed yet).
@@ -50,6 +52,13 @@ pub struct InferArgs {
     /// Batch mode: JSONL results, one line per input row, in order; resumes if it exists.
     #[arg(long, value_name = "FILE", requires = "input")]
     output: Option<std::path::PathBuf>,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
+    /// Batch mode: rows decoded at once, sharing every forward pass (1: one at a time).
+    #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    batch_size: usize,
 }
 
 pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
@@ -61,11 +70,19 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
     if let (Some(input), Some(output)) = (&args.input, &args.output) {
         let structurer = load(cli, args)?;
         let validator = triage_taxonomy::Validator::new(structurer.taxonomy());
+        let structurer = &*structurer;
         let push = pusher.as_ref().map(|pusher| crate::batch::BatchPush {
             pusher,
             validator: &validator,
         });
-        let (rows, errors) = crate::batch::run(&structurer, input, output, args.explain, push.as_ref())?;
+        let (rows, errors) = crate::batch::run(
+            structurer,
+            input,
+            output,
+            args.explain,
+            push.as_ref(),
+            args.batch_size,
+        )?;
         eprintln!("{rows} rows in {}, {errors} with errors", output.display());
         return Ok(if errors == 0 {
             ExitCode::SUCCESS
@@ -106,18 +123,36 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
+fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Box<dyn TicketEngine>> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let remote = crate::backend_cmd::remote(
+        cli,
+        &args.backend,
+        taxonomy.clone(),
+        args.max_new_tokens,
+        args.max_input_tokens,
+        args.min_confidence,
+    )?;
+    if let Some(r) = remote {
+        if args.adapter.adapter.is_some() {
+            anyhow::bail!("--adapter applies to the local backend; with --backend openai:URL name the served adapter with --backend-model");
+        }
+        tracing::info!(url = r.endpoint(), "tickets are decoded by the remote backend");
+        return Ok(Box::new(r));
+    }
     let path = crate::model_cmd::model_path(cli)?;
     let t = std::time::Instant::now();
     let gguf = GgufFile::open(&path)?;
+    let (prefix_cache_dir, model_sha256) = crate::model_cmd::prefix_cache(cli, &path);
     let opts = StructurerOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         seed: args.seed,
         min_confidence: args.min_confidence,
         max_input_tokens: args.max_input_tokens,
-        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        device: triage_train::trainer::device(&args.device)?,
+        prefix_cache_dir,
+        model_sha256,
         ..StructurerOptions::default()
     };
     let mut s = Structurer::new(&gguf, taxonomy, opts)?;
@@ -125,7 +160,7 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Structurer> {
         s = s.with_adapter(std::sync::Arc::new(lora));
     }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");
-    Ok(s)
+    Ok(Box::new(s))
 }
 
 /// Reads one incident from stdin: invalid UTF-8 is replaced (with a warning), empty input is

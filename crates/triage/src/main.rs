@@ -11,6 +11,7 @@
 
 mod adapter_cmd;
 mod alloc;
+mod backend_cmd;
 mod batch;
 mod bench;
 mod data_cmd;

@@ -84,6 +84,26 @@ pub fn model_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     Ok(store(cli)?.resolve(cli.model.as_deref(), None)?)
 }
 
+/// SHA-256 of the model file: from the marker of a verified pull, else computed once and
+/// memoised under `<cache>/hashes` (see `triage_registry::model_sha256`).
+pub fn model_sha256(cli: &Cli, model: &std::path::Path) -> anyhow::Result<String> {
+    triage_registry::model_sha256(model, &cache_dir(cli).join("hashes"))
+        .with_context(|| format!("cannot hash {}", model.display()))
+}
+
+/// Where the system prompt's KV cache of `model` is kept (`<cache>/prefix`) and the model's
+/// SHA-256 that keys it; `(None, None)` (recompute per process) when the file cannot be read.
+pub fn prefix_cache(cli: &Cli, model: &std::path::Path) -> (Option<PathBuf>, Option<String>) {
+    let dir = cache_dir(cli).join("prefix");
+    match model_sha256(cli, model) {
+        Ok(sha) => (Some(dir), Some(sha)),
+        Err(e) => {
+            tracing::warn!("the system prompt cache is not kept: {e:#}");
+            (None, None)
+        }
+    }
+}
+
 fn open_model(cli: &Cli) -> anyhow::Result<GgufFile> {
     let path = model_path(cli)?;
     Ok(GgufFile::open(&path)?)

@@ -30,8 +30,16 @@ pub struct ServeArgs {
     also_taxonomy: Vec<PathBuf>,
     #[command(flatten)]
     adapter: crate::adapter_cmd::AdapterArgs,
-    /// Requests decoded at once (they share the model; each uses a core).
-    #[arg(long, default_value_t = 1)]
+    /// With `--backend openai:URL`, tickets are decoded by that server (per taxonomy, the
+    /// same messages and schema); training jobs still run here.
+    #[command(flatten)]
+    backend: crate::backend_cmd::BackendArgs,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
+    /// Requests decoded at once: they share every forward pass (continuous batching: a
+    /// finished request's place goes to the first one waiting).
+    #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE)]
     workers: usize,
     /// Requests allowed to wait for a worker; more get 503 + Retry-After.
     #[arg(long, default_value_t = 16)]
@@ -137,9 +145,12 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         ..ServeConfig::default()
     };
     config.check()?;
+    let path = crate::model_cmd::model_path(cli)?;
+    let (prefix_cache_dir, model_sha256) = crate::model_cmd::prefix_cache(cli, &path);
     let opts = StructurerOptions {
         min_confidence: Some(args.min_confidence),
-        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        prefix_cache_dir,
+        model_sha256,
         max_new_tokens: args.max_new_tokens,
         max_input_tokens: args.max_input_tokens,
         ..StructurerOptions::default()
@@ -162,7 +173,6 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--also-taxonomy {}", f.display()))?,
         );
     }
-    let path = crate::model_cmd::model_path(cli)?;
     let gguf = GgufFile::open(&path)?;
     let shape = Config::from_gguf(&gguf)?;
     let file = path
@@ -178,7 +188,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     let model = Arc::new(Qwen2::load(
         &gguf,
-        &candle_core::Device::Cpu,
+        &triage_train::trainer::device(&args.device)?,
         &LoadOptions::default(),
     )?);
     let mut desks = Vec::new();
@@ -206,11 +216,22 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             s = s.with_adapter(Arc::new(lora));
             adapter = Some(name);
         }
-        desks.push(Desk::new(s, adapter));
+        let remote = crate::backend_cmd::remote(
+            cli,
+            &args.backend,
+            s.taxonomy().clone(),
+            opts.max_new_tokens,
+            opts.max_input_tokens,
+            opts.min_confidence,
+        )?;
+        desks.push(match remote {
+            Some(r) => Desk::new(s, adapter).with_remote(r),
+            None => Desk::new(s, adapter),
+        });
     }
     let train = TrainContext {
         base_model_name: crate::train_cmd::peft_base_name(cli, &path)?,
-        base_sha256: crate::train_cmd::model_sha256(cli, &path)?,
+        base_sha256: crate::model_cmd::model_sha256(cli, &path)?,
         base_file: path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

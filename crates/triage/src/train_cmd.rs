@@ -133,34 +133,6 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(c)
 }
 
-/// SHA-256 of the model file. For a registry model (`--model NAME`, or the default) the
-/// registry's value is used: resolving the name verified the file against it. A model given
-/// by path is hashed, with a progress bar.
-pub fn model_sha256(cli: &Cli, path: &Path) -> anyhow::Result<String> {
-    let store = crate::model_cmd::store(cli)?;
-    let registry = store.registry();
-    let spec = match cli.model.as_deref() {
-        Some(m) => registry.find(m),
-        None => Some(registry.default_model()),
-    };
-    if let Some(spec) = spec.filter(|s| store.model_path(s) == path) {
-        return Ok(spec.sha256.clone());
-    }
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("hashing the model [{bar:30}] {bytes}/{total_bytes} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    let sha = triage_registry::sha256_file(path, &bar)
-        .with_context(|| format!("cannot hash {}", path.display()))?;
-    bar.finish_and_clear();
-    Ok(sha)
-}
-
 struct Bar(ProgressBar);
 
 impl Observer for Bar {
@@ -201,8 +173,10 @@ pub fn base_structurer(
     let gguf = GgufFile::open(&path)?;
     let dev = device(device_spec)?;
     let model = Arc::new(Qwen2::load(&gguf, &dev, &LoadOptions::default())?);
+    let (prefix_cache_dir, model_sha256) = crate::model_cmd::prefix_cache(cli, &path);
     let opts = StructurerOptions {
-        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        prefix_cache_dir,
+        model_sha256,
         layerwise_prefill: training,
         ..StructurerOptions::default()
     };
@@ -318,7 +292,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let sha = model_sha256(cli, &model_path)?;
+    let sha = crate::model_cmd::model_sha256(cli, &model_path)?;
     let meta = TriageMeta::new(&taxonomy, &sha, &base_file, serde_json::to_value(&summary)?);
     adapter::save(&args.out, &trainer.lora, &base_name, &meta)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -361,7 +335,7 @@ pub fn load_adapter(
     structurer: &Structurer,
     model_path: &Path,
 ) -> anyhow::Result<triage_llm::lora::Lora> {
-    let sha = model_sha256(cli, model_path)?;
+    let sha = crate::model_cmd::model_sha256(cli, model_path)?;
     Ok(adapter::load_checked(
         dir,
         structurer.taxonomy(),

@@ -526,6 +526,63 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
+/// Dot product in a fixed order (eight lanes, then the lanes summed in order): the same
+/// result for a row whatever else is computed with it.
+fn dot_fixed(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut s = 0f32;
+    for l in lanes {
+        s += l;
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The LoRA update `B·A·x·scale` of every row of `x` `[.., in]` (f32, CPU), for `a` `[r, in]`
+/// and `b` `[out, r]`, each row computed alone in a fixed order: batch-invariant, unlike a
+/// matrix product whose blocking depends on the number of rows, so a ticket decoded in a
+/// batch gets the logits it gets alone. Rank r is small, so this costs little.
+pub(crate) fn lora_rows(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let inp = x.dim(candle_core::D::Minus1)?;
+    let (r, a_in) = a.dims2()?;
+    let (out, b_r) = b.dims2()?;
+    if a_in != inp || b_r != r {
+        candle_core::bail!("LoRA shapes: x [.., {inp}], A [{r}, {a_in}], B [{out}, {b_r}]");
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let av = a.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    // Bᵀ laid out [r, out], so each rank's column is a contiguous run.
+    let bt = b
+        .t()?
+        .contiguous()?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * out];
+    par_rows(&mut y, out, |row, dst| {
+        let xr = &xs[row * inp..(row + 1) * inp];
+        for j in 0..r {
+            let h = dot_fixed(xr, &av[j * inp..(j + 1) * inp]) * scale as f32;
+            for (d, w) in dst.iter_mut().zip(&bt[j * out..(j + 1) * out]) {
+                *d += h * w;
+            }
+        }
+    });
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a matrix") = out;
+    Tensor::from_vec(y, dims, x.device())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

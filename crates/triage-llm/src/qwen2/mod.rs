@@ -27,11 +27,10 @@ mod ops;
 pub mod train;
 pub mod weights;
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 pub use cache::KvCache;
 pub use config::Config;
@@ -40,9 +39,38 @@ pub use weights::{DenseWeights, LoadOptions};
 
 use crate::lora::Lora;
 use crate::LlmError;
-use layer::{Extras, Positions};
+use cache::LayerKv;
+use layer::{Extras, Past, Positions};
 use ops::Fused;
 use weights::Layer;
+
+/// One sequence of a batched forward ([`Qwen2::forward_batch`]).
+pub struct BatchItem<'a> {
+    /// New tokens, after the positions the cache holds.
+    pub tokens: &'a [u32],
+    /// The sequence's cache, and whether the tokens extend it.
+    pub seq: Seq<'a>,
+    /// Logits are returned for the last this many tokens.
+    pub n_logits: usize,
+}
+
+/// How a batched item uses its cache.
+pub enum Seq<'a> {
+    /// The new tokens are appended to the cache.
+    Extend(&'a mut KvCache),
+    /// The new tokens are scored after the cache's positions and dropped: several items can
+    /// read one cache (the alternatives of a value, each scored in the same pass).
+    Peek(&'a KvCache),
+}
+
+impl Seq<'_> {
+    fn cache(&self) -> &KvCache {
+        match self {
+            Seq::Extend(c) => c,
+            Seq::Peek(c) => c,
+        }
+    }
+}
 
 /// The model weights. Immutable after load and `Send + Sync`: share one instance between
 /// threads; each sequence keeps its own [`KvCache`].
@@ -88,89 +116,135 @@ impl Qwen2 {
         n_logits: usize,
         lora: Option<&Lora>,
     ) -> Result<Tensor, LlmError> {
-        let n = tokens.len();
-        if n_logits == 0 || n_logits > n {
-            return Err(LlmError::Candle(format!(
-                "forward needs 1..=n tokens of logits (n={n}, n_logits={n_logits})"
-            )));
-        }
-        let x = self.hidden_states(tokens, cache, 0..self.layers.len(), lora, None)?;
-        let run = || -> candle_core::Result<Tensor> {
-            let x = x.narrow(1, n - n_logits, n_logits)?;
-            let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
-            self.lm_head.forward(&x)?.squeeze(0)
-        };
-        run().map_err(LlmError::from)
+        let mut items = [BatchItem {
+            tokens,
+            seq: Seq::Extend(cache),
+            n_logits,
+        }];
+        let mut out = self.forward_batch(&mut items, lora)?;
+        Ok(out.pop().expect("one item, one result"))
     }
 
-    /// Runs `tokens` through `layers` only (with the fused inference kernels) and returns
-    /// the hidden states after the last of them, `[1, n, hidden]`: the input of layer
-    /// `layers.end`. `cache` must hold the positions before `tokens`. With all layers, the
-    /// cache advances by `n` (as [`Qwen2::forward`]); with some, only those layers' keys
-    /// and values grow, so pass a clone to drop afterwards. Training uses this for the
-    /// frozen lower layers, whose output does not change while the layers above train; `dense`
-    /// copies of layers are used instead of their quantized kernels.
-    pub fn hidden_states(
+    /// One forward pass over several sequences: every matrix product runs once over all
+    /// their new tokens (the weights are read once per pass, not once per sequence), and each
+    /// sequence attends only to its own cache and tokens. Returns each item's logits,
+    /// `[n_logits, vocab]`, in order; equal to running the items one by one, up to the
+    /// rounding of products over more rows.
+    pub fn forward_batch(
         &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        layers: Range<usize>,
+        items: &mut [BatchItem],
         lora: Option<&Lora>,
-        dense: Option<&DenseWeights>,
-    ) -> Result<Tensor, LlmError> {
-        let n = tokens.len();
-        let past = cache.len;
-        if n == 0 {
-            return Err(LlmError::Candle("forward needs at least one token".into()));
+    ) -> Result<Vec<Tensor>, LlmError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        if past + n > self.max_seq_len() {
-            return Err(LlmError::Candle(format!(
-                "sequence of {} tokens exceeds the model's budget {}",
-                past + n,
-                self.max_seq_len()
-            )));
-        }
-        if layers.end > self.layers.len() || layers.start > layers.end {
-            return Err(LlmError::Candle(format!(
-                "layers {layers:?} out of range (the model has {})",
-                self.layers.len()
-            )));
-        }
-        let mut run = || -> candle_core::Result<Tensor> {
-            if cache.layers.len() != self.layers.len() {
-                cache.layers = vec![None; self.layers.len()];
+        let nl = self.layers.len();
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        for (i, it) in items.iter_mut().enumerate() {
+            let n = it.tokens.len();
+            if n == 0 || it.n_logits == 0 || it.n_logits > n {
+                return Err(LlmError::Candle(format!(
+                    "item {i}: a forward needs tokens and 1..=n of logits (n={n}, n_logits={})",
+                    it.n_logits
+                )));
             }
-            let ids = Tensor::new(tokens, &self.device)?;
-            let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?; // [1, n, hidden]
-            let at = self.positions(past, n)?;
-            for li in layers.clone() {
-                let kv = &mut cache.layers[li];
+            let cache = it.seq.cache();
+            let past = cache.len;
+            if past + n > self.max_seq_len() {
+                return Err(LlmError::Candle(format!(
+                    "item {i}: sequence of {} tokens exceeds the model's budget {}",
+                    past + n,
+                    self.max_seq_len()
+                )));
+            }
+            if cache.layers.iter().any(|l| l.len() != past) {
+                return Err(LlmError::Candle(format!(
+                    "item {i}: the cache holds {past} positions in some layers only"
+                )));
+            }
+            if let Seq::Extend(c) = &mut it.seq {
+                if c.layers.len() != nl {
+                    c.layers = (0..nl).map(|_| LayerKv::default()).collect();
+                }
+            }
+            ids.extend_from_slice(it.tokens);
+            pos.extend((past..past + n).map(|p| p as u32));
+        }
+        let mut run = || -> candle_core::Result<Vec<Tensor>> {
+            let total = ids.len();
+            let mut x = self
+                .embed
+                .embedding(&Tensor::new(ids.as_slice(), &self.device)?)?
+                .unsqueeze(0)?;
+            let at = match items.len() {
+                1 => self.positions(pos[0] as usize, total)?,
+                _ => {
+                    let p = Tensor::new(pos.as_slice(), &self.device)?;
+                    Positions {
+                        cos: self.cos.index_select(&p, 0)?,
+                        sin: self.sin.index_select(&p, 0)?,
+                        segments: items.iter().map(|it| it.tokens.len()).collect(),
+                    }
+                }
+            };
+            for li in 0..nl {
+                let mut pasts = items
+                    .iter_mut()
+                    .map(|it| match &mut it.seq {
+                        Seq::Extend(c) => Ok(Past::Cache(&mut c.layers[li], c.reserve)),
+                        Seq::Peek(c) => Ok(match c.layers.get(li).map(|l| l.view()).transpose()?.flatten() {
+                            Some((k, v)) => Past::Frozen(k, v),
+                            None => Past::None,
+                        }),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 let extras = Extras {
                     layer: li,
                     adapter: lora.map(|l| (&l.layers[li], l.scale())),
-                    dense: dense.and_then(|d| d.layer(li)),
+                    dense: None,
                 };
-                let past = kv.as_ref().map(|(k, v)| (k, v));
-                let (y, new_kv) = self.layers[li].forward(&self.cfg, &x, &at, past, extras, &Fused)?;
-                *kv = Some(new_kv);
-                x = y;
+                x = self.layers[li].forward(&self.cfg, &x, &at, &mut pasts, extras, &Fused)?;
             }
-            Ok(x)
+            // The head, once over every wanted row.
+            let mut rows = Vec::new();
+            let mut start = 0;
+            for it in items.iter() {
+                let n = it.tokens.len();
+                rows.extend((start + n - it.n_logits..start + n).map(|r| r as u32));
+                start += n;
+            }
+            let x = match rows.len() == total {
+                true => x,
+                false => x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 1)?,
+            };
+            let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
+            let logits = ops::qmatmul(&self.lm_head, &x)?.squeeze(0)?;
+            let mut out = Vec::with_capacity(items.len());
+            let mut r = 0;
+            for it in items.iter() {
+                out.push(logits.narrow(0, r, it.n_logits)?);
+                r += it.n_logits;
+            }
+            Ok(out)
         };
-        let x = run().map_err(LlmError::from)?;
-        if layers == (0..self.layers.len()) {
-            cache.len += n;
+        let out = run().map_err(LlmError::from)?;
+        for it in items.iter_mut() {
+            if let Seq::Extend(c) = &mut it.seq {
+                c.len += it.tokens.len();
+            }
         }
-        Ok(x)
+        Ok(out)
     }
 
     /// Runs `x` `[b, n, hidden]` through layer `li` with the inference kernels (or `dense`
-    /// copies), attending to and appending to `cache`'s keys and values of that layer.
+    /// copies), after the positions `prefix` holds (attended to, not extended): the frozen
+    /// lower layers of a training run, computed once per example.
     pub fn run_layer(
         &self,
         li: usize,
         x: &Tensor,
-        cache: &mut KvCache,
+        prefix: &KvCache,
         dense: Option<&DenseWeights>,
     ) -> Result<Tensor, LlmError> {
         let layer = self.layers.get(li).ok_or_else(|| {
@@ -179,16 +253,10 @@ impl Qwen2 {
                 self.layers.len()
             ))
         })?;
-        if cache.layers.len() != self.layers.len() {
-            cache.layers = vec![None; self.layers.len()];
-        }
-        let mut run = || -> candle_core::Result<Tensor> {
-            let kv = &mut cache.layers[li];
-            let past = match kv {
-                Some((k, _)) => k.dim(2)?,
-                None => 0,
-            };
-            let n = x.dim(1)?;
+        let run = || -> candle_core::Result<Tensor> {
+            let (b, n, _) = x.dims3()?;
+            let kv = prefix.layers.get(li).map(|l| l.view()).transpose()?.flatten();
+            let past = kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
             if past + n > self.max_seq_len() {
                 candle_core::bail!(
                     "sequence of {} tokens exceeds the model's budget {}",
@@ -196,17 +264,39 @@ impl Qwen2 {
                     self.max_seq_len()
                 );
             }
+            let past = match kv {
+                None => Past::None,
+                Some((k, v)) => {
+                    let (_, hk, t, d) = k.dims4()?;
+                    Past::Frozen(k.broadcast_as((b, hk, t, d))?, v.broadcast_as((b, hk, t, d))?)
+                }
+            };
             let extras = Extras {
                 layer: li,
                 adapter: None,
                 dense: dense.and_then(|d| d.layer(li)),
             };
-            let prev = kv.as_ref().map(|(k, v)| (k, v));
-            let (y, new_kv) = layer.forward(&self.cfg, x, &self.positions(past, n)?, prev, extras, &Fused)?;
-            *kv = Some(new_kv);
-            Ok(y)
+            layer.forward(
+                &self.cfg,
+                x,
+                &self.positions(prefix.len, n)?,
+                &mut [past],
+                extras,
+                &Fused,
+            )
         };
         run().map_err(LlmError::from)
+    }
+
+    /// The hidden states of `tokens` after the first `layers` layers, `[1, n, hidden]` (the
+    /// input of layer `layers`), run after the positions `prefix` holds (not extended).
+    pub fn hidden_states(&self, tokens: &[u32], prefix: &KvCache, layers: usize) -> Result<Tensor, LlmError> {
+        let ids = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0))?;
+        let mut x = self.embed(&ids)?;
+        for li in 0..layers {
+            x = self.run_layer(li, &x, prefix, None)?;
+        }
+        Ok(x)
     }
 
     /// The KV cache of `tokens` (e.g. the system prompt), computed one layer at a time with a
@@ -218,12 +308,31 @@ impl Qwen2 {
     pub fn prefill_layerwise(&self, tokens: &[u32]) -> Result<KvCache, LlmError> {
         let ids = Tensor::new(tokens, &self.device).map_err(LlmError::from)?;
         let mut x = self.embed(&ids.unsqueeze(0).map_err(LlmError::from)?)?;
-        let mut cache = KvCache::default();
+        let n = tokens.len();
+        if n == 0 || n > self.max_seq_len() {
+            return Err(LlmError::Candle(format!(
+                "a prefill needs 1..={} tokens; got {n}",
+                self.max_seq_len()
+            )));
+        }
+        let mut cache = KvCache {
+            layers: (0..self.layers.len()).map(|_| LayerKv::default()).collect(),
+            ..KvCache::default()
+        };
+        let at = self.positions(0, n).map_err(LlmError::from)?;
         for li in 0..self.layers.len() {
             let dense = self.dense_weights(li..li + 1, false, candle_core::DType::F32)?;
-            x = self.run_layer(li, &x, &mut cache, Some(&dense))?;
+            let extras = Extras {
+                layer: li,
+                adapter: None,
+                dense: dense.layer(li),
+            };
+            let mut past = [Past::Cache(&mut cache.layers[li], 0)];
+            x = self.layers[li]
+                .forward(&self.cfg, &x, &at, &mut past, extras, &Fused)
+                .map_err(LlmError::from)?;
         }
-        cache.len = tokens.len();
+        cache.len = n;
         Ok(cache)
     }
 
@@ -243,6 +352,7 @@ impl Qwen2 {
         Ok(Positions {
             cos: self.cos.narrow(0, past, n)?,
             sin: self.sin.narrow(0, past, n)?,
+            segments: vec![n],
         })
     }
 }

@@ -57,6 +57,27 @@ pub(crate) struct LoraRef<'a> {
     pub(crate) target: Target,
 }
 
+/// `x·Wᵀ` with the quantized kernels, computing each row the same way whatever the number of
+/// rows (batch invariance): candle multiplies one row by Q6_K weights with its GEMV kernel
+/// and several rows with its tiled kernel, which round differently, so a lone row is padded
+/// to two. A ticket decoded in a batch then gets exactly the logits it gets alone (its other
+/// kernels, Q4_K tiles and Q8_0 dot products, already treat each row alike).
+pub(crate) fn qmatmul(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let q6k = matches!(w, QMatMul::QTensor(t) if t.dtype() == candle_core::quantized::GgmlDType::Q6K);
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    if !(q6k && rows == 1) {
+        return w.forward(x);
+    }
+    let dims = x.dims().to_vec();
+    let row = x.reshape((1, dims[dims.len() - 1]))?;
+    let y = w
+        .forward(&Tensor::cat(&[&row, &row.zeros_like()?], 0)?)?
+        .narrow(0, 0, 1)?;
+    let mut out = dims;
+    *out.last_mut().expect("a matrix") = y.dim(1)?;
+    y.reshape(out)
+}
+
 /// `B·A·x·scale`: the one LoRA update, for `a` `[r, in]` and `b` `[out, r]` (the scale is
 /// applied to the rank-r product, the smallest tensor).
 pub(crate) fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
@@ -103,10 +124,14 @@ impl Ops for Fused {
     ) -> Result<Tensor> {
         let y = match dense {
             Some(d) => dense_matmul(x, d)?,
-            None => w.forward(x)?,
+            None => qmatmul(w, x)?,
         };
         match lora {
             None => Ok(y),
+            // On CPU, row by row in a fixed order: the same update whatever the batch.
+            Some(l) if x.device().is_cpu() => {
+                y + super::kernels::lora_rows(x, l.pair.a.as_tensor(), l.pair.b.as_tensor(), l.scale)?
+            }
             Some(l) => {
                 y + lora_delta(
                     x,

@@ -20,7 +20,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var, D};
 
-use super::layer::{Extras, Positions};
+use super::layer::{Extras, Past, Positions};
 use super::ops::{Differentiable, Ops};
 use super::{DenseWeights, KvCache, Qwen2};
 use crate::lora::Lora;
@@ -29,7 +29,7 @@ use crate::LlmError;
 /// The input of a training forward.
 pub struct TrainInput<'a> {
     /// `[b, n, hidden]`: the input of layer `first_layer` ([`Qwen2::embed`] for layer 0, or
-    /// [`Qwen2::hidden_states`] of the frozen layers below).
+    /// [`Qwen2::run_layer`] through the frozen layers below).
     pub hidden: Tensor,
     /// The first layer run.
     pub first_layer: usize,
@@ -294,7 +294,10 @@ impl Qwen2 {
         let (hk, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let mut past_kv = Vec::with_capacity(self.layers.len() - first);
         for li in first..self.layers.len() {
-            let kv = input.prefix.and_then(|p| p.layers.get(li).cloned().flatten());
+            let kv = match input.prefix.and_then(|p| p.layers.get(li)) {
+                Some(l) => l.view()?,
+                None => None,
+            };
             past_kv.push(match kv {
                 None => None,
                 Some((k, v)) => Some((
@@ -325,10 +328,11 @@ impl Qwen2 {
             adapter: lora.map(|l| (&l.layers[li], l.scale())),
             dense: dense.layer(li),
         };
-        let past = ctx.past[li - ctx.first].as_ref().map(|(k, v)| (k, v));
-        Ok(self.layers[li]
-            .forward(&self.cfg, x, &ctx.at, past, extras, ops)?
-            .0)
+        let past = match &ctx.past[li - ctx.first] {
+            Some((k, v)) => Past::Frozen(k.clone(), v.clone()),
+            None => Past::None,
+        };
+        self.layers[li].forward(&self.cfg, x, &ctx.at, &mut [past], extras, ops)
     }
 
     /// Layers `ctx.first..` on `x`.

@@ -37,6 +37,7 @@ fn options(store: &ModelStore) -> StructurerOptions {
     StructurerOptions {
         min_confidence: Some(0.5),
         prefix_cache_dir: Some(store.cache_dir().join("prefix")),
+        model_sha256: Some(store.registry().get("0.5b").unwrap().sha256.clone()),
         ..StructurerOptions::default()
     }
 }

@@ -3,9 +3,13 @@
 //!
 //! * (a) unconstrained greedy decoding of the same model and prompt, full prefill each time;
 //! * (b) grammar-constrained, without fast-forward and without the prefix cache;
-//! * (c) the full engine: fast-forward, prefix KV cache (warmed before timing).
+//! * (c) the full engine: fast-forward, prefix KV cache (warmed before timing), one ticket
+//!   at a time;
+//! * (d) the full engine in batch mode: B tickets in flight sharing every forward pass
+//!   (`infer --input --batch-size B`), for each B of `--batch-sizes`.
 //!
-//! Figures are reported as measured and as ratios against (a) from the same run.
+//! Figures are reported as measured and as ratios against (a) and (c) from the same run; (d)
+//! also counts its tickets that differ from (c)'s.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +36,9 @@ pub struct InferBenchArgs {
     /// Incidents file (JSON array of {id, lang, text}).
     #[arg(long, default_value = "tests/fixtures/incidents.json")]
     incidents: PathBuf,
+    /// Batch sizes for the batch-mode variant (d), comma-separated (none: `--batch-sizes ''`).
+    #[arg(long, value_delimiter = ',', default_value = "4,8")]
+    batch_sizes: Vec<usize>,
     /// Markdown report to write (a JSON twin is written beside it).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -49,6 +56,10 @@ struct Variant {
     decode_ms: f64,
     mask_ms: f64,
     per_ticket_ms: Vec<f64>,
+    /// Wall time of the whole variant (tickets one after another, or in flight together).
+    wall_s: f64,
+    /// Batch mode: tickets that differ from (c)'s.
+    differ_from_c: Option<usize>,
 }
 
 impl Variant {
@@ -130,19 +141,59 @@ pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::Exi
             ..Variant::default()
         };
         let validator = triage_taxonomy::Validator::new(&taxonomy);
+        let mut c_tickets = Vec::new();
         for (i, text) in incidents.iter().enumerate().take(args.n.max(args.baseline_n)) {
             if i < args.baseline_n {
                 let (out, m) = full.generate_unconstrained(text)?;
                 let valid = validator.parse_str(out.trim()).is_ok();
                 a.add(&m, valid);
+                a.wall_s += m.timings.total_ms / 1000.0;
                 let s = plain.structure(text)?;
                 b.add(&s.meta, true);
+                b.wall_s += s.meta.timings.total_ms / 1000.0;
             }
             if i < args.n {
                 let s = full.structure(text)?;
                 c.add(&s.meta, true);
+                c.wall_s += s.meta.timings.total_ms / 1000.0;
+                c_tickets.push(s.ticket);
             }
             eprintln!("  {}/{}", i + 1, args.n.max(args.baseline_n));
+        }
+        let mut variants = vec![a, b, c];
+        let texts: Vec<&String> = incidents.iter().take(c_tickets.len()).collect();
+        for &bs in args.batch_sizes.iter().filter(|&&b| b > 0) {
+            let mut d = Variant {
+                name: format!("(d) batch mode, {bs} in flight"),
+                differ_from_c: Some(0),
+                ..Variant::default()
+            };
+            let t = Instant::now();
+            let mut failed = None;
+            triage_infer::for_each_concurrently(
+                texts.len(),
+                bs,
+                |i| full.structure(texts[i]),
+                |i, r| match r {
+                    Ok(s) => {
+                        d.add(&s.meta, true);
+                        if s.ticket != c_tickets[i] {
+                            *d.differ_from_c.get_or_insert(0) += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                },
+            );
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            d.wall_s = t.elapsed().as_secs_f64();
+            eprintln!("  batch {bs}: {:.1} s", d.wall_s);
+            variants.push(d);
         }
         reports.push(ModelReport {
             model: name.clone(),
@@ -150,7 +201,7 @@ pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::Exi
             system_prompt_tokens: full.system_prompt_tokens(),
             system_prompt_prefill_s,
             peak_rss_mib: peak_rss_mib(),
-            variants: vec![a, b, c],
+            variants,
         });
     }
     write_report(&args.out, &reports)?;
@@ -165,20 +216,22 @@ fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
         command.join(" "),
         machine()
     );
-    md.push_str("Variants: (a) unconstrained greedy decoding, same model and prompt, full prefill each ticket; (b) grammar-constrained, no fast-forward, no prefix cache; (c) full engine, prefix cache warm (batch / server mode).\n\n");
+    md.push_str("Variants: (a) unconstrained greedy decoding, same model and prompt, full prefill each ticket; (b) grammar-constrained, no fast-forward, no prefix cache; (c) full engine, prefix cache warm, one ticket at a time; (d) the full engine with B tickets in flight sharing every forward pass (`infer --input --batch-size B`). Tickets/s is tickets over the variant's wall time; in (d) a ticket's ms include its waits for the shared passes. \"differ from (c)\": tickets of (d) not identical to (c)'s.\n\n");
     for r in reports {
         md.push_str(&format!(
             "### {}\n\nload {:.1} s; system prompt {} tokens, prefilled once in {:.1} s; peak RSS {:.0} MiB.\n\n",
             r.model, r.load_s, r.system_prompt_tokens, r.system_prompt_prefill_s, r.peak_rss_mib
         ));
-        md.push_str("| variant | tickets | valid tickets | prefill tok/s | decode tok/s (output) | mask µs/sampled token | mask % of decode | ms/ticket p50 | p95 | mean | speed-up vs (a) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
-        let base = r.variants[0].mean();
+        md.push_str("| variant | tickets | valid tickets | differ from (c) | prefill tok/s | decode tok/s (output) | mask µs/sampled token | mask % of decode | ms/ticket p50 | p95 | mean | tickets/s | vs (a) | vs (c) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let rate = |v: &Variant| v.tickets as f64 / v.wall_s.max(1e-9);
+        let (base, one) = (rate(&r.variants[0]), rate(&r.variants[2]));
         for v in &r.variants {
             md.push_str(&format!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2}x |\n",
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.3} | {:.2}x | {:.2}x |\n",
                 v.name,
                 v.tickets,
                 v.valid,
+                v.differ_from_c.map_or("–".to_string(), |n| n.to_string()),
                 v.prefill_tokens as f64 / (v.prefill_ms / 1000.0),
                 v.output_tokens as f64 / (v.decode_ms / 1000.0),
                 v.mask_ms * 1000.0 / v.sampled_tokens.max(1) as f64,
@@ -186,7 +239,9 @@ fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {
                 v.pct(0.5),
                 v.pct(0.95),
                 v.mean(),
-                base / v.mean(),
+                rate(v),
+                rate(v) / base,
+                rate(v) / one,
             ));
         }
         md.push('\n');

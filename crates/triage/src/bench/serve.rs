@@ -62,8 +62,10 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> anyhow::Result<ExitCode> {
     let path = crate::model_cmd::model_path(cli)?;
     let (gguf, model) = crate::model_cmd::load_cpu(&path)?;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let (prefix_cache_dir, model_sha256) = crate::model_cmd::prefix_cache(cli, &path);
     let opts = StructurerOptions {
-        prefix_cache_dir: Some(crate::model_cmd::cache_dir(cli).join("prefix")),
+        prefix_cache_dir,
+        model_sha256,
         ..StructurerOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -1,0 +1,83 @@
+//! `--backend`: where `infer` and `eval` decode tickets — this process (`local`, the
+//! default) or an OpenAI-compatible server (`openai:URL`: vLLM, llama-server) for scale-out.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use triage_infer::remote::{RemoteOptions, RemoteStructurer};
+use triage_llm::{GgufFile, Tokenizer};
+use triage_taxonomy::Taxonomy;
+
+use crate::Cli;
+
+/// Choosing the backend.
+#[derive(Args, Clone)]
+pub struct BackendArgs {
+    /// Where tickets are decoded: `local` (this process) or `openai:URL`, an OpenAI-compatible
+    /// server given the same messages and schema (README, "Remote backend"). Its answers are
+    /// validated; an invalid one is an error for that ticket, never repaired.
+    #[arg(long, value_name = "BACKEND", default_value = "local", value_parser = parse_backend)]
+    pub backend: String,
+    /// With `openai:URL`: the model name to request (vLLM: the base model, or an adapter's
+    /// name from `--lora-modules NAME=DIR`).
+    #[arg(long, value_name = "NAME", default_value = "triage")]
+    pub backend_model: String,
+    /// With `openai:URL`: seconds allowed per request.
+    #[arg(long, value_name = "S", default_value_t = 120)]
+    pub backend_timeout: u64,
+    /// With `openai:URL`: bearer token.
+    #[arg(
+        long,
+        env = "TRIAGE_BACKEND_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub backend_api_key: Option<String>,
+}
+
+/// `local` or `openai:http(s)://…` (a usage error otherwise).
+fn parse_backend(s: &str) -> Result<String, String> {
+    match s.strip_prefix("openai:") {
+        _ if s == "local" => Ok(s.to_owned()),
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Ok(s.to_owned()),
+        _ => Err(
+            "expected `local` or `openai:URL` with an http(s) URL, e.g. openai:http://gpu-box:8000/v1".into(),
+        ),
+    }
+}
+
+/// The remote structurer when `--backend openai:URL` is given, else `None` (local). The
+/// model's tokenizer (read from its GGUF header; the weights are not loaded) gives the same
+/// input hygiene as local inference.
+pub fn remote(
+    cli: &Cli,
+    args: &BackendArgs,
+    taxonomy: Taxonomy,
+    max_new_tokens: usize,
+    max_input_tokens: usize,
+    min_confidence: Option<f32>,
+) -> anyhow::Result<Option<RemoteStructurer>> {
+    let url = match args.backend.as_str() {
+        "local" => return Ok(None),
+        b => match b.strip_prefix("openai:") {
+            Some(url) => url,
+            None => {
+                bail!("--backend {b}: expected `local` or `openai:URL` (e.g. openai:http://gpu-box:8000/v1)")
+            }
+        },
+    };
+    let path = crate::model_cmd::model_path(cli)?;
+    let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path)?)
+        .with_context(|| format!("the tokenizer of {}", path.display()))?;
+    let opts = RemoteOptions {
+        url: url.to_owned(),
+        model: args.backend_model.clone(),
+        api_key: args.backend_api_key.clone(),
+        max_new_tokens,
+        max_input_tokens,
+        timeout: Duration::from_secs(args.backend_timeout.max(1)),
+        min_confidence,
+    };
+    Ok(Some(RemoteStructurer::new(opts, taxonomy, tokenizer)?))
+}
