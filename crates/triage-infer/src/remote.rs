@@ -41,6 +41,44 @@ pub struct RemoteOptions {
     pub timeout: Duration,
     /// Fields whose confidence is below this mark the ticket `needs_review`.
     pub min_confidence: Option<f32>,
+    /// Send the schema without its `anyOf` rules (llama.cpp's schema-to-grammar conversion
+    /// mishandles the per-category `anyOf` of the subcategory and then writes incomplete
+    /// tickets). The answers are still validated against the full rules, so what the server
+    /// gets wrong is counted, not hidden.
+    pub drop_any_of: bool,
+    /// Engine-specific request fields merged into every body (e.g. llama-server's
+    /// `{"cache_prompt": true}`).
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            model: "triage".into(),
+            api_key: None,
+            max_new_tokens: 320,
+            max_input_tokens: 1536,
+            timeout: Duration::from_secs(120),
+            min_confidence: None,
+            drop_any_of: false,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// `schema` without any `anyOf` (at any depth).
+fn without_any_of(schema: &Value) -> Value {
+    match schema {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "anyOf")
+                .map(|(k, v)| (k.clone(), without_any_of(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_any_of).collect()),
+        v => v.clone(),
+    }
 }
 
 /// Structures incidents on an OpenAI-compatible server. `Send + Sync`: share one.
@@ -71,7 +109,12 @@ impl RemoteStructurer {
             false => format!("{base}/v1/chat/completions"),
         };
         let schema = ticket_schema(&taxonomy);
+        // The prompt shows the full schema, as local inference does.
         let prompt = PromptBuilder::new(&taxonomy, &schema)?;
+        let schema = match opts.drop_any_of {
+            true => without_any_of(&schema),
+            false => schema,
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -114,6 +157,10 @@ impl RemoteStructurer {
             "logprobs": true,
             "top_logprobs": 1,
         });
+        let mut body = body;
+        if let Value::Object(m) = &mut body {
+            m.extend(self.opts.extra.clone());
+        }
         Ok((body, warnings))
     }
 

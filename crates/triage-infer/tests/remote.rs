@@ -92,6 +92,7 @@ fn client(url: &str, tok: Tokenizer) -> RemoteStructurer {
         max_input_tokens: 1536,
         timeout: Duration::from_secs(20),
         min_confidence: Some(0.5),
+        ..RemoteOptions::default()
     };
     RemoteStructurer::new(opts, Taxonomy::builtin_default(), tok).unwrap()
 }
@@ -196,9 +197,39 @@ fn an_unreachable_backend_is_a_clear_error() {
             max_input_tokens: 64,
             timeout: Duration::from_secs(1),
             min_confidence: None,
+            ..RemoteOptions::default()
         },
         Taxonomy::builtin_default(),
         tokenizer(),
     )
     .is_err());
+}
+
+/// llama-server mode: the schema goes without its `anyOf` rules and with the engine's own
+/// fields, and the answer is still checked against the full rules.
+#[test]
+fn without_any_of_the_rule_is_still_checked() {
+    let bad = json!({
+        "summary": "VPN drops", "category": "Network", "subcategory": "Printer / Scanner",
+        "priority": "High", "assignment_group": "Network Operations", "request_type": "Incident",
+    });
+    let (url, seen) = fake_server(vec![(200, answer(&bad.to_string(), -0.1))]);
+    let mut extra = serde_json::Map::new();
+    extra.insert("cache_prompt".into(), json!(true));
+    let opts = RemoteOptions {
+        url,
+        drop_any_of: true,
+        extra,
+        ..RemoteOptions::default()
+    };
+    let remote = RemoteStructurer::new(opts, Taxonomy::builtin_default(), tokenizer()).unwrap();
+    let e = remote.structure("VPN drops").unwrap_err();
+    assert!(matches!(e, InferError::RemoteInvalid { .. }), "{e:?}");
+    let body = seen.lock().unwrap()[0].clone();
+    let schema = body["response_format"]["json_schema"]["schema"].to_string();
+    assert!(!schema.contains("anyOf"), "{schema}");
+    assert!(schema.contains("\"subcategory\""), "{schema}");
+    assert_eq!(body["cache_prompt"], true);
+    // The prompt still shows the full schema, as local inference does.
+    assert!(body["messages"][0]["content"].as_str().unwrap().contains("anyOf"));
 }

