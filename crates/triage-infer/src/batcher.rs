@@ -9,14 +9,15 @@
 //!
 //! A ticket that joins while a pass runs waits for the next one, and one that finishes
 //! leaves at once: the batch refills continuously. Each ticket's logits depend only on its
-//! own tokens (up to the rounding of products over more rows), so batching does not change
-//! tickets.
+//! own tokens, bit for bit on CPU (the kernels compute every row alike, see
+//! `Qwen2::forward_batch`), so batching does not change tickets.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use triage_llm::lora::Lora;
 use triage_llm::qwen2::{BatchItem, KvCache, Qwen2, Seq};
 use triage_llm::LlmError;
@@ -88,11 +89,6 @@ impl Batcher {
         self.lock().members += 1;
         Member { batcher: self }
     }
-
-    /// Tickets in flight now.
-    pub(crate) fn members(&self) -> usize {
-        self.lock().members
-    }
 }
 
 impl Drop for Member<'_> {
@@ -141,6 +137,14 @@ impl Member<'_> {
                 .0;
         }
     }
+}
+
+/// One row of logits as a vector.
+pub(crate) fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
+    logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| InferError::Model(e.into()))
 }
 
 /// One pass over every job; if it fails, each job alone (so an error reaches only the job
@@ -202,11 +206,7 @@ fn run_jobs(
         catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut items, lora)))
     };
     let rows = match result {
-        Ok(Ok(logits)) => logits
-            .iter()
-            .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| InferError::Model(e.into())),
+        Ok(Ok(logits)) => logits.iter().map(to_vec).collect::<Result<Vec<_>, _>>(),
         Ok(Err(e)) => Err(InferError::Model(e)),
         Err(_) => Err(InferError::Model(LlmError::Candle(
             "a forward pass panicked".into(),

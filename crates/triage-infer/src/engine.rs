@@ -17,7 +17,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use llguidance::Matcher;
 use serde::Serialize;
 use triage_llm::lora::Lora;
@@ -25,7 +25,7 @@ use triage_llm::qwen2::{KvCache, LoadOptions, Qwen2};
 use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
 
-use crate::batcher::{Batcher, Job, Member, Work};
+use crate::batcher::{to_vec, Batcher, Job, Member, Work};
 use crate::grammar::Grammar;
 use crate::prompt::PromptBuilder;
 use crate::values::{enum_candidates, value_state, ValueState};
@@ -295,18 +295,21 @@ impl Structurer {
     /// passes (checked between decoding steps), so a server can bound each request's work.
     pub fn structure_until(&self, text: &str, deadline: Option<Instant>) -> Result<Structured, InferError> {
         let t0 = Instant::now();
-        let member = self.batcher.join();
         let mut meta = Meta::default();
         let tokens = self.prompt_tokens(text, &mut meta)?;
+        let cached = self.opts.prefix_cache && tokens.starts_with(&self.prefix);
+        let start = if cached { self.prefix.len() } else { 0 };
         // Room for the rest of the prompt and a typical answer; the buffers grow if needed.
-        let (mut cache, start) = if self.opts.prefix_cache && tokens.starts_with(&self.prefix) {
-            let rest = tokens.len() - self.prefix.len() + 128;
-            (self.prefix_kv()?.fork(rest)?, self.prefix.len())
-        } else {
-            (KvCache::default(), 0)
+        let reserve = tokens.len() - start + 128;
+        let mut cache = match cached {
+            true => self.prefix_kv()?.fork(reserve)?,
+            false => KvCache::default(),
         };
-        cache.set_reserve(tokens.len() - start + 128);
+        cache.set_reserve(reserve);
         meta.cached_prompt_tokens = start;
+        // In flight from here: the batcher waits for this ticket's passes (not while it was
+        // tokenising or computing the shared prefix).
+        let member = self.batcher.join();
         let mut dec = Decoder {
             s: self,
             member: &member,
@@ -340,11 +343,6 @@ impl Structurer {
         }
         meta.timings.total_ms = ms(t0);
         Ok(Structured { ticket, meta })
-    }
-
-    /// Tickets being decoded right now (their forward passes are merged).
-    pub fn in_flight(&self) -> usize {
-        self.batcher.members()
     }
 
     /// Baseline for benchmarks: the same prompt, full prefill (no prefix cache), greedy
@@ -486,13 +484,6 @@ impl std::hash::Hasher for Fnv {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
-}
-
-fn to_vec(logits: &Tensor) -> Result<Vec<f32>, InferError> {
-    logits
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| InferError::Model(e.into()))
 }
 
 /// The state of one decoding run.

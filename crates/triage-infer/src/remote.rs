@@ -145,7 +145,7 @@ impl RemoteStructurer {
     pub fn request_body(&self, text: &str) -> Result<(Value, Vec<String>), InferError> {
         let (incident, warnings) = clean_input(&self.tokenizer, text, self.opts.max_input_tokens)?;
         let messages = self.prompt.messages(&incident)?;
-        let body = json!({
+        let mut body = json!({
             "model": self.opts.model,
             "messages": messages,
             "temperature": 0.0,
@@ -157,7 +157,6 @@ impl RemoteStructurer {
             "logprobs": true,
             "top_logprobs": 1,
         });
-        let mut body = body;
         if let Value::Object(m) = &mut body {
             m.extend(self.opts.extra.clone());
         }

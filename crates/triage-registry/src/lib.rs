@@ -235,14 +235,15 @@ impl ModelStore {
         }
     }
 
-    fn marker_line(spec: &ModelSpec, path: &Path) -> Option<String> {
+    /// `"<sha256> <size> <mtime ns>\n"`: the file at `path`, as it is now, has this SHA-256.
+    fn marker_line(sha256: &str, path: &Path) -> Option<String> {
         let meta = fs::metadata(path).ok()?;
         let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
-        Some(format!("{} {} {mtime}\n", spec.sha256, meta.len()))
+        Some(format!("{sha256} {} {mtime}\n", meta.len()))
     }
 
     fn marker_matches(&self, spec: &ModelSpec, path: &Path) -> bool {
-        let Some(expected) = Self::marker_line(spec, path) else {
+        let Some(expected) = Self::marker_line(&spec.sha256, path) else {
             return false;
         };
         fs::read_to_string(Self::sidecar(path, "verified")).is_ok_and(|s| s == expected)
@@ -282,7 +283,7 @@ impl ModelStore {
     /// the result in the `.verified` sidecar.
     pub fn verify(&self, spec: &ModelSpec, path: &Path) -> Result<(), RegistryError> {
         verify_file(spec, path)?;
-        if let Some(line) = Self::marker_line(spec, path) {
+        if let Some(line) = Self::marker_line(&spec.sha256, path) {
             // Best effort: a read-only cache only means re-hashing next time.
             let _ = fs::write(Self::sidecar(path, "verified"), line);
         }
@@ -385,7 +386,7 @@ impl ModelStore {
                     })?;
                     let _ = fs::remove_file(&parts_state);
                     let _ = fs::remove_file(&origin);
-                    if let Some(line) = Self::marker_line(spec, &path) {
+                    if let Some(line) = Self::marker_line(&spec.sha256, &path) {
                         let _ = fs::write(Self::sidecar(&path, "verified"), line);
                     }
                     tracing::info!(model = %spec.name, path = %path.display(), "model ready");
@@ -475,25 +476,14 @@ pub fn sha256_file(path: &Path, bar: &ProgressBar) -> io::Result<String> {
 /// file, else from a memo under `memo_dir` (keyed by path, size and modification time),
 /// else computed once (~1 s per GB) and memoised there.
 pub fn model_sha256(path: &Path, memo_dir: &Path) -> io::Result<String> {
-    let meta = fs::metadata(path)?;
-    let mtime = meta
-        .modified()?
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let stamp = |line: &str| -> Option<String> {
-        let mut parts = line.split_whitespace();
-        let (sha, size, t) = (parts.next()?, parts.next()?, parts.next()?);
-        let ok = sha.len() == 64
-            && sha.bytes().all(|b| b.is_ascii_hexdigit())
-            && size == meta.len().to_string()
-            && t == mtime.to_string();
-        ok.then(|| sha.to_owned())
+    // A marker or memo holds a pull's marker line; it counts while size and mtime match.
+    let recorded = |file: &Path| -> Option<String> {
+        let line = fs::read_to_string(file).ok()?;
+        let sha = line.split_whitespace().next()?;
+        let hex = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+        (hex && ModelStore::marker_line(sha, path).as_deref() == Some(line.as_str())).then(|| sha.to_owned())
     };
-    if let Some(sha) = fs::read_to_string(ModelStore::sidecar(path, "verified"))
-        .ok()
-        .and_then(|s| stamp(&s))
-    {
+    if let Some(sha) = recorded(&ModelStore::sidecar(path, "verified")) {
         return Ok(sha);
     }
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -503,14 +493,16 @@ pub fn model_sha256(path: &Path, memo_dir: &Path) -> io::Result<String> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let memo = memo_dir.join(format!("sha256-{key}.txt"));
-    if let Some(sha) = fs::read_to_string(&memo).ok().and_then(|s| stamp(&s)) {
+    if let Some(sha) = recorded(&memo) {
         return Ok(sha);
     }
     tracing::info!(model = %path.display(), "computing the model's sha256 once (memoised)");
     let sha = sha256_file(path, &ProgressBar::hidden())?;
-    fs::create_dir_all(memo_dir)?;
-    let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, format!("{sha} {} {mtime}\n", meta.len()))?;
-    fs::rename(&tmp, &memo)?;
+    if let Some(line) = ModelStore::marker_line(&sha, path) {
+        fs::create_dir_all(memo_dir)?;
+        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, line)?;
+        fs::rename(&tmp, &memo)?;
+    }
     Ok(sha)
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use triage_infer::remote::{RemoteOptions, RemoteStructurer};
 use triage_llm::{GgufFile, Tokenizer};
@@ -18,7 +18,7 @@ pub struct BackendArgs {
     /// server given the same messages and schema (README, "Remote backend"). Its answers are
     /// validated; an invalid one is an error for that ticket, never repaired.
     #[arg(long, value_name = "BACKEND", default_value = "local", value_parser = parse_backend)]
-    pub backend: String,
+    pub backend: Backend,
     /// With `openai:URL`: the model name to request (vLLM: the base model, or an adapter's
     /// name from `--lora-modules NAME=DIR`).
     #[arg(long, value_name = "NAME", default_value = "triage")]
@@ -36,42 +36,51 @@ pub struct BackendArgs {
     pub backend_api_key: Option<String>,
 }
 
+/// Where tickets are decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Backend {
+    /// This process.
+    Local,
+    /// An OpenAI-compatible server at this base URL.
+    OpenAi(String),
+}
+
 /// `local` or `openai:http(s)://…` (a usage error otherwise).
-fn parse_backend(s: &str) -> Result<String, String> {
+fn parse_backend(s: &str) -> Result<Backend, String> {
     match s.strip_prefix("openai:") {
-        _ if s == "local" => Ok(s.to_owned()),
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Ok(s.to_owned()),
+        _ if s == "local" => Ok(Backend::Local),
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            Ok(Backend::OpenAi(url.to_owned()))
+        }
         _ => Err(
             "expected `local` or `openai:URL` with an http(s) URL, e.g. openai:http://gpu-box:8000/v1".into(),
         ),
     }
 }
 
-/// The remote structurer when `--backend openai:URL` is given, else `None` (local). The
-/// model's tokenizer (read from its GGUF header; the weights are not loaded) gives the same
-/// input hygiene as local inference.
+/// The model's tokenizer, read from its GGUF header (the weights are not loaded).
+pub fn model_tokenizer(cli: &Cli) -> anyhow::Result<Tokenizer> {
+    let path = crate::model_cmd::model_path(cli)?;
+    Tokenizer::from_gguf(&GgufFile::open(&path)?)
+        .with_context(|| format!("the tokenizer of {}", path.display()))
+}
+
+/// The remote structurer when `--backend openai:URL` is given, else `None` (local).
+/// `tokenizer` (the model's) is asked for only then; it gives the same input hygiene as
+/// local inference.
 pub fn remote(
-    cli: &Cli,
     args: &BackendArgs,
     taxonomy: Taxonomy,
+    tokenizer: impl FnOnce() -> anyhow::Result<Tokenizer>,
     max_new_tokens: usize,
     max_input_tokens: usize,
     min_confidence: Option<f32>,
 ) -> anyhow::Result<Option<RemoteStructurer>> {
-    let url = match args.backend.as_str() {
-        "local" => return Ok(None),
-        b => match b.strip_prefix("openai:") {
-            Some(url) => url,
-            None => {
-                bail!("--backend {b}: expected `local` or `openai:URL` (e.g. openai:http://gpu-box:8000/v1)")
-            }
-        },
+    let Backend::OpenAi(url) = &args.backend else {
+        return Ok(None);
     };
-    let path = crate::model_cmd::model_path(cli)?;
-    let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path)?)
-        .with_context(|| format!("the tokenizer of {}", path.display()))?;
     let opts = RemoteOptions {
-        url: url.to_owned(),
+        url: url.clone(),
         model: args.backend_model.clone(),
         api_key: args.backend_api_key.clone(),
         max_new_tokens,
@@ -80,5 +89,5 @@ pub fn remote(
         min_confidence,
         ..RemoteOptions::default()
     };
-    Ok(Some(RemoteStructurer::new(opts, taxonomy, tokenizer)?))
+    Ok(Some(RemoteStructurer::new(opts, taxonomy, tokenizer()?)?))
 }

@@ -416,6 +416,10 @@ fn run_with(
             Err(e) => Err(e.clone().into()),
         },
         |i, outcome| {
+            // After a failed write nothing more is recorded, so nothing more is pushed.
+            if failed.is_some() {
+                return false;
+            }
             let r = &todo[i];
             let line = match outcome {
                 Ok((ticket, meta)) => {
@@ -430,9 +434,6 @@ fn run_with(
                     json!({"row": r.row, "id": r.id, "error": e.to_string()})
                 }
             };
-            if failed.is_some() {
-                return false;
-            }
             let write = serde_json::to_string(&line)
                 .map_err(anyhow::Error::from)
                 .and_then(|l| Ok(writeln!(out, "{l}").and_then(|_| out.flush())?));

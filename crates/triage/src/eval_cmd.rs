@@ -80,9 +80,9 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let defaults = triage_infer::StructurerOptions::default();
     let remote = crate::backend_cmd::remote(
-        cli,
         &args.backend,
         taxonomy.clone(),
+        || crate::backend_cmd::model_tokenizer(cli),
         defaults.max_new_tokens,
         defaults.max_input_tokens,
         None,

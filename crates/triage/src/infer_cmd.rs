@@ -126,9 +126,9 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
 fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Box<dyn TicketEngine>> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let remote = crate::backend_cmd::remote(
-        cli,
         &args.backend,
         taxonomy.clone(),
+        || crate::backend_cmd::model_tokenizer(cli),
         args.max_new_tokens,
         args.max_input_tokens,
         args.min_confidence,

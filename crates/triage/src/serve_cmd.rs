@@ -217,9 +217,9 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             adapter = Some(name);
         }
         let remote = crate::backend_cmd::remote(
-            cli,
             &args.backend,
             s.taxonomy().clone(),
+            || Ok(s.tokenizer().clone()),
             opts.max_new_tokens,
             opts.max_input_tokens,
             opts.min_confidence,

@@ -54,7 +54,7 @@ impl LayerKv {
         let need = self.len + n;
         let cap = self.buf.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
         if need > cap {
-            let cap = need.max(2 * cap).max(self.len + n + reserve).max(MIN_CAPACITY);
+            let cap = (2 * cap).max(need + reserve).max(MIN_CAPACITY);
             let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
                 let t = Tensor::zeros((1, hk, cap, d), k.dtype(), k.device())?;
                 if let Some(old) = old {

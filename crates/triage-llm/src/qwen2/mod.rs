@@ -128,8 +128,8 @@ impl Qwen2 {
     /// One forward pass over several sequences: every matrix product runs once over all
     /// their new tokens (the weights are read once per pass, not once per sequence), and each
     /// sequence attends only to its own cache and tokens. Returns each item's logits,
-    /// `[n_logits, vocab]`, in order; equal to running the items one by one, up to the
-    /// rounding of products over more rows.
+    /// `[n_logits, vocab]`, in order: on CPU bit for bit those of running the items one by
+    /// one (every row of a product is computed alike: `ops::qmatmul`, `kernels::lora_rows`).
     pub fn forward_batch(
         &self,
         items: &mut [BatchItem],
@@ -306,8 +306,6 @@ impl Qwen2 {
     /// [`Qwen2::forward`]'s cache up to rounding (the dequantized weights in f32 against the
     /// quantized kernels' 8-bit activations).
     pub fn prefill_layerwise(&self, tokens: &[u32]) -> Result<KvCache, LlmError> {
-        let ids = Tensor::new(tokens, &self.device).map_err(LlmError::from)?;
-        let mut x = self.embed(&ids.unsqueeze(0).map_err(LlmError::from)?)?;
         let n = tokens.len();
         if n == 0 || n > self.max_seq_len() {
             return Err(LlmError::Candle(format!(
@@ -315,6 +313,8 @@ impl Qwen2 {
                 self.max_seq_len()
             )));
         }
+        let ids = Tensor::new(tokens, &self.device).map_err(LlmError::from)?;
+        let mut x = self.embed(&ids.unsqueeze(0).map_err(LlmError::from)?)?;
         let mut cache = KvCache {
             layers: (0..self.layers.len()).map(|_| LayerKv::default()).collect(),
             ..KvCache::default()
