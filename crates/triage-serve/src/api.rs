@@ -137,6 +137,9 @@ pub struct TicketMeta {
     pub needs_review: bool,
     /// Milliseconds: prefill, decode, mask, total.
     pub timings: triage_infer::Timings,
+    /// Forward passes this ticket shared with other tickets decoded at the same time (0: it
+    /// was decoded alone).
+    pub shared_passes: usize,
     /// Taxonomy used.
     pub taxonomy: String,
     /// Adapter used (`null`: the base model).
@@ -154,6 +157,7 @@ fn ticket_meta(m: &Meta, taxonomy: &str, adapter: Option<&str>) -> TicketMeta {
             .collect(),
         needs_review: m.needs_review,
         timings: m.timings.clone(),
+        shared_passes: m.shared_passes,
         taxonomy: taxonomy.to_owned(),
         adapter: adapter.map(str::to_owned),
         warnings: m.warnings.clone(),
@@ -161,8 +165,10 @@ fn ticket_meta(m: &Meta, taxonomy: &str, adapter: Option<&str>) -> TicketMeta {
 }
 
 impl AppState {
-    /// Checks the texts, waits for a worker, and structures them in order on a blocking
-    /// thread, within the request's deadline.
+    /// Checks the texts, waits for a worker, and structures them within the request's
+    /// deadline. A batch also takes the workers that are idle at that moment (never waiting
+    /// for more) and decodes that many items at once; their forward passes are shared (see
+    /// `triage_infer`'s batcher), and the results keep the request's order.
     async fn structure(
         &self,
         taxonomy: Option<&str>,
@@ -196,21 +202,46 @@ impl AppState {
         let start = tokio::time::Instant::now();
         let deadline = start + self.config.request_timeout;
         let permit = self.admission.enter(deadline, self.config.retry_after_s).await?;
+        let mut permits = vec![permit];
+        let wanted = checked.iter().filter(|t| t.is_ok()).count();
+        permits.extend(self.admission.idle(wanted.saturating_sub(1)));
         self.metrics.queue_wait(start.elapsed().as_secs_f64());
         let engine = desk.engine();
         let std_deadline =
             std::time::Instant::now() + deadline.saturating_duration_since(tokio::time::Instant::now());
         let e = engine.clone();
         let results = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            checked
+            let concurrency = permits.len();
+            let _permits = permits;
+            // Items refused by the checks keep their error; the others are decoded.
+            let (texts, mut results): (Vec<_>, Vec<_>) = checked
                 .into_iter()
-                .map(|t| {
-                    t.and_then(|t| {
+                .map(|c| match c {
+                    Ok(t) => (Some(t), None),
+                    Err(e) => (None, Some(Err(e))),
+                })
+                .unzip();
+            triage_infer::for_each_concurrently(
+                texts.len(),
+                concurrency,
+                |i| {
+                    texts[i].as_ref().map(|t| {
                         e.tickets()
-                            .structure_until(&t, Some(std_deadline))
+                            .structure_until(t, Some(std_deadline))
                             .map_err(infer_error)
                     })
+                },
+                |i, r| {
+                    if let Some(r) = r {
+                        results[i] = Some(r);
+                    }
+                    true
+                },
+            );
+            results
+                .into_iter()
+                .map(|r: Option<Result<Structured, ApiError>>| {
+                    r.unwrap_or_else(|| Err(ApiError::internal("the structuring worker", "no result")))
                 })
                 .collect::<Vec<_>>()
         })

@@ -160,7 +160,7 @@ pub fn document(state: &AppState) -> Value {
                 "Ticket": ticket_schema,
                 "TicketMeta": {"type": "object", "properties": {
                     "confidence": {"type": "object", "additionalProperties": {"type": "number"}},
-                    "needs_review": {"type": "boolean"}, "timings": {"type": "object"}, "taxonomy": {"type": "string"},
+                    "needs_review": {"type": "boolean"}, "timings": {"type": "object"}, "shared_passes": {"type": "integer", "minimum": 0}, "taxonomy": {"type": "string"},
                     "adapter": {"type": ["string", "null"]}, "warnings": {"type": "array", "items": {"type": "string"}}}},
                 "JobStatus": {"type": "object", "properties": {
                     "id": {"type": "string"},

@@ -337,6 +337,15 @@ impl Admission {
         workers.max(1) - self.sem.available_permits()
     }
 
+    /// Up to `n` more worker permits that are free right now, without waiting: a batch request
+    /// decodes its items on the workers nobody is using. Queued requests are never overtaken:
+    /// a released permit goes to a waiting request first, so none is free while one waits.
+    pub(crate) fn idle(&self, n: usize) -> Vec<OwnedSemaphorePermit> {
+        (0..n)
+            .map_while(|_| self.sem.clone().try_acquire_owned().ok())
+            .collect()
+    }
+
     /// A worker permit, waiting in the queue until `deadline`; `Busy` when the queue is full.
     pub(crate) async fn enter(
         &self,

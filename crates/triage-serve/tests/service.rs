@@ -327,6 +327,39 @@ async fn a_request_past_its_deadline_answers_504() {
     server.done.await.unwrap().unwrap();
 }
 
+/// A batch decodes its items on the idle workers at once (their forward passes shared), and
+/// its results keep the request's order; with one worker the items go one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_decodes_its_items_together_on_idle_workers() {
+    for (workers, together) in [(4, true), (1, false)] {
+        let cfg = ServeConfig { workers, ..config() };
+        let mut server = Server::start(cfg, tiny_structurer(), None).await;
+        let items: Vec<Value> = (0..4)
+            .map(|i| json!({"id": format!("item-{i}"), "text": format!("{VPN} ({i})")}))
+            .collect();
+        let (s, body) = code(
+            client()
+                .post(server.url("/v1/tickets:batch"))
+                .json(&json!({ "items": items }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let results = body["results"].as_array().unwrap();
+        let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["item-0", "item-1", "item-2", "item-3"]);
+        let shared: u64 = results
+            .iter()
+            .map(|r| r["meta"]["shared_passes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(shared > 0, together, "workers {workers}: {body}");
+        server.shutdown();
+        server.done.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_request_in_flight() {
     let mut server = Server::start(config(), tiny_structurer(), None).await;
