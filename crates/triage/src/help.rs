@@ -38,7 +38,7 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
     ),
     (
         "bench serve",
-        "triage --model 0.5b bench serve --n 40 --concurrency 1,8 --workers 2 --queue 4 --out /tmp/bench.md",
+        "triage bench serve --n 24 --concurrency 1,8 --out /tmp/bench.md",
     ),
     (
         "schema",

@@ -27,11 +27,11 @@ pub struct BenchServeArgs {
     /// Client concurrency levels, comma-separated (the first is the baseline).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     concurrency: Vec<usize>,
-    /// Service workers.
-    #[arg(long, default_value_t = 2)]
+    /// Service workers (default: `triage serve`'s).
+    #[arg(long, default_value_t = triage_serve::ServeConfig::default().workers)]
     workers: usize,
-    /// Service queue.
-    #[arg(long, default_value_t = 4)]
+    /// Service queue (default: `triage serve`'s).
+    #[arg(long, default_value_t = triage_serve::ServeConfig::default().queue)]
     queue: usize,
     /// Incidents file (JSON array of {text}).
     #[arg(long, default_value = "tests/fixtures/incidents.json")]
