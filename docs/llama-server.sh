@@ -4,7 +4,8 @@
 # slots and its prompt cache, and runs `triage bench --vs-llama-server` so that triage's
 # one-at-a-time (c), batch (d) and llama-server (e) are measured in the same run.
 # Usage, from the repository root:   bash docs/llama-server.sh   [MODEL=1.5b] [SLOTS=4] [N=20] [BATCH=4,8]
-# The build takes ~8 min on 2 cores; it is kept under $WORK for later runs.
+# The build takes ~8 min on 2 cores; it is kept under $WORK for later runs. docs/one-shot.sh
+# sources this file for the build and serve_llama.
 set -euo pipefail
 MODEL=${MODEL:-1.5b}
 SLOTS=${SLOTS:-4}
@@ -27,15 +28,25 @@ if [ ! -x "$server" ]; then
   PYTHONPATH="$WORK/py" python3 -m cmake --build "$WORK/build" --target llama-server -j "$(nproc)"
 fi
 
-gguf=$("$TRIAGE" model path "$MODEL")
+# serve_llama PORT SLOTS LOG: llama-server on the model's GGUF, killed when the script exits;
+# returns once it answers /health.
+serve_llama() {
+  local gguf
+  gguf=$("$TRIAGE" model path "$MODEL")
+  "$server" -m "$gguf" --port "$1" -t "$(nproc)" --parallel "$2" -c $(( $2 * 4096 )) > "$WORK/$3" 2>&1 &
+  llama_pid=$!
+  trap 'kill $llama_pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0
+    sleep 1
+  done
+  echo "llama-server did not start: $WORK/$3" >&2
+  return 1
+}
+# Sourced (docs/one-shot.sh): the build and serve_llama only.
+[ "${BASH_SOURCE[0]}" != "$0" ] && return 0
+
 port=8093
-"$server" -m "$gguf" --port "$port" -t "$(nproc)" --parallel "$SLOTS" \
-  -c $(( SLOTS * 4096 )) > "$WORK/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-  curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
-  sleep 1
-done
+serve_llama "$port" "$SLOTS" server.log
 "$TRIAGE" bench --models "$MODEL" --n "$N" --baseline-n 1 --batch-sizes "$BATCH" \
   --vs-llama-server "http://127.0.0.1:$port" --llama-clients "$SLOTS"

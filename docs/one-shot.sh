@@ -5,26 +5,18 @@
 # prefills the whole prompt as a first request does). Alternating, REPS rounds over the example
 # incidents; the medians, their ratio and every sample go to the `one-shot` section of
 # docs/benchmarks.md.
-# Usage, from the repository root, after `bash docs/llama-server.sh` has built llama-server:
+# Usage, from the repository root (builds llama-server first if needed, see docs/llama-server.sh):
 #   bash docs/one-shot.sh   [MODEL=1.5b] [REPS=3] [TRIAGE=target/release/triage]
 set -euo pipefail
 MODEL=${MODEL:-1.5b}
 REPS=${REPS:-3}
-WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/triage/llama.cpp}
-TRIAGE=${TRIAGE:-target/release/triage}
-server="$WORK/build/bin/llama-server"
-[ -x "$server" ] || { echo "llama-server is not built: run bash docs/llama-server.sh first" >&2; exit 1; }
+# The llama-server build (on first use) and serve_llama.
+source "$(dirname "$0")/llama-server.sh"
 incidents=(examples/vpn.txt examples/phishing.txt examples/printer-de.txt)
 tmp=$(mktemp -d)
-gguf=$("$TRIAGE" model path "$MODEL")
 port=8094
-"$server" -m "$gguf" --port "$port" -t "$(nproc)" --parallel 1 -c 4096 > "$WORK/one-shot-server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
-for _ in $(seq 1 120); do
-  curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
-  sleep 1
-done
+serve_llama "$port" 1 one-shot-server.log
+trap 'kill $llama_pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 
 # The same messages and schema as triage (without `anyOf`, which llama.cpp's grammar
 # conversion mishandles), greedy, no prompt cache.
