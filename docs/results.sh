@@ -52,7 +52,7 @@ section() { # report title
   echo "## $2"
   echo
   if [ ! -f "reports/$1/report.md" ]; then
-    echo "Not measured yet: its adapter is still training (\`ONLY=$1 bash docs/results.sh\` adds it)."
+    echo "Not measured yet: its adapter is still training (\`ONLY=${1#results-} bash docs/results.sh\` adds it)."
     echo
     return
   fi

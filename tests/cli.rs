@@ -684,6 +684,8 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
             splits.join("test.jsonl").to_str().unwrap(),
             "--limit",
             "3",
+            // Baseline and zero-shot only, whether or not an adapter is shipped.
+            "--no-adapter",
             "--train",
             splits.join("train.jsonl").to_str().unwrap(),
             "--out",
