@@ -734,6 +734,32 @@ impl<'a> Trainer<'a> {
         writeln!(f, "{record}").map_err(|e| file_err(&path, e))
     }
 
+    /// On resume: drops the records `metrics.jsonl` holds past the checkpoint's step (steps
+    /// that ran after it and are about to run again) and a torn last line, so the log reads
+    /// as the uninterrupted run's.
+    fn truncate_log(&self, step: usize) -> Result<(), TrainError> {
+        let path = self.run_dir.join("metrics.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(file_err(&path, e)),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        if kept.len() != text.len() {
+            triage_data::atomic_write(&path, kept.as_bytes()).map_err(TrainError::Data)?;
+        }
+        Ok(())
+    }
+
     fn plot(&self) -> Result<(), TrainError> {
         let train: Vec<(f64, f64)> = self
             .state
@@ -755,6 +781,9 @@ impl<'a> Trainer<'a> {
         let c = self.config.clone();
         self.prepare_features(stop, observer)?;
         let fresh = self.state.step == 0;
+        if !fresh {
+            self.truncate_log(self.state.step)?;
+        }
         let val_before = if fresh {
             self.val_loss()?
         } else {

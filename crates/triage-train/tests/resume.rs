@@ -87,6 +87,12 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
             other.map(|s| s.steps)
         ),
     }
+    // A process killed after logging step 3 but before checkpointing it, mid-way through a
+    // line: the resumed run drops both, so its log reads as the uninterrupted run's.
+    let log_b = root.join("b").join("metrics.jsonl");
+    let mut torn = std::fs::read_to_string(&log_b).unwrap();
+    torn.push_str("{\"step\":3,\"steps\":4,\"loss\":9.9}\n{\"step\":4,\"lo");
+    std::fs::write(&log_b, torn).unwrap();
     // The resumed run reads its configuration from the checkpoint (a different one passed
     // here is ignored).
     let other_config = TrainConfig { seed: 1234, ..config };
@@ -102,5 +108,17 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         "resumed adapter differs from the uninterrupted one"
     );
     assert_eq!(straight.state().train_loss, resumed.state().train_loss);
+    let steps = |run: &str| -> Vec<(u64, Vec<String>)> {
+        std::fs::read_to_string(root.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("whole JSON lines");
+                let keys = v.as_object().unwrap().keys().cloned().collect();
+                (v["step"].as_u64().unwrap(), keys)
+            })
+            .collect()
+    };
+    assert_eq!(steps("a"), steps("b"), "the resumed log repeats or misses steps");
     std::fs::remove_dir_all(&root).unwrap();
 }
