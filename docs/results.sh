@@ -34,19 +34,15 @@ cat "$OUT/cs-v3-5lang.jsonl" "$OUT/cs-v4-en-de.jsonl" "$OUT/cs-v5-en-de.jsonl" >
 "$TRIAGE" --taxonomy "$CS_TAXONOMY" data split "$OUT/cs.jsonl" --by hash --ratios 80,10,10 --out-dir "$OUT/cs"
 
 limit() { [ "$1" -gt 0 ] && echo "--limit $1" || true; }
-wanted() { case " $ONLY " in *" $1 "*) return 0;; *) return 1;; esac; }
-if wanted synth-1.5b; then
-  "$TRIAGE" --model 1.5b eval --data "$OUT/synth/test.jsonl" --train "$OUT/synth/train.jsonl" \
-    $(limit "$N_SYNTH") --out reports/results-synth-1.5b
-fi
-if wanted synth-0.5b; then
-  "$TRIAGE" --model 0.5b eval --data "$OUT/synth/test.jsonl" --train "$OUT/synth/train.jsonl" \
-    $(limit "$N_SYNTH") --out reports/results-synth-0.5b
-fi
-if wanted cs-1.5b; then
-  "$TRIAGE" --model 1.5b --taxonomy "$CS_TAXONOMY" eval --data "$OUT/cs/test.jsonl" \
-    --train "$OUT/cs/train.jsonl" $(limit "$N_CS") --out reports/results-cs-1.5b
-fi
+evaluate() { # name model split limit [global flags...]: reports/results-<name>, unless ONLY leaves it out
+  local name=$1 model=$2 split=$3 n=$4; shift 4
+  case " $ONLY " in *" $name "*) ;; *) return 0;; esac
+  "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$OUT/$split/train.jsonl" \
+    $(limit "$n") --out "reports/results-$name"
+}
+evaluate synth-1.5b 1.5b synth "$N_SYNTH"
+evaluate synth-0.5b 0.5b synth "$N_SYNTH"
+evaluate cs-1.5b 1.5b cs "$N_CS" --taxonomy "$CS_TAXONOMY"
 
 section() { # report title
   echo "## $2"

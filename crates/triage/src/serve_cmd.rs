@@ -39,10 +39,10 @@ pub struct ServeArgs {
     device: String,
     /// Requests decoded at once: they share every forward pass (continuous batching: a
     /// finished request's place goes to the first one waiting).
-    #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE)]
+    #[arg(long, default_value_t = ServeConfig::default().workers)]
     workers: usize,
     /// Requests allowed to wait for a worker; more get 503 + Retry-After.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = ServeConfig::default().queue)]
     queue: usize,
     /// Time budget of one request in seconds, queueing included (504 beyond).
     #[arg(long, default_value_t = 120)]
