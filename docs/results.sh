@@ -10,8 +10,9 @@
 # (`triage adapter list`). Usage, from the repository root (about 2 h on 2 cores):
 #   bash docs/results.sh            [TRIAGE=target/release/triage] [N_CS=200] [N_SYNTH=0: all]
 #                                   [ONLY="synth-1.5b synth-0.5b cs-1.5b": the evaluations to rerun]
-# Each evaluation writes reports/results-<name>/; the ones not rerun keep their last report,
-# and docs/results.md is assembled from the reports that exist (with their dates).
+# Each evaluation writes reports/results-<name>/; docs/results.md is assembled from the reports
+# that exist (with their dates), and a section without a report keeps the text it had in the
+# previous docs/results.md.
 set -euo pipefail
 TRIAGE=${TRIAGE:-target/release/triage}
 N_CS=${N_CS:-200}
@@ -48,6 +49,14 @@ section() { # report title
   echo "## $2"
   echo
   if [ ! -f "reports/$1/report.md" ]; then
+    # No report here (reports/ is not committed): keep the section the last run wrote.
+    local kept
+    kept=$(awk -v t="## $2" '$0==t{p=1; next} /^## /{p=0} p' "$PREV" | sed '/./,$!d')
+    if [ -n "$kept" ] && ! grep -q '^Not measured yet' <<<"$kept"; then
+      echo "$kept"
+      echo
+      return
+    fi
     echo "Not measured yet: its adapter is still training (\`ONLY=${1#results-} bash docs/results.sh\` adds it)."
     echo
     return
@@ -62,6 +71,9 @@ section() { # report title
   echo
 }
 
+PREV=$(mktemp)
+trap 'rm -f "$PREV"' EXIT
+cp docs/results.md "$PREV" 2>/dev/null || true
 {
   echo "# Reference results"
   echo

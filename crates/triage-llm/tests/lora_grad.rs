@@ -24,11 +24,18 @@ fn adapter(cfg: &Config, layers: Option<Vec<usize>>, device: &Device) -> Lora {
         device,
     )
     .unwrap();
-    // Non-zero B, so that A receives a gradient too.
+    // Non-zero B, so that A receives a gradient too; a fixed pseudo-random fill in
+    // [-0.3, 0.3), so every run of a test checks the same numbers.
     for (i, v) in lora.vars().iter().enumerate() {
         if i % 2 == 1 {
-            let r = Tensor::randn(0f32, 0.2, v.shape(), device).unwrap();
-            v.set(&r).unwrap();
+            let fill: Vec<f32> = (0..v.elem_count())
+                .map(|j| {
+                    let x = ((i * 7919 + j) as f32 * 12.9898).sin() * 43_758.547;
+                    (x - x.floor() - 0.5) * 0.6
+                })
+                .collect();
+            v.set(&Tensor::from_vec(fill, v.shape(), device).unwrap())
+                .unwrap();
         }
     }
     lora
@@ -430,22 +437,31 @@ fn training_kernels_equal_the_composed_primitives() {
         prefix: Some(&prefix),
     };
     let spec = spec(&cfg);
-    for dense in [
-        DenseWeights::none(3),
-        model.dense_weights(1..3, true, DType::F16).unwrap(),
+    for (case, dense) in [
+        ("no dense copies", DenseWeights::none(3)),
+        (
+            "f16 dense copies",
+            model.dense_weights(1..3, true, DType::F16).unwrap(),
+        ),
     ] {
         let run = |composed| {
             let o = opts(Some((0.25, 5)), Graph::Recompute, 3, composed);
             model.loss_and_grads(&input, &spec, &lora, &dense, &o).unwrap()
         };
         let ((lk, gk), (lc, gc)) = (run(false), run(true));
-        assert!((lk - lc).abs() <= 1e-4 * lc.abs().max(1.0), "loss {lk} vs {lc}");
+        // With f16 copies the two paths round to f16 at different points: over random
+        // adapters their losses differed by up to 2.7e-4 relative (7e-8 with this fill). A
+        // relative 1e-3 still catches a missing or misweighted position (several percent).
+        assert!(
+            (lk - lc).abs() <= 1e-3 * lc.abs().max(1.0),
+            "loss {lk} vs {lc} ({case})"
+        );
         for v in lora.vars() {
             let (a, b) = (gk.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
             let (d, scale) = (max_diff(a, b), max_abs(b));
             assert!(
                 d <= 2e-3 * scale.max(1e-3),
-                "gradient differs by {d} (scale {scale})"
+                "gradient differs by {d} (scale {scale}, {case})"
             );
         }
     }
