@@ -904,3 +904,107 @@ fn json_output_of_model_list_taxonomy_and_adapter_show() {
     assert_eq!(a["triage"]["taxonomy"], "default");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `triage adapter calibrate` decodes labelled examples with the adapter and writes a
+/// calibration file with one line per enum field; `infer` then applies the adapter folder's
+/// `calibration.json` (a value's bias decides), `--no-calibration` leaves it out, and a
+/// corrupt file is an error that names it.
+#[test]
+fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
+    let dir = std::env::temp_dir().join(format!("triage-cli-cal-{}", std::process::id()));
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors", "triage.json"] {
+        std::fs::copy(root().join("adapters/default-0.5b").join(f), adapter.join(f)).unwrap();
+    }
+    let data = dir.join("d.jsonl");
+    let synth = [
+        "data",
+        "synth",
+        "--n",
+        "30",
+        "--seed",
+        "4",
+        "-o",
+        data.to_str().unwrap(),
+    ];
+    assert!(triage(&synth, "").status.success());
+    let a = adapter.to_str().unwrap();
+    let scores = dir.join("scores.jsonl");
+    let calibrate = [
+        "--model",
+        "0.5b",
+        "adapter",
+        "calibrate",
+        a,
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "3",
+        "--scores",
+        scores.to_str().unwrap(),
+    ];
+    let out = triage(&calibrate, "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The scores were kept: a refit reads them instead of decoding, to the same file.
+    let first = std::fs::read(adapter.join("calibration.json")).unwrap();
+    assert_eq!(std::fs::read_to_string(&scores).unwrap().lines().count(), 3 * 5);
+    let again = triage(&calibrate, "");
+    assert!(
+        text(&again.stderr).contains("(not decoding)"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(std::fs::read(adapter.join("calibration.json")).unwrap(), first);
+    let table = text(&out.stdout);
+    for field in [
+        "category",
+        "subcategory",
+        "priority",
+        "assignment_group",
+        "request_type",
+    ] {
+        assert!(
+            table.lines().any(|l| l.starts_with(field)),
+            "{field} missing:\n{table}"
+        );
+    }
+    let cal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("calibration.json")).unwrap()).unwrap();
+    assert!(
+        cal["fitted_on"].as_str().unwrap().contains("(3 examples)"),
+        "{cal}"
+    );
+    // Three examples are too few to fit on: written, but no field calibrated.
+    assert_eq!(cal["fields"], serde_json::json!({}));
+
+    let incident = "The whole office has no internet since 9am, nobody can work.";
+    let priority = |extra: &[&str]| {
+        let mut args = vec!["--model", "0.5b", "infer", "--adapter", a];
+        args.extend_from_slice(extra);
+        let out = triage(&args, incident);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        t["priority"].as_str().unwrap().to_owned()
+    };
+    let plain = priority(&[]);
+    let other = if plain == "Low" { "Medium" } else { "Low" };
+    let forced = serde_json::json!({
+        "fitted_on": "test",
+        "fields": {"priority": {"temperature": 1.0, "bias": {other: 50.0}, "fit": {
+            "decisions": 0, "nll_before": 0.0, "nll_after": 0.0,
+            "accuracy_before": 0.0, "accuracy_after": 0.0, "penalty": null}}}
+    });
+    std::fs::write(adapter.join("calibration.json"), forced.to_string()).unwrap();
+    assert_eq!(priority(&[]), other);
+    assert_eq!(priority(&["--no-calibration"]), plain);
+
+    std::fs::write(adapter.join("calibration.json"), b"\x00not json").unwrap();
+    let out = triage(&["--model", "0.5b", "infer", "--adapter", a], incident);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("calibration.json") && err.contains("triage adapter calibrate"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

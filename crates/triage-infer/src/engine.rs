@@ -26,6 +26,7 @@ use triage_llm::{ChatMessage, ChatTemplate, GgufFile, Role, Tokenizer};
 use triage_taxonomy::{ticket_schema, Taxonomy, Ticket, Validator};
 
 use crate::batcher::{to_vec, Batcher, Job, Member, Work};
+use crate::calibration::Calibration;
 use crate::grammar::Grammar;
 use crate::prompt::PromptBuilder;
 use crate::values::{enum_candidates, value_state, ValueState};
@@ -96,6 +97,10 @@ pub struct FieldConfidence {
     pub confidence: f32,
     /// The best alternatives with their probabilities (at most 3, chosen value included).
     pub top: Vec<(String, f32)>,
+    /// Every allowed value with the model's renormalised log-probability, before any
+    /// calibration: what `triage adapter calibrate` fits on. Not serialised.
+    #[serde(skip)]
+    pub scores: Vec<(String, f32)>,
 }
 
 /// Timings of one ticket, in milliseconds.
@@ -166,6 +171,9 @@ pub struct Structurer {
     /// LoRA adapter applied to everything after the shared system prompt (whose KV cache is
     /// the base model's: that is how the adapter was trained).
     adapter: Option<Arc<Lora>>,
+    /// Per-field temperature and value biases applied to the enum scores (fitted for the
+    /// adapter in use).
+    calibration: Option<Arc<Calibration>>,
     opts: StructurerOptions,
 }
 
@@ -218,6 +226,7 @@ impl Structurer {
             batcher: Batcher::default(),
             end_of_turn,
             adapter: None,
+            calibration: None,
             opts,
         })
     }
@@ -386,6 +395,18 @@ impl Structurer {
     pub fn with_adapter(mut self, adapter: Arc<Lora>) -> Self {
         self.adapter = Some(adapter);
         self
+    }
+
+    /// Calibrates every later call's enum decisions (and their confidences) with `cal`;
+    /// [`FieldConfidence::scores`] keeps the uncalibrated scores.
+    pub fn with_calibration(mut self, cal: Arc<Calibration>) -> Self {
+        self.calibration = (!cal.is_empty()).then_some(cal);
+        self
+    }
+
+    /// The calibration in use, if any.
+    pub fn calibration(&self) -> Option<&Arc<Calibration>> {
+        self.calibration.as_ref()
     }
 
     /// The adapter in use, if any.
@@ -632,7 +653,8 @@ impl Decoder<'_> {
             field: field.to_string(),
             value: value.clone(),
             confidence: 1.0,
-            top: vec![(value, 1.0)],
+            top: vec![(value.clone(), 1.0)],
+            scores: vec![(value, 0.0)],
         });
     }
 
@@ -664,7 +686,12 @@ impl Decoder<'_> {
         }
         self.flush()?;
         let seqs: Vec<&[u32]> = cands.iter().map(|(_, t)| t.as_slice()).collect();
-        let logp = self.score(&seqs)?;
+        let raw = self.score(&seqs)?;
+        let mut logp = raw.clone();
+        if let Some(cal) = &self.s.calibration {
+            let names: Vec<&str> = cands.iter().map(|(v, _)| *v).collect();
+            cal.apply(&field.name, &names, &mut logp);
+        }
         let probs = softmax(&logp, 1.0);
         let chosen = if self.s.opts.temperature > 0.0 {
             let p = softmax(&logp, self.s.opts.temperature);
@@ -683,6 +710,7 @@ impl Decoder<'_> {
                 .take(3)
                 .map(|&i| (cands[i].0.to_string(), probs[i]))
                 .collect(),
+            scores: cands.iter().map(|(v, _)| v.to_string()).zip(raw).collect(),
         });
         let toks = cands[chosen].1.clone();
         self.commit(&toks)

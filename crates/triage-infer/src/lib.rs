@@ -13,6 +13,7 @@
 
 mod answer;
 mod batcher;
+pub mod calibration;
 mod engine;
 pub mod grammar;
 mod pool;

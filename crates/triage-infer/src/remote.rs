@@ -286,6 +286,7 @@ impl RemoteStructurer {
                     value: value.to_owned(),
                     confidence: p,
                     top: vec![(value.to_owned(), p)],
+                    scores: Vec::new(), // the other values' scores are not returned
                 });
             }
         }

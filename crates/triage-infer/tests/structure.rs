@@ -264,3 +264,73 @@ values = [ { name = "Обычный", description = "Обычная срочно
         }
     }
 }
+
+/// A calibration moves the decision its bias favours, rescales the confidences by its
+/// temperature, and leaves the raw scores (what calibration is fitted on) as they were.
+#[test]
+fn a_calibration_moves_decisions_and_keeps_the_raw_scores() {
+    use std::sync::Arc;
+    use triage_infer::calibration::{Calibration, FieldCalibration, FitSummary};
+
+    let text = "Outlook keeps asking for my password since this morning.";
+    let s = structurer(Taxonomy::builtin_default(), StructurerOptions::default());
+    let plain = s.structure(text).unwrap();
+    let field = |out: &triage_infer::Structured| {
+        out.meta
+            .confidence
+            .iter()
+            .find(|c| c.field == "priority")
+            .cloned()
+            .unwrap()
+    };
+    let p = field(&plain);
+    assert_eq!(p.scores.len(), 4, "{:?}", p.scores);
+    let total: f32 = p.scores.iter().map(|(_, l)| l.exp()).sum();
+    assert!(
+        (total - 1.0).abs() < 1e-3,
+        "scores are renormalised log-probabilities: {total}"
+    );
+    // The least likely value, pushed over the top by its bias.
+    let (least, _) = p
+        .scores
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .cloned()
+        .unwrap();
+    let cal = |temperature: f32, bias: &[(&str, f32)]| {
+        let mut c = Calibration::default();
+        c.fields.insert(
+            "priority".into(),
+            FieldCalibration {
+                temperature,
+                bias: bias.iter().map(|(v, b)| (v.to_string(), *b)).collect(),
+                fit: FitSummary::default(),
+            },
+        );
+        Arc::new(c)
+    };
+    let s = s.with_calibration(cal(1.0, &[(&least, 40.0)]));
+    let moved = s.structure(text).unwrap();
+    assert_eq!(moved.ticket.get("priority"), Some(least.as_str()));
+    assert!(field(&moved).confidence > 0.99);
+    for ((v, a), (w, b)) in p.scores.iter().zip(&field(&moved).scores) {
+        assert_eq!(v, w);
+        assert!((a - b).abs() < 1e-3, "{v}: raw score {a} became {b}");
+    }
+    // A temperature keeps the decision and softens the confidence.
+    let s = s.with_calibration(cal(3.0, &[]));
+    let soft = s.structure(text).unwrap();
+    assert_eq!(soft.ticket.get("priority"), plain.ticket.get("priority"));
+    assert!(
+        field(&soft).confidence < p.confidence || p.confidence < 0.3,
+        "{} vs {}",
+        field(&soft).confidence,
+        p.confidence
+    );
+    let validator = Validator::new(&Taxonomy::builtin_default());
+    let json = moved.ticket.to_json();
+    assert!(
+        validator.schema_accepts(&json) && validator.violations(&json).is_empty(),
+        "{json}"
+    );
+}

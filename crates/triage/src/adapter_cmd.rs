@@ -1,11 +1,13 @@
 //! `triage adapter`: inspect a trained adapter, or fold it into the base model as a merged GGUF.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use triage_infer::calibration::{self, Calibration};
 use triage_llm::GgufFile;
 use triage_train::adapter;
 use triage_train::merge::{merge_gguf, MergeOptions};
@@ -40,6 +42,31 @@ pub enum AdapterCommand {
         #[arg(long)]
         q8_0: bool,
     },
+    /// Fit the adapter's calibration on labelled held-out examples (a validation split, never
+    /// the test split): per enum field a temperature and a bias per value, so that decisions
+    /// lean as the labels do and a confidence of 0.9 is right about 90 % of the time. Written
+    /// to `<dir>/calibration.json`, which `infer`, `serve` and `eval` then apply.
+    Calibrate {
+        /// Adapter directory (`adapters/<name>`).
+        dir: PathBuf,
+        /// Labelled examples (canonical JSONL of the adapter's taxonomy).
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// Use only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Where to write the calibration (default: `<dir>/calibration.json`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The decoded scores (JSONL, one decision per line): written after decoding, or,
+        /// when the file exists, read instead of decoding (refitting without the model).
+        #[arg(long, value_name = "FILE")]
+        scores: Option<PathBuf>,
+        /// Examples decoded at once, sharing every forward pass.
+        #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+        batch_size: usize,
+    },
 }
 
 /// Choosing the adapter of `infer`, `serve` and `eval`.
@@ -53,6 +80,50 @@ pub struct AdapterArgs {
     /// Use the base model alone, without the default adapter.
     #[arg(long)]
     pub no_adapter: bool,
+    /// Apply the adapter without its `calibration.json` (the enum scores as the adapted
+    /// model gives them).
+    #[arg(long)]
+    pub no_calibration: bool,
+}
+
+/// The adapter [`resolve`] chose, with its calibration.
+pub struct Resolved {
+    /// Its folder's name.
+    pub name: String,
+    /// The LoRA weights.
+    pub lora: triage_llm::lora::Lora,
+    /// `calibration.json` from its folder, unless absent or `--no-calibration`.
+    pub calibration: Option<Calibration>,
+}
+
+impl Resolved {
+    /// `s` with this adapter and its calibration applied.
+    pub fn apply(self, s: triage_infer::Structurer) -> triage_infer::Structurer {
+        let s = s.with_adapter(Arc::new(self.lora));
+        match self.calibration {
+            Some(c) => s.with_calibration(Arc::new(c)),
+            None => s,
+        }
+    }
+
+    /// The system's name in reports: `adapter <name>`, marked when calibrated.
+    pub fn label(&self) -> String {
+        match self.calibration {
+            Some(_) => format!("adapter {} calibrated", self.name),
+            None => format!("adapter {}", self.name),
+        }
+    }
+}
+
+/// The calibration kept in adapter folder `dir`, if it has one and `args` allow it.
+fn calibration_of(args: &AdapterArgs, dir: &Path) -> anyhow::Result<Option<Calibration>> {
+    let path = dir.join(calibration::FILE_NAME);
+    if args.no_calibration || !path.exists() {
+        return Ok(None);
+    }
+    let cal = Calibration::read(&path)?;
+    tracing::info!(file = %path.display(), fields = cal.fields.len(), "calibrating the enum scores (--no-calibration: off)");
+    Ok(Some(cal))
 }
 
 /// Where default adapters are looked for, in order: `$TRIAGE_ADAPTERS`, `./adapters`, the
@@ -76,14 +147,14 @@ pub fn search_dirs() -> Vec<PathBuf> {
 
 /// The adapter `args` ask for, loaded and checked against the taxonomy, model and prompt
 /// version of `structurer`: `--adapter DIR`, else the default one (see [`search_dirs`]), else
-/// none. Returns its folder name with it.
+/// none; with its folder's name and calibration.
 pub fn resolve(
     cli: &Cli,
     args: &AdapterArgs,
     structurer: &triage_infer::Structurer,
-    model_path: &std::path::Path,
-) -> anyhow::Result<Option<(String, triage_llm::lora::Lora)>> {
-    let name = |d: &std::path::Path| {
+    model_path: &Path,
+) -> anyhow::Result<Option<Resolved>> {
+    let name = |d: &Path| {
         d.file_name()
             .map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned())
     };
@@ -92,7 +163,12 @@ pub fn resolve(
     }
     if let Some(dir) = &args.adapter {
         let lora = crate::train_cmd::load_adapter(cli, dir, structurer, model_path)?;
-        return Ok(Some((name(dir), lora)));
+        let calibration = calibration_of(args, dir)?;
+        return Ok(Some(Resolved {
+            name: name(dir),
+            lora,
+            calibration,
+        }));
     }
     let file = model_path
         .file_name()
@@ -114,11 +190,174 @@ pub fn resolve(
         "applying the adapter trained for taxonomy {:?} on {file} (--no-adapter for the base model)",
         meta.taxonomy
     );
-    Ok(Some((name(dir), lora)))
+    let calibration = calibration_of(args, dir)?;
+    Ok(Some(Resolved {
+        name: name(dir),
+        lora,
+        calibration,
+    }))
+}
+
+/// `triage adapter calibrate`: decodes `data` with the adapter (uncalibrated), fits, writes.
+fn calibrate(
+    cli: &Cli,
+    dir: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    out: Option<&Path>,
+    scores: Option<&Path>,
+    batch_size: usize,
+) -> anyhow::Result<ExitCode> {
+    let (decisions, examples) = match scores {
+        Some(f) if f.exists() => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+            let mut decisions = Vec::new();
+            let mut ids = std::collections::BTreeSet::new();
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let (id, d): (String, calibration::Decision) =
+                    serde_json::from_str(line).with_context(|| {
+                        format!(
+                            "{}:{}: not a decoded decision; delete the file to decode again",
+                            f.display(),
+                            i + 1
+                        )
+                    })?;
+                ids.insert(id);
+                decisions.push(d);
+            }
+            eprintln!(
+                "{}: {} decisions of {} examples (not decoding)",
+                f.display(),
+                decisions.len(),
+                ids.len()
+            );
+            (decisions, ids.len())
+        }
+        _ => decode_decisions(cli, dir, data, limit, scores, batch_size)?,
+    };
+    let (mut cal, summaries) = calibration::fit(&decisions, &calibration::FitOptions::default());
+    cal.fitted_on = format!("{} ({examples} examples)", data.display());
+    println!(
+        "field               decisions  accuracy before → after   NLL before → after   temperature  biases"
+    );
+    for (field, f) in &summaries {
+        let (temperature, biases) = cal.fields.get(field).map_or_else(
+            || ("not calibrated".to_owned(), ""),
+            |c| {
+                (
+                    format!("{:.2}", c.temperature),
+                    if c.bias.is_empty() { "no" } else { "yes" },
+                )
+            },
+        );
+        println!(
+            "{field:<20}{:>9}   {:>6.1}% → {:>5.1}%       {:>6.3} → {:>6.3}      {temperature:<12} {biases}",
+            f.decisions,
+            100.0 * f.accuracy_before,
+            100.0 * f.accuracy_after,
+            f.nll_before,
+            f.nll_after
+        );
+    }
+    println!("(\"after\": out of fold, 5-fold cross-validation on these examples)");
+    let path = out.map_or_else(|| dir.join(calibration::FILE_NAME), Path::to_path_buf);
+    triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
+    eprintln!(
+        "wrote {} ({} of {} fields calibrated)",
+        path.display(),
+        cal.fields.len(),
+        summaries.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Decodes `data` with the adapter in `dir` (uncalibrated) and returns every enum decision
+/// with its label, and the number of examples decoded; with `scores`, also writes them there.
+fn decode_decisions(
+    cli: &Cli,
+    dir: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    scores: Option<&Path>,
+    batch_size: usize,
+) -> anyhow::Result<(Vec<calibration::Decision>, usize)> {
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let validator = triage_taxonomy::Validator::new(&taxonomy);
+    let mut examples = triage_data::read_examples(data, &validator)?;
+    examples.truncate(limit.unwrap_or(usize::MAX));
+    if examples.is_empty() {
+        anyhow::bail!("{}: no examples to calibrate on", data.display());
+    }
+    let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", false)?;
+    let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
+    let s = base.with_adapter(Arc::new(lora));
+    let bar = ProgressBar::new(examples.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("decoding [{bar:30}] {pos}/{len} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut decisions = Vec::new();
+    let mut failed = 0usize;
+    triage_infer::for_each_concurrently(
+        examples.len(),
+        batch_size,
+        |i| s.structure(&examples[i].text),
+        |i, out| {
+            match out {
+                Ok(t) => decisions.extend(t.meta.confidence.into_iter().map(|c| {
+                    let d = calibration::Decision {
+                        gold: examples[i].ticket.get(&c.field).unwrap_or_default().to_owned(),
+                        field: c.field,
+                        candidates: c.scores,
+                    };
+                    (examples[i].id.clone(), d)
+                })),
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(id = %examples[i].id, "not decoded: {e}");
+                }
+            }
+            bar.inc(1);
+            true
+        },
+    );
+    bar.finish_and_clear();
+    if failed > 0 {
+        eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
+    }
+    if let Some(f) = scores {
+        let mut lines = String::new();
+        for (id, d) in &decisions {
+            lines.push_str(&serde_json::to_string(&(id, d))?);
+            lines.push('\n');
+        }
+        triage_data::atomic_write(f, lines.as_bytes())?;
+    }
+    Ok((
+        decisions.into_iter().map(|(_, d)| d).collect(),
+        examples.len() - failed,
+    ))
 }
 
 pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AdapterCommand::Calibrate {
+            dir,
+            data,
+            limit,
+            out,
+            scores,
+            batch_size,
+        } => calibrate(
+            cli,
+            dir,
+            data,
+            *limit,
+            out.as_deref(),
+            scores.as_deref(),
+            *batch_size,
+        ),
         AdapterCommand::List => {
             let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
             let model = crate::model_cmd::model_path(cli)?;

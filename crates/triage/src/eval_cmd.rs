@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -109,15 +108,14 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         ));
         b.finish_and_clear();
     }
-    if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
-        let tuned = Structurer::with_model(
+    if let Some(r) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
+        let label = r.label();
+        let tuned = r.apply(Structurer::with_model(
             base.model().clone(),
             &gguf,
             taxonomy.clone(),
             base.options().clone(),
-        )?
-        .with_adapter(Arc::new(lora));
-        let label = format!("adapter {name}");
+        )?);
         let b = bar(examples.len(), "adapter");
         runs.push(run_llm(&label, &tuned, &examples, args.batch_size, &mut |i| {
             b.set_position(i as u64)

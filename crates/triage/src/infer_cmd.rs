@@ -156,8 +156,8 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Box<dyn TicketEngine>> {
         ..StructurerOptions::default()
     };
     let mut s = Structurer::new(&gguf, taxonomy, opts)?;
-    if let Some((_, lora)) = crate::adapter_cmd::resolve(cli, &args.adapter, &s, &path)? {
-        s = s.with_adapter(std::sync::Arc::new(lora));
+    if let Some(r) = crate::adapter_cmd::resolve(cli, &args.adapter, &s, &path)? {
+        s = r.apply(s);
     }
     tracing::info!(model = %path.display(), secs = t.elapsed().as_secs_f32(), "model loaded");
     Ok(Box::new(s))

@@ -208,13 +208,13 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             0 => args.adapter.clone(),
             _ => crate::adapter_cmd::AdapterArgs {
                 adapter: None,
-                no_adapter: args.adapter.no_adapter,
+                ..args.adapter.clone()
             },
         };
         let mut adapter = None;
-        if let Some((name, lora)) = crate::adapter_cmd::resolve(cli, &choice, &s, &path)? {
-            s = s.with_adapter(Arc::new(lora));
-            adapter = Some(name);
+        if let Some(r) = crate::adapter_cmd::resolve(cli, &choice, &s, &path)? {
+            adapter = Some(r.name.clone());
+            s = r.apply(s);
         }
         let remote = crate::backend_cmd::remote(
             &args.backend,

@@ -1,0 +1,558 @@
+//! Calibration of the enum decisions: per field, a temperature and a bias per value on the
+//! renormalised log-probabilities the decoder scores the allowed values with,
+//! `z_v = log p_v / T + b_v` (temperature scaling plus a prior correction). The temperature
+//! makes a field's confidence mean what it says; the biases correct a model that leans
+//! towards some values (a base model's "High" for everything, an adapter that rarely says
+//! "Critical"). Both are fitted on held-out labelled examples (`triage adapter calibrate`,
+//! a validation split, never the test split) by minimising the negative log-likelihood with
+//! an L2 penalty on the biases chosen by k-fold cross-validation. Biases change decisions, so
+//! they are kept only when, out of fold, they lower the NLL without lowering the accuracy;
+//! otherwise the temperature alone is fitted (it never changes a decision), and a field whose
+//! cross-validated NLL does not improve either way is left as it is.
+//!
+//! A calibration belongs to one adapter (it corrects that adapter's scores) and is kept in
+//! the adapter's folder as `calibration.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The calibration file's name inside an adapter folder.
+pub const FILE_NAME: &str = "calibration.json";
+
+/// Per-field calibrations, applied to the decoder's enum scores.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// What it was fitted on (data file, examples), for the record.
+    pub fitted_on: String,
+    /// By field name; a field not listed is left as the model scores it.
+    pub fields: BTreeMap<String, FieldCalibration>,
+}
+
+/// One field's temperature and value biases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldCalibration {
+    /// Divides the log-probabilities (> 1 softens overconfident scores).
+    pub temperature: f32,
+    /// Added to a value's scaled log-probability (values not listed: 0).
+    pub bias: BTreeMap<String, f32>,
+    /// How the fit went on the data it was fitted on.
+    pub fit: FitSummary,
+}
+
+/// Cross-validated figures of one field's fit (mean per decision).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FitSummary {
+    /// Decisions used (the gold value was among the allowed values).
+    pub decisions: usize,
+    /// Negative log-likelihood of the gold value as the model scores it.
+    pub nll_before: f64,
+    /// The same, out of fold, with the calibration fitted on the other folds.
+    pub nll_after: f64,
+    /// Accuracy as the model decides.
+    pub accuracy_before: f64,
+    /// Accuracy out of fold, calibrated.
+    pub accuracy_after: f64,
+    /// The L2 penalty on the biases chosen by cross-validation (none: no biases, the
+    /// temperature alone or nothing).
+    pub penalty: Option<f64>,
+}
+
+/// Why a calibration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a calibration.
+    #[error("{path}: not a calibration file ({reason}); refit it with `triage adapter calibrate`")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Calibration {
+    /// Reads `path` (a `calibration.json`), checking that every temperature and bias is a
+    /// finite number and every temperature positive.
+    pub fn read(path: &Path) -> Result<Self, CalibrationError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CalibrationError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let malformed = |reason: String| CalibrationError::Malformed {
+            path: path.display().to_string(),
+            reason,
+        };
+        let cal: Calibration = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        for (name, f) in &cal.fields {
+            if !(f.temperature.is_finite() && f.temperature > 0.0) {
+                return Err(malformed(format!(
+                    "field `{name}`: temperature {}",
+                    f.temperature
+                )));
+            }
+            if let Some((v, b)) = f.bias.iter().find(|(_, b)| !b.is_finite()) {
+                return Err(malformed(format!("field `{name}`: bias of `{v}` is {b}")));
+            }
+        }
+        Ok(cal)
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Calibrates the log-probabilities `logp` of `values` (the allowed values of `field`
+    /// at this point, in the same order) in place; a field without calibration is unchanged.
+    pub fn apply(&self, field: &str, values: &[&str], logp: &mut [f32]) {
+        let Some(f) = self.fields.get(field) else {
+            return;
+        };
+        for (v, l) in values.iter().zip(logp.iter_mut()) {
+            *l = *l / f.temperature + f.bias.get(*v).copied().unwrap_or(0.0);
+        }
+    }
+}
+
+/// One enum decision of the model with its label: the allowed values with their
+/// (uncalibrated) log-probabilities, and the gold value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    /// The field.
+    pub field: String,
+    /// Allowed values and their renormalised log-probabilities.
+    pub candidates: Vec<(String, f32)>,
+    /// The labelled value.
+    pub gold: String,
+}
+
+/// Settings of [`fit`].
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Folds of the cross-validation that picks the penalty and checks the gain.
+    pub folds: usize,
+    /// Candidate L2 penalties on the biases.
+    pub penalties: Vec<f64>,
+    /// Fields with fewer usable decisions are not calibrated.
+    pub min_decisions: usize,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            folds: 5,
+            penalties: vec![0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+            min_decisions: 20,
+        }
+    }
+}
+
+/// One field's data in index form: per decision, candidate value ids, their log-probs and
+/// the gold position.
+struct FieldData {
+    values: Vec<String>,
+    rows: Vec<(Vec<usize>, Vec<f64>, usize)>,
+}
+
+/// Parameters of one field: scale `a = 1/T` and a bias per value id.
+#[derive(Clone)]
+struct Params {
+    a: f64,
+    b: Vec<f64>,
+}
+
+impl Params {
+    fn identity(n: usize) -> Self {
+        Params {
+            a: 1.0,
+            b: vec![0.0; n],
+        }
+    }
+
+    /// The calibrated logits of one row.
+    fn logits(&self, ids: &[usize], logp: &[f64]) -> Vec<f64> {
+        ids.iter()
+            .zip(logp)
+            .map(|(&v, &l)| self.a * l + self.b[v])
+            .collect()
+    }
+}
+
+fn log_softmax_at(z: &[f64], i: usize) -> f64 {
+    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let s: f64 = z.iter().map(|x| (x - m).exp()).sum();
+    z[i] - m - s.ln()
+}
+
+fn argmax(z: &[f64]) -> usize {
+    (0..z.len()).fold(0, |best, i| if z[i] > z[best] { i } else { best })
+}
+
+/// Mean NLL and accuracy of `p` over `rows`.
+fn score(p: &Params, rows: &[&(Vec<usize>, Vec<f64>, usize)]) -> (f64, f64) {
+    let n = rows.len().max(1) as f64;
+    let (mut nll, mut right) = (0.0, 0.0);
+    for (ids, logp, g) in rows {
+        let z = p.logits(ids, logp);
+        nll -= log_softmax_at(&z, *g);
+        right += f64::from(u8::from(argmax(&z) == *g));
+    }
+    (nll / n, right / n)
+}
+
+/// Penalised mean NLL and its gradient.
+fn objective(p: &Params, rows: &[&(Vec<usize>, Vec<f64>, usize)], penalty: f64) -> (f64, Params) {
+    let n = rows.len().max(1) as f64;
+    let mut grad = Params {
+        a: 0.0,
+        b: vec![0.0; p.b.len()],
+    };
+    let mut loss = 0.0;
+    for (ids, logp, g) in rows {
+        let z = p.logits(ids, logp);
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        loss -= z[*g] - m - s.ln();
+        for (j, (&v, &l)) in ids.iter().zip(logp.iter()).enumerate() {
+            let q = e[j] / s - f64::from(u8::from(j == *g));
+            grad.a += q * l / n;
+            grad.b[v] += q / n;
+        }
+    }
+    loss /= n;
+    for (gb, b) in grad.b.iter_mut().zip(&p.b) {
+        loss += penalty * b * b;
+        *gb += 2.0 * penalty * b;
+    }
+    (loss, grad)
+}
+
+/// Minimises the (convex) penalised NLL by gradient descent with backtracking; without
+/// `biases`, over the temperature alone.
+fn minimise(rows: &[&(Vec<usize>, Vec<f64>, usize)], n_values: usize, penalty: f64, biases: bool) -> Params {
+    let mut p = Params::identity(n_values);
+    let objective = |p: &Params| {
+        let (l, mut g) = objective(p, rows, penalty);
+        if !biases {
+            g.b.iter_mut().for_each(|b| *b = 0.0);
+        }
+        (l, g)
+    };
+    let (mut loss, mut grad) = objective(&p);
+    let mut step = 1.0;
+    for _ in 0..500 {
+        let norm2 = grad.a * grad.a + grad.b.iter().map(|g| g * g).sum::<f64>();
+        if norm2 < 1e-12 {
+            break;
+        }
+        loop {
+            let cand = Params {
+                a: (p.a - step * grad.a).clamp(0.05, 20.0),
+                b: p.b.iter().zip(&grad.b).map(|(b, g)| b - step * g).collect(),
+            };
+            let (l, g) = objective(&cand);
+            if l <= loss - 0.25 * step * norm2 || step < 1e-8 {
+                (p, loss, grad) = (cand, l, g);
+                step = (step * 2.0).min(64.0);
+                break;
+            }
+            step *= 0.5;
+        }
+    }
+    p
+}
+
+/// Fits one calibration per field from labelled decisions (see the module docs). Fields with
+/// fewer than `min_decisions` usable decisions, or whose cross-validated NLL does not improve,
+/// are left out; every field's figures are returned, left out or not.
+pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<String, FitSummary>) {
+    let mut by_field: BTreeMap<&str, FieldData> = BTreeMap::new();
+    for d in decisions {
+        if d.candidates.len() < 2 {
+            continue; // forced: nothing was decided
+        }
+        let data = by_field.entry(d.field.as_str()).or_insert_with(|| FieldData {
+            values: Vec::new(),
+            rows: Vec::new(),
+        });
+        let Some(gold) = d.candidates.iter().position(|(v, _)| *v == d.gold) else {
+            continue; // the gold value was not allowed here (a wrong parent): no signal
+        };
+        let ids = d
+            .candidates
+            .iter()
+            .map(|(v, _)| match data.values.iter().position(|x| x == v) {
+                Some(i) => i,
+                None => {
+                    data.values.push(v.clone());
+                    data.values.len() - 1
+                }
+            })
+            .collect();
+        // Renormalised log-probabilities are ≤ 0; a floor keeps exp() finite.
+        let logp = d
+            .candidates
+            .iter()
+            .map(|(_, l)| f64::from(*l).max(-60.0))
+            .collect();
+        data.rows.push((ids, logp, gold));
+    }
+    let mut cal = Calibration::default();
+    let mut summaries = BTreeMap::new();
+    for (field, data) in by_field {
+        let all: Vec<_> = data.rows.iter().collect();
+        let (nll_before, accuracy_before) = score(&Params::identity(data.values.len()), &all);
+        let mut summary = FitSummary {
+            decisions: all.len(),
+            nll_before,
+            nll_after: nll_before,
+            accuracy_before,
+            accuracy_after: accuracy_before,
+            penalty: None,
+        };
+        let k = opts.folds.max(2);
+        if all.len() >= opts.min_decisions.max(k) {
+            // Out-of-fold NLL and accuracy of a fit; folds by position, so the result depends
+            // on nothing but the data and its order.
+            let cv = |penalty: f64, biases: bool| {
+                let (mut nll, mut acc) = (0.0, 0.0);
+                for fold in 0..k {
+                    let train: Vec<_> = (0..all.len()).filter(|i| i % k != fold).map(|i| all[i]).collect();
+                    let held: Vec<_> = (0..all.len()).filter(|i| i % k == fold).map(|i| all[i]).collect();
+                    let p = minimise(&train, data.values.len(), penalty, biases);
+                    let (l, a) = score(&p, &held);
+                    nll += l * held.len() as f64;
+                    acc += a * held.len() as f64;
+                }
+                (nll / all.len() as f64, acc / all.len() as f64)
+            };
+            // Biases change decisions: they are kept only when, out of fold, they lower the
+            // NLL without costing accuracy. A temperature alone never changes a decision.
+            let with_biases = opts
+                .penalties
+                .iter()
+                .map(|&pen| (pen, cv(pen, true)))
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                .filter(|(_, (nll, acc))| *nll < nll_before && *acc >= accuracy_before);
+            let (nll_t, _) = cv(0.0, false);
+            let chosen = match with_biases {
+                Some((penalty, (nll, acc))) => Some((Some(penalty), nll, acc)),
+                None if nll_t < nll_before => Some((None, nll_t, accuracy_before)),
+                None => None,
+            };
+            if let Some((penalty, nll, acc)) = chosen {
+                summary.penalty = penalty;
+                summary.nll_after = nll;
+                summary.accuracy_after = acc;
+                let p = minimise(&all, data.values.len(), penalty.unwrap_or(0.0), penalty.is_some());
+                cal.fields.insert(
+                    field.to_owned(),
+                    FieldCalibration {
+                        temperature: (1.0 / p.a) as f32,
+                        bias: match penalty {
+                            Some(_) => data
+                                .values
+                                .iter()
+                                .cloned()
+                                .zip(p.b.iter().map(|&b| b as f32))
+                                .collect(),
+                            None => BTreeMap::new(),
+                        },
+                        fit: summary.clone(),
+                    },
+                );
+            }
+        }
+        summaries.insert(field.to_owned(), summary);
+    }
+    (cal, summaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so the tests check the same numbers.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let (u, v) = (self.next().max(1e-12), self.next());
+            (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        }
+    }
+
+    fn log_normalise(z: &[f64]) -> Vec<f32> {
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = z.iter().map(|x| (x - m).exp()).sum();
+        z.iter().map(|x| (x - m - s.ln()) as f32).collect()
+    }
+
+    /// `n` decisions among `values`: true log-odds drawn with spread `spread`, the gold
+    /// value sampled from them, and the model's scores `model(truth)` renormalised.
+    fn decisions(
+        n: usize,
+        values: &[&str],
+        spread: f64,
+        rng: &mut Rng,
+        model: impl Fn(&mut [f64]),
+    ) -> Vec<Decision> {
+        (0..n)
+            .map(|_| {
+                let mut z: Vec<f64> = values.iter().map(|_| spread * rng.normal()).collect();
+                let truth = log_normalise(&z);
+                let mut u = rng.next();
+                let gold = (0..values.len())
+                    .find(|&i| {
+                        u -= f64::from(truth[i]).exp();
+                        u <= 0.0
+                    })
+                    .unwrap_or(values.len() - 1);
+                model(&mut z);
+                Decision {
+                    field: "f".into(),
+                    candidates: values
+                        .iter()
+                        .map(|v| v.to_string())
+                        .zip(log_normalise(&z))
+                        .collect(),
+                    gold: values[gold].into(),
+                }
+            })
+            .collect()
+    }
+
+    /// A model that is overconfident (its log-odds are twice the truth's) and leans away from
+    /// "Critical" (1.5 too low): the truth is `p ∝ exp(logp / 2 + b)` with b(Critical) = +0.75.
+    #[test]
+    fn fit_recovers_the_temperature_and_the_bias() {
+        let values = ["Low", "Medium", "High", "Critical"];
+        let d = decisions(4000, &values, 1.5, &mut Rng(0x9e37_79b9_7f4a_7c15), |z| {
+            z.iter_mut().for_each(|x| *x *= 2.0);
+            z[3] -= 1.5;
+        });
+        let (cal, summary) = fit(&d, &FitOptions::default());
+        let f = &cal.fields["f"];
+        assert!(
+            (f.temperature - 2.0).abs() < 0.25,
+            "temperature {}",
+            f.temperature
+        );
+        // Biases are identified up to a shared constant: compare Critical with the others.
+        let others = (f.bias["Low"] + f.bias["Medium"] + f.bias["High"]) / 3.0;
+        let rel = f.bias["Critical"] - others;
+        assert!((rel - 0.75).abs() < 0.25, "Critical's relative bias {rel}");
+        let s = &summary["f"];
+        assert!(s.nll_after < s.nll_before - 0.05, "{s:?}");
+        assert!(s.accuracy_after >= s.accuracy_before, "{s:?}");
+    }
+
+    #[test]
+    fn a_calibrated_model_is_left_alone() {
+        // Labels drawn from the model's own probabilities: nothing to correct out of fold.
+        let d = decisions(300, &["a", "b", "c"], 1.0, &mut Rng(7), |_| {});
+        let (cal, summary) = fit(&d, &FitOptions::default());
+        if let Some(f) = cal.fields.get("f") {
+            // Kept only for a real out-of-fold gain, and then close to the identity.
+            assert!((f.temperature - 1.0).abs() < 0.3, "{f:?}");
+            assert!(f.bias.values().all(|b| b.abs() < 0.3), "{f:?}");
+        }
+        assert_eq!(summary["f"].decisions, 300);
+    }
+
+    #[test]
+    fn an_overconfident_unbiased_model_gets_its_temperature_and_keeps_its_decisions() {
+        let d = decisions(1000, &["a", "b", "c", "d"], 1.0, &mut Rng(11), |z| {
+            z.iter_mut().for_each(|x| *x *= 3.0)
+        });
+        let (cal, summary) = fit(&d, &FitOptions::default());
+        let f = &cal.fields["f"];
+        assert!((f.temperature - 3.0).abs() < 0.4, "{f:?}");
+        assert!(f.bias.values().all(|b| b.abs() < 0.15), "{f:?}");
+        let s = &summary["f"];
+        assert!(
+            s.nll_after < s.nll_before && s.accuracy_after >= s.accuracy_before,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn forced_and_unreachable_decisions_are_skipped_and_small_fields_left_out() {
+        let d = |cands: &[(&str, f32)], gold: &str| Decision {
+            field: "g".into(),
+            candidates: cands.iter().map(|(v, l)| (v.to_string(), *l)).collect(),
+            gold: gold.into(),
+        };
+        let decisions = vec![
+            d(&[("x", 0.0)], "x"),               // forced
+            d(&[("x", -0.1), ("y", -2.4)], "z"), // gold not allowed here
+            d(&[("x", -0.1), ("y", -2.4)], "y"), // usable
+        ];
+        let (cal, summary) = fit(&decisions, &FitOptions::default());
+        assert!(cal.is_empty());
+        assert_eq!(summary["g"].decisions, 1);
+    }
+
+    #[test]
+    fn apply_scales_and_shifts_only_its_fields() {
+        let mut cal = Calibration::default();
+        cal.fields.insert(
+            "priority".into(),
+            FieldCalibration {
+                temperature: 2.0,
+                bias: [("Critical".to_string(), 1.0)].into_iter().collect(),
+                fit: FitSummary::default(),
+            },
+        );
+        let mut l = [-0.2f32, -3.0];
+        cal.apply("priority", &["High", "Critical"], &mut l);
+        assert_eq!(l, [-0.1, -0.5]);
+        let mut other = [-0.2f32, -3.0];
+        cal.apply("category", &["a", "b"], &mut other);
+        assert_eq!(other, [-0.2, -3.0]);
+    }
+
+    #[test]
+    fn files_round_trip_and_bad_ones_name_the_path_and_the_field() {
+        let dir = std::env::temp_dir().join(format!("triage-cal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        let mut rng = Rng(3);
+        let d = decisions(400, &["a", "b"], 1.0, &mut rng, |z| z[0] -= 1.0);
+        let (cal, _) = fit(&d, &FitOptions::default());
+        std::fs::write(&path, serde_json::to_vec_pretty(&cal).unwrap()).unwrap();
+        assert_eq!(Calibration::read(&path).unwrap(), cal);
+
+        let bad = r#"{"fitted_on":"x","fields":{"priority":{"temperature":-1.0,"bias":{},"fit":{"decisions":1,"nll_before":0,"nll_after":0,"accuracy_before":0,"accuracy_after":0,"penalty":null}}}}"#;
+        std::fs::write(&path, bad).unwrap();
+        let e = Calibration::read(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("priority"),
+            "{e}"
+        );
+        std::fs::write(&path, b"\x00\x01garbage").unwrap();
+        let e = Calibration::read(&path).unwrap_err().to_string();
+        assert!(e.contains("not a calibration file"), "{e}");
+        let e = Calibration::read(&dir.join("missing.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
