@@ -108,7 +108,8 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
         "adapter",
         "triage adapter list
   triage adapter show adapters/synth-0.5b --json
-  triage --model 0.5b adapter merge adapters/synth-0.5b --out models/merged.gguf",
+  triage --model 0.5b adapter merge adapters/synth-0.5b --out models/merged.gguf
+  triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl",
     ),
     ("adapter list", "triage --model 0.5b adapter list"),
     (
@@ -120,6 +121,12 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
         "adapter merge",
         "triage --model 0.5b adapter merge adapters/synth-0.5b --out models/synth-0.5b-merged.gguf
   triage --model 0.5b adapter merge adapters/synth-0.5b --out merged-q8.gguf --q8-0",
+    ),
+    (
+        "adapter calibrate",
+        "triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl
+  triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl \\
+    --scores runs/val-scores.jsonl   # kept: a second run refits without decoding",
     ),
     (
         "eval",
