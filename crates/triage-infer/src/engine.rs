@@ -404,11 +404,6 @@ impl Structurer {
         self
     }
 
-    /// The calibration in use, if any.
-    pub fn calibration(&self) -> Option<&Arc<Calibration>> {
-        self.calibration.as_ref()
-    }
-
     /// The adapter in use, if any.
     pub fn adapter(&self) -> Option<&Arc<Lora>> {
         self.adapter.as_ref()

@@ -115,15 +115,27 @@ impl Resolved {
     }
 }
 
-/// The calibration kept in adapter folder `dir`, if it has one and `args` allow it.
-fn calibration_of(args: &AdapterArgs, dir: &Path) -> anyhow::Result<Option<Calibration>> {
-    let path = dir.join(calibration::FILE_NAME);
-    if args.no_calibration || !path.exists() {
-        return Ok(None);
+impl Resolved {
+    /// `lora`, loaded from adapter folder `dir`, with the folder's name and the calibration
+    /// kept there, if it has one and `args` allow it.
+    fn new(args: &AdapterArgs, dir: &Path, lora: triage_llm::lora::Lora) -> anyhow::Result<Self> {
+        let name = dir
+            .file_name()
+            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let path = dir.join(calibration::FILE_NAME);
+        let calibration = if args.no_calibration || !path.exists() {
+            None
+        } else {
+            let cal = Calibration::read(&path)?;
+            tracing::info!(file = %path.display(), fields = cal.fields.len(), "calibrating the enum scores (--no-calibration: off)");
+            Some(cal)
+        };
+        Ok(Resolved {
+            name,
+            lora,
+            calibration,
+        })
     }
-    let cal = Calibration::read(&path)?;
-    tracing::info!(file = %path.display(), fields = cal.fields.len(), "calibrating the enum scores (--no-calibration: off)");
-    Ok(Some(cal))
 }
 
 /// Where default adapters are looked for, in order: `$TRIAGE_ADAPTERS`, `./adapters`, the
@@ -154,21 +166,12 @@ pub fn resolve(
     structurer: &triage_infer::Structurer,
     model_path: &Path,
 ) -> anyhow::Result<Option<Resolved>> {
-    let name = |d: &Path| {
-        d.file_name()
-            .map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned())
-    };
     if args.no_adapter {
         return Ok(None);
     }
     if let Some(dir) = &args.adapter {
         let lora = crate::train_cmd::load_adapter(cli, dir, structurer, model_path)?;
-        let calibration = calibration_of(args, dir)?;
-        return Ok(Some(Resolved {
-            name: name(dir),
-            lora,
-            calibration,
-        }));
+        return Resolved::new(args, dir, lora).map(Some);
     }
     let file = model_path
         .file_name()
@@ -190,12 +193,7 @@ pub fn resolve(
         "applying the adapter trained for taxonomy {:?} on {file} (--no-adapter for the base model)",
         meta.taxonomy
     );
-    let calibration = calibration_of(args, dir)?;
-    Ok(Some(Resolved {
-        name: name(dir),
-        lora,
-        calibration,
-    }))
+    Resolved::new(args, dir, lora).map(Some)
 }
 
 /// `triage adapter calibrate`: decodes `data` with the adapter (uncalibrated), fits, writes.
@@ -291,12 +289,7 @@ fn decode_decisions(
     let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", false)?;
     let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
     let s = base.with_adapter(Arc::new(lora));
-    let bar = ProgressBar::new(examples.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("decoding [{bar:30}] {pos}/{len} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::eval_cmd::bar(examples.len(), "decoding");
     let mut decisions = Vec::new();
     let mut failed = 0usize;
     triage_infer::for_each_concurrently(

@@ -49,7 +49,8 @@ pub struct EvalArgs {
     batch_size: usize,
 }
 
-fn bar(len: usize, name: &str) -> ProgressBar {
+/// A progress bar over `len` examples, labelled `name` (also `adapter calibrate`'s).
+pub(crate) fn bar(len: usize, name: &str) -> ProgressBar {
     let b = ProgressBar::new(len as u64);
     b.set_style(
         ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len}  ETA {eta}")
