@@ -198,6 +198,16 @@ fn model_list_and_path() {
         .trim()
         .ends_with("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"));
     assert!(text(&out.stderr).contains("triage model pull qwen2.5-coder-0.5b-instruct-q4_k_m"));
+    // Without NAME: the model `--model` names, else the registry default.
+    let c = cache.to_str().unwrap();
+    let out = triage(&["--model", "0.5b", "model", "path", "--cache-dir", c], "");
+    assert!(text(&out.stdout)
+        .trim()
+        .ends_with("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"));
+    let out = triage(&["model", "path", "--cache-dir", c], "");
+    assert!(text(&out.stdout)
+        .trim()
+        .ends_with("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"));
     let out = triage(&["model", "path", "gpt-9"], "");
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("unknown model `gpt-9`"));

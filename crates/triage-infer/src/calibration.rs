@@ -145,6 +145,10 @@ pub struct FitOptions {
     pub penalties: Vec<f64>,
     /// Fields with fewer usable decisions are not calibrated.
     pub min_decisions: usize,
+    /// Try value biases (they can change decisions; kept only where they pay out of fold).
+    /// `false`: a temperature per field only, so every decision stays as the model made it
+    /// and only its confidence moves.
+    pub biases: bool,
 }
 
 impl Default for FitOptions {
@@ -153,6 +157,7 @@ impl Default for FitOptions {
             folds: 5,
             penalties: vec![0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
             min_decisions: 20,
+            biases: true,
         }
     }
 }
@@ -342,6 +347,7 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
             let with_biases = opts
                 .penalties
                 .iter()
+                .filter(|_| opts.biases)
                 .map(|&pen| (pen, cv(pen, true)))
                 .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
                 .filter(|(_, (nll, acc))| *nll < nll_before && *acc >= accuracy_before);
@@ -461,6 +467,31 @@ mod tests {
         let s = &summary["f"];
         assert!(s.nll_after < s.nll_before - 0.05, "{s:?}");
         assert!(s.accuracy_after >= s.accuracy_before, "{s:?}");
+    }
+
+    #[test]
+    fn temperature_only_keeps_every_decision_of_a_biased_model() {
+        let d = decisions(
+            4000,
+            &["Low", "Medium", "High", "Critical"],
+            1.5,
+            &mut Rng(3),
+            |z| {
+                z.iter_mut().for_each(|x| *x *= 2.0);
+                z[3] -= 1.5;
+            },
+        );
+        let opts = FitOptions {
+            biases: false,
+            ..FitOptions::default()
+        };
+        let (cal, summary) = fit(&d, &opts);
+        let f = &cal.fields["f"];
+        assert!(f.bias.is_empty(), "{f:?}");
+        assert!((f.temperature - 2.0).abs() < 0.4, "temperature {}", f.temperature);
+        let s = &summary["f"];
+        assert_eq!(s.accuracy_after, s.accuracy_before, "{s:?}");
+        assert!(s.nll_after < s.nll_before && s.penalty.is_none(), "{s:?}");
     }
 
     #[test]

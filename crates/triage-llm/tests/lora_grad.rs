@@ -24,21 +24,26 @@ fn adapter(cfg: &Config, layers: Option<Vec<usize>>, device: &Device) -> Lora {
         device,
     )
     .unwrap();
-    // Non-zero B, so that A receives a gradient too; a fixed pseudo-random fill in
-    // [-0.3, 0.3), so every run of a test checks the same numbers.
+    // Non-zero B, so that A receives a gradient too.
     for (i, v) in lora.vars().iter().enumerate() {
         if i % 2 == 1 {
-            let fill: Vec<f32> = (0..v.elem_count())
-                .map(|j| {
-                    let x = ((i * 7919 + j) as f32 * 12.9898).sin() * 43_758.547;
-                    (x - x.floor() - 0.5) * 0.6
-                })
-                .collect();
-            v.set(&Tensor::from_vec(fill, v.shape(), device).unwrap())
-                .unwrap();
+            v.set(&fixed(v.shape().clone(), i, 0.3, device)).unwrap();
         }
     }
     lora
+}
+
+/// A tensor of pseudo-random values in [-amp, amp), fixed by `seed`, so every run of a test
+/// checks the same numbers (unlike `Tensor::randn`).
+fn fixed(shape: impl Into<candle_core::Shape>, seed: usize, amp: f32, device: &Device) -> Tensor {
+    let shape = shape.into();
+    let fill: Vec<f32> = (0..shape.elem_count())
+        .map(|j| {
+            let x = ((seed * 7919 + j) as f32 * 12.9898).sin() * 43_758.547;
+            (x - x.floor() - 0.5) * 2.0 * amp
+        })
+        .collect();
+    Tensor::from_vec(fill, shape, device).unwrap()
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -88,7 +93,7 @@ fn gradients_reach_every_adapter_matrix_and_match_finite_differences() {
     let lora = adapter(&cfg, None, &device);
     let prefix = prefix_of(&model, &[5, 9, 17, 33]);
     let tokens = Tensor::new(&[[3u32, 7, 11, 2, 40, 41]], &device).unwrap();
-    let probe = Tensor::randn(0f32, 1.0, (1, 6, cfg.vocab_size), &device).unwrap();
+    let probe = fixed((1, 6, cfg.vocab_size), 1000, 1.7, &device);
     let grads = probe_loss(&model, &lora, &embedded(&model, &tokens, &prefix), &probe)
         .backward()
         .unwrap();

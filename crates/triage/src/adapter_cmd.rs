@@ -46,27 +46,36 @@ pub enum AdapterCommand {
     /// the test split): per enum field a temperature and a bias per value, so that decisions
     /// lean as the labels do and a confidence of 0.9 is right about 90 % of the time. Written
     /// to `<dir>/calibration.json`, which `infer`, `serve` and `eval` then apply.
-    Calibrate {
-        /// Adapter directory (`adapters/<name>`).
-        dir: PathBuf,
-        /// Labelled examples (canonical JSONL of the adapter's taxonomy).
-        #[arg(long, value_name = "FILE")]
-        data: PathBuf,
-        /// Use only the first N examples.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Where to write the calibration (default: `<dir>/calibration.json`).
-        #[arg(long, value_name = "FILE")]
-        out: Option<PathBuf>,
-        /// The decoded scores (JSONL, one decision per line): written after decoding, or,
-        /// when the file exists, read instead of decoding (refitting without the model).
-        #[arg(long, value_name = "FILE")]
-        scores: Option<PathBuf>,
-        /// Examples decoded at once, sharing every forward pass.
-        #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
-            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
-        batch_size: usize,
-    },
+    Calibrate(CalibrateArgs),
+}
+
+/// `triage adapter calibrate DIR --data FILE …`
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Adapter directory (`adapters/<name>`).
+    dir: PathBuf,
+    /// Labelled examples (canonical JSONL of the adapter's taxonomy).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Use only the first N examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Where to write the calibration (default: `<dir>/calibration.json`).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The decoded scores (JSONL, one decision per line): written after decoding, or,
+    /// when the file exists, read instead of decoding (refitting without the model).
+    #[arg(long, value_name = "FILE")]
+    scores: Option<PathBuf>,
+    /// Examples decoded at once, sharing every forward pass.
+    #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
+    value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    batch_size: usize,
+    /// Fit a temperature per field only, no value biases: every decision stays as the
+    /// adapter makes it and only the confidences move (biases fitted on one set of
+    /// scenarios can cost accuracy on others).
+    #[arg(long)]
+    temperature_only: bool,
 }
 
 /// Choosing the adapter of `infer`, `serve` and `eval`.
@@ -197,16 +206,17 @@ pub fn resolve(
 }
 
 /// `triage adapter calibrate`: decodes `data` with the adapter (uncalibrated), fits, writes.
-fn calibrate(
-    cli: &Cli,
-    dir: &Path,
-    data: &Path,
-    limit: Option<usize>,
-    out: Option<&Path>,
-    scores: Option<&Path>,
-    batch_size: usize,
-) -> anyhow::Result<ExitCode> {
-    let (decisions, examples) = match scores {
+fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
+    let CalibrateArgs {
+        dir,
+        data,
+        limit,
+        out,
+        scores,
+        batch_size,
+        temperature_only,
+    } = args;
+    let (decisions, examples) = match scores.as_deref() {
         Some(f) if f.exists() => {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
             let mut decisions = Vec::new();
@@ -231,9 +241,13 @@ fn calibrate(
             );
             (decisions, ids.len())
         }
-        _ => decode_decisions(cli, dir, data, limit, scores, batch_size)?,
+        _ => decode_decisions(cli, dir, data, *limit, scores.as_deref(), *batch_size)?,
     };
-    let (mut cal, summaries) = calibration::fit(&decisions, &calibration::FitOptions::default());
+    let opts = calibration::FitOptions {
+        biases: !temperature_only,
+        ..calibration::FitOptions::default()
+    };
+    let (mut cal, summaries) = calibration::fit(&decisions, &opts);
     cal.fitted_on = format!("{} ({examples} examples)", data.display());
     println!(
         "field               decisions  accuracy before → after   NLL before → after   temperature  biases"
@@ -258,7 +272,7 @@ fn calibrate(
         );
     }
     println!("(\"after\": out of fold, 5-fold cross-validation on these examples)");
-    let path = out.map_or_else(|| dir.join(calibration::FILE_NAME), Path::to_path_buf);
+    let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
     eprintln!(
         "wrote {} ({} of {} fields calibrated)",
@@ -335,22 +349,7 @@ fn decode_decisions(
 
 pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AdapterCommand::Calibrate {
-            dir,
-            data,
-            limit,
-            out,
-            scores,
-            batch_size,
-        } => calibrate(
-            cli,
-            dir,
-            data,
-            *limit,
-            out.as_deref(),
-            scores.as_deref(),
-            *batch_size,
-        ),
+        AdapterCommand::Calibrate(args) => calibrate(cli, args),
         AdapterCommand::List => {
             let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
             let model = crate::model_cmd::model_path(cli)?;

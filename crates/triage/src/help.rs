@@ -126,7 +126,9 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
         "adapter calibrate",
         "triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl
   triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl \\
-    --scores runs/val-scores.jsonl   # kept: a second run refits without decoding",
+    --scores runs/val-scores.jsonl   # kept: a second run refits without decoding
+  triage --model 0.5b adapter calibrate adapters/synth-0.5b --data data/splits/synth/val.jsonl \\
+    --scores runs/val-scores.jsonl --temperature-only   # decisions unchanged, confidences only",
     ),
     (
         "eval",

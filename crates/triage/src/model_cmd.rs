@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use triage_llm::{GgufFile, Tokenizer};
-use triage_registry::{default_cache_dir, CacheState, ModelStore, Registry};
+use triage_registry::{default_cache_dir, CacheState, ModelRef, ModelStore, Registry};
 
 use crate::Cli;
 
@@ -52,7 +52,6 @@ pub enum ModelCommand {
     },
 }
 
-/// The cache directory (`--cache-dir`, else the default).
 /// Opens a GGUF and loads its Qwen2 weights on the CPU, shared (`Arc`) by every structurer
 /// built on it.
 pub fn load_cpu(
@@ -67,6 +66,7 @@ pub fn load_cpu(
     Ok((gguf, std::sync::Arc::new(model)))
 }
 
+/// The cache directory (`--cache-dir`, else the default).
 pub fn cache_dir(cli: &Cli) -> PathBuf {
     cli.cache_dir.clone().unwrap_or_else(default_cache_dir)
 }
@@ -112,9 +112,12 @@ fn open_model(cli: &Cli) -> anyhow::Result<GgufFile> {
 pub fn run(cli: &Cli, cmd: &ModelCommand) -> anyhow::Result<ExitCode> {
     let store = store(cli)?;
     let reg = store.registry();
-    let spec_of = |name: &Option<String>| match name {
-        Some(n) => reg.get(n),
-        None => Ok(reg.default_model()),
+    // A subcommand without NAME works on `--model` when that names a registry model
+    // (`triage --model 0.5b model pull`), else on the registry default.
+    let spec_of = |name: &Option<String>| match (name, cli.model.as_deref().map(ModelRef::parse)) {
+        (Some(n), _) => reg.get(n),
+        (None, Some(ModelRef::Named(n))) => reg.get(&n),
+        (None, _) => Ok(reg.default_model()),
     };
     match cmd {
         ModelCommand::List { json: true } => {

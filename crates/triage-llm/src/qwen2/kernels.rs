@@ -591,11 +591,12 @@ mod tests {
     use candle_core::{Var, D};
 
     use super::*;
-    use crate::qwen2::ops::tests::max_rel_diff;
+    use crate::qwen2::ops::tests::{fixed, max_rel_diff};
     use crate::qwen2::ops::{masked, Differentiable, Fused, Ops};
 
-    fn var(shape: &[usize], std: f32) -> Var {
-        Var::from_tensor(&Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()).unwrap()
+    /// A variable of fixed values (`seed`), mean 0.
+    fn var(shape: &[usize], std: f32, seed: u64) -> Var {
+        Var::from_tensor(&fixed(shape, 0.0, std, seed)).unwrap()
     }
 
     /// Gradients of `Σ y·probe` with respect to `vars`.
@@ -636,10 +637,14 @@ mod tests {
     /// LoRA update (dropout on), forward and backward for x, A and B.
     #[test]
     fn lora_linear_equals_composed_projection() {
-        let w = Tensor::randn(0f32, 0.1, (32, 64), &Device::Cpu).unwrap();
+        let w = fixed((32, 64), 0.0, 0.1, 10);
         let w = QMatMul::QTensor(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()));
-        let (x, a, b) = (var(&[2, 5, 64], 1.0), var(&[4, 64], 0.1), var(&[32, 4], 0.1));
-        let probe = Tensor::randn(0f32, 1.0, (2, 5, 32), &Device::Cpu).unwrap();
+        let (x, a, b) = (
+            var(&[2, 5, 64], 1.0, 11),
+            var(&[4, 64], 0.1, 12),
+            var(&[32, 4], 0.1, 13),
+        );
+        let probe = fixed((2, 5, 32), 0.0, 1.0, 14);
         let (scale, dropout) = (2.0, Some((0.3, 17u64)));
         let fused = x
             .as_tensor()
@@ -672,9 +677,9 @@ mod tests {
     #[test]
     fn rms_norm_and_rope_backward_equal_composed_gradients() {
         let dev = Device::Cpu;
-        let x = var(&[2, 3, 5, 16], 1.0);
-        let w = Tensor::randn(1f32, 0.2, 16, &dev).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 16), &dev).unwrap();
+        let x = var(&[2, 3, 5, 16], 1.0, 20);
+        let w = fixed(16, 1.0, 0.2, 21);
+        let probe = fixed((2, 3, 5, 16), 0.0, 1.0, 22);
         let (cos, sin) = crate::qwen2::ops::rope_tables(&crate::qwen2::Config::tiny(), 5, &dev).unwrap();
         let xt = x.as_tensor();
         let norm_fused = xt.apply_op2(&w, RmsNorm { eps: 1e-6 }).unwrap();
@@ -721,15 +726,11 @@ mod tests {
     /// positions get exactly zero probability.
     #[test]
     fn causal_attention_equals_composed_attention_forward_and_backward() {
-        let dev = Device::Cpu;
         let (b, hk, group, n, past, d) = (2, 2, 3, 4, 5, 8);
-        let var = |shape: (usize, usize, usize, usize)| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
-        };
-        let q = var((b, hk, group * n, d));
-        let k = var((b, hk, past + n, d));
-        let v = var((b, hk, past + n, d));
-        let probe = Tensor::randn(0f32, 1.0, (b, hk, group * n, d), &dev).unwrap();
+        let q = var(&[b, hk, group * n, d], 1.0, 30);
+        let k = var(&[b, hk, past + n, d], 1.0, 31);
+        let v = var(&[b, hk, past + n, d], 1.0, 32);
+        let probe = fixed((b, hk, group * n, d), 0.0, 1.0, 33);
         let scale = 0.35;
         let fused = Differentiable {
             track: true,

@@ -335,6 +335,17 @@ pub(crate) fn rope_tables(cfg: &Config, max_seq_len: usize, device: &Device) -> 
 pub(crate) mod tests {
     use super::*;
 
+    /// A tensor of `shape` with values of mean `mean` and standard deviation `std`, fixed by
+    /// `seed` (uniformly spread): each run checks the same numbers, unlike `Tensor::randn`.
+    pub(crate) fn fixed(shape: impl Into<candle_core::Shape>, mean: f32, std: f32, seed: u64) -> Tensor {
+        let shape = shape.into();
+        let vals = crate::lora::uniform_vec(seed, shape.elem_count())
+            .into_iter()
+            .map(|u| mean + std * 3f32.sqrt() * u)
+            .collect::<Vec<_>>();
+        Tensor::from_vec(vals, shape, &Device::Cpu).unwrap()
+    }
+
     /// max |got − want| / max |want|: the tests' measure of agreement between two paths.
     pub(crate) fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
         let diff = (got - want)
@@ -353,8 +364,8 @@ pub(crate) mod tests {
     #[test]
     fn differentiable_ops_equal_fused_kernels() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 16), &dev).unwrap();
-        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let x = fixed((1, 4, 6, 16), 0.0, 1.0, 1);
+        let w = fixed(16, 1.0, 0.1, 2);
         let (cos, sin) = rope_tables(&Config::tiny(), 6, &dev).unwrap();
         let d = Differentiable {
             track: false,
