@@ -1,5 +1,6 @@
 //! `--backend`: where `infer` and `eval` decode tickets — this process (`local`, the
-//! default) or an OpenAI-compatible server (`openai:URL`: vLLM, llama-server) for scale-out.
+//! default) or an OpenAI-compatible server (`openai:URL`: vLLM, llama-server) for scale-out;
+//! `--device`: where a local model runs.
 
 use std::time::Duration;
 
@@ -10,6 +11,21 @@ use triage_llm::{GgufFile, Tokenizer};
 use triage_taxonomy::Taxonomy;
 
 use crate::Cli;
+
+/// `--device`, shared by every command that runs the model in this process.
+#[derive(Args, Clone)]
+pub struct DeviceArgs {
+    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long = "device", default_value = "cpu", value_name = "DEVICE")]
+    pub spec: String,
+}
+
+impl DeviceArgs {
+    /// The candle device named by `--device`.
+    pub fn resolve(&self) -> anyhow::Result<candle_core::Device> {
+        Ok(triage_train::trainer::device(&self.spec)?)
+    }
+}
 
 /// Choosing the backend.
 #[derive(Args, Clone)]

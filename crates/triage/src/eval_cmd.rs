@@ -39,9 +39,8 @@ pub struct EvalArgs {
     /// Report folder (report.json, report.md, report.html, confusion-*.svg).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    device: String,
+    #[command(flatten)]
+    device: crate::backend_cmd::DeviceArgs,
     /// Examples decoded at once, sharing every forward pass (1: one at a time; the tickets
     /// are the same).
     #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
@@ -97,7 +96,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         return finish(&taxonomy, args, &examples, &runs);
     }
     let (gguf, base, model_path) =
-        crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device, false)?;
+        crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
     if !args.no_zero_shot {
         let b = bar(examples.len(), "zero-shot");
         runs.push(run_llm(

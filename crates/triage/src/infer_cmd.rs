@@ -52,9 +52,8 @@ pub struct InferArgs {
     /// Batch mode: JSONL results, one line per input row, in order; resumes if it exists.
     #[arg(long, value_name = "FILE", requires = "input")]
     output: Option<std::path::PathBuf>,
-    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    device: String,
+    #[command(flatten)]
+    device: crate::backend_cmd::DeviceArgs,
     /// Batch mode: rows decoded at once, sharing every forward pass (1: one at a time).
     #[arg(long, default_value_t = triage_infer::DEFAULT_BATCH_SIZE,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
@@ -150,7 +149,7 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Box<dyn TicketEngine>> {
         seed: args.seed,
         min_confidence: args.min_confidence,
         max_input_tokens: args.max_input_tokens,
-        device: triage_train::trainer::device(&args.device)?,
+        device: args.device.resolve()?,
         prefix_cache_dir,
         model_sha256,
         ..StructurerOptions::default()

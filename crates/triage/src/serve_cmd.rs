@@ -34,9 +34,8 @@ pub struct ServeArgs {
     /// same messages and schema); training jobs still run here.
     #[command(flatten)]
     backend: crate::backend_cmd::BackendArgs,
-    /// Where the model runs: cpu, cuda or cuda:N (a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    device: String,
+    #[command(flatten)]
+    device: crate::backend_cmd::DeviceArgs,
     /// Requests decoded at once: they share every forward pass (continuous batching: a
     /// finished request's place goes to the first one waiting).
     #[arg(long, default_value_t = ServeConfig::default().workers)]
@@ -188,7 +187,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     let model = Arc::new(Qwen2::load(
         &gguf,
-        &triage_train::trainer::device(&args.device)?,
+        &args.device.resolve()?,
         &LoadOptions::default(),
     )?);
     let mut desks = Vec::new();

@@ -60,9 +60,8 @@ pub struct TrainArgs {
     /// Validation examples decoded for the per-field accuracy (0 = off).
     #[arg(long)]
     accuracy_samples: Option<usize>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: crate::backend_cmd::DeviceArgs,
     /// Print the estimated peak memory and exit.
     #[arg(long)]
     dry_run: bool,
@@ -238,7 +237,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     triage_train::admission::admit_training(&peak, &config, args.memory_limit)?;
-    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device, true)?;
+    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device.spec, true)?;
     let name = args
         .out
         .file_name()
