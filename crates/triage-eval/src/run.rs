@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use triage_data::Example;
-use triage_infer::TicketEngine;
+use triage_infer::{InferError, Structured, TicketEngine};
 use triage_taxonomy::Taxonomy;
 
 use crate::baseline::Baseline;
@@ -63,6 +63,30 @@ fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Decodes every example with `engine`, `concurrency` examples at a time (sharing forward
+/// passes), and hands each outcome to `done` in example order, with its wall time in
+/// milliseconds (waits for the shared passes included).
+pub fn decode_each(
+    engine: &dyn TicketEngine,
+    examples: &[Example],
+    concurrency: usize,
+    mut done: impl FnMut(usize, Result<Structured, InferError>, f64),
+) {
+    triage_infer::for_each_concurrently(
+        examples.len(),
+        concurrency,
+        |i| {
+            let t = Instant::now();
+            let out = engine.structure(&examples[i].text);
+            (out, t.elapsed().as_secs_f64() * 1000.0)
+        },
+        |i, (out, latency_ms)| {
+            done(i, out, latency_ms);
+            true
+        },
+    );
+}
+
 /// Runs the real inference path (constrained decoding) on every example, `concurrency`
 /// examples at a time (sharing forward passes; the tickets are the same as one at a time).
 /// Latency is each ticket's wall time, waits for the shared passes included.
@@ -75,49 +99,39 @@ pub fn run_llm(
 ) -> SystemRun {
     let taxonomy = structurer.taxonomy();
     let mut predictions = Vec::with_capacity(examples.len());
-    triage_infer::for_each_concurrently(
-        examples.len(),
-        concurrency,
-        |i| {
-            let t = Instant::now();
-            let out = structurer.structure(&examples[i].text);
-            (out, t.elapsed().as_secs_f64() * 1000.0)
-        },
-        |i, (out, latency_ms)| {
-            let e = &examples[i];
-            let (predicted, valid, error) = match out {
-                Ok(s) => {
-                    let predicted = taxonomy
-                        .fields
-                        .iter()
-                        .map(|f| {
-                            let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
-                            let c = s
-                                .meta
-                                .confidence
-                                .iter()
-                                .find(|c| c.field == f.name)
-                                .map_or(1.0, |c| c.confidence as f64);
-                            (f.name.clone(), v, c)
-                        })
-                        .collect();
-                    (predicted, true, None)
-                }
-                Err(err) => (Vec::new(), false, Some(err.to_string())),
-            };
-            predictions.push(Prediction {
-                id: e.id.clone(),
-                lang: e.lang.clone(),
-                gold: gold(taxonomy, e),
-                predicted,
-                valid,
-                error,
-                latency_ms,
-            });
-            progress(i + 1);
-            true
-        },
-    );
+    decode_each(structurer, examples, concurrency, |i, out, latency_ms| {
+        let e = &examples[i];
+        let (predicted, valid, error) = match out {
+            Ok(s) => {
+                let predicted = taxonomy
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
+                        let c = s
+                            .meta
+                            .confidence
+                            .iter()
+                            .find(|c| c.field == f.name)
+                            .map_or(1.0, |c| c.confidence as f64);
+                        (f.name.clone(), v, c)
+                    })
+                    .collect();
+                (predicted, true, None)
+            }
+            Err(err) => (Vec::new(), false, Some(err.to_string())),
+        };
+        predictions.push(Prediction {
+            id: e.id.clone(),
+            lang: e.lang.clone(),
+            gold: gold(taxonomy, e),
+            predicted,
+            valid,
+            error,
+            latency_ms,
+        });
+        progress(i + 1);
+    });
     SystemRun {
         name: name.to_owned(),
         predictions,

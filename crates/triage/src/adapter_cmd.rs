@@ -306,29 +306,23 @@ fn decode_decisions(
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
     let mut decisions = Vec::new();
     let mut failed = 0usize;
-    triage_infer::for_each_concurrently(
-        examples.len(),
-        batch_size,
-        |i| s.structure(&examples[i].text),
-        |i, out| {
-            match out {
-                Ok(t) => decisions.extend(t.meta.confidence.into_iter().map(|c| {
-                    let d = calibration::Decision {
-                        gold: examples[i].ticket.get(&c.field).unwrap_or_default().to_owned(),
-                        field: c.field,
-                        candidates: c.scores,
-                    };
-                    (examples[i].id.clone(), d)
-                })),
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(id = %examples[i].id, "not decoded: {e}");
-                }
+    triage_eval::run::decode_each(&s, &examples, batch_size, |i, out, _| {
+        match out {
+            Ok(t) => decisions.extend(t.meta.confidence.into_iter().map(|c| {
+                let d = calibration::Decision {
+                    gold: examples[i].ticket.get(&c.field).unwrap_or_default().to_owned(),
+                    field: c.field,
+                    candidates: c.scores,
+                };
+                (examples[i].id.clone(), d)
+            })),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(id = %examples[i].id, "not decoded: {e}");
             }
-            bar.inc(1);
-            true
-        },
-    );
+        }
+        bar.inc(1);
+    });
     bar.finish_and_clear();
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
