@@ -36,7 +36,7 @@ import json, sys, os
 runs = sys.argv[1]
 rows = []
 def acc(report):
-    s = json.load(open(report))["systems"][-1]
+    s = json.load(open(report))["report"]["systems"][-1]
     f = {x["field"]: x["accuracy"] for x in s["fields"]}
     return f, s["exact_match"]
 for k in (4, 8, 24):
