@@ -260,8 +260,13 @@ fn token_lifetime(v: &Value) -> Duration {
             .as_u64()
             .map(|n| if n > 86_400 { n / 1000 } else { n })
     });
-    Duration::from_secs(secs.unwrap_or(3600))
+    // Zoho's tokens live an hour; a longer claim is capped at a day so that a hostile or
+    // garbled answer can neither overflow the refresh time nor pin a token for ever.
+    Duration::from_secs(secs.unwrap_or(3600).min(MAX_TOKEN_LIFETIME_S))
 }
+
+/// The longest token lifetime believed (one day).
+const MAX_TOKEN_LIFETIME_S: u64 = 86_400;
 
 /// Reuse a token until this long before it expires (at most half its lifetime).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -269,7 +274,7 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// When to refresh a token that lives `lifetime` from `now` (unix seconds).
 fn refresh_after(now: u64, lifetime: Duration) -> u64 {
     let margin = REFRESH_MARGIN.min(lifetime / 2);
-    now + lifetime.saturating_sub(margin).as_secs()
+    now.saturating_add(lifetime.saturating_sub(margin).as_secs())
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -466,6 +471,9 @@ mod tests {
         assert_eq!(refresh_after(1000, Duration::from_secs(3600)), 1000 + 3300);
         assert_eq!(refresh_after(1000, Duration::from_secs(60)), 1000 + 30);
         assert_eq!(refresh_after(1000, Duration::ZERO), 1000);
+        let absurd: Value = serde_json::json!({"access_token": "x", "expires_in_sec": u64::MAX});
+        assert_eq!(token_lifetime(&absurd), Duration::from_secs(86_400));
+        assert_eq!(refresh_after(u64::MAX - 5, Duration::from_secs(3600)), u64::MAX);
     }
 
     #[test]

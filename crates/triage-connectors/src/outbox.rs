@@ -172,9 +172,15 @@ impl Outbox {
         line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| self.err(e))?;
+        // A writer that died mid-line left a fragment without its newline: start on a fresh
+        // line, or this event would be glued to the fragment and lost with it.
+        if ends_mid_line(&mut f).map_err(|e| self.err(e))? {
+            line.insert(0, '\n');
+        }
         f.write_all(line.as_bytes()).map_err(|e| self.err(e))?;
         f.sync_data().map_err(|e| self.err(e))
     }
@@ -289,6 +295,18 @@ fn latest_per_incident(entries: Vec<OutboxEntry>) -> Vec<OutboxEntry> {
     order.into_iter().filter_map(|k| last.remove(&k)).collect()
 }
 
+/// Whether the file is non-empty and its last byte is not a newline.
+fn ends_mid_line(f: &mut File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +362,29 @@ mod tests {
         // Compacting twice changes nothing.
         let again = ob.compact().unwrap();
         assert_eq!((again.before, again.after), (4, 4));
+    }
+
+    /// A crash mid-write leaves a fragment without its newline; the next event starts on a
+    /// line of its own and is kept.
+    #[test]
+    fn an_event_after_a_torn_write_is_not_lost() {
+        let ob = outbox("torn");
+        ob.record(&OutboxEntry::new("jira", "a", OutboxState::Pending))
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(ob.path())
+            .unwrap()
+            .write_all(b"{\"vendor\":\"jira\",\"exte")
+            .unwrap();
+        let mut e = OutboxEntry::new("jira", "a", OutboxState::Created);
+        e.id = Some("id-a".into());
+        ob.record(&e).unwrap();
+        assert_eq!(
+            ob.find_created("jira", "a").unwrap().unwrap().id.as_deref(),
+            Some("id-a")
+        );
+        assert_eq!(ob.compact().unwrap().dropped_unreadable, 1);
     }
 
     #[test]

@@ -181,7 +181,9 @@ pub async fn push(
     // of the window since that attempt.
     let mut reposted = false;
     if let Some(e) = previous.filter(|e| e.state.unsettled()) {
-        let left = (e.at + policy.search_window.as_secs()).saturating_sub(now());
+        // `at` comes from the outbox file: a corrupt one must not overflow the deadline.
+        let window = policy.search_window.as_secs();
+        let left = e.at.saturating_add(window).saturating_sub(now()).min(window);
         tracing::info!(vendor, external_id = %ext, state = e.state.as_str(), "an earlier attempt may have created it; searching first");
         let hits = auth
             .search_until(&ext, Instant::now() + Duration::from_secs(left))

@@ -340,10 +340,12 @@ impl Connector for Sdp {
 
     fn parse_search(&self, body: &str) -> Result<Vec<Pushed>, ConnectorError> {
         let v = Self::json(body)?;
-        Ok(v["requests"]
+        // No `requests` list is not "nothing found": treating it so would create a duplicate.
+        let requests = v["requests"]
             .as_array()
-            .into_iter()
-            .flatten()
+            .ok_or_else(|| bad("no `requests` list in the search response"))?;
+        Ok(requests
+            .iter()
             .filter_map(id_of)
             .map(|id| Pushed::new(id.clone(), None, Some(self.url(&id))))
             .collect())

@@ -246,12 +246,15 @@ impl Connector for Zoho {
         }
         let v: Value =
             serde_json::from_str(body).map_err(|e| bad(format!("not JSON: {e}: {}", raw_excerpt(body))))?;
-        Ok(v["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(ticket_ref)
-            .collect())
+        // A body without a `data` list is not "nothing found" (that is 204): treating it so
+        // would create a duplicate.
+        let data = v["data"].as_array().ok_or_else(|| {
+            bad(format!(
+                "no `data` list in the search response: {}",
+                raw_excerpt(body)
+            ))
+        })?;
+        Ok(data.iter().filter_map(ticket_ref).collect())
     }
 
     fn error_text(&self, body: &str) -> String {

@@ -311,3 +311,24 @@ fn external_ids_are_deterministic_and_depend_on_text_and_message_id() {
         triage_connectors::external_id(&d)
     );
 }
+
+/// A search answer without its hit list is an error, never "not found" (which would create a
+/// duplicate ticket); an empty list, or Zoho's empty 204 body, is "not found".
+#[test]
+fn a_search_answer_without_its_list_is_an_error_not_a_miss() {
+    for (vendor, list, other) in [
+        (
+            Vendor::Sdp,
+            r#"{"requests":[]}"#,
+            r#"{"response_status":{"status":"success"}}"#,
+        ),
+        (Vendor::Zoho, r#"{"data":[]}"#, r#"{"errorCode":"UNKNOWN"}"#),
+        (Vendor::Jira, r#"{"issues":[]}"#, r#"{"total":0}"#),
+    ] {
+        let c = connector(vendor);
+        assert_eq!(c.parse_search(list).unwrap().len(), 0, "{vendor}");
+        let e = c.parse_search(other).unwrap_err().to_string();
+        assert!(e.contains("search response"), "{vendor}: {e}");
+    }
+    assert!(connector(Vendor::Zoho).parse_search("").unwrap().is_empty());
+}

@@ -306,3 +306,24 @@ fn builtin_seed_files_are_the_shipped_folder() {
     let b = generate(&built_in, &validator, &options(60, 3)).unwrap();
     assert_eq!(jsonl(&a.examples), jsonl(&b.examples));
 }
+
+/// Seed folders whose scenario files define no scenario are an error naming the folder, not a
+/// division by zero in the generator.
+#[test]
+fn seeds_without_scenarios_are_an_error() {
+    let taxonomy = Taxonomy::builtin_default();
+    let from = Seeds::default_dir(&root(), &taxonomy);
+    let dir = std::env::temp_dir().join(format!("triage-empty-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("scenarios")).unwrap();
+    for f in ["surface.toml", "slots.toml"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("scenarios/a.toml"), "# nothing yet\n").unwrap();
+    let validator = Validator::new(&taxonomy);
+    let e = Seeds::load(&dir, &taxonomy)
+        .and_then(|s| generate(&s, &validator, &options(10, 1)).map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scenarios") && e.contains("no [[scenario]]"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -21,6 +21,12 @@ use serde::{Deserialize, Serialize};
 /// The calibration file's name inside an adapter folder.
 pub const FILE_NAME: &str = "calibration.json";
 
+/// Temperatures a calibration file may hold (a fit keeps them within 0.05..=20).
+pub const TEMPERATURE_RANGE: std::ops::RangeInclusive<f32> = 0.01..=100.0;
+
+/// The largest bias magnitude a calibration file may hold.
+pub const MAX_BIAS: f32 = 1000.0;
+
 /// Per-field calibrations, applied to the decoder's enum scores.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
@@ -81,8 +87,8 @@ pub enum CalibrationError {
 }
 
 impl Calibration {
-    /// Reads `path` (a `calibration.json`), checking that every temperature and bias is a
-    /// finite number and every temperature positive.
+    /// Reads `path` (a `calibration.json`), checking that every temperature lies in
+    /// [`TEMPERATURE_RANGE`] and every bias within ±[`MAX_BIAS`].
     pub fn read(path: &Path) -> Result<Self, CalibrationError> {
         let text = std::fs::read_to_string(path).map_err(|source| CalibrationError::Read {
             path: path.display().to_string(),
@@ -94,14 +100,24 @@ impl Calibration {
         };
         let cal: Calibration = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
         for (name, f) in &cal.fields {
-            if !(f.temperature.is_finite() && f.temperature > 0.0) {
+            // Outside these bounds the scaled scores overflow f32 (inf/NaN confidences) or one
+            // value wins every decision; no fit produces them.
+            if !(TEMPERATURE_RANGE.contains(&f.temperature)) {
                 return Err(malformed(format!(
-                    "field `{name}`: temperature {}",
-                    f.temperature
+                    "field `{name}`: temperature {} (must be in {}..={})",
+                    f.temperature,
+                    TEMPERATURE_RANGE.start(),
+                    TEMPERATURE_RANGE.end()
                 )));
             }
-            if let Some((v, b)) = f.bias.iter().find(|(_, b)| !b.is_finite()) {
-                return Err(malformed(format!("field `{name}`: bias of `{v}` is {b}")));
+            if let Some((v, b)) = f
+                .bias
+                .iter()
+                .find(|(_, b)| !(b.is_finite() && b.abs() <= MAX_BIAS))
+            {
+                return Err(malformed(format!(
+                    "field `{name}`: bias of `{v}` is {b} (|bias| must be ≤ {MAX_BIAS})"
+                )));
             }
         }
         Ok(cal)
@@ -577,6 +593,14 @@ mod tests {
             e.contains(&path.display().to_string()) && e.contains("priority"),
             "{e}"
         );
+        for (t, b) in [("1e-45", "0.0"), ("1.0", "1e9")] {
+            let extreme = bad
+                .replace("-1.0", t)
+                .replace("{},", &format!("{{\"High\":{b}}},"));
+            std::fs::write(&path, extreme).unwrap();
+            let e = Calibration::read(&path).unwrap_err().to_string();
+            assert!(e.contains("priority") && e.contains("must be"), "{e}");
+        }
         std::fs::write(&path, b"\x00\x01garbage").unwrap();
         let e = Calibration::read(&path).unwrap_err().to_string();
         assert!(e.contains("not a calibration file"), "{e}");

@@ -348,7 +348,10 @@ impl Structurer {
             reason: v.to_string(),
         })?;
         if let Some(min) = self.opts.min_confidence {
-            meta.needs_review = meta.confidence.iter().any(|c| c.confidence < min);
+            meta.needs_review = meta
+                .confidence
+                .iter()
+                .any(|c| c.confidence.is_nan() || c.confidence < min);
         }
         meta.timings.total_ms = ms(t0);
         Ok(Structured { ticket, meta })
@@ -688,6 +691,12 @@ impl Decoder<'_> {
             cal.apply(&field.name, &names, &mut logp);
         }
         let probs = softmax(&logp, 1.0);
+        if !probs.iter().all(|p| p.is_finite()) {
+            return Err(InferError::NonFinite {
+                field: field.name.clone(),
+                scores: format!("{logp:?}"),
+            });
+        }
         let chosen = if self.s.opts.temperature > 0.0 {
             let p = softmax(&logp, self.s.opts.temperature);
             sample(&p, &mut self.rng)

@@ -115,6 +115,15 @@ pub enum InferError {
         /// Violations.
         reason: String,
     },
+    /// The scores of a field's values are not numbers (inf/NaN): a corrupt model, adapter or
+    /// calibration. Deciding anyway would pick the first allowed value every time.
+    #[error("the scores of `{field}`'s values are not finite numbers ({scores}); check the model, the adapter and its calibration.json")]
+    NonFinite {
+        /// The field being decided.
+        field: String,
+        /// The scores as computed.
+        scores: String,
+    },
     /// The output failed validation. Constrained decoding makes this a bug: please report it.
     #[error("internal error: output failed validation ({reason}): {output}")]
     Invalid {

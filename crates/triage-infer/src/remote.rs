@@ -232,7 +232,14 @@ impl RemoteStructurer {
                 .map_or(meta.output_tokens, |n| n as usize);
         }
         if let Some(min) = self.opts.min_confidence {
-            meta.needs_review = meta.confidence.iter().any(|c| c.confidence < min);
+            // A field the backend gave no usable log-probabilities for has an unknown
+            // confidence: it is reviewed, not waved through.
+            let unknown = self
+                .taxonomy
+                .fields
+                .iter()
+                .any(|f| !meta.confidence.iter().any(|c| c.field == f.name));
+            meta.needs_review = unknown || meta.confidence.iter().any(|c| c.confidence < min);
         }
         meta.timings.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         Ok(Structured { ticket, meta })

@@ -129,6 +129,10 @@ fn the_backend_sends_the_local_prompt_and_validates_every_answer() {
         (200, answer(&serde_json::to_string(&bad).unwrap(), -0.01)),
         (500, "{\"error\": \"model overloaded\"}".to_string()),
         (200, json!({"choices": []}).to_string()),
+        (
+            200,
+            json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string(),
+        ),
     ];
     let (url, seen) = fake_server(answers);
     let remote = client(&format!("{url}/v1/"), tok.clone());
@@ -174,6 +178,15 @@ fn the_backend_sends_the_local_prompt_and_validates_every_answer() {
     // 4. An answer without content.
     let e = remote.structure(text).unwrap_err().to_string();
     assert!(e.contains("choices[0].message.content"), "{e}");
+    // 5. A valid answer without log-probabilities: the ticket, no confidences, and (with
+    // --min-confidence) sent to review rather than waved through.
+    let out = remote.structure(text).unwrap();
+    assert_eq!(out.ticket.get("subcategory"), Some("VPN"));
+    assert!(
+        out.meta.confidence.is_empty() && out.meta.needs_review,
+        "{:?}",
+        out.meta
+    );
 }
 
 #[test]

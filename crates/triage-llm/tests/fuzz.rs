@@ -98,6 +98,21 @@ fn check_gguf(path: &Path, b: &[u8], guarded: &std::cell::Cell<u32>) -> Check {
     }
 }
 
+/// The configuration's sizes are checked against the tensors present: the tiny GGUF claims
+/// one layer and holds none, and a huge `block_count` is refused before any allocation.
+#[test]
+fn config_sizes_are_checked_against_the_tensors() {
+    let path = dir("config").join("m.gguf");
+    std::fs::write(&path, tiny_gguf()).unwrap();
+    let e = Config::from_gguf(&GgufFile::open(&path).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("qwen2.block_count is 1 but the file holds 0 layers") && e.contains("m.gguf"),
+        "{e}"
+    );
+}
+
 #[test]
 fn gguf_header_mutations_never_panic_and_errors_name_the_file() {
     let d = dir("gguf");

@@ -312,10 +312,18 @@ pub async fn classify(
     let req: ClassifyRequest = parse_json(&json_body(&s, b)?)?;
     let (mut r, taxonomy, adapter) = s.structure(None, vec![req.ticket_data]).await?;
     let st = r.pop().expect("one result per text")?;
-    let first = st.meta.confidence.first();
+    // By name, not position: a remote backend may give no confidence for some field.
+    let engine = s.desk(Some(&taxonomy))?.engine();
+    let field = engine
+        .structurer
+        .taxonomy()
+        .fields
+        .first()
+        .map_or("", |f| f.name.as_str());
+    let confidence = st.meta.confidence.iter().find(|c| c.field == field);
     Ok(Json(serde_json::json!({
-        "predicted_label": first.map(|c| c.value.clone()),
-        "confidence": first.map(|c| c.confidence),
+        "predicted_label": st.ticket.get(field),
+        "confidence": confidence.map(|c| c.confidence),
         "ticket": st.ticket,
         "meta": ticket_meta(&st.meta, &taxonomy, adapter.as_deref()),
     })))

@@ -171,9 +171,12 @@ pub fn load(dir: &Path, cfg: &Config, device: &Device) -> Result<LoadedAdapter, 
         .as_u64()
         .filter(|&r| r > 0)
         .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+    // The update is scaled by alpha / r in f32: an absurd ratio would turn every logit into
+    // inf or NaN and every decision into the first allowed value, silently.
     let alpha = peft["lora_alpha"]
         .as_f64()
-        .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+        .filter(|a| a.is_finite() && (a / rank as f64).abs() <= 1e4)
+        .ok_or_else(|| bad("`lora_alpha` must be a number with |lora_alpha / r| ≤ 10000".into()))?;
     let targets: Vec<Target> = peft["target_modules"]
         .as_array()
         .ok_or_else(|| bad("`target_modules` must be a list".into()))?
@@ -245,10 +248,16 @@ pub fn check_base(meta: &TriageMeta, base_sha256: &str, dir: &Path) -> Result<()
         "adapter {} was trained on base model {} (sha256 {}), not on the model in use (sha256 {}); pass --model {}",
         dir.display(),
         meta.base_model_file,
-        &meta.base_model_sha256[..12.min(meta.base_model_sha256.len())],
-        &base_sha256[..12.min(base_sha256.len())],
+        short(&meta.base_model_sha256),
+        short(base_sha256),
         meta.base_model_file.trim_end_matches(".gguf")
     )))
+}
+
+/// The first 12 characters of a hash for messages (characters, not bytes: the file's text is
+/// not trusted to be hex).
+fn short(hash: &str) -> String {
+    hash.chars().take(12).collect()
 }
 
 /// Loads the adapter in `dir` for inference on `model`, refusing one trained for another
@@ -276,9 +285,9 @@ pub fn check_compatible(
         return Err(TrainError::Invalid(format!(
             "adapter {d} was trained for taxonomy {:?} (hash {}), not the taxonomy in use ({:?}, hash {}); pass the same --taxonomy or retrain",
             meta.taxonomy,
-            &meta.taxonomy_hash[..12.min(meta.taxonomy_hash.len())],
+            short(&meta.taxonomy_hash),
             taxonomy.name,
-            &taxonomy.content_hash()[..12]
+            short(&taxonomy.content_hash())
         )));
     }
     if let Some(sha) = base_sha256 {

@@ -52,8 +52,11 @@ pub fn merge_gguf(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<MergeSummary, TrainError> {
     let device = Device::Cpu;
+    // Opened through GgufFile: its header reader is guarded against hostile headers and
+    // every tensor is checked to lie inside the file.
+    let gguf = triage_llm::GgufFile::open(base)?;
+    let content = gguf.content();
     let mut reader = BufReader::new(File::open(base).map_err(|e| file_err(base, e))?);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| file_err(base, e))?;
     let layers = lora.layers.len();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -98,7 +101,7 @@ pub fn merge_gguf(
             base.display()
         )));
     }
-    let mut metadata: Vec<(String, Value)> = content.metadata.into_iter().collect();
+    let mut metadata: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
     metadata.retain(|(k, _)| k != "triage.merged_adapter");
     metadata.push((

@@ -123,6 +123,13 @@ pub fn generate(
     if options.langs.is_empty() {
         return Err(DataError::Invalid("no languages given".into()));
     }
+    if seeds.scenarios.is_empty() {
+        return Err(DataError::Seeds {
+            path: seeds.dir.join("scenarios"),
+            line: None,
+            message: "the scenario files define no [[scenario]]".into(),
+        });
+    }
     // Leaf classes: the first field and its child, if any.
     let class_fields: Vec<&str> = {
         let first = &taxonomy.fields[0];

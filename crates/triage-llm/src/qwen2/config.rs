@@ -64,17 +64,46 @@ impl Config {
                 "inconsistent head counts {num_heads}/{num_kv_heads} for width {hidden_size}"
             )));
         }
-        let vocab_size = gguf
-            .content()
-            .tensor_infos
-            .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
-            .ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        // The metadata sizes allocations: check them against the tensors actually present, so
+        // a damaged or hostile header is an error here, not a panic or an abort later.
+        let shape = |name: &str| {
+            gguf.content()
+                .tensor_infos
+                .get(name)
+                .map(|t| t.shape.dims().to_vec())
+        };
+        let embd =
+            shape("token_embd.weight").ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        let vocab_size = match embd[..] {
+            [v, w] if v > 0 && w == hidden_size => v,
+            _ => {
+                return Err(bad(format!(
+                    "token_embd.weight has shape {embd:?}, expected [vocabulary, {hidden_size}]"
+                )))
+            }
+        };
+        let num_layers = int("block_count")?;
+        let present = (0..)
+            .take_while(|i| shape(&format!("blk.{i}.attn_norm.weight")).is_some())
+            .count();
+        if num_layers == 0 || num_layers != present {
+            return Err(bad(format!(
+                "qwen2.block_count is {num_layers} but the file holds {present} layers"
+            )));
+        }
+        let intermediate_size = int("feed_forward_length")?;
+        let up = shape("blk.0.ffn_up.weight");
+        if up.as_deref() != Some(&[intermediate_size, hidden_size][..]) {
+            return Err(bad(format!(
+                "blk.0.ffn_up.weight has shape {up:?}, expected [{intermediate_size}, {hidden_size}] \
+                 (qwen2.feed_forward_length, qwen2.embedding_length)"
+            )));
+        }
         Ok(Self {
             vocab_size,
             hidden_size,
-            intermediate_size: int("feed_forward_length")?,
-            num_layers: int("block_count")?,
+            intermediate_size,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim: hidden_size / num_heads,
