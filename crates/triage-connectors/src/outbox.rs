@@ -317,6 +317,13 @@ mod tests {
         Outbox::new(dir.join("outbox.jsonl"))
     }
 
+    /// Appends the start of an event, as a writer that died mid-write leaves it, then `end`.
+    fn append_torn(ob: &Outbox, end: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(ob.path()).unwrap();
+        f.write_all(b"{\"vendor\":\"jira\",\"exte").unwrap();
+        f.write_all(end).unwrap();
+    }
+
     #[test]
     fn compaction_keeps_the_latest_state_of_each_incident() {
         let ob = outbox("compact");
@@ -337,13 +344,8 @@ mod tests {
         // The same external id at another vendor is another incident.
         ob.record(&OutboxEntry::new("zoho", "a", OutboxState::Pending))
             .unwrap();
-        // A torn line.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(ob.path())
-            .unwrap()
-            .write_all(b"{\"vendor\":\"jira\",\"exte\n")
-            .unwrap();
+        // A torn line (ended by a newline, as a later write leaves it).
+        append_torn(&ob, b"\n");
         let before = ob.latest_all(None).unwrap();
         let c = ob.compact().unwrap();
         assert_eq!((c.before, c.after, c.dropped_unreadable), (7, 4, 1));
@@ -371,12 +373,7 @@ mod tests {
         let ob = outbox("torn");
         ob.record(&OutboxEntry::new("jira", "a", OutboxState::Pending))
             .unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(ob.path())
-            .unwrap()
-            .write_all(b"{\"vendor\":\"jira\",\"exte")
-            .unwrap();
+        append_torn(&ob, b"");
         let mut e = OutboxEntry::new("jira", "a", OutboxState::Created);
         e.id = Some("id-a".into());
         ob.record(&e).unwrap();
