@@ -121,7 +121,7 @@ pub struct Timings {
 pub struct Meta {
     /// Per enum field, in ticket order.
     pub confidence: Vec<FieldConfidence>,
-    /// Whether any field's confidence is under `min_confidence`.
+    /// Whether any field's confidence is under `min_confidence` or unknown.
     pub needs_review: bool,
     /// Prompt tokens in total.
     pub prompt_tokens: usize,
@@ -140,6 +140,24 @@ pub struct Meta {
     pub timings: Timings,
     /// Input hygiene notes (lossy UTF-8, truncation).
     pub warnings: Vec<String>,
+}
+
+impl Meta {
+    /// Sets [`Meta::needs_review`] under `--min-confidence min`: some enum field of `taxonomy`
+    /// has a confidence under `min`, or none that is a number (a remote backend may give no
+    /// log-probabilities for it): an unknown confidence is reviewed, not waved through.
+    pub fn flag_for_review(&mut self, taxonomy: &triage_taxonomy::Taxonomy, min: f32) {
+        let confidence = |field: &str| {
+            self.confidence
+                .iter()
+                .find(|c| c.field == field)
+                .map(|c| c.confidence)
+        };
+        self.needs_review = taxonomy.fields.iter().any(|f| match confidence(&f.name) {
+            Some(c) => c.is_nan() || c < min,
+            None => true,
+        });
+    }
 }
 
 /// A structured incident.
@@ -348,10 +366,7 @@ impl Structurer {
             reason: v.to_string(),
         })?;
         if let Some(min) = self.opts.min_confidence {
-            meta.needs_review = meta
-                .confidence
-                .iter()
-                .any(|c| c.confidence.is_nan() || c.confidence < min);
+            meta.flag_for_review(self.validator.taxonomy(), min);
         }
         meta.timings.total_ms = ms(t0);
         Ok(Structured { ticket, meta })

@@ -232,14 +232,7 @@ impl RemoteStructurer {
                 .map_or(meta.output_tokens, |n| n as usize);
         }
         if let Some(min) = self.opts.min_confidence {
-            // A field the backend gave no usable log-probabilities for has an unknown
-            // confidence: it is reviewed, not waved through.
-            let unknown = self
-                .taxonomy
-                .fields
-                .iter()
-                .any(|f| !meta.confidence.iter().any(|c| c.field == f.name));
-            meta.needs_review = unknown || meta.confidence.iter().any(|c| c.confidence < min);
+            meta.flag_for_review(&self.taxonomy, min);
         }
         meta.timings.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
         Ok(Structured { ticket, meta })
