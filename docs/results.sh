@@ -10,7 +10,9 @@
 # (`triage adapter list`). Usage, from the repository root (about 2 h on 2 cores):
 #   bash docs/results.sh            [TRIAGE=target/release/triage] [N_CS=200] [N_SYNTH=0: all]
 #                                   [ONLY="synth-1.5b synth-0.5b cs-1.5b": the evaluations to rerun]
-# Each evaluation writes reports/results-<name>/; docs/results.md is assembled from the reports
+# Each evaluation writes reports/results-<name>/ and journals every decoded example there, so a
+# rerun after an interruption continues where it stopped (`eval --resume`; a journal of another
+# model, adapter, calibration or data is started over); docs/results.md is assembled from the reports
 # that exist (with their dates), and a section without a report keeps the text it had in the
 # previous docs/results.md.
 set -euo pipefail
@@ -39,7 +41,7 @@ evaluate() { # name model split limit [global flags...]: reports/results-<name>,
   local name=$1 model=$2 split=$3 n=$4; shift 4
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
   "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$OUT/$split/train.jsonl" \
-    $(limit "$n") --out "reports/results-$name"
+    $(limit "$n") --out "reports/results-$name" --resume
 }
 evaluate synth-1.5b 1.5b synth "$N_SYNTH"
 evaluate synth-0.5b 0.5b synth "$N_SYNTH"

@@ -776,6 +776,45 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(md.contains("| field | tfidf-baseline | zero-shot |"), "{md}");
+    // `--resume` over one more example keeps the 3 journaled ones and decodes only the 4th.
+    assert!(out_dir.join("journal-zero-shot.jsonl").exists());
+    let more = triage(
+        &[
+            "--model",
+            "0.5b",
+            "eval",
+            "--data",
+            splits.join("test.jsonl").to_str().unwrap(),
+            "--limit",
+            "4",
+            "--no-adapter",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--resume",
+        ],
+        "",
+    );
+    assert!(more.status.success(), "{}", text(&more.stderr));
+    assert!(
+        text(&more.stderr).contains("zero-shot: resuming after 3 of 4 examples"),
+        "{}",
+        text(&more.stderr)
+    );
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+    let zero_shot = |runs: &serde_json::Value| {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "zero-shot")
+            .unwrap()["predictions"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let preds = zero_shot(&again["runs"]);
+    assert_eq!(preds.len(), 4);
+    assert_eq!(preds[..3], zero_shot(&v["runs"])[..]);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -956,7 +995,9 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     ];
     let out = triage(&calibrate, "");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // The scores were kept: a refit reads them instead of decoding, to the same file.
+    // The scores were kept (and the decoding journal removed): a refit reads them instead of
+    // decoding, to the same file.
+    assert!(!dir.join("scores.jsonl.partial").exists());
     let first = std::fs::read(adapter.join("calibration.json")).unwrap();
     assert_eq!(std::fs::read_to_string(&scores).unwrap().lines().count(), 3 * 5);
     let again = triage(&calibrate, "");

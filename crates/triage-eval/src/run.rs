@@ -8,6 +8,25 @@ use triage_infer::{InferError, Structured, TicketEngine};
 use triage_taxonomy::Taxonomy;
 
 use crate::baseline::Baseline;
+use crate::journal::{Journal, JournalError};
+
+/// Why a run over the examples stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Its journal could not be written.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Stopped on request (Ctrl-C); the journal keeps what was decoded.
+    #[error("interrupted after {done} of {total} examples; they are kept in {journal}: rerun with --resume to continue")]
+    Interrupted {
+        /// Examples decoded, those resumed included.
+        done: usize,
+        /// Examples in the run.
+        total: usize,
+        /// The journal that keeps them.
+        journal: String,
+    },
+}
 
 /// One example's outcome under one system.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,13 +84,15 @@ fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
 
 /// Decodes every example with `engine`, `concurrency` examples at a time (sharing forward
 /// passes), and hands each outcome to `done` in example order, with its wall time in
-/// milliseconds (waits for the shared passes included).
+/// milliseconds (waits for the shared passes included). Once `done` returns `false` no new
+/// example starts; those already started are still handed over.
 pub fn decode_each(
     engine: &dyn TicketEngine,
     examples: &[Example],
     concurrency: usize,
-    mut done: impl FnMut(usize, Result<Structured, InferError>, f64),
+    done: impl FnMut(usize, Result<Structured, InferError>, f64) -> bool,
 ) {
+    let mut done = done;
     triage_infer::for_each_concurrently(
         examples.len(),
         concurrency,
@@ -80,62 +101,100 @@ pub fn decode_each(
             let out = engine.structure(&examples[i].text);
             (out, t.elapsed().as_secs_f64() * 1000.0)
         },
-        |i, (out, latency_ms)| {
-            done(i, out, latency_ms);
-            true
-        },
+        |i, (out, latency_ms)| done(i, out, latency_ms),
     );
 }
+
+/// A journal for [`run_llm`] with the predictions it already holds (see [`Journal::open`]).
+pub type Resume = (Journal, Vec<Prediction>);
 
 /// Runs the real inference path (constrained decoding) on every example, `concurrency`
 /// examples at a time (sharing forward passes; the tickets are the same as one at a time).
 /// Latency is each ticket's wall time, waits for the shared passes included.
+///
+/// With `resume`, the journal's predictions stand for the first examples and every new one
+/// is appended to it as it is made; `stop` is polled after each example (Ctrl-C), and a run
+/// it stops is [`RunError::Interrupted`] with everything decoded kept in the journal.
+/// `progress` gets the number of examples done, resumed ones included.
 pub fn run_llm(
     name: &str,
     structurer: &dyn TicketEngine,
     examples: &[Example],
     concurrency: usize,
+    resume: Option<Resume>,
+    stop: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize),
-) -> SystemRun {
+) -> Result<SystemRun, RunError> {
     let taxonomy = structurer.taxonomy();
-    let mut predictions = Vec::with_capacity(examples.len());
-    decode_each(structurer, examples, concurrency, |i, out, latency_ms| {
-        let e = &examples[i];
-        let (predicted, valid, error) = match out {
-            Ok(s) => {
-                let predicted = taxonomy
-                    .fields
-                    .iter()
-                    .map(|f| {
-                        let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
-                        let c = s
-                            .meta
-                            .confidence
-                            .iter()
-                            .find(|c| c.field == f.name)
-                            .map_or(1.0, |c| c.confidence as f64);
-                        (f.name.clone(), v, c)
-                    })
-                    .collect();
-                (predicted, true, None)
+    let (mut journal, mut predictions) = match resume {
+        Some((j, kept)) => (Some(j), kept),
+        None => (None, Vec::new()),
+    };
+    predictions.reserve(examples.len());
+    let start = predictions.len().min(examples.len());
+    predictions.truncate(start);
+    progress(start);
+    let mut failure: Option<JournalError> = None;
+    decode_each(
+        structurer,
+        &examples[start..],
+        concurrency,
+        |i, out, latency_ms| {
+            let i = start + i;
+            let e = &examples[i];
+            let (predicted, valid, error) = match out {
+                Ok(s) => {
+                    let predicted = taxonomy
+                        .fields
+                        .iter()
+                        .map(|f| {
+                            let v = s.ticket.get(&f.name).unwrap_or("").to_owned();
+                            let c = s
+                                .meta
+                                .confidence
+                                .iter()
+                                .find(|c| c.field == f.name)
+                                .map_or(1.0, |c| c.confidence as f64);
+                            (f.name.clone(), v, c)
+                        })
+                        .collect();
+                    (predicted, true, None)
+                }
+                Err(err) => (Vec::new(), false, Some(err.to_string())),
+            };
+            let p = Prediction {
+                id: e.id.clone(),
+                lang: e.lang.clone(),
+                gold: gold(taxonomy, e),
+                predicted,
+                valid,
+                error,
+                latency_ms,
+            };
+            if let Some(j) = journal.as_mut() {
+                if let Err(err) = j.append(&p.id, &p) {
+                    failure.get_or_insert(err);
+                }
             }
-            Err(err) => (Vec::new(), false, Some(err.to_string())),
-        };
-        predictions.push(Prediction {
-            id: e.id.clone(),
-            lang: e.lang.clone(),
-            gold: gold(taxonomy, e),
-            predicted,
-            valid,
-            error,
-            latency_ms,
+            predictions.push(p);
+            progress(i + 1);
+            failure.is_none() && !stop()
+        },
+    );
+    if let Some(err) = failure {
+        return Err(err.into());
+    }
+    if predictions.len() < examples.len() {
+        return Err(RunError::Interrupted {
+            done: predictions.len(),
+            total: examples.len(),
+            journal: journal.map_or_else(|| "no journal".to_owned(), |j| j.path().display().to_string()),
         });
-        progress(i + 1);
-    });
-    SystemRun {
+    }
+    Ok(SystemRun {
         name: name.to_owned(),
         predictions,
-    }
+    })
 }
 
 /// Fits the TF-IDF baseline on `train` and predicts `test`. A dependent field (subcategory)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use triage_eval::journal::Journal;
 use triage_infer::calibration::{self, Calibration};
 use triage_llm::GgufFile;
 use triage_train::adapter;
@@ -64,7 +65,9 @@ pub struct CalibrateArgs {
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// The decoded scores (JSONL, one decision per line): written after decoding, or,
-    /// when the file exists, read instead of decoding (refitting without the model).
+    /// when the file exists, read instead of decoding (refitting without the model). While
+    /// decoding, every example is journaled in `FILE.partial`, so an interrupted run started
+    /// again with the same arguments continues where it stopped.
     #[arg(long, value_name = "FILE")]
     scores: Option<PathBuf>,
     /// Examples decoded at once, sharing every forward pass.
@@ -103,6 +106,9 @@ pub struct Resolved {
     pub lora: triage_llm::lora::Lora,
     /// `calibration.json` from its folder, unless absent or `--no-calibration`.
     pub calibration: Option<Calibration>,
+    /// The SHA-256 of its files (weights, PEFT configuration, calibration when applied): what
+    /// an evaluation journal of this adapter is keyed on.
+    pub key: String,
 }
 
 impl Resolved {
@@ -139,12 +145,38 @@ impl Resolved {
             tracing::info!(file = %path.display(), fields = cal.fields.len(), "calibrating the enum scores (--no-calibration: off)");
             Some(cal)
         };
+        let mut files = vec![
+            dir.join("adapter_model.safetensors"),
+            dir.join("adapter_config.json"),
+        ];
+        if calibration.is_some() {
+            files.push(path);
+        }
         Ok(Resolved {
             name,
             lora,
             calibration,
+            key: files_key(&files)?,
         })
     }
+}
+
+/// The SHA-256 of `files`' contents, each named and length-prefixed.
+fn files_key(files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut parts = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        parts.push(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .into_bytes(),
+        );
+        parts.push(bytes);
+    }
+    Ok(crate::eval_cmd::journal_key(
+        &parts.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    ))
 }
 
 /// Where default adapters are looked for, in order: `$TRIAGE_ADAPTERS`, `./adapters`, the
@@ -303,27 +335,91 @@ fn decode_decisions(
     let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", false)?;
     let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
     let s = base.with_adapter(Arc::new(lora));
+    // One record per example: its decisions, or why it was not decoded.
+    type Record = Result<Vec<calibration::Decision>, String>;
+    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+    let (mut journal, mut records): (Option<Journal>, Vec<Record>) = match scores {
+        Some(f) => {
+            let partial = PathBuf::from(format!("{}.partial", f.display()));
+            let key = crate::eval_cmd::journal_key(&[
+                b"calibrate",
+                crate::model_cmd::model_sha256(cli, &model_path)?.as_bytes(),
+                files_key(&[
+                    dir.join("adapter_model.safetensors"),
+                    dir.join("adapter_config.json"),
+                    data.to_owned(),
+                ])?
+                .as_bytes(),
+                serde_json::to_string(s.taxonomy())?.as_bytes(),
+            ]);
+            let (j, kept) = Journal::open(&partial, &key, &ids, true)?;
+            if !kept.is_empty() {
+                eprintln!(
+                    "{}: resuming after {} decoded examples",
+                    partial.display(),
+                    kept.len()
+                );
+            }
+            (Some(j), kept)
+        }
+        None => (None, Vec::new()),
+    };
+    let start = records.len();
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
-    let mut decisions = Vec::new();
-    let mut failed = 0usize;
-    triage_eval::run::decode_each(&s, &examples, batch_size, |i, out, _| {
-        match out {
-            Ok(t) => decisions.extend(t.meta.confidence.into_iter().map(|c| {
-                let d = calibration::Decision {
-                    gold: examples[i].ticket.get(&c.field).unwrap_or_default().to_owned(),
+    bar.set_position(start as u64);
+    crate::batch::install_ctrlc();
+    let mut journal_error = None;
+    triage_eval::run::decode_each(&s, &examples[start..], batch_size, |i, out, _| {
+        let e = &examples[start + i];
+        let record: Record = match out {
+            Ok(t) => Ok(t
+                .meta
+                .confidence
+                .into_iter()
+                .map(|c| calibration::Decision {
+                    gold: e.ticket.get(&c.field).unwrap_or_default().to_owned(),
                     field: c.field,
                     candidates: c.scores,
-                };
-                (examples[i].id.clone(), d)
-            })),
-            Err(e) => {
-                failed += 1;
-                tracing::warn!(id = %examples[i].id, "not decoded: {e}");
+                })
+                .collect()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Some(j) = journal.as_mut() {
+            if let Err(err) = j.append(&e.id, &record) {
+                journal_error.get_or_insert(err);
             }
         }
+        records.push(record);
         bar.inc(1);
+        journal_error.is_none() && !crate::batch::STOP.load(std::sync::atomic::Ordering::SeqCst)
     });
     bar.finish_and_clear();
+    if let Some(err) = journal_error {
+        return Err(err.into());
+    }
+    if records.len() < examples.len() {
+        anyhow::bail!(
+            "interrupted after {} of {} examples{}",
+            records.len(),
+            examples.len(),
+            if scores.is_some() {
+                "; rerun the same command to continue"
+            } else {
+                " (--scores FILE keeps them for a rerun)"
+            }
+        );
+    }
+    let mut decisions = Vec::new();
+    let mut failed = 0usize;
+    for (e, r) in examples.iter().zip(records) {
+        match r {
+            Ok(ds) => decisions.extend(ds.into_iter().map(|d| (e.id.clone(), d))),
+            Err(err) => {
+                failed += 1;
+                tracing::warn!(id = %e.id, "not decoded: {err}");
+            }
+        }
+    }
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
     }
@@ -334,6 +430,9 @@ fn decode_decisions(
             lines.push('\n');
         }
         triage_data::atomic_write(f, lines.as_bytes())?;
+        if let Some(j) = journal {
+            let _ = std::fs::remove_file(j.path());
+        }
     }
     Ok((
         decisions.into_iter().map(|(_, d)| d).collect(),

@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
 use triage_data::read_examples;
+use triage_eval::journal::Journal;
 use triage_eval::report;
-use triage_eval::run::{run_baseline, run_llm, SystemRun};
+use triage_eval::run::{run_baseline, run_llm, Resume, SystemRun};
 use triage_infer::Structurer;
 use triage_taxonomy::Validator;
 
@@ -36,9 +39,16 @@ pub struct EvalArgs {
     /// Evaluate only the first N examples.
     #[arg(long)]
     limit: Option<usize>,
-    /// Report folder (report.json, report.md, report.html, confusion-*.svg).
+    /// Report folder (report.json, report.md, report.html, confusion-*.svg). Every decoded
+    /// example is also journaled there as it is made (`journal-<system>.jsonl`).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Continue an interrupted evaluation into the same `--out`: each system keeps the
+    /// examples its journal holds, when the journal was written for the same model, adapter,
+    /// calibration, taxonomy and data (otherwise that system starts over). Their latencies
+    /// are the ones measured when they were decoded.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     device: crate::backend_cmd::DeviceArgs,
     /// Examples decoded at once, sharing every forward pass (1: one at a time; the tickets
@@ -60,6 +70,48 @@ pub(crate) fn bar(len: usize, name: &str) -> ProgressBar {
     b
 }
 
+/// A journal key: the SHA-256 (hex) of `parts`, each length-prefixed.
+pub(crate) fn journal_key(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The journal of system `name` in the report folder, opened for `examples` under `key`
+/// (see [`EvalArgs::resume`]).
+fn journal(
+    args: &EvalArgs,
+    name: &str,
+    key: &str,
+    examples: &[triage_data::Example],
+) -> anyhow::Result<Resume> {
+    let slug: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let path = args.out.join(format!("journal-{slug}.jsonl"));
+    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+    let (j, kept) = Journal::open(&path, key, &ids, args.resume)?;
+    if !kept.is_empty() {
+        eprintln!(
+            "{name}: resuming after {} of {} examples ({})",
+            kept.len(),
+            examples.len(),
+            path.display()
+        );
+    }
+    Ok((j, kept))
+}
+
 /// Runs `triage eval`.
 pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
@@ -71,6 +123,10 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to evaluate", args.data.display());
     }
+    // What every system's journal is keyed on besides the system itself: taxonomy and data.
+    let data = std::fs::read(&args.data).with_context(|| format!("cannot read {}", args.data.display()))?;
+    let common = [serde_json::to_vec(&taxonomy)?, data].concat();
+    let common = journal_key(&[&common]).into_bytes();
     let mut runs: Vec<SystemRun> = Vec::new();
     if let Some(train) = &args.train {
         let train = read_examples(train, &validator)?;
@@ -88,41 +144,63 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let Some(remote) = remote {
         let label = format!("backend {}", args.backend.backend_model);
-        let b = bar(examples.len(), "backend");
-        runs.push(run_llm(&label, &remote, &examples, args.batch_size, &mut |i| {
-            b.set_position(i as u64)
-        }));
-        b.finish_and_clear();
+        // A server's model can change behind the same URL: its journal is keyed on the
+        // request, and `--resume` trusts the server to be the one it was.
+        let key = journal_key(&[
+            b"backend",
+            label.as_bytes(),
+            format!("{:?}", args.backend.backend).as_bytes(),
+            &common,
+        ]);
+        let resume = journal(args, &label, &key, &examples)?;
+        runs.push(decode(&label, &remote, &examples, args.batch_size, resume)?);
         return finish(&taxonomy, args, &examples, &runs);
     }
     let (gguf, base, model_path) =
         crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
+    let model_sha = crate::model_cmd::model_sha256(cli, &model_path)?;
     if !args.no_zero_shot {
-        let b = bar(examples.len(), "zero-shot");
-        runs.push(run_llm(
-            "zero-shot",
-            &base,
-            &examples,
-            args.batch_size,
-            &mut |i| b.set_position(i as u64),
-        ));
-        b.finish_and_clear();
+        let key = journal_key(&[b"zero-shot", model_sha.as_bytes(), &common]);
+        let resume = journal(args, "zero-shot", &key, &examples)?;
+        runs.push(decode("zero-shot", &base, &examples, args.batch_size, resume)?);
     }
     if let Some(r) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
         let label = r.label();
+        let key = journal_key(&[label.as_bytes(), model_sha.as_bytes(), r.key.as_bytes(), &common]);
         let tuned = r.apply(Structurer::with_model(
             base.model().clone(),
             &gguf,
             taxonomy.clone(),
             base.options().clone(),
         )?);
-        let b = bar(examples.len(), "adapter");
-        runs.push(run_llm(&label, &tuned, &examples, args.batch_size, &mut |i| {
-            b.set_position(i as u64)
-        }));
-        b.finish_and_clear();
+        let resume = journal(args, &label, &key, &examples)?;
+        runs.push(decode(&label, &tuned, &examples, args.batch_size, resume)?);
     }
     finish(&taxonomy, args, &examples, &runs)
+}
+
+/// [`run_llm`] with a progress bar, journaled, stopped by Ctrl-C.
+fn decode(
+    name: &str,
+    engine: &dyn triage_infer::TicketEngine,
+    examples: &[triage_data::Example],
+    batch_size: usize,
+    resume: Resume,
+) -> anyhow::Result<SystemRun> {
+    crate::batch::install_ctrlc();
+    let b = bar(examples.len(), name.split(' ').next().unwrap_or(name));
+    let stop = || crate::batch::STOP.load(std::sync::atomic::Ordering::SeqCst);
+    let run = run_llm(
+        name,
+        engine,
+        examples,
+        batch_size,
+        Some(resume),
+        &stop,
+        &mut |i| b.set_position(i as u64),
+    );
+    b.finish_and_clear();
+    Ok(run?)
 }
 
 /// Writes the report of `runs` and prints one line per system.

@@ -1,0 +1,110 @@
+//! An evaluation stopped half-way (Ctrl-C) keeps what it decoded in its journal, and a rerun
+//! with the journal decodes only the rest and gives the same predictions as one whole run.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use triage_data::synth::{generate, Balance, Seeds, SynthOptions};
+use triage_data::Example;
+use triage_eval::journal::Journal;
+use triage_eval::run::{run_llm, RunError};
+use triage_infer::{InferError, Structured, TicketEngine};
+use triage_taxonomy::{Taxonomy, Validator};
+
+/// Refuses every incident after 20 ms (an error outcome is a prediction too) and counts the
+/// calls.
+struct Counting {
+    taxonomy: Taxonomy,
+    calls: AtomicUsize,
+}
+
+impl TicketEngine for Counting {
+    fn taxonomy(&self) -> &Taxonomy {
+        &self.taxonomy
+    }
+    fn structure_until(&self, text: &str, _: Option<std::time::Instant>) -> Result<Structured, InferError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        Err(InferError::Prompt(format!("{} characters", text.len())))
+    }
+}
+
+fn examples(taxonomy: &Taxonomy) -> Vec<Example> {
+    let validator = Validator::new(taxonomy);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let seeds = Seeds::load(&Seeds::default_dir(&root, taxonomy), taxonomy).unwrap();
+    let opts = SynthOptions {
+        n: 12,
+        langs: vec!["en".into()],
+        seed: 3,
+        balance: Balance::Uniform,
+        near_dup_threshold: 0.8,
+    };
+    generate(&seeds, &validator, &opts).unwrap().examples
+}
+
+#[test]
+fn an_interrupted_run_resumes_from_its_journal() {
+    let taxonomy = Taxonomy::builtin_default();
+    let examples = examples(&taxonomy);
+    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+    let dir = std::env::temp_dir().join(format!("triage-eval-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("journal-zero-shot.jsonl");
+    let engine = Counting {
+        taxonomy: taxonomy.clone(),
+        calls: AtomicUsize::new(0),
+    };
+
+    // Stopped once 5 examples are done: the one already started still finishes and is kept.
+    let (j, kept) = Journal::open(&path, "key", &ids, true).unwrap();
+    assert!(kept.is_empty());
+    let done = AtomicUsize::new(0);
+    let stop = || done.load(Ordering::SeqCst) >= 5;
+    let err = run_llm(
+        "zero-shot",
+        &engine,
+        &examples,
+        1,
+        Some((j, kept)),
+        &stop,
+        &mut |i| done.store(i, Ordering::SeqCst),
+    )
+    .unwrap_err();
+    let RunError::Interrupted {
+        done: first,
+        total: 12,
+        ..
+    } = err
+    else {
+        panic!("{err}")
+    };
+    assert!((5..12).contains(&first), "{first}");
+    assert_eq!(engine.calls.load(Ordering::SeqCst), first);
+
+    // Resumed: only the others are decoded.
+    let (j, kept) = Journal::open(&path, "key", &ids, true).unwrap();
+    assert_eq!(kept.len(), first);
+    let resumed = run_llm(
+        "zero-shot",
+        &engine,
+        &examples,
+        2,
+        Some((j, kept)),
+        &|| false,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 12);
+
+    // The same predictions as a whole run without a journal (latencies aside).
+    let whole = run_llm("zero-shot", &engine, &examples, 2, None, &|| false, &mut |_| {}).unwrap();
+    let strip = |r: &triage_eval::run::SystemRun| {
+        r.predictions
+            .iter()
+            .map(|p| (p.id.clone(), p.gold.clone(), p.error.clone(), p.valid))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&resumed), strip(&whole));
+    assert_eq!(resumed.predictions.len(), 12);
+    let _ = std::fs::remove_dir_all(&dir);
+}
