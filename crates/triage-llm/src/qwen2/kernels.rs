@@ -83,7 +83,8 @@ fn use_quantized(q: &QTensor, x: &Tensor) -> bool {
         && rows >= 64
 }
 
-/// `dx = dy·W` for rows `dy` `[rows, out]`: with the dense copy, else with W dequantized for
+/// `dx = dy·W` for rows `dy` `[rows, out]`: with the dense copy (an f16 one on
+/// [`super::f16_weight`]'s kernel where the CPU has it), else with W dequantized for
 /// the duration of the call (in bands of rows for a large weight: the LM head) and dropped.
 fn frozen_grad(w: &QMatMul, dense: Option<&Tensor>, dy: &Tensor) -> Result<Tensor> {
     let d = match (w, dense) {
@@ -92,7 +93,10 @@ fn frozen_grad(w: &QMatMul, dense: Option<&Tensor>, dy: &Tensor) -> Result<Tenso
     };
     match d.dtype() {
         DType::F32 => dy.matmul(d),
-        dt => dy.to_dtype(dt)?.matmul(d)?.to_dtype(DType::F32),
+        dt => match super::f16_weight::rows_times_f16(dy, d)? {
+            Some(dx) => Ok(dx),
+            None => dy.to_dtype(dt)?.matmul(d)?.to_dtype(DType::F32),
+        },
     }
 }
 

@@ -8,6 +8,8 @@
 //! * `ops`: the operations a layer is written in — fused kernels for inference,
 //!   differentiable primitives for training — behind one trait;
 //! * `layer`: **the** decoder layer forward, written once over those operations;
+//! * `kernels`: the training forward's CPU operations with their backward written out, and
+//!   `f16_weight`: the backward's product with an f16 dense weight copy;
 //! * [`train`]: the training step (loss over chosen positions, per-layer recomputation,
 //!   gradients of a LoRA adapter), starting at any layer.
 //!
@@ -21,6 +23,7 @@
 
 pub mod cache;
 pub mod config;
+mod f16_weight;
 mod kernels;
 mod layer;
 mod ops;
