@@ -104,6 +104,11 @@ pub fn group_keys(examples: &[Example], by: SplitBy, threshold: f64) -> Result<V
 
 /// Sets `split` on every example. Deterministic for a given input order and seed.
 pub fn assign_splits(examples: &mut [Example], options: &SplitOptions) -> Result<SplitSummary, DataError> {
+    if options.ratios.0.iter().all(|&r| r == 0) {
+        return Err(DataError::Invalid(
+            "split ratios 0,0,0: at least one of train, val and test needs a positive share".into(),
+        ));
+    }
     let keys = group_keys(examples, options.by, options.near_dup_threshold)?;
     // group key -> (stratum, member indices), in first-seen order.
     let mut groups: BTreeMap<&str, (String, Vec<usize>)> = BTreeMap::new();

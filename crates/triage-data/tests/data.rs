@@ -146,6 +146,13 @@ fn split_by_template_never_puts_a_scenario_in_two_splits() {
     again.iter_mut().for_each(|e| e.split = None);
     assign_splits(&mut again, &opts).unwrap();
     assert_eq!(again, examples);
+    // Ratios built directly (the CLI parser refuses these): all-zero shares are an error.
+    let zero = SplitOptions {
+        ratios: Ratios([0, 0, 0]),
+        ..opts
+    };
+    let err = assign_splits(&mut again, &zero).unwrap_err().to_string();
+    assert!(err.contains("0,0,0"), "{err}");
 }
 
 #[test]
