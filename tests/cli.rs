@@ -685,24 +685,25 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     .status
     .success());
     let out_dir = dir.join("report");
-    let out = triage(
-        &[
+    let (test, train) = (splits.join("test.jsonl"), splits.join("train.jsonl"));
+    // Zero-shot (and the baseline with `--train`) only, whether or not an adapter is shipped.
+    let eval = |limit: &str, more: &[&str]| {
+        let mut args = vec![
             "--model",
             "0.5b",
             "eval",
             "--data",
-            splits.join("test.jsonl").to_str().unwrap(),
+            test.to_str().unwrap(),
             "--limit",
-            "3",
-            // Baseline and zero-shot only, whether or not an adapter is shipped.
+            limit,
             "--no-adapter",
-            "--train",
-            splits.join("train.jsonl").to_str().unwrap(),
             "--out",
             out_dir.to_str().unwrap(),
-        ],
-        "",
-    );
+        ];
+        args.extend_from_slice(more);
+        triage(&args, "")
+    };
+    let out = eval("3", &["--train", train.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     for f in [
         "report.json",
@@ -778,22 +779,7 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     assert!(md.contains("| field | tfidf-baseline | zero-shot |"), "{md}");
     // `--resume` over one more example keeps the 3 journaled ones and decodes only the 4th.
     assert!(out_dir.join("journal-zero-shot.jsonl").exists());
-    let more = triage(
-        &[
-            "--model",
-            "0.5b",
-            "eval",
-            "--data",
-            splits.join("test.jsonl").to_str().unwrap(),
-            "--limit",
-            "4",
-            "--no-adapter",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--resume",
-        ],
-        "",
-    );
+    let more = eval("4", &["--resume"]);
     assert!(more.status.success(), "{}", text(&more.stderr));
     assert!(
         text(&more.stderr).contains("zero-shot: resuming after 3 of 4 examples"),
