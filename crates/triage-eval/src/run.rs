@@ -82,40 +82,76 @@ fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A journal with the records it already holds (see [`Journal::open`]).
+pub type Resume<T = Prediction> = (Journal, Vec<T>);
+
 /// Decodes every example with `engine`, `concurrency` examples at a time (sharing forward
-/// passes), and hands each outcome to `done` in example order, with its wall time in
-/// milliseconds (waits for the shared passes included). Once `done` returns `false` no new
-/// example starts; those already started are still handed over.
-pub fn decode_each(
+/// passes), turns each outcome into a record with `record` (given the example and its wall
+/// time in milliseconds, waits for the shared passes included), and returns the records in
+/// example order.
+///
+/// With `resume`, the journal's records stand for the first examples and every new one is
+/// appended to it as it is made. `stop` is polled after each example (Ctrl-C): once it says
+/// so, no new example starts, those already started are still recorded, and the run is
+/// [`RunError::Interrupted`]. `progress` gets the number of examples done, resumed ones
+/// included.
+pub fn decode_journaled<T: Serialize>(
     engine: &dyn TicketEngine,
     examples: &[Example],
     concurrency: usize,
-    done: impl FnMut(usize, Result<Structured, InferError>, f64) -> bool,
-) {
-    let mut done = done;
+    resume: Option<Resume<T>>,
+    stop: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize),
+    mut record: impl FnMut(&Example, Result<Structured, InferError>, f64) -> T,
+) -> Result<Vec<T>, RunError> {
+    let (mut journal, mut records) = match resume {
+        Some((j, kept)) => (Some(j), kept),
+        None => (None, Vec::new()),
+    };
+    records.truncate(examples.len());
+    let start = records.len();
+    records.reserve(examples.len() - start);
+    progress(start);
+    let mut failure: Option<JournalError> = None;
+    let todo = &examples[start..];
     triage_infer::for_each_concurrently(
-        examples.len(),
+        todo.len(),
         concurrency,
         |i| {
             let t = Instant::now();
-            let out = engine.structure(&examples[i].text);
+            let out = engine.structure(&todo[i].text);
             (out, t.elapsed().as_secs_f64() * 1000.0)
         },
-        |i, (out, latency_ms)| done(i, out, latency_ms),
+        |i, (out, latency_ms)| {
+            let e = &todo[i];
+            let r = record(e, out, latency_ms);
+            if let Some(j) = journal.as_mut() {
+                if let Err(err) = j.append(&e.id, &r) {
+                    failure.get_or_insert(err);
+                }
+            }
+            records.push(r);
+            progress(start + i + 1);
+            failure.is_none() && !stop()
+        },
     );
+    if let Some(err) = failure {
+        return Err(err.into());
+    }
+    if records.len() < examples.len() {
+        return Err(RunError::Interrupted {
+            done: records.len(),
+            total: examples.len(),
+            journal: journal.map_or_else(|| "no journal".to_owned(), |j| j.path().display().to_string()),
+        });
+    }
+    Ok(records)
 }
-
-/// A journal for [`run_llm`] with the predictions it already holds (see [`Journal::open`]).
-pub type Resume = (Journal, Vec<Prediction>);
 
 /// Runs the real inference path (constrained decoding) on every example, `concurrency`
 /// examples at a time (sharing forward passes; the tickets are the same as one at a time).
-/// Latency is each ticket's wall time, waits for the shared passes included.
-///
-/// With `resume`, the journal's predictions stand for the first examples and every new one
-/// is appended to it as it is made; `stop` is polled after each example (Ctrl-C), and a run
-/// it stops is [`RunError::Interrupted`] with everything decoded kept in the journal.
-/// `progress` gets the number of examples done, resumed ones included.
+/// Latency is each ticket's wall time, waits for the shared passes included. `resume`,
+/// `stop` and `progress` are [`decode_journaled`]'s.
 pub fn run_llm(
     name: &str,
     structurer: &dyn TicketEngine,
@@ -126,22 +162,14 @@ pub fn run_llm(
     progress: &mut dyn FnMut(usize),
 ) -> Result<SystemRun, RunError> {
     let taxonomy = structurer.taxonomy();
-    let (mut journal, mut predictions) = match resume {
-        Some((j, kept)) => (Some(j), kept),
-        None => (None, Vec::new()),
-    };
-    predictions.reserve(examples.len());
-    let start = predictions.len().min(examples.len());
-    predictions.truncate(start);
-    progress(start);
-    let mut failure: Option<JournalError> = None;
-    decode_each(
+    let predictions = decode_journaled(
         structurer,
-        &examples[start..],
+        examples,
         concurrency,
-        |i, out, latency_ms| {
-            let i = start + i;
-            let e = &examples[i];
+        resume,
+        stop,
+        progress,
+        |e, out, latency_ms| {
             let (predicted, valid, error) = match out {
                 Ok(s) => {
                     let predicted = taxonomy
@@ -162,7 +190,7 @@ pub fn run_llm(
                 }
                 Err(err) => (Vec::new(), false, Some(err.to_string())),
             };
-            let p = Prediction {
+            Prediction {
                 id: e.id.clone(),
                 lang: e.lang.clone(),
                 gold: gold(taxonomy, e),
@@ -170,27 +198,9 @@ pub fn run_llm(
                 valid,
                 error,
                 latency_ms,
-            };
-            if let Some(j) = journal.as_mut() {
-                if let Err(err) = j.append(&p.id, &p) {
-                    failure.get_or_insert(err);
-                }
             }
-            predictions.push(p);
-            progress(i + 1);
-            failure.is_none() && !stop()
         },
-    );
-    if let Some(err) = failure {
-        return Err(err.into());
-    }
-    if predictions.len() < examples.len() {
-        return Err(RunError::Interrupted {
-            done: predictions.len(),
-            total: examples.len(),
-            journal: journal.map_or_else(|| "no journal".to_owned(), |j| j.path().display().to_string()),
-        });
-    }
+    )?;
     Ok(SystemRun {
         name: name.to_owned(),
         predictions,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use triage_eval::journal::Journal;
+use triage_eval::run::{Resume, RunError};
 use triage_infer::calibration::{self, Calibration};
 use triage_llm::GgufFile;
 use triage_train::adapter;
@@ -337,22 +338,21 @@ fn decode_decisions(
     let s = base.with_adapter(Arc::new(lora));
     // One record per example: its decisions, or why it was not decoded.
     type Record = Result<Vec<calibration::Decision>, String>;
-    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
-    let (mut journal, mut records): (Option<Journal>, Vec<Record>) = match scores {
-        Some(f) => {
-            let partial = PathBuf::from(format!("{}.partial", f.display()));
+    let partial = scores.map(|f| PathBuf::from(format!("{}.partial", f.display())));
+    let resume: Option<Resume<Record>> = match &partial {
+        Some(partial) => {
             let key = crate::eval_cmd::journal_key(&[
                 b"calibrate",
                 crate::model_cmd::model_sha256(cli, &model_path)?.as_bytes(),
                 files_key(&[
                     dir.join("adapter_model.safetensors"),
                     dir.join("adapter_config.json"),
-                    data.to_owned(),
                 ])?
                 .as_bytes(),
-                serde_json::to_string(s.taxonomy())?.as_bytes(),
+                &crate::eval_cmd::data_key(s.taxonomy(), data)?,
             ]);
-            let (j, kept) = Journal::open(&partial, &key, &ids, true)?;
+            let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+            let (j, kept) = Journal::open(partial, &key, &ids, true)?;
             if !kept.is_empty() {
                 eprintln!(
                     "{}: resuming after {} decoded examples",
@@ -360,55 +360,48 @@ fn decode_decisions(
                     kept.len()
                 );
             }
-            (Some(j), kept)
+            Some((j, kept))
         }
-        None => (None, Vec::new()),
+        None => None,
     };
-    let start = records.len();
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
-    bar.set_position(start as u64);
     crate::batch::install_ctrlc();
-    let mut journal_error = None;
-    triage_eval::run::decode_each(&s, &examples[start..], batch_size, |i, out, _| {
-        let e = &examples[start + i];
-        let record: Record = match out {
-            Ok(t) => Ok(t
-                .meta
-                .confidence
-                .into_iter()
-                .map(|c| calibration::Decision {
-                    gold: e.ticket.get(&c.field).unwrap_or_default().to_owned(),
-                    field: c.field,
-                    candidates: c.scores,
-                })
-                .collect()),
-            Err(err) => Err(err.to_string()),
-        };
-        if let Some(j) = journal.as_mut() {
-            if let Err(err) = j.append(&e.id, &record) {
-                journal_error.get_or_insert(err);
+    let decoded = triage_eval::run::decode_journaled(
+        &s,
+        &examples,
+        batch_size,
+        resume,
+        &crate::batch::stop_requested,
+        &mut |i| bar.set_position(i as u64),
+        |e, out, _| -> Record {
+            match out {
+                Ok(t) => Ok(t
+                    .meta
+                    .confidence
+                    .into_iter()
+                    .map(|c| calibration::Decision {
+                        gold: e.ticket.get(&c.field).unwrap_or_default().to_owned(),
+                        field: c.field,
+                        candidates: c.scores,
+                    })
+                    .collect()),
+                Err(err) => Err(err.to_string()),
             }
-        }
-        records.push(record);
-        bar.inc(1);
-        journal_error.is_none() && !crate::batch::STOP.load(std::sync::atomic::Ordering::SeqCst)
-    });
+        },
+    );
     bar.finish_and_clear();
-    if let Some(err) = journal_error {
-        return Err(err.into());
-    }
-    if records.len() < examples.len() {
-        anyhow::bail!(
-            "interrupted after {} of {} examples{}",
-            records.len(),
-            examples.len(),
+    let records = match decoded {
+        Ok(records) => records,
+        Err(RunError::Interrupted { done, total, .. }) => anyhow::bail!(
+            "interrupted after {done} of {total} examples{}",
             if scores.is_some() {
                 "; rerun the same command to continue"
             } else {
                 " (--scores FILE keeps them for a rerun)"
             }
-        );
-    }
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let mut decisions = Vec::new();
     let mut failed = 0usize;
     for (e, r) in examples.iter().zip(records) {
@@ -430,8 +423,8 @@ fn decode_decisions(
             lines.push('\n');
         }
         triage_data::atomic_write(f, lines.as_bytes())?;
-        if let Some(j) = journal {
-            let _ = std::fs::remove_file(j.path());
+        if let Some(partial) = &partial {
+            let _ = std::fs::remove_file(partial);
         }
     }
     Ok((

@@ -263,6 +263,11 @@ fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
 /// Set by Ctrl-C: finish the current row, then stop. A second Ctrl-C exits at once.
 pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Whether Ctrl-C asked to stop (see [`STOP`]).
+pub(crate) fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 pub(crate) fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -80,6 +80,16 @@ pub(crate) fn journal_key(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What every journal of a run over `data` is keyed on besides the system itself: the
+/// taxonomy and the data file's contents.
+pub(crate) fn data_key(
+    taxonomy: &triage_taxonomy::Taxonomy,
+    data: &std::path::Path,
+) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
+    Ok(journal_key(&[&serde_json::to_vec(taxonomy)?, &bytes]).into_bytes())
+}
+
 /// The journal of system `name` in the report folder, opened for `examples` under `key`
 /// (see [`EvalArgs::resume`]).
 fn journal(
@@ -123,10 +133,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to evaluate", args.data.display());
     }
-    // What every system's journal is keyed on besides the system itself: taxonomy and data.
-    let data = std::fs::read(&args.data).with_context(|| format!("cannot read {}", args.data.display()))?;
-    let common = [serde_json::to_vec(&taxonomy)?, data].concat();
-    let common = journal_key(&[&common]).into_bytes();
+    let common = data_key(&taxonomy, &args.data)?;
     let mut runs: Vec<SystemRun> = Vec::new();
     if let Some(train) = &args.train {
         let train = read_examples(train, &validator)?;
@@ -189,14 +196,13 @@ fn decode(
 ) -> anyhow::Result<SystemRun> {
     crate::batch::install_ctrlc();
     let b = bar(examples.len(), name.split(' ').next().unwrap_or(name));
-    let stop = || crate::batch::STOP.load(std::sync::atomic::Ordering::SeqCst);
     let run = run_llm(
         name,
         engine,
         examples,
         batch_size,
         Some(resume),
-        &stop,
+        &crate::batch::stop_requested,
         &mut |i| b.set_position(i as u64),
     );
     b.finish_and_clear();
