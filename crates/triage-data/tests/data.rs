@@ -334,3 +334,65 @@ fn seeds_without_scenarios_are_an_error() {
     assert!(e.contains("scenarios") && e.contains("no [[scenario]]"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A scenario may give one summary per text variant; each example then carries the summary of
+/// the variant its text uses, and a variant's summary that fills a slot its text does not fill
+/// is an error naming the scenario, the variant and the language.
+#[test]
+fn per_variant_summaries_follow_the_text_and_may_not_state_more() {
+    let taxonomy = Taxonomy::builtin_default();
+    let from = Seeds::default_dir(&root(), &taxonomy);
+    let dir = std::env::temp_dir().join(format!("triage-variant-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("scenarios")).unwrap();
+    for f in ["surface.toml", "slots.toml"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+    // Markers zq0..zq2 (too short for typos, no abbreviation) tell the variant from the text.
+    let texts = |lang: &str| {
+        format!(
+            "{lang} = [\"printer zq0 jammed\", \"The printer zq1 is jammed {{since}}.\", \"The printer zq2 on my floor is jammed {{since}}; I opened tray 2 and pulled out a torn sheet, still jammed.\"]\n"
+        )
+    };
+    let scenario = |summary: &str| {
+        let mut s = format!(
+            "[[scenario]]\nid = \"printer-jam\"\ncategory = \"Hardware\"\nsubcategory = \"Printer / Scanner\"\nassignment_group = \"Hardware Support\"\nrequest_type = \"Incident\"\npriority = \"Medium\"\nsummary = {summary}\n"
+        );
+        for lang in ["en", "de", "fr", "es", "pt"] {
+            s += &texts(lang);
+        }
+        s
+    };
+    let good = r#"["Printer S0 jammed", "Printer S1 jammed {since}", "Printer S2 jammed {since}; torn sheet removed from tray 2, still jammed"]"#;
+    std::fs::write(dir.join("scenarios/a.toml"), scenario(good)).unwrap();
+    let validator = Validator::new(&taxonomy);
+    let seeds = Seeds::load(&dir, &taxonomy).unwrap();
+    let report = generate(&seeds, &validator, &options(12, 5)).unwrap();
+    let mut seen = BTreeSet::new();
+    for e in &report.examples {
+        let text = e.text.to_lowercase();
+        let v = (0..3)
+            .find(|i| text.contains(&format!("zq{i}")))
+            .unwrap_or_else(|| panic!("no variant marker in {:?}", e.text));
+        assert!(
+            e.ticket.summary().starts_with(&format!("Printer S{v} jammed")),
+            "variant {v}: {:?} for {:?}",
+            e.ticket.summary(),
+            e.text
+        );
+        seen.insert(v);
+    }
+    assert!(seen.len() >= 2, "variants seen: {seen:?}");
+
+    // Summary [0] names {since}, which the chat line [0] never says.
+    let bad = r#"["Printer jammed {since}", "Printer jammed {since}", "Printer jammed {since}"]"#;
+    std::fs::write(dir.join("scenarios/a.toml"), scenario(bad)).unwrap();
+    let e = Seeds::load(&dir, &taxonomy).unwrap_err().to_string();
+    assert!(
+        e.contains("a.toml") && e.contains("printer-jam") && e.contains("summary [0] uses {since}"),
+        "{e}"
+    );
+    std::fs::write(dir.join("scenarios/a.toml"), scenario(r#"["only", "two"]"#)).unwrap();
+    let e = Seeds::load(&dir, &taxonomy).unwrap_err().to_string();
+    assert!(e.contains("three non-empty strings"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

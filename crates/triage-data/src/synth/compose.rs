@@ -108,18 +108,20 @@ pub(crate) fn compose(
         _ if rng.chance(0.1) => 0,
         _ => 1 + rng.below(2),
     };
-    // The summary may only state what the text says: prefer a variant that uses every slot
-    // of the summary (short chat lines often name no product).
+    // The summary may only state what the text says. Per-variant summaries do by construction
+    // (the loader checks their slots); a single summary prefers a variant that uses every slot
+    // of it (short chat lines often name no product).
     let texts = &scenario.texts[lang];
-    let covers = |t: &Template| scenario.summary.slots().all(|s| t.slots().any(|x| x == s));
-    let variant = if covers(&texts[variant]) {
+    let covers = |t: &Template| scenario.summary[2].slots().all(|s| t.slots().any(|x| x == s));
+    let variant = if scenario.summary_per_variant || covers(&texts[variant]) {
         variant
     } else {
         (0..3).find(|&v| covers(&texts[v])).unwrap_or(variant)
     };
     let template = &texts[variant];
+    let summary_template = &scenario.summary[variant];
     let mut chosen: BTreeMap<usize, usize> = BTreeMap::new();
-    for s in template.slots().chain(scenario.summary.slots()) {
+    for s in template.slots().chain(summary_template.slots()) {
         let n = seeds.slots[s].values.len();
         chosen.entry(s).or_insert_with(|| rng.below(n));
     }
@@ -243,8 +245,8 @@ pub(crate) fn compose(
         text = text.to_lowercase();
     }
 
-    // Summary: the scenario's English summary with this example's slot values.
-    let mut summary = upper_first(fill(&scenario.summary, seeds, "en", &chosen).trim());
+    // Summary: the variant's English summary with this example's slot values.
+    let mut summary = upper_first(fill(summary_template, seeds, "en", &chosen).trim());
     if let Some(c) = clause {
         summary = format!("{summary}; {c}");
     }

@@ -7,7 +7,9 @@
 //! a chat one-liner, a phone note), with slot values (products, error codes, sites, times),
 //! optional urgency or "no rush" markers that move the priority, and noise (typos,
 //! abbreviations, casing, code-switching into English). The target summary is written for the
-//! example: the scenario's English summary with the same slot values and the urgency clause.
+//! example: the English summary of the scenario's text variant the example uses (a scenario may
+//! give one per variant, so a short chat line is not summarised with details only the detailed
+//! text states), with the same slot values and the urgency clause.
 //!
 //! Output is deterministic for a given seed, seed material and option set. Exact and near
 //! duplicates (see [`crate::dedup`]) are regenerated, not kept.

@@ -106,7 +106,11 @@ pub(crate) struct Scenario {
     pub urgency: Vec<UrgencyKind>,
     pub relax: bool,
     pub weight: u32,
-    pub summary: Template,
+    /// The English summary of each text variant (chat, normal, detailed); the same one three
+    /// times when the scenario gives a single summary.
+    pub summary: [Template; 3],
+    /// Whether the summaries are per variant, each checked to use only its variant's slots.
+    pub summary_per_variant: bool,
     /// language -> three texts (chat, normal, detailed).
     pub texts: BTreeMap<String, [Template; 3]>,
 }
@@ -147,7 +151,8 @@ struct RawScenarioFile {
 #[derive(Deserialize)]
 struct RawScenario {
     id: String,
-    summary: String,
+    /// One summary, or three: one per text variant.
+    summary: toml::Value,
     #[serde(default)]
     escalate: Option<bool>,
     #[serde(default)]
@@ -509,7 +514,42 @@ impl Seeds {
                         return Err(err(format!("no texts for language {lang}")));
                     }
                 }
-                let summary = parse_template(&raw.summary, &slots).map_err(|e| err(e.to_string()))?;
+                let (summary, summary_per_variant) = match &raw.summary {
+                    toml::Value::String(one) => {
+                        let t = parse_template(one, &slots).map_err(|e| err(e.to_string()))?;
+                        ([t.clone(), t.clone(), t], false)
+                    }
+                    toml::Value::Array(list) => {
+                        let strs: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
+                        if strs.len() != 3 || list.len() != 3 || strs.iter().any(|s| s.trim().is_empty()) {
+                            return Err(err(format!(
+                                "summary must be one string or three non-empty strings (chat, normal, detailed), has {} entries",
+                                list.len()
+                            )));
+                        }
+                        let parsed: Vec<Template> = strs
+                            .iter()
+                            .map(|s| parse_template(s, &slots).map_err(|e| err(e.to_string())))
+                            .collect::<Result<_, _>>()?;
+                        let arr: [Template; 3] = parsed.try_into().expect("three summaries");
+                        // A variant's summary may only state what its text says: every slot it
+                        // fills must be one its text fills, in every language.
+                        for (i, summary) in arr.iter().enumerate() {
+                            for s in summary.slots() {
+                                if let Some((lang, _)) =
+                                    texts.iter().find(|(_, t)| !t[i].slots().any(|x| x == s))
+                                {
+                                    return Err(err(format!(
+                                        "summary [{i}] uses {{{}}}, which the {lang} text [{i}] does not; a variant's summary may only state what its text says",
+                                        slots[s].name
+                                    )));
+                                }
+                            }
+                        }
+                        (arr, true)
+                    }
+                    _ => return Err(err("summary must be a string or a list of three strings".into())),
+                };
                 let weight = raw.weight.unwrap_or(2);
                 if !(1..=5).contains(&weight) {
                     return Err(err(format!("weight {weight} is outside 1..=5")));
@@ -531,6 +571,7 @@ impl Seeds {
                     relax: raw.relax.unwrap_or(is_request),
                     weight,
                     summary,
+                    summary_per_variant,
                     texts,
                 });
             }
