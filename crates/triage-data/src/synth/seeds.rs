@@ -468,18 +468,14 @@ impl Seeds {
                         let list = value
                             .as_array()
                             .ok_or_else(|| err(format!("{key} must be a list of three texts")))?;
-                        let strs: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
-                        if strs.len() != 3 || list.len() != 3 || strs.iter().any(|s| s.trim().is_empty()) {
-                            return Err(err(format!(
-                                "{key} must have exactly three non-empty texts (chat, normal, detailed), has {}",
-                                list.len()
-                            )));
-                        }
-                        let parsed: Vec<Template> = strs
-                            .iter()
-                            .map(|s| parse_template(s, &slots).map_err(|e| err(e.to_string())))
-                            .collect::<Result<_, _>>()?;
-                        let arr: [Template; 3] = parsed.try_into().expect("three texts");
+                        let arr = three_templates(list, &slots).map_err(|e| {
+                            err(e.unwrap_or_else(|| {
+                                format!(
+                                    "{key} must have exactly three non-empty texts (chat, normal, detailed), has {}",
+                                    list.len()
+                                )
+                            }))
+                        })?;
                         texts.insert(key.clone(), arr);
                     } else {
                         return Err(err(format!(
@@ -520,18 +516,14 @@ impl Seeds {
                         ([t.clone(), t.clone(), t], false)
                     }
                     toml::Value::Array(list) => {
-                        let strs: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
-                        if strs.len() != 3 || list.len() != 3 || strs.iter().any(|s| s.trim().is_empty()) {
-                            return Err(err(format!(
-                                "summary must be one string or three non-empty strings (chat, normal, detailed), has {} entries",
-                                list.len()
-                            )));
-                        }
-                        let parsed: Vec<Template> = strs
-                            .iter()
-                            .map(|s| parse_template(s, &slots).map_err(|e| err(e.to_string())))
-                            .collect::<Result<_, _>>()?;
-                        let arr: [Template; 3] = parsed.try_into().expect("three summaries");
+                        let arr = three_templates(list, &slots).map_err(|e| {
+                            err(e.unwrap_or_else(|| {
+                                format!(
+                                    "summary must be one string or three non-empty strings (chat, normal, detailed), has {} entries",
+                                    list.len()
+                                )
+                            }))
+                        })?;
                         // A variant's summary may only state what its text says: every slot it
                         // fills must be one its text fills, in every language.
                         for (i, summary) in arr.iter().enumerate() {
@@ -585,6 +577,21 @@ impl Seeds {
             colleague_slot,
         })
     }
+}
+
+/// Three templates (chat, normal, detailed) from a TOML list: `Err(None)` when the list does
+/// not hold exactly three non-empty strings, `Err(Some(message))` for a template that does not
+/// parse.
+fn three_templates(list: &[toml::Value], slots: &[Slot]) -> Result<[Template; 3], Option<String>> {
+    let strs: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
+    if strs.len() != 3 || list.len() != 3 || strs.iter().any(|s| s.trim().is_empty()) {
+        return Err(None);
+    }
+    let parsed: Vec<Template> = strs
+        .iter()
+        .map(|s| parse_template(s, slots).map_err(|e| Some(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    Ok(parsed.try_into().expect("three templates"))
 }
 
 fn add_slots(
