@@ -47,7 +47,15 @@ evaluate synth-1.5b 1.5b synth "$N_SYNTH"
 evaluate synth-0.5b 0.5b synth "$N_SYNTH"
 evaluate cs-1.5b 1.5b cs "$N_CS" --taxonomy "$CS_TAXONOMY"
 
-section() { # report title
+stale() { # made-sha256 split report: a section measured on another version of the split says so
+  [ "$1" = "$(sha256sum "$OUT/$2/test.jsonl" | cut -d' ' -f1)" ] && return 0
+  echo "**Measured on an earlier version of this test split**: the data has been regenerated"
+  echo "since (new seeds or import), so these figures are not of today's split. \`ONLY=${3#results-} bash"
+  echo "docs/results.sh\` measures it again."
+  echo
+}
+
+section() { # report title split
   echo "## $2"
   echo
   if [ ! -f "reports/$1/report.md" ]; then
@@ -55,6 +63,8 @@ section() { # report title
     local kept
     kept=$(awk -v t="## $2" '$0==t{p=1; next} /^## /{p=0} p' "$PREV" | sed '/./,$!d')
     if [ -n "$kept" ] && ! grep -q '^Not measured yet' <<<"$kept"; then
+      grep -q '^\*\*Measured on an earlier version' <<<"$kept" ||
+        stale "$(grep -o 'test split sha256 [0-9a-f]*' <<<"$kept" | cut -d' ' -f4)" "$3" "$1"
       echo "$kept"
       echo
       return
@@ -65,6 +75,10 @@ section() { # report title
   fi
   echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d)."
   echo
+  local made
+  made=$(grep -o '"dataset_sha256": *"[0-9a-f]*"' "reports/$1/report.json" | grep -o '[0-9a-f]\{64\}' || true)
+  [ -n "$made" ] && echo "<!-- test split sha256 $made -->" && echo
+  stale "$made" "$3" "$1"
   # The overview (everything before the first per-system section) ...
   awk '/^## /{n++} n<2 && !/^# /' "reports/$1/report.md" | sed -e 's/^## /### /'
   # ... then the adapter's language and reliability tables.
@@ -91,9 +105,9 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   echo "about as often as its confidence says."
   echo
   [ -f docs/results-notes.md ] && cat docs/results-notes.md && echo
-  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B"
-  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B"
-  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B"
+  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth
+  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
+  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
   [ -f docs/ablation.md ] && cat docs/ablation.md
 } > docs/results.md
 echo "wrote docs/results.md"

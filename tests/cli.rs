@@ -716,6 +716,15 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+    // The report names the exact data it was made on (docs/results.sh tells stale sections by it).
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(&test).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(v["report"]["dataset_sha256"], sha.as_str());
     let systems = v["report"]["systems"].as_array().unwrap();
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(systems.len(), 2);

@@ -66,6 +66,10 @@ pub struct SystemReport {
 pub struct Report {
     /// Dataset file or name.
     pub dataset: String,
+    /// sha256 (hex) of the dataset file's bytes, when the caller read it from a file: tells a
+    /// report made on an earlier version of a regenerated split from a current one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset_sha256: Option<String>,
     /// Taxonomy name.
     pub taxonomy: String,
     /// Examples evaluated.
@@ -214,6 +218,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
         .collect();
     Report {
         dataset: dataset.to_owned(),
+        dataset_sha256: None,
         taxonomy: taxonomy.name.clone(),
         examples: examples.len(),
         systems,

@@ -216,7 +216,9 @@ fn finish(
     examples: &[triage_data::Example],
     runs: &[SystemRun],
 ) -> anyhow::Result<ExitCode> {
-    let r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
+    let mut r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
+    let data = std::fs::read(&args.data).with_context(|| format!("cannot read {}", args.data.display()))?;
+    r.dataset_sha256 = Some(Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect());
     report::write(&args.out, &r, runs)?;
     for s in &r.systems {
         let fields: Vec<String> = s
