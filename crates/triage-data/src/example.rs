@@ -1,7 +1,7 @@
 //! The canonical example: one incident text and the ticket it should become.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -140,10 +140,15 @@ impl Example {
 /// Reads a canonical JSONL file. Blank lines are skipped; any other bad line is an error that
 /// names the file and line. Duplicate ids are an error too.
 pub fn read_examples(path: &Path, validator: &Validator) -> Result<Vec<Example>, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    parse_examples(&bytes, path, validator)
+}
+
+/// [`read_examples`] on the contents of a file already read; `path` names it in errors.
+pub fn parse_examples(bytes: &[u8], path: &Path, validator: &Validator) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
     let mut ids = std::collections::HashSet::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in bytes.lines().enumerate() {
         let line_no = i as u64 + 1;
         let line = line.map_err(|e| DataError::Parse {
             path: path.into(),

@@ -24,4 +24,4 @@ pub mod stats;
 pub mod synth;
 
 pub use error::{DataError, ExampleError, LabelMapError, RowError, TemplateError, ValueError};
-pub use example::{atomic_write, read_examples, write_examples, Example, Split};
+pub use example::{atomic_write, parse_examples, read_examples, write_examples, Example, Split};

@@ -327,8 +327,11 @@ fn decode_decisions(
     batch_size: usize,
 ) -> anyhow::Result<(Vec<calibration::Decision>, usize)> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-    let validator = triage_taxonomy::Validator::new(&taxonomy);
-    let mut examples = triage_data::read_examples(data, &validator)?;
+    let crate::eval_cmd::LabelledData {
+        mut examples,
+        key: data_key,
+        ..
+    } = crate::eval_cmd::LabelledData::read(&taxonomy, data)?;
     examples.truncate(limit.unwrap_or(usize::MAX));
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to calibrate on", data.display());
@@ -349,7 +352,7 @@ fn decode_decisions(
                     dir.join("adapter_config.json"),
                 ])?
                 .as_bytes(),
-                &crate::eval_cmd::data_key(s.taxonomy(), data)?,
+                &data_key,
             ]);
             let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
             let (j, kept) = Journal::open(partial, &key, &ids, true)?;

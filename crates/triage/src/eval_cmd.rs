@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
-use triage_data::read_examples;
+use triage_data::{parse_examples, read_examples};
 use triage_eval::journal::Journal;
 use triage_eval::report;
 use triage_eval::run::{run_baseline, run_llm, Resume, SystemRun};
@@ -80,14 +80,31 @@ pub(crate) fn journal_key(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What every journal of a run over `data` is keyed on besides the system itself: the
-/// taxonomy and the data file's contents.
-pub(crate) fn data_key(
-    taxonomy: &triage_taxonomy::Taxonomy,
-    data: &std::path::Path,
-) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
-    Ok(journal_key(&[&serde_json::to_vec(taxonomy)?, &bytes]).into_bytes())
+/// A labelled data file, read once: its examples, what every journal of a run over it is keyed
+/// on besides the system itself (the taxonomy and the file's contents), and the file's SHA-256.
+pub(crate) struct LabelledData {
+    /// The examples, in file order.
+    pub examples: Vec<triage_data::Example>,
+    /// The journal key part shared by every system run over this file.
+    pub key: Vec<u8>,
+    /// The SHA-256 (hex) of the file's bytes (`report.json`'s `dataset_sha256`).
+    pub sha256: String,
+}
+
+impl LabelledData {
+    /// Reads and validates `path` against `taxonomy`.
+    pub(crate) fn read(taxonomy: &triage_taxonomy::Taxonomy, path: &std::path::Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let examples = parse_examples(&bytes, path, &Validator::new(taxonomy))?;
+        Ok(Self {
+            examples,
+            key: journal_key(&[&serde_json::to_vec(taxonomy)?, &bytes]).into_bytes(),
+            sha256: Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        })
+    }
 }
 
 /// The journal of system `name` in the report folder, opened for `examples` under `key`
@@ -125,18 +142,20 @@ fn journal(
 /// Runs `triage eval`.
 pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-    let validator = Validator::new(&taxonomy);
-    let mut examples = read_examples(&args.data, &validator)?;
+    let LabelledData {
+        mut examples,
+        key: common,
+        sha256,
+    } = LabelledData::read(&taxonomy, &args.data)?;
     if let Some(n) = args.limit {
         examples.truncate(n);
     }
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to evaluate", args.data.display());
     }
-    let common = data_key(&taxonomy, &args.data)?;
     let mut runs: Vec<SystemRun> = Vec::new();
     if let Some(train) = &args.train {
-        let train = read_examples(train, &validator)?;
+        let train = read_examples(train, &Validator::new(&taxonomy))?;
         eprintln!("tfidf-baseline: fitting on {} examples", train.len());
         runs.push(run_baseline(&taxonomy, &train, &examples, 7));
     }
@@ -161,7 +180,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         ]);
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &remote, &examples, args.batch_size, resume)?);
-        return finish(&taxonomy, args, &examples, &runs);
+        return finish(&taxonomy, args, &sha256, &examples, &runs);
     }
     let (gguf, base, model_path) =
         crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
@@ -183,7 +202,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &tuned, &examples, args.batch_size, resume)?);
     }
-    finish(&taxonomy, args, &examples, &runs)
+    finish(&taxonomy, args, &sha256, &examples, &runs)
 }
 
 /// [`run_llm`] with a progress bar, journaled, stopped by Ctrl-C.
@@ -209,16 +228,17 @@ fn decode(
     Ok(run?)
 }
 
-/// Writes the report of `runs` and prints one line per system.
+/// Writes the report of `runs` over the data file with SHA-256 `sha256` and prints one line
+/// per system.
 fn finish(
     taxonomy: &triage_taxonomy::Taxonomy,
     args: &EvalArgs,
+    sha256: &str,
     examples: &[triage_data::Example],
     runs: &[SystemRun],
 ) -> anyhow::Result<ExitCode> {
     let mut r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
-    let data = std::fs::read(&args.data).with_context(|| format!("cannot read {}", args.data.display()))?;
-    r.dataset_sha256 = Some(Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect());
+    r.dataset_sha256 = Some(sha256.to_owned());
     report::write(&args.out, &r, runs)?;
     for s in &r.systems {
         let fields: Vec<String> = s
