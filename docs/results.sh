@@ -8,7 +8,7 @@
 #      near-duplicate clusters) with its own taxonomy: the 1.5B with adapters/cs-1.5b.
 # The adapter of each run is the default one `triage eval` finds for the taxonomy and model
 # (`triage adapter list`). Usage, from the repository root (about 2 h on 2 cores):
-#   bash docs/results.sh            [TRIAGE=target/release/triage] [TRIAGE_BUILD=<commit>] [N_CS=200] [N_SYNTH=0: all]
+#   bash docs/results.sh            [TRIAGE=target/release/triage] [TRIAGE_BUILD=<commit>] [N_CS=0: all] [N_SYNTH=0: all]
 #                                   [ONLY="synth-1.5b synth-0.5b cs-1.5b": the evaluations to rerun]
 # Each evaluation writes reports/results-<name>/ and journals every decoded example there, so a
 # rerun after an interruption continues where it stopped (`eval --resume`; a journal of another
@@ -24,7 +24,7 @@ elif [ "$TRIAGE" = target/release/triage ]; then
   BUILD=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
   git diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || BUILD="$BUILD with uncommitted changes"
 else BUILD=$TRIAGE; fi
-N_CS=${N_CS:-200}
+N_CS=${N_CS:-0}
 N_SYNTH=${N_SYNTH:-0}
 ONLY=${ONLY:-synth-1.5b synth-0.5b cs-1.5b}
 CS_TAXONOMY=configs/taxonomy/customer-support.toml
@@ -80,7 +80,11 @@ section() { # report title split
     echo
     return
   fi
-  echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $BUILD."
+  local n total
+  n=$(grep -o '"examples": *[0-9]*' "reports/$1/report.json" | head -n 1 | grep -o '[0-9]*$' || echo '?')
+  total=$(grep -c . "$OUT/$3/test.jsonl")
+  echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $BUILD,"
+  if [ "$n" = "$total" ]; then echo "on all $n examples of the test split."; else echo "on the first $n of the test split's $total examples."; fi
   echo
   local made
   made=$(grep -o '"dataset_sha256": *"[0-9a-f]*"' "reports/$1/report.json" | grep -o '[0-9a-f]\{64\}' || true)
