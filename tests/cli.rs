@@ -1054,3 +1054,61 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Every adapter shipped in `adapters/` is complete (the PEFT files, `triage.json`, the exact
+/// command, `metrics.jsonl`, `loss.svg`), under 40 MB, and made for a taxonomy in
+/// `configs/taxonomy/` and a model in the registry as they are today, so `infer`, `serve` and
+/// `eval` apply it by default: a taxonomy edit or a registry change without a retrain fails here.
+#[test]
+fn shipped_adapters_are_complete_and_match_their_taxonomy_and_model() {
+    let models: serde_json::Value =
+        serde_json::from_slice(&triage(&["model", "list", "--json"], "").stdout).unwrap();
+    let mut shipped = 0;
+    for entry in std::fs::read_dir(root().join("adapters")).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("triage.json").exists() {
+            continue;
+        }
+        shipped += 1;
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let mut bytes = 0;
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "triage.json",
+            "command",
+            "metrics.jsonl",
+            "loss.svg",
+        ] {
+            let meta = std::fs::metadata(dir.join(f)).unwrap_or_else(|e| panic!("{name}/{f}: {e}"));
+            bytes += meta.len();
+        }
+        assert!(bytes < 40_000_000, "{name}: {bytes} bytes");
+        let command = std::fs::read_to_string(dir.join("command")).unwrap();
+        assert!(
+            command.contains("triage ") && command.contains(" train "),
+            "{name}: {command}"
+        );
+        let out = triage(&["adapter", "show", dir.to_str().unwrap(), "--json"], "");
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let show: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let t = &show["triage"];
+        let taxonomy = format!("configs/taxonomy/{}.toml", t["taxonomy"].as_str().unwrap());
+        let tax: serde_json::Value =
+            serde_json::from_slice(&triage(&["taxonomy", &taxonomy, "--json"], "").stdout)
+                .unwrap_or_else(|e| panic!("{name}: {taxonomy}: {e}"));
+        assert_eq!(
+            t["taxonomy_hash"], tax["hash"],
+            "{name}: trained for another {taxonomy}"
+        );
+        let file = t["base_model_file"].as_str().unwrap();
+        let model = models
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| format!("{}.gguf", m["name"].as_str().unwrap()) == file)
+            .unwrap_or_else(|| panic!("{name}: base model {file} is not in the registry"));
+        assert_eq!(t["base_model_sha256"], model["sha256"], "{name}: {file}");
+    }
+    assert!(shipped >= 3, "{shipped} shipped adapters");
+}
