@@ -129,7 +129,8 @@ pub fn run(cli: &Cli, cmd: &DataCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -99,10 +99,7 @@ impl LabelledData {
         Ok(Self {
             examples,
             key: journal_key(&[&serde_json::to_vec(taxonomy)?, &bytes]).into_bytes(),
-            sha256: Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: crate::data_cmd::sha256_hex(&bytes),
         })
     }
 }
