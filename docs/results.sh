@@ -62,6 +62,10 @@ stale() { # made-sha256 split report: a section measured on another version of t
   echo
 }
 
+report_field() { # report.json key: the report object's field (not a run's), '?' if unreadable
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["report"][sys.argv[2]])' "$1" "$2" 2>/dev/null || echo '?'
+}
+
 section() { # report title split
   echo "## $2"
   echo
@@ -81,14 +85,14 @@ section() { # report title split
     return
   fi
   local n total
-  n=$(grep -o '"examples": *[0-9]*' "reports/$1/report.json" | head -n 1 | grep -o '[0-9]*$' || echo '?')
+  n=$(report_field "reports/$1/report.json" examples)
   total=$(grep -c . "$OUT/$3/test.jsonl")
   echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $BUILD,"
   if [ "$n" = "$total" ]; then echo "on all $n examples of the test split."; else echo "on the first $n of the test split's $total examples."; fi
   echo
   local made
-  made=$(grep -o '"dataset_sha256": *"[0-9a-f]*"' "reports/$1/report.json" | grep -o '[0-9a-f]\{64\}' || true)
-  [ -n "$made" ] && echo "<!-- test split sha256 $made -->" && echo
+  made=$(report_field "reports/$1/report.json" dataset_sha256)
+  [ "$made" != "?" ] && echo "<!-- test split sha256 $made -->" && echo
   stale "$made" "$3" "$1"
   # The overview (everything before the first per-system section) ...
   awk '/^## /{n++} n<2 && !/^# /' "reports/$1/report.md" | sed -e 's/^## /### /'
