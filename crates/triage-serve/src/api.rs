@@ -16,7 +16,7 @@ use triage_infer::{InferError, Meta, Structured};
 use triage_train::admission::fmt_bytes;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Engine};
 
 /// The request body, or 413 naming the limit and the flag that sets it (`flag`) when it was
 /// over `limit` bytes.
@@ -168,12 +168,13 @@ impl AppState {
     /// Checks the texts, waits for a worker, and structures them within the request's
     /// deadline. A batch also takes the workers that are idle at that moment (never waiting
     /// for more) and decodes that many items at once; their forward passes are shared (see
-    /// `triage_infer`'s batcher), and the results keep the request's order.
+    /// `triage_infer`'s batcher), and the results keep the request's order. Also gives the
+    /// desk's name and the engine the texts were decoded with (its adapter and taxonomy).
     async fn structure(
         &self,
         taxonomy: Option<&str>,
         texts: Vec<String>,
-    ) -> Result<(Vec<Result<Structured, ApiError>>, String, Option<String>), ApiError> {
+    ) -> Result<(Vec<Result<Structured, ApiError>>, String, Arc<Engine>), ApiError> {
         if !self.is_ready() {
             return Err(ApiError::warming_up(self.config.retry_after_s));
         }
@@ -250,7 +251,7 @@ impl AppState {
         for r in results.iter().flatten() {
             self.metrics.ticket(&r.meta);
         }
-        Ok((results, desk.name().to_owned(), engine.adapter.clone()))
+        Ok((results, desk.name().to_owned(), engine))
     }
 }
 
@@ -260,9 +261,9 @@ pub async fn tickets(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: TicketRequest = parse_json(&json_body(&s, b)?)?;
-    let (mut r, taxonomy, adapter) = s.structure(req.taxonomy.as_deref(), vec![req.text]).await?;
+    let (mut r, taxonomy, engine) = s.structure(req.taxonomy.as_deref(), vec![req.text]).await?;
     let st = r.pop().expect("one result per text")?;
-    let meta = ticket_meta(&st.meta, &taxonomy, adapter.as_deref());
+    let meta = ticket_meta(&st.meta, &taxonomy, engine.adapter.as_deref());
     Ok(Json(serde_json::json!({"ticket": st.ticket, "meta": meta})))
 }
 
@@ -288,13 +289,13 @@ pub async fn tickets_batch(
     }
     let ids: Vec<Option<String>> = req.items.iter().map(|i| i.id.clone()).collect();
     let texts = req.items.into_iter().map(|i| i.text).collect();
-    let (results, taxonomy, adapter) = s.structure(req.taxonomy.as_deref(), texts).await?;
+    let (results, taxonomy, engine) = s.structure(req.taxonomy.as_deref(), texts).await?;
     let items: Vec<Value> = results
         .into_iter()
         .zip(ids)
         .map(|(r, id)| match r {
             Ok(st) => serde_json::json!({
-                "id": id, "ticket": st.ticket, "meta": ticket_meta(&st.meta, &taxonomy, adapter.as_deref())
+                "id": id, "ticket": st.ticket, "meta": ticket_meta(&st.meta, &taxonomy, engine.adapter.as_deref())
             }),
             Err(e) => serde_json::json!({"id": id, "error": e.body()["error"]}),
         })
@@ -310,10 +311,9 @@ pub async fn classify(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: ClassifyRequest = parse_json(&json_body(&s, b)?)?;
-    let (mut r, taxonomy, adapter) = s.structure(None, vec![req.ticket_data]).await?;
+    let (mut r, taxonomy, engine) = s.structure(None, vec![req.ticket_data]).await?;
     let st = r.pop().expect("one result per text")?;
     // By name, not position: a remote backend may give no confidence for some field.
-    let engine = s.desk(Some(&taxonomy))?.engine();
     let field = engine
         .structurer
         .taxonomy()
@@ -325,6 +325,6 @@ pub async fn classify(
         "predicted_label": st.ticket.get(field),
         "confidence": confidence.map(|c| c.confidence),
         "ticket": st.ticket,
-        "meta": ticket_meta(&st.meta, &taxonomy, adapter.as_deref()),
+        "meta": ticket_meta(&st.meta, &taxonomy, engine.adapter.as_deref()),
     })))
 }
