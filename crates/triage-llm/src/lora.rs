@@ -219,8 +219,9 @@ fn check_layers(cfg: &Config, config: &LoraConfig) -> Result<(), LoraError> {
     }
 }
 
-/// Counter-based uniform numbers in [-1, 1), so an initialisation depends only on the seed.
-pub(crate) fn uniform_vec(seed: u64, n: usize) -> Vec<f32> {
+/// Counter-based uniform numbers in [-1, 1), so an initialisation depends only on the seed
+/// (also what tests fill their tensors with, so every run checks the same numbers).
+pub fn uniform_vec(seed: u64, n: usize) -> Vec<f32> {
     (0..n as u64)
         .map(|i| {
             let mut z = seed

@@ -5,7 +5,7 @@
 //! renormalised probability.
 
 use candle_core::{DType, Device, Tensor, Var};
-use triage_llm::lora::{Lora, LoraConfig, Target};
+use triage_llm::lora::{uniform_vec, Lora, LoraConfig, Target};
 use triage_llm::qwen2::{
     Config, DenseWeights, Graph, KvCache, LossSpec, Qwen2, StepOptions, Supervised, TrainInput,
 };
@@ -33,15 +33,14 @@ fn adapter(cfg: &Config, layers: Option<Vec<usize>>, device: &Device) -> Lora {
     lora
 }
 
-/// A tensor of pseudo-random values in [-amp, amp), fixed by `seed`, so every run of a test
-/// checks the same numbers (unlike `Tensor::randn`).
+/// A tensor of pseudo-random values in [-amp, amp), fixed by `seed` (the crate's
+/// counter-based generator), so every run of a test checks the same numbers (unlike
+/// `Tensor::randn`).
 fn fixed(shape: impl Into<candle_core::Shape>, seed: usize, amp: f32, device: &Device) -> Tensor {
     let shape = shape.into();
-    let fill: Vec<f32> = (0..shape.elem_count())
-        .map(|j| {
-            let x = ((seed * 7919 + j) as f32 * 12.9898).sin() * 43_758.547;
-            (x - x.floor() - 0.5) * 2.0 * amp
-        })
+    let fill: Vec<f32> = uniform_vec(seed as u64, shape.elem_count())
+        .into_iter()
+        .map(|u| u * amp)
         .collect();
     Tensor::from_vec(fill, shape, device).unwrap()
 }
