@@ -1002,6 +1002,29 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
         text(&again.stderr)
     );
     assert_eq!(std::fs::read(adapter.join("calibration.json")).unwrap(), first);
+    // The folds group examples by the data file's groups, so scores decoded from another file
+    // are refused rather than fitted with the wrong groups.
+    let other = dir.join("other.jsonl");
+    let synth_other = [
+        "data",
+        "synth",
+        "--n",
+        "5",
+        "--seed",
+        "9",
+        "-o",
+        other.to_str().unwrap(),
+    ];
+    assert!(triage(&synth_other, "").status.success());
+    let mut mismatched = calibrate;
+    mismatched[6] = other.to_str().unwrap();
+    let out_other = triage(&mismatched, "");
+    let err = text(&out_other.stderr);
+    assert!(
+        !out_other.status.success() && err.contains("is not in") && err.contains("other.jsonl"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(adapter.join("calibration.json")).unwrap(), first);
     let table = text(&out.stdout);
     for field in [
         "category",

@@ -6,8 +6,8 @@
 //! "Critical"). Both are fitted on held-out labelled examples (`triage adapter calibrate`,
 //! a validation split, never the test split) by minimising the negative log-likelihood with
 //! an L2 penalty on the biases chosen by k-fold cross-validation. Biases change decisions, so
-//! they are kept only when, out of fold, they lower the NLL without lowering the accuracy;
-//! otherwise the temperature alone is fitted (it never changes a decision), and a field whose
+//! they are kept only when, out of fold, they lower the NLL below what the temperature alone
+//! reaches, without lowering the accuracy; otherwise the temperature alone is fitted (it never changes a decision), and a field whose
 //! cross-validated NLL does not improve either way is left as it is.
 //!
 //! A calibration belongs to one adapter (it corrects that adapter's scores) and is kept in
@@ -150,6 +150,11 @@ pub struct Decision {
     pub candidates: Vec<(String, f32)>,
     /// The labelled value.
     pub gold: String,
+    /// The example's group (its synthetic scenario, its near-duplicate cluster): the
+    /// cross-validation of [`fit`] keeps a group's decisions in one fold, so that what it
+    /// measures out of fold is what a split by group measures. `None`: a group of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// Settings of [`fit`].
@@ -183,6 +188,12 @@ impl Default for FitOptions {
 struct FieldData {
     values: Vec<String>,
     rows: Vec<(Vec<usize>, Vec<f64>, usize)>,
+    /// Per row, its group's number (groups numbered in order of first appearance).
+    groups: Vec<usize>,
+    /// The numbers of the named groups seen so far.
+    named: BTreeMap<String, usize>,
+    /// Groups numbered so far (named and anonymous).
+    n_groups: usize,
 }
 
 /// Parameters of one field: scale `a = 1/T` and a bias per value id.
@@ -306,6 +317,9 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
         let data = by_field.entry(d.field.as_str()).or_insert_with(|| FieldData {
             values: Vec::new(),
             rows: Vec::new(),
+            groups: Vec::new(),
+            named: BTreeMap::new(),
+            n_groups: 0,
         });
         let Some(gold) = d.candidates.iter().position(|(v, _)| *v == d.gold) else {
             continue; // the gold value was not allowed here (a wrong parent): no signal
@@ -328,6 +342,13 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
             .map(|(_, l)| f64::from(*l).max(-60.0))
             .collect();
         data.rows.push((ids, logp, gold));
+        let next = data.n_groups;
+        let group = match &d.group {
+            Some(g) => *data.named.entry(g.clone()).or_insert(next),
+            None => next,
+        };
+        data.n_groups = data.n_groups.max(group + 1);
+        data.groups.push(group);
     }
     let mut cal = Calibration::default();
     let mut summaries = BTreeMap::new();
@@ -343,14 +364,23 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
             penalty: None,
         };
         let k = opts.folds.max(2);
-        if all.len() >= opts.min_decisions.max(k) {
-            // Out-of-fold NLL and accuracy of a fit; folds by position, so the result depends
-            // on nothing but the data and its order.
+        // Every fold needs a group: fewer than k groups leave the field uncalibrated.
+        if all.len() >= opts.min_decisions.max(k) && data.n_groups >= k {
+            // Out-of-fold NLL and accuracy of a fit. Folds by group (the n-th group seen goes
+            // to fold n mod k), so a scenario is never on both sides, and the result depends on
+            // nothing but the data and its order; without groups, fold i mod k for row i.
+            let fold_of = |i: usize| data.groups[i] % k;
             let cv = |penalty: f64, biases: bool| {
                 let (mut nll, mut acc) = (0.0, 0.0);
                 for fold in 0..k {
-                    let train: Vec<_> = (0..all.len()).filter(|i| i % k != fold).map(|i| all[i]).collect();
-                    let held: Vec<_> = (0..all.len()).filter(|i| i % k == fold).map(|i| all[i]).collect();
+                    let train: Vec<_> = (0..all.len())
+                        .filter(|&i| fold_of(i) != fold)
+                        .map(|i| all[i])
+                        .collect();
+                    let held: Vec<_> = (0..all.len())
+                        .filter(|&i| fold_of(i) == fold)
+                        .map(|i| all[i])
+                        .collect();
                     let p = minimise(&train, data.values.len(), penalty, biases);
                     let (l, a) = score(&p, &held);
                     nll += l * held.len() as f64;
@@ -358,16 +388,17 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
                 }
                 (nll / all.len() as f64, acc / all.len() as f64)
             };
-            // Biases change decisions: they are kept only when, out of fold, they lower the
-            // NLL without costing accuracy. A temperature alone never changes a decision.
+            // A temperature alone never changes a decision. Biases do: they are kept only
+            // when, out of fold, they beat the temperature alone (and the identity) on NLL
+            // without costing accuracy.
+            let (nll_t, _) = cv(0.0, false);
             let with_biases = opts
                 .penalties
                 .iter()
                 .filter(|_| opts.biases)
                 .map(|&pen| (pen, cv(pen, true)))
                 .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
-                .filter(|(_, (nll, acc))| *nll < nll_before && *acc >= accuracy_before);
-            let (nll_t, _) = cv(0.0, false);
+                .filter(|(_, (nll, acc))| *nll < nll_before.min(nll_t) && *acc >= accuracy_before);
             let chosen = match with_biases {
                 Some((penalty, (nll, acc))) => Some((Some(penalty), nll, acc)),
                 None if nll_t < nll_before => Some((None, nll_t, accuracy_before)),
@@ -455,6 +486,7 @@ mod tests {
                         .zip(log_normalise(&z))
                         .collect(),
                     gold: values[gold].into(),
+                    group: None,
                 }
             })
             .collect()
@@ -545,6 +577,7 @@ mod tests {
             field: "g".into(),
             candidates: cands.iter().map(|(v, l)| (v.to_string(), *l)).collect(),
             gold: gold.into(),
+            group: None,
         };
         let decisions = vec![
             d(&[("x", 0.0)], "x"),               // forced
@@ -554,6 +587,59 @@ mod tests {
         let (cal, summary) = fit(&decisions, &FitOptions::default());
         assert!(cal.is_empty());
         assert_eq!(summary["g"].decisions, 1);
+    }
+
+    /// Twenty scenarios in ten pairs, each scenario with its own gold value; in a pair, the
+    /// model hesitates between the two values. In the first scenario of a pair it ranks its
+    /// partner's value first (wrong); in the second, its own value first by a wide margin. A
+    /// bias on the first scenario's value, learnt from that scenario's own examples, fixes its
+    /// held-out ones without costing the partner; it cannot be learnt without them, since no
+    /// other scenario labels that value. Folds by position put a scenario on both sides and
+    /// see a gain that a split by scenario never sees; folds by group see none.
+    #[test]
+    fn folds_by_group_keep_a_scenario_out_of_its_own_fit() {
+        let values: Vec<String> = (0..20).map(|i| format!("v{i}")).collect();
+        let mut rng = Rng(21);
+        let mut d = Vec::new();
+        for scenario in 0..20 {
+            let partner = (scenario + 10) % 20;
+            for _ in 0..8 {
+                let mut z: Vec<f64> = values.iter().map(|_| -6.0 + 0.3 * rng.normal()).collect();
+                let (own, other) = if scenario < 10 { (0.0, 1.0) } else { (2.0, 0.0) };
+                z[scenario] = own + 0.3 * rng.normal();
+                z[partner] = other + 0.3 * rng.normal();
+                d.push(Decision {
+                    field: "f".into(),
+                    candidates: values.iter().cloned().zip(log_normalise(&z)).collect(),
+                    gold: values[scenario].clone(),
+                    group: Some(format!("s{scenario}")),
+                });
+            }
+        }
+        let by_group = fit(&d, &FitOptions::default()).1["f"].clone();
+        for x in &mut d {
+            x.group = None;
+        }
+        let by_position = fit(&d, &FitOptions::default()).1["f"].clone();
+        assert!(
+            by_position.penalty.is_some() && by_position.accuracy_after > by_position.accuracy_before + 0.2,
+            "by position {by_position:?}"
+        );
+        assert!(
+            by_group.accuracy_after < by_group.accuracy_before + 0.05,
+            "by group {by_group:?}"
+        );
+    }
+
+    #[test]
+    fn fewer_groups_than_folds_leave_the_field_alone() {
+        let mut d = decisions(200, &["a", "b"], 1.0, &mut Rng(5), |z| z[0] -= 1.0);
+        for (i, x) in d.iter_mut().enumerate() {
+            x.group = Some(format!("g{}", i % 3));
+        }
+        let (cal, summary) = fit(&d, &FitOptions::default());
+        assert!(cal.is_empty(), "{cal:?}");
+        assert_eq!(summary["f"].decisions, 200);
     }
 
     #[test]

@@ -243,17 +243,17 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let CalibrateArgs {
         dir,
         data,
-        limit,
         out,
         scores,
-        batch_size,
         temperature_only,
+        ..
     } = args;
-    let (decisions, examples) = match scores.as_deref() {
+    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
+    let labelled = crate::eval_cmd::LabelledData::read(&taxonomy, data)?;
+    let (mut decisions, examples) = match scores.as_deref() {
         Some(f) if f.exists() => {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
             let mut decisions = Vec::new();
-            let mut ids = std::collections::BTreeSet::new();
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let (id, d): (String, calibration::Decision) =
                     serde_json::from_str(line).with_context(|| {
@@ -263,19 +263,39 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
                             i + 1
                         )
                     })?;
-                ids.insert(id);
-                decisions.push(d);
+                decisions.push((id, d));
             }
+            let ids: std::collections::BTreeSet<&str> = decisions.iter().map(|(id, _)| id.as_str()).collect();
             eprintln!(
                 "{}: {} decisions of {} examples (not decoding)",
                 f.display(),
                 decisions.len(),
                 ids.len()
             );
-            (decisions, ids.len())
+            let n = ids.len();
+            (decisions, n)
         }
-        _ => decode_decisions(cli, dir, data, *limit, scores.as_deref(), *batch_size)?,
+        _ => decode_decisions(cli, args, taxonomy.clone(), &labelled)?,
     };
+    // The cross-validation keeps each example group (scenario, near-duplicate cluster) in one
+    // fold: the groups come from the data file, which the scores must have been decoded from.
+    let groups: std::collections::HashMap<&str, Option<&String>> = labelled
+        .examples
+        .iter()
+        .map(|e| (e.id.as_str(), e.group.as_ref()))
+        .collect();
+    for (id, d) in &mut decisions {
+        let Some(group) = groups.get(id.as_str()) else {
+            anyhow::bail!(
+                "{}: example {id:?} of the scores is not in {}; the scores were decoded from \
+                 another file (pass that one as --data, or delete the scores to decode again)",
+                scores.as_deref().unwrap_or(data).display(),
+                data.display()
+            );
+        };
+        d.group = group.cloned();
+    }
+    let decisions: Vec<calibration::Decision> = decisions.into_iter().map(|(_, d)| d).collect();
     let opts = calibration::FitOptions {
         biases: !temperature_only,
         ..calibration::FitOptions::default()
@@ -304,7 +324,9 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             f.nll_after
         );
     }
-    println!("(\"after\": out of fold, 5-fold cross-validation on these examples)");
+    println!(
+        "(\"after\": out of fold, 5-fold cross-validation on these examples, each example group in one fold)"
+    );
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
     eprintln!(
@@ -316,23 +338,25 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Decodes `data` with the adapter in `dir` (uncalibrated) and returns every enum decision
-/// with its label, and the number of examples decoded; with `scores`, also writes them there.
+/// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
+/// and returns every enum decision with its example's id and its label, and the number of
+/// examples decoded; with `args.scores`, also writes them there.
 fn decode_decisions(
     cli: &Cli,
-    dir: &Path,
-    data: &Path,
-    limit: Option<usize>,
-    scores: Option<&Path>,
-    batch_size: usize,
-) -> anyhow::Result<(Vec<calibration::Decision>, usize)> {
-    let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
-    let crate::eval_cmd::LabelledData {
-        mut examples,
-        key: data_key,
+    args: &CalibrateArgs,
+    taxonomy: triage_taxonomy::Taxonomy,
+    labelled: &crate::eval_cmd::LabelledData,
+) -> anyhow::Result<(Vec<(String, calibration::Decision)>, usize)> {
+    let CalibrateArgs {
+        dir,
+        data,
+        limit,
+        batch_size,
         ..
-    } = crate::eval_cmd::LabelledData::read(&taxonomy, data)?;
-    examples.truncate(limit.unwrap_or(usize::MAX));
+    } = args;
+    let (scores, batch_size) = (args.scores.as_deref(), *batch_size);
+    let examples = &labelled.examples[..labelled.examples.len().min(limit.unwrap_or(usize::MAX))];
+    let data_key = &labelled.key;
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to calibrate on", data.display());
     }
@@ -352,7 +376,7 @@ fn decode_decisions(
                     dir.join("adapter_config.json"),
                 ])?
                 .as_bytes(),
-                &data_key,
+                data_key.as_slice(),
             ]);
             let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
             let (j, kept) = Journal::open(partial, &key, &ids, true)?;
@@ -371,7 +395,7 @@ fn decode_decisions(
     crate::batch::install_ctrlc();
     let decoded = triage_eval::run::decode_journaled(
         &s,
-        &examples,
+        examples,
         batch_size,
         resume,
         &crate::batch::stop_requested,
@@ -386,6 +410,7 @@ fn decode_decisions(
                         gold: e.ticket.get(&c.field).unwrap_or_default().to_owned(),
                         field: c.field,
                         candidates: c.scores,
+                        group: None, // filled from the data by the caller, not journaled
                     })
                     .collect()),
                 Err(err) => Err(err.to_string()),
@@ -430,10 +455,7 @@ fn decode_decisions(
             let _ = std::fs::remove_file(partial);
         }
     }
-    Ok((
-        decisions.into_iter().map(|(_, d)| d).collect(),
-        examples.len() - failed,
-    ))
+    Ok((decisions, examples.len() - failed))
 }
 
 pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
