@@ -49,6 +49,7 @@ evaluate() { # name model split limit [global flags...]: reports/results-<name>,
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
   "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$OUT/$split/train.jsonl" \
     $(limit "$n") --out "reports/results-$name" --resume
+  echo "$BUILD" > "reports/results-$name/build" # the section names the build that measured it
 }
 evaluate synth-1.5b 1.5b synth "$N_SYNTH"
 evaluate synth-0.5b 0.5b synth "$N_SYNTH"
@@ -84,10 +85,11 @@ section() { # report title split
     echo
     return
   fi
-  local n total
+  local n total built
+  built=$(cat "reports/$1/build" 2>/dev/null || echo "$BUILD")
   n=$(report_field "reports/$1/report.json" examples)
   total=$(grep -c . "$OUT/$3/test.jsonl")
-  echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $BUILD,"
+  echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $built,"
   if [ "$n" = "$total" ]; then echo "on all $n examples of the test split."; else echo "on the first $n of the test split's $total examples."; fi
   echo
   local made
