@@ -37,7 +37,10 @@ done
 python3 - "$RUNS" <<'EOF' > docs/ablation.md
 import json, sys
 runs = sys.argv[1]
-FIELDS = ["category", "subcategory", "priority", "assignment_group", "request_type"]
+base = json.load(open("reports/ablate-tfidf-val/report.json"))["report"]
+s = base["systems"][0]
+base_acc = {x["field"]: x["accuracy"] for x in s["fields"]}
+FIELDS = list(base_acc)  # the taxonomy's enum fields, in the report's order
 
 def adapter_row(name):
     """Per-field accuracy and all-five from the scores file: the decision is the best-scored value."""
@@ -55,9 +58,6 @@ def adapter_row(name):
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     return n, tps, f"{val[0]:.3f} → {val[-1]:.3f}", acc, allr
 
-base = json.load(open("reports/ablate-tfidf-val/report.json"))["report"]
-s = base["systems"][0]
-base_acc = {x["field"]: x["accuracy"] for x in s["fields"]}
 rows = [("TF-IDF baseline", base["examples"], None, "–", base_acc, s["exact_match"])]
 rows += [(label, *adapter_row(f"ablate-0.5b-{name}")) for name, label in (("top8", "top 8 (default)"), ("all", "all 24"))]
 

@@ -86,7 +86,7 @@ section() { # report title split
     return
   fi
   local n total built
-  built=$(cat "reports/$1/build" 2>/dev/null || echo "$BUILD")
+  built=$(cat "reports/$1/build" 2>/dev/null || echo "a build this report did not record")
   n=$(report_field "reports/$1/report.json" examples)
   total=$(grep -c . "$OUT/$3/test.jsonl")
   echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $built,"
