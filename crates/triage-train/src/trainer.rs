@@ -959,9 +959,12 @@ pub fn device(spec: &str) -> Result<Device, TrainError> {
                 .map_or(Ok(0), str::parse::<usize>)
                 .map_err(|_| TrainError::Invalid(format!("bad device {s:?}: use cpu, cuda or cuda:N")))?;
             Device::new_cuda(n).map_err(|e| {
-                TrainError::Invalid(format!(
-                    "{s}: {e} (build with --features cuda on a machine with the CUDA toolkit)"
-                ))
+                let hint = if cfg!(feature = "cuda") {
+                    "is an NVIDIA GPU visible (`nvidia-smi`), with its driver loaded?"
+                } else {
+                    "this build has no CUDA: build with `--features cuda` (docs/gpu.sh)"
+                };
+                TrainError::Invalid(format!("{s}: {e} ({hint})"))
             })
         }
         other => Err(TrainError::Invalid(format!(

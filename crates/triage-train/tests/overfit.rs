@@ -144,7 +144,15 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
     assert!(err.contains("taxonomy"), "{err}");
 
     // Independent reader: Python with only the standard library parses the safetensors header.
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/check_peft.py");
+    // From the source tree it was built in, else from the working directory (a test binary
+    // built on another machine and run from the repository root there: docs/gpu.sh).
+    let script = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/check_peft.py"),
+        PathBuf::from("tests/fixtures/check_peft.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("tests/fixtures/check_peft.py not found");
     let out = std::process::Command::new("python3")
         .arg(&script)
         .arg(&dir)

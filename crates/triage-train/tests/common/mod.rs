@@ -17,7 +17,12 @@ pub fn device() -> candle_core::Device {
     triage_train::trainer::device(&spec).unwrap_or_else(|e| panic!("TRIAGE_TEST_DEVICE: {e}"))
 }
 
+/// The GGUF whose tokenizer and chat template the tests use: the 0.5B from the model store, or
+/// any Qwen2.5 GGUF named by `TRIAGE_TEST_GGUF` (docs/gpu.sh: a machine that cannot download).
 pub fn gguf() -> GgufFile {
+    if let Ok(path) = std::env::var("TRIAGE_TEST_GGUF") {
+        return GgufFile::open(&path).unwrap_or_else(|e| panic!("TRIAGE_TEST_GGUF={path}: {e}"));
+    }
     let store = ModelStore::from_env();
     let spec = store.registry().get("0.5b").unwrap();
     let path = store
