@@ -8,8 +8,8 @@ The header of the 1.5B is ~6 MB against ~1.1 GB of weights, so it travels where 
 cannot. `inflate` writes a GGUF with the original metadata (architecture, tokenizer, chat
 template) and the original tensor table: every tensor keeps its name, shape, quantisation type
 and offset, so the file has the model's exact size and layout, and memory and speed measured on
-it are the real model's. Its weights are random (seeded): quantised blocks carry small fixed
-scales and random codes, norms are 1, biases small. Losses, tickets and accuracy measured on it
+it are the real model's. Its weights are random (seeded) with a trained model's scale: zero-mean
+quantised blocks of std ~0.02 (fixed block scales, random codes), norms 1, biases small. Losses, tickets and accuracy measured on it
 mean nothing. Needs numpy for `inflate`; `header` needs only the standard library.
 """
 import struct
@@ -117,11 +117,17 @@ def inflate(src, dst, seed=7):
                 scale = lambda x: np.frombuffer(np.float16(x).tobytes(), np.uint8)
                 if kind == "Q8_0":  # d, then 32 int8 codes
                     blocks[:, 0:2] = scale(3e-4)
-                elif kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales, 128 bytes of codes
-                    blocks[:, 0:2] = scale(1e-4)
-                    blocks[:, 2:4] = scale(1e-4)
+                elif kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of codes
+                    # Every scale byte 0x11 unpacks to scale = min (17 or 1) in all 8 sub-blocks,
+                    # so with dmin = 7.5 d a weight is d * scale * (q - 7.5): zero mean, std ~0.02.
+                    # (Random scales give every weight a positive mean and the activations blow
+                    # up through the layers, unlike a trained model's.)
+                    blocks[:, 0:2] = scale(2.6e-4)
+                    blocks[:, 2:4] = scale(7.5 * 2.6e-4)
+                    blocks[:, 4:16] = 0x11
                 elif kind == "Q6_K":  # 192 bytes of codes, 16 int8 scales, then d
-                    blocks[:, 208:210] = scale(6e-5)
+                    # d * scale * (q - 32): zero mean, std ~0.02 for random codes and scales
+                    blocks[:, 208:210] = scale(1.7e-5)
                 f.write(blocks.tobytes())
     import os
 

@@ -10,22 +10,24 @@
 # Then:
 #   1. the training tests (tiny model: overfit, resume) on the GPU;
 #   2. structures N_INCIDENTS incidents with the 1.5B on the GPU;
-#   3. the trainer's --dry-run estimate for configs/train.toml;
-#   4. trains the 1.5B default adapter on the GPU with configs/train.toml (on TRAIN_EXAMPLES
-#      examples, 0: all) for at most GPU_MINUTES and samples the GPU memory every 0.5 s;
-#   5. structures the same incidents on the CPU (batch mode, at most CPU_LIMIT seconds) and
+#   3. for each of TRAIN_CONFIGS, the trainer's --dry-run estimate, then the 1.5B default
+#      adapter trained on the GPU (on TRAIN_EXAMPLES examples, 0: all) for at most GPU_SECONDS,
+#      the GPU memory sampled every 0.5 s;
+#   4. structures the same incidents on the CPU (batch mode, at most CPU_LIMIT seconds) and
 #      compares the tickets (same greedy choices expected; confidences within 0.02);
-#   6. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget,
+#   5. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget,
 #      training tokens/s.
 # Usage, from the repository root:  bash docs/gpu.sh
-#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_MINUTES=10] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900]
+#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_SECONDS=600] [TRAIN_CONFIGS="configs/train.toml configs/train-gpu.toml"] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900] [TEST_LIMIT=600]
 set -uo pipefail
 OUT=${GPU_OUT:-gpu-run}
 BUNDLE=${BUNDLE:-.gpu-bundle}
-GPU_MINUTES=${GPU_MINUTES:-10}
+GPU_SECONDS=${GPU_SECONDS:-600}
+TRAIN_CONFIGS=${TRAIN_CONFIGS:-configs/train.toml configs/train-gpu.toml}
 N_INCIDENTS=${N_INCIDENTS:-20}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-0}
 CPU_LIMIT=${CPU_LIMIT:-900}
+TEST_LIMIT=${TEST_LIMIT:-600}
 mkdir -p "$OUT"
 report="$OUT/gpu.md"
 note() { echo "$*" | tee -a "$report"; }
@@ -87,8 +89,8 @@ PY
   export TRIAGE_TEST_GGUF=$MODEL
 fi
 export TRIAGE_TEST_DEVICE=cuda
-step test-overfit 600 "${overfit[@]}"
-step test-resume 600 "${resume[@]}"
+step test-overfit "$TEST_LIMIT" "${overfit[@]}"
+step test-resume "$TEST_LIMIT" "${resume[@]}"
 
 step data 300 bash -c "'$BIN' data synth --n 2500 --seed 7 -o '$OUT/synth.jsonl' && \
   '$BIN' data split '$OUT/synth.jsonl' --by template --ratios 80,10,10 --out-dir '$OUT/synth' && \
@@ -104,56 +106,60 @@ if [ "$TRAIN_EXAMPLES" -gt 0 ]; then
   head -n "$TRAIN_EXAMPLES" "$train" > "$OUT/synth/train-part.jsonl"
   train=$OUT/synth/train-part.jsonl
 fi
-step dry-run 300 "$BIN" --model "$MODEL" train --device cuda --config configs/train.toml \
-  --data "$train" --dry-run
-sed 's/^/  /' "$OUT/dry-run.log" | grep -v INFO >> "$report"
 
-# Peak GPU memory of the training process (and of the whole GPU over its idle level),
-# sampled every 0.5 s.
-base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-"$BIN" --model "$MODEL" train --device cuda --config configs/train.toml \
-  --data "$train" --val "$OUT/synth/val-64.jsonl" \
-  --out "$OUT/adapter-1.5b" --run-dir "$OUT/run-1.5b" > "$OUT/train.log" 2>&1 &
-pid=$!
-t0=$(date +%s)
-peak=0
-gpu_peak=0
-while kill -0 "$pid" 2>/dev/null; do
-  if [ $(( $(date +%s) - t0 )) -ge $(( GPU_MINUTES * 60 )) ]; then
-    kill -INT "$pid"  # the trainer checkpoints and stops; `--resume` continues it
-    sleep 20
-    break
-  fi
-  used=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
-    | awk -F', ' -v p="$pid" '$1 == p {print $2}')
-  [ -n "$used" ] && [ "$used" -gt "$peak" ] && peak=$used
-  all=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-  [ -n "$all" ] && [ $(( all - base )) -gt "$gpu_peak" ] && gpu_peak=$(( all - base ))
-  sleep 0.5
-done
-kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-wait "$pid"; rc=$?
-secs=$(( $(date +%s) - t0 ))
-metrics="$OUT/run-1.5b/metrics.jsonl"
-steps=$(grep -c '"loss"' "$metrics" 2>/dev/null || echo 0)
-note "- train (1.5B, configs/train.toml, cuda, $(wc -l < "$train") examples): exit $rc after $secs s, $steps optimizer steps"
-note "- training throughput: $(python3 - "$metrics" <<'PY'
+# Each training config for at most GPU_SECONDS, with the peak GPU memory of the training
+# process (and of the whole GPU over its idle level) sampled every 0.5 s.
+for config in $TRAIN_CONFIGS; do
+  name=$(basename "$config" .toml)
+  step "dry-run-$name" 300 "$BIN" --model "$MODEL" train --device cuda --config "$config" \
+    --data "$train" --dry-run
+  grep -E "total|activations|dense|base weights" "$OUT/dry-run-$name.log" | sed 's/^ */  estimate: /' >> "$report"
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  "$BIN" --model "$MODEL" train --device cuda --config "$config" \
+    --data "$train" --val "$OUT/synth/val-64.jsonl" \
+    --out "$OUT/adapter-$name" --run-dir "$OUT/run-$name" > "$OUT/train-$name.log" 2>&1 &
+  pid=$!
+  t0=$(date +%s)
+  peak=0
+  gpu_peak=0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $(( $(date +%s) - t0 )) -ge "$GPU_SECONDS" ]; then
+      kill -INT "$pid"  # the trainer checkpoints and stops; `--resume` continues it
+      for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      break
+    fi
+    used=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+      | awk -F', ' -v p="$pid" '$1 == p {print $2}')
+    [ -n "$used" ] && [ "$used" -gt "$peak" ] && peak=$used
+    all=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    [ -n "$all" ] && [ $(( all - base )) -gt "$gpu_peak" ] && gpu_peak=$(( all - base ))
+    sleep 0.5
+  done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  wait "$pid"; rc=$?
+  secs=$(( $(date +%s) - t0 ))
+  metrics="$OUT/run-$name/metrics.jsonl"
+  steps=$(grep -c '"loss"' "$metrics" 2>/dev/null || echo 0)
+  note "- train (1.5B, $config, cuda, $(wc -l < "$train") examples): exit $rc after $secs s, $steps optimizer steps$(grep -o 'error: .*' "$OUT/train-$name.log" | head -1 | sed 's/^/; /')"
+  note "  - throughput: $(python3 - "$metrics" <<'PY'
 import json, sys
 try:
     rows = [json.loads(l) for l in open(sys.argv[1])]
 except OSError:
     rows = []
 steps = [r for r in rows if "tokens_per_s" in r][2:]  # the first steps warm the kernels
+losses = [r["val_loss"] for r in rows if "val_loss" in r]
 if steps:
     tps = sorted(r["tokens_per_s"] for r in steps)
-    print(f"median {tps[len(tps) // 2]:.0f} tokens/s over {len(steps)} steps after the first two")
+    print(f"median {tps[len(tps) // 2]:.0f} tokens/s over {len(steps)} steps after the first two"
+          f"; validation losses {', '.join(f'{x:.3f}' for x in losses)}")
 else:
     print("no optimizer step after the first two")
 PY
 )"
-note "- peak GPU memory of the training process: $peak MiB (the GPU's use over its idle level: $gpu_peak MiB); budget 4096 MiB: $([ "$peak" -le 4096 ] && [ "$gpu_peak" -le 4096 ] && echo within || echo OVER)"
+  note "  - peak GPU memory of the training process: $peak MiB (the GPU's use over its idle level: $gpu_peak MiB); budget 4096 MiB: $(if [ "$peak" = 0 ] && [ "$gpu_peak" = 0 ]; then echo "not measured"; elif [ "$peak" -le 4096 ] && [ "$gpu_peak" -le 4096 ]; then echo within; else echo OVER; fi)"
+done
 note ""
-note "Adapter: $OUT/adapter-1.5b (written when the run finished); metrics: $metrics; log: $OUT/train.log"
 
 # The same incidents on the CPU (last: the slowest step, under its own limit), then compared.
 step infer-cpu "$CPU_LIMIT" "$BIN" --model "$MODEL" infer --no-adapter --input "$OUT/incidents.jsonl" --output "$OUT/cpu.jsonl" --batch-size "$batch"

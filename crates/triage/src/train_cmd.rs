@@ -184,20 +184,30 @@ pub fn base_structurer(
 }
 
 /// The `--dry-run` estimate for `config` on the model in `gguf`, at typical lengths: the
-/// system prompt (~2,100 tokens) and sequences of `max_tokens` (at most 256).
+/// system prompt (~2,100 tokens) and sequences of `max_tokens` (at most 256). `gpu`: training
+/// on a GPU, where the CPU kernels (and their repacked weights) do not exist and every
+/// operation is candle's composed one, which keeps more activations.
 pub fn dry_run_estimate(
     gguf: &GgufFile,
     config: &TrainConfig,
+    gpu: bool,
 ) -> anyhow::Result<triage_train::memory::MemoryEstimate> {
     let cfg = triage_llm::qwen2::Config::from_gguf(gguf)?;
     let first = config.first_layer(cfg.num_layers);
+    let config = TrainConfig {
+        composed_ops: config.composed_ops || gpu,
+        ..config.clone()
+    };
     Ok(triage_train::admission::training_estimate(
         &cfg,
         Qwen2::load_bytes(gguf, &LoadOptions::default()),
-        // The forward pass of the adapted layers runs on candle's fast kernels where there
+        // The forward pass of the adapted layers runs on candle's fast CPU kernels where there
         // are some (and the head's too without a dense copy).
-        Qwen2::repackable_bytes(gguf, first..cfg.num_layers, !config.dense_weights),
-        config,
+        match gpu {
+            true => 0,
+            false => Qwen2::repackable_bytes(gguf, first..cfg.num_layers, !config.dense_weights),
+        },
+        &config,
         2100,
     ))
 }
@@ -214,7 +224,8 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     };
     // The estimated peak, before the model is loaded: printed by --dry-run, else compared
     // with what this process may use (memory admission).
-    let peak = dry_run_estimate(&GgufFile::open(crate::model_cmd::model_path(cli)?)?, &config)?;
+    let gpu = args.device.spec != "cpu";
+    let peak = dry_run_estimate(&GgufFile::open(crate::model_cmd::model_path(cli)?)?, &config, gpu)?;
     if args.dry_run {
         println!("{peak}");
         println!(

@@ -164,6 +164,7 @@ fn one(cli: &Cli, args: &BenchTrainArgs, config: &TrainConfig) -> anyhow::Result
             max_tokens: seq,
             ..config.clone()
         },
+        false,
     )?;
     Ok(Row {
         model: model.clone(),
