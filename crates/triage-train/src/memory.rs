@@ -57,10 +57,13 @@ pub struct MemoryEstimate {
     pub logits: u64,
     /// Largest weight dequantized at once during the backward pass (without dense copies).
     pub dequant_transient: u64,
-    /// Tokenizer, grammar, code and allocator slack (measured).
+    /// Tokenizer, grammar, code and allocator slack (measured); on a GPU, what the CUDA
+    /// context, libraries and memory pool add (measured, see [`MemoryEstimate::on_gpu`]).
     pub runtime: u64,
     /// Sum.
     pub total: u64,
+    /// An estimate of GPU memory ([`MemoryEstimate::on_gpu`]).
+    pub gpu: bool,
 }
 
 /// Fixed overhead of a training process besides its tensors: the tokenizer and its 151,936
@@ -68,6 +71,13 @@ pub struct MemoryEstimate {
 /// `triage bench train` on the reference machine (resident memory after loading, minus the
 /// weights and the prompt cache).
 const RUNTIME_BYTES: u64 = 330 << 20;
+
+/// What a GPU training process holds beyond the tensors counted here: the CUDA context,
+/// cuBLAS/cuBLASLt handles and workspaces, loaded kernels and the stream-ordered memory pool.
+/// Measured on an H200 (CUDA 13.0 driver; docs/gpu.md) as the peak of `triage train --device
+/// cuda` minus the estimate's tensors, 2,354 MiB (configs/train.toml) and 2,258 MiB
+/// (configs/train-gpu.toml) on the 1.5B: fitted on those two runs, not checked on others.
+const GPU_RUNTIME_BYTES: u64 = 2300 << 20;
 
 /// Computes the estimate.
 pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
@@ -157,23 +167,46 @@ pub fn estimate(i: &MemoryInputs) -> MemoryEstimate {
         dequant_transient,
         runtime,
         total,
+        gpu: false,
+    }
+}
+
+impl MemoryEstimate {
+    /// The estimate of a process training on a GPU: its tensors, and the measured overhead of
+    /// CUDA in place of the CPU process's tokenizer and allocator slack (those are host memory).
+    pub fn on_gpu(self) -> Self {
+        MemoryEstimate {
+            total: self.total - self.runtime + GPU_RUNTIME_BYTES,
+            runtime: GPU_RUNTIME_BYTES,
+            gpu: true,
+            ..self
+        }
     }
 }
 
 impl std::fmt::Display for MemoryEstimate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-        writeln!(f, "estimated peak memory:")?;
+        match self.gpu {
+            true => writeln!(f, "estimated peak GPU memory:")?,
+            false => writeln!(f, "estimated peak memory:")?,
+        }
         for (name, v) in [
             ("base weights (as loaded)", self.weights),
             ("repacked copies (fast CPU kernels)", self.repacked),
-            ("dense f16 copies (adapted layers, head)", self.dense_copies),
+            ("dense copies (adapted layers, head)", self.dense_copies),
             ("system-prompt KV cache", self.prefix_kv),
             ("LoRA params + grads + AdamW", self.lora_and_optimizer),
             ("activations and one layer's gradients", self.activations),
             ("answer logits", self.logits),
             ("largest weight dequantized in backward", self.dequant_transient),
-            ("tokenizer, grammar, allocator", self.runtime),
+            (
+                match self.gpu {
+                    true => "CUDA context, libraries, pool (measured)",
+                    false => "tokenizer, grammar, allocator",
+                },
+                self.runtime,
+            ),
         ] {
             writeln!(f, "  {name:<42} {:>9.1} MiB", mb(v))?;
         }

@@ -198,7 +198,7 @@ pub fn dry_run_estimate(
         composed_ops: config.composed_ops || gpu,
         ..config.clone()
     };
-    Ok(triage_train::admission::training_estimate(
+    let estimate = triage_train::admission::training_estimate(
         &cfg,
         Qwen2::load_bytes(gguf, &LoadOptions::default()),
         // The forward pass of the adapted layers runs on candle's fast CPU kernels where there
@@ -209,7 +209,11 @@ pub fn dry_run_estimate(
         },
         &config,
         2100,
-    ))
+    );
+    Ok(match gpu {
+        true => estimate.on_gpu(),
+        false => estimate,
+    })
 }
 
 /// Runs `triage train`.
@@ -247,7 +251,14 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    triage_train::admission::admit_training(&peak, &config, args.memory_limit)?;
+    match gpu {
+        // The estimate is of GPU memory, which the host's free memory says nothing about.
+        true => tracing::info!(
+            estimate_mib = peak.total >> 20,
+            "GPU memory is not checked before loading"
+        ),
+        false => triage_train::admission::admit_training(&peak, &config, args.memory_limit)?,
+    }
     let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device.spec, true)?;
     let name = args
         .out

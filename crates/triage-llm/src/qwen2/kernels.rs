@@ -185,7 +185,10 @@ fn dense_cuda_fwd(
     let (out, inp) = dl.shape().dims2()?;
     let dims = l.dims();
     if dims.last() != Some(&inp) {
-        candle_core::bail!("frozen-linear: input {:?} against a weight of {inp} columns", l.shape());
+        candle_core::bail!(
+            "frozen-linear: input {:?} against a weight of {inp} columns",
+            l.shape()
+        );
     }
     let rows = l.shape().elem_count() / inp;
     let x = s.to_dtype(l, d.dtype())?;
