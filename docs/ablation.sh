@@ -2,7 +2,8 @@
 # What the number of adapted layers (`top_layers`) costs in accuracy, on the shipped budget:
 # two 0.5B adapters trained on the same 2,000 synthetic training examples for the same 250
 # optimizer steps (one epoch at batch 8), seed, learning rate and loss, with the adapter on the
-# top 8 layers (the default; this run is the shipped adapters/default-0.5b) or on all 24.
+# top 8 layers (configs/train.toml's default; default-0.5b v2) or on all 24 (`--top-layers 0`;
+# this run is the shipped adapters/default-0.5b since v3).
 # Both are compared on the whole validation split (256 examples of scenarios never seen in
 # training; never the test split): the enum decisions each adapter makes there, as
 # `adapter calibrate --scores` records them (before calibration), next to the TF-IDF baseline
@@ -59,12 +60,13 @@ def adapter_row(name):
     return n, tps, f"{val[0]:.3f} → {val[-1]:.3f}", acc, allr
 
 rows = [("TF-IDF baseline", base["examples"], None, "–", base_acc, s["exact_match"])]
-rows += [(label, *adapter_row(f"ablate-0.5b-{name}")) for name, label in (("top8", "top 8 (default)"), ("all", "all 24"))]
+rows += [(label, *adapter_row(f"ablate-0.5b-{name}")) for name, label in (("top8", "top 8 (config default)"), ("all", "all 24 (shipped)"))]
 
 print("## Adapted layers: what `top_layers` costs in accuracy\n")
 print("Written by `bash docs/ablation.sh`: two 0.5B adapters on the same 2,000 synthetic training")
 print("examples, 250 optimizer steps (one epoch at batch 8), seed, learning rate and loss; the adapter")
-print("on the top 8 layers (the default: the shipped default-0.5b) or on all 24. Accuracy on the whole")
+print("on the top 8 layers (configs/train.toml's default; default-0.5b v2) or on all 24 (`--top-layers 0`;")
+print("the shipped default-0.5b since v3). Accuracy on the whole")
 print("validation split (scenarios unseen in training; not the test split), from each adapter's enum")
 print("decisions before calibration. Training tokens/s were measured while the runs shared the machine")
 print("with other work (2 cores): compare the rows with each other, and absolute speed with")
