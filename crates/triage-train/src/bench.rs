@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use triage_data::rng::Rng;
 use triage_infer::TokenRole;
@@ -96,7 +96,7 @@ pub fn step_bench(
     let first = config.first_layer(cfg.num_layers);
     let lora = Lora::new(cfg, config.lora(cfg.num_layers), config.seed, model.device())?;
     let dense = match config.dense_weights {
-        true => model.dense_weights(first..cfg.num_layers, true, DType::F16)?,
+        true => model.dense_weights(first..cfg.num_layers, true, model.training_dense_dtype())?,
         false => DenseWeights::none(cfg.num_layers),
     };
     rss("dense copies");

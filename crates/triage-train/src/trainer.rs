@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use triage_data::Example;
 use triage_infer::{Structurer, StructurerOptions, TokenRole};
@@ -532,15 +532,8 @@ impl<'a> Trainer<'a> {
             );
             Features::new(&run_dir.join("features"), &key, first, model.config().hidden_size)
         });
-        // f16 on the CPU, whose kernels keep the activations in f32; bf16 on a GPU, where the
-        // activations are cast to the copy's type for the tensor cores and f16's range
-        // overflowed (docs/gpu.md).
-        let dense_dtype = match model.device().is_cpu() {
-            true => DType::F16,
-            false => DType::BF16,
-        };
         let dense = match config.dense_weights {
-            true => model.dense_weights(first..num_layers, true, dense_dtype)?,
+            true => model.dense_weights(first..num_layers, true, model.training_dense_dtype())?,
             false => DenseWeights::none(num_layers),
         };
         Ok(Trainer {

@@ -316,6 +316,16 @@ impl Qwen2 {
         layers + self.embed.storage_size_in_bytes() as u64 + head + dense(&self.norm)
     }
 
+    /// The type of the dense copies a training run makes on this model's device: f16 on the
+    /// CPU, whose kernels keep the activations in f32; bf16 on a GPU, where the activations are
+    /// cast to the copy's type for the tensor cores and f16's range overflowed (docs/gpu.md).
+    pub fn training_dense_dtype(&self) -> DType {
+        match self.device.is_cpu() {
+            true => DType::F16,
+            false => DType::BF16,
+        }
+    }
+
     /// Dense copies (as `dtype`, e.g. F16 to halve their memory) of the projections of
     /// `layers` and, with `head`, of the LM head: what a training run over those layers
     /// multiplies by in its backward pass. See [`DenseWeights`].
