@@ -10,20 +10,21 @@
 # Then:
 #   1. the training tests (tiny model: overfit, resume) on the GPU;
 #   2. structures N_INCIDENTS incidents with the 1.5B on the GPU;
-#   3. for each of TRAIN_CONFIGS, the trainer's --dry-run estimate, then the 1.5B default
-#      adapter trained on the GPU (on TRAIN_EXAMPLES examples, 0: all) for at most GPU_SECONDS,
+#   3. for each of TRAIN_VARIANTS (`plain`: configs/train.toml; `checkpointing`: the same with
+#      --checkpointing, per-layer recomputation for ~4 GB GPUs), the trainer's --dry-run
+#      estimate, then the 1.5B default adapter trained on the GPU (on TRAIN_EXAMPLES examples, 0: all) for at most GPU_SECONDS,
 #      the GPU memory sampled every 0.5 s;
 #   4. structures the same incidents on the CPU (batch mode, at most CPU_LIMIT seconds) and
 #      compares the tickets (same greedy choices expected; confidences within 0.02);
 #   5. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget,
 #      training tokens/s.
 # Usage, from the repository root:  bash docs/gpu.sh
-#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_SECONDS=600] [TRAIN_CONFIGS="configs/train.toml configs/train-gpu.toml"] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900] [TEST_LIMIT=600]
+#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_SECONDS=600] [TRAIN_VARIANTS="plain checkpointing"] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900] [TEST_LIMIT=600]
 set -uo pipefail
 OUT=${GPU_OUT:-gpu-run}
 BUNDLE=${BUNDLE:-.gpu-bundle}
 GPU_SECONDS=${GPU_SECONDS:-600}
-TRAIN_CONFIGS=${TRAIN_CONFIGS:-configs/train.toml configs/train-gpu.toml}
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-plain checkpointing}
 N_INCIDENTS=${N_INCIDENTS:-20}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-0}
 CPU_LIMIT=${CPU_LIMIT:-900}
@@ -109,13 +110,18 @@ fi
 
 # Each training config for at most GPU_SECONDS, with the peak GPU memory of the training
 # process (and of the whole GPU over its idle level) sampled every 0.5 s.
-for config in $TRAIN_CONFIGS; do
-  name=$(basename "$config" .toml)
-  step "dry-run-$name" 300 "$BIN" --model "$MODEL" train --device cuda --config "$config" \
+config=configs/train.toml
+for name in $TRAIN_VARIANTS; do
+  case $name in
+    plain) flags=() ;;
+    checkpointing) flags=(--checkpointing) ;;
+    *) note "- train variant $name: unknown (plain or checkpointing); skipped"; continue ;;
+  esac
+  step "dry-run-$name" 300 "$BIN" --model "$MODEL" train --device cuda --config "$config" "${flags[@]}" \
     --data "$train" --dry-run
   grep -E "total|activations|dense|base weights" "$OUT/dry-run-$name.log" | sed 's/^ */  estimate: /' >> "$report"
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-  "$BIN" --model "$MODEL" train --device cuda --config "$config" \
+  "$BIN" --model "$MODEL" train --device cuda --config "$config" "${flags[@]}" \
     --data "$train" --val "$OUT/synth/val-64.jsonl" \
     --out "$OUT/adapter-$name" --run-dir "$OUT/run-$name" > "$OUT/train-$name.log" 2>&1 &
   pid=$!
@@ -140,7 +146,7 @@ for config in $TRAIN_CONFIGS; do
   secs=$(( $(date +%s) - t0 ))
   metrics="$OUT/run-$name/metrics.jsonl"
   steps=$(grep -c '"loss"' "$metrics" 2>/dev/null || echo 0)
-  note "- train (1.5B, $config, cuda, $(wc -l < "$train") examples): exit $rc after $secs s, $steps optimizer steps$(grep -o 'error: .*' "$OUT/train-$name.log" | head -1 | sed 's/^/; /')"
+  note "- train (1.5B, $config ${flags[*]}, cuda, $(wc -l < "$train") examples): exit $rc after $secs s, $steps optimizer steps$(grep -o 'error: .*' "$OUT/train-$name.log" | head -1 | sed 's/^/; /')"
   note "  - throughput: $(python3 - "$metrics" <<'PY'
 import json, sys
 try:

@@ -560,6 +560,41 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
         stdout.contains("activations and one layer's gradients") && stdout.contains("total"),
         "{stdout}"
     );
+    // --checkpointing turns per-layer recomputation on over the file's `checkpointing = false`
+    // (the last of --checkpointing / --no-checkpointing wins), and the estimate follows.
+    let dry = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            "0.5b",
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            "configs/train.toml",
+            "--dry-run",
+        ];
+        args.extend_from_slice(extra);
+        let out = triage(&args, "");
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let total: f64 = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("total"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no total in {stdout}"));
+        (stdout, total)
+    };
+    let (kept, kept_total) = dry(&[]);
+    let (recomputed, recomputed_total) = dry(&["--checkpointing"]);
+    let (last_wins, _) = dry(&["--checkpointing", "--no-checkpointing"]);
+    assert!(kept.contains("whole graph kept"), "{kept}");
+    assert!(recomputed.contains("per-layer recomputation"), "{recomputed}");
+    assert!(last_wins.contains("whole graph kept"), "{last_wins}");
+    assert!(
+        recomputed_total < kept_total,
+        "{recomputed_total} vs {kept_total}"
+    );
     // A bad training configuration names the key.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "rank = 0\n").unwrap();

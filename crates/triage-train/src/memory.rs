@@ -76,7 +76,7 @@ const RUNTIME_BYTES: u64 = 330 << 20;
 /// cuBLAS/cuBLASLt handles and workspaces, loaded kernels and the stream-ordered memory pool.
 /// Measured on an H200 (CUDA 13.0 driver; docs/gpu.md) as the peak of `triage train --device
 /// cuda` minus the estimate's tensors, 2,354 MiB (configs/train.toml) and 2,258 MiB
-/// (configs/train-gpu.toml) on the 1.5B: fitted on those two runs, not checked on others.
+/// (the same with `--checkpointing`) on the 1.5B: fitted on those two runs, not checked on others.
 const GPU_RUNTIME_BYTES: u64 = 2300 << 20;
 
 /// Computes the estimate.

@@ -65,9 +65,13 @@ pub struct TrainArgs {
     /// Print the estimated peak memory and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Recompute each adapted layer in the backward pass instead of keeping its graph (less
+    /// memory, slower: for GPUs with ~4 GB; config key `checkpointing`).
+    #[arg(long, overrides_with = "no_checkpointing")]
+    checkpointing: bool,
     /// Keep the whole graph instead of recomputing each layer in the backward pass (faster,
     /// several times the memory; config key `checkpointing`).
-    #[arg(long)]
+    #[arg(long, overrides_with = "checkpointing")]
     no_checkpointing: bool,
     /// Put the adapter on the top K layers only (0 = all; config key `top_layers`): the
     /// layers below run once per example and their output is reused.
@@ -95,6 +99,9 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         Some(p) => read_config(p)?,
         None => TrainConfig::default(),
     };
+    if args.checkpointing {
+        c.checkpointing = true;
+    }
     if args.no_checkpointing {
         c.checkpointing = false;
     }
@@ -244,9 +251,10 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 true => "per-layer recomputation",
                 false => "whole graph kept",
             },
-            match config.dense_weights {
-                true => "dense f16 weight copies",
-                false => "weights dequantized in the backward pass",
+            match (config.dense_weights, gpu) {
+                (true, false) => "dense f16 weight copies",
+                (true, true) => "dense bf16 weight copies",
+                (false, _) => "weights dequantized in the backward pass",
             }
         );
         return Ok(ExitCode::SUCCESS);
