@@ -473,6 +473,62 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
     let (train, val, test) = (groups("train"), groups("val"), groups("test"));
     assert!(!train.is_empty() && !test.is_empty());
     assert!(train.is_disjoint(&test) && train.is_disjoint(&val) && val.is_disjoint(&test));
+    // --keep: the same data split again with another seed keeps the first split's scenarios
+    // where they were; a folder without the three files is a usage error naming the file.
+    let out = triage(
+        &[
+            "data",
+            "split",
+            a.to_str().unwrap(),
+            "--seed",
+            "99",
+            "--keep",
+            dir.join("s").to_str().unwrap(),
+            "--out-dir",
+            dir.join("k").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("kept their split"),
+        "{}",
+        text(&out.stderr)
+    );
+    let kept = |split: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(dir.join("k").join(format!("{split}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["group"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        (kept("train"), kept("val"), kept("test")),
+        (train.clone(), val.clone(), test.clone())
+    );
+    let out = triage(
+        &[
+            "data",
+            "split",
+            a.to_str().unwrap(),
+            "--keep",
+            dir.to_str().unwrap(),
+            "--out-dir",
+            dir.join("k2").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no train.jsonl"),
+        "{}",
+        text(&out.stderr)
+    );
     let stats = triage(&["data", "stats", dir.join("s/test.jsonl").to_str().unwrap()], "");
     assert!(
         text(&stats.stdout).contains("category:"),

@@ -6,6 +6,11 @@
 //! land on both sides. Whole groups are then assigned to splits, stratified by a field
 //! (default: the taxonomy's first field): within each stratum, groups are taken in a seeded
 //! order and each goes to the split furthest below its target share.
+//!
+//! A dataset that grows can keep an earlier split ([`assign_splits_keeping`], `triage data
+//! split --keep DIR`): a group that meets an already split example (the same `group` with
+//! `--by template`; the same or a near-duplicate text in either mode) goes where that example
+//! is, so a regenerated or enlarged set never moves a held-out scenario into training.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -104,12 +109,83 @@ pub fn group_keys(examples: &[Example], by: SplitBy, threshold: f64) -> Result<V
 
 /// Sets `split` on every example. Deterministic for a given input order and seed.
 pub fn assign_splits(examples: &mut [Example], options: &SplitOptions) -> Result<SplitSummary, DataError> {
+    assign_splits_keeping(examples, &[], options)
+}
+
+/// Where each example is pinned by `kept` (examples already split, each with its `split`):
+/// the kept split of its group (`--by template`) or of a kept text it equals or nearly
+/// duplicates. Where several kept splits meet, the most held-out one wins (test, then val), so
+/// nothing that touches a held-out example reaches training.
+fn pinned_splits(
+    examples: &[Example],
+    kept: &[Example],
+    options: &SplitOptions,
+) -> Result<Vec<Option<Split>>, DataError> {
+    let mut pins = vec![None; examples.len()];
+    if kept.is_empty() {
+        return Ok(pins);
+    }
+    let kept_split = |e: &Example| {
+        e.split.ok_or_else(|| {
+            DataError::Invalid(format!(
+                "kept example {:?} has no split (read kept examples from a split's train/val/test files)",
+                e.id
+            ))
+        })
+    };
+    if options.by == SplitBy::Template {
+        let mut by_group: BTreeMap<&str, Split> = BTreeMap::new();
+        for e in kept {
+            if let Some(g) = &e.group {
+                let s = kept_split(e)?;
+                let entry = by_group.entry(g.as_str()).or_insert(s);
+                *entry = (*entry).max(s);
+            }
+        }
+        for (pin, e) in pins.iter_mut().zip(examples) {
+            *pin = e.group.as_deref().and_then(|g| by_group.get(g).copied());
+        }
+    }
+    // Texts: exact and near-duplicate matches, clustered over the new and the kept texts.
+    let texts: Vec<&str> = examples.iter().chain(kept).map(|e| e.text.as_str()).collect();
+    let clusters = dedup::clusters(&texts, options.near_dup_threshold);
+    let mut by_cluster: BTreeMap<usize, Split> = BTreeMap::new();
+    for (c, e) in clusters[examples.len()..].iter().zip(kept) {
+        let s = kept_split(e)?;
+        let entry = by_cluster.entry(*c).or_insert(s);
+        *entry = (*entry).max(s);
+    }
+    for (pin, c) in pins.iter_mut().zip(&clusters) {
+        if let Some(&s) = by_cluster.get(c) {
+            *pin = Some(pin.map_or(s, |p: Split| p.max(s)));
+        }
+    }
+    Ok(pins)
+}
+
+/// [`assign_splits`] that keeps an earlier split: every group with an example pinned by
+/// `kept` (see the module doc) goes to its pinned split, the most held-out one if its members
+/// disagree; the other groups are assigned as usual, the pinned ones counting towards the
+/// shares. The kept examples themselves are not assigned or returned.
+pub fn assign_splits_keeping(
+    examples: &mut [Example],
+    kept: &[Example],
+    options: &SplitOptions,
+) -> Result<SplitSummary, DataError> {
     if options.ratios.0.iter().all(|&r| r == 0) {
         return Err(DataError::Invalid(
             "split ratios 0,0,0: at least one of train, val and test needs a positive share".into(),
         ));
     }
     let keys = group_keys(examples, options.by, options.near_dup_threshold)?;
+    let pins = pinned_splits(examples, kept, options)?;
+    let mut group_pins: BTreeMap<&str, Split> = BTreeMap::new();
+    for (key, pin) in keys.iter().zip(&pins) {
+        if let Some(p) = *pin {
+            let entry = group_pins.entry(key.as_str()).or_insert(p);
+            *entry = (*entry).max(p);
+        }
+    }
     // group key -> (stratum, member indices), in first-seen order.
     let mut groups: BTreeMap<&str, (String, Vec<usize>)> = BTreeMap::new();
     for (i, key) in keys.iter().enumerate() {
@@ -140,7 +216,20 @@ pub fn assign_splits(examples: &mut [Example], options: &SplitOptions) -> Result
             )
         });
         let mut counts = [0usize; 3];
-        for (_, members) in stratum_groups {
+        // Pinned groups first, so that the free ones fill the shares around them.
+        let (pinned, free): (Vec<_>, Vec<_>) = stratum_groups
+            .into_iter()
+            .partition(|(key, _)| group_pins.contains_key(key));
+        for (key, members) in pinned {
+            let s = group_pins[key] as usize;
+            counts[s] += members.len();
+            summary.per_split[s].0 += members.len();
+            summary.per_split[s].1 += 1;
+            for i in members {
+                examples[i].split = Some(Split::ALL[s]);
+            }
+        }
+        for (_, members) in free {
             let after = counts.iter().sum::<usize>() + members.len();
             let s = (0..3)
                 .filter(|&s| shares[s] > 0.0)

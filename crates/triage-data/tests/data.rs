@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
-use triage_data::split::{assign_splits, Ratios, SplitBy, SplitOptions};
+use triage_data::split::{assign_splits, assign_splits_keeping, Ratios, SplitBy, SplitOptions};
 use triage_data::stats::Counts;
 use triage_data::synth::{generate, unreachable_values, Balance, Seeds, SynthOptions};
 use triage_data::{Example, Split};
@@ -205,6 +205,146 @@ fn split_by_hash_keeps_near_duplicates_together() {
             .collect();
         assert_eq!(d.len(), 1, "seed {seed}: near duplicates split apart");
     }
+}
+
+/// `--keep`: a larger synthetic set split while keeping a smaller one's split. Without it the
+/// scenarios move between splits (the balancing sees other group sizes); with it, no kept
+/// scenario or text changes sides.
+#[test]
+fn split_keeping_an_earlier_split_never_moves_a_scenario_or_text() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let seeds = Seeds::load(&Seeds::default_dir(&root(), &taxonomy), &taxonomy).unwrap();
+    let opts = SplitOptions {
+        by: SplitBy::Template,
+        ratios: "80,10,10".parse::<Ratios>().unwrap(),
+        seed: 7,
+        near_dup_threshold: 0.8,
+        stratify: Some("category".into()),
+    };
+    let mut kept = generate(&seeds, &validator, &options(600, 7)).unwrap().examples;
+    assign_splits(&mut kept, &opts).unwrap();
+    let kept_group: BTreeMap<&str, Split> = kept
+        .iter()
+        .map(|e| (e.group.as_deref().unwrap(), e.split.unwrap()))
+        .collect();
+    let kept_text: BTreeMap<&str, Split> = kept.iter().map(|e| (e.text.as_str(), e.split.unwrap())).collect();
+    let larger = generate(&seeds, &validator, &options(1500, 7)).unwrap().examples;
+    let moved = |ex: &[Example]| {
+        ex.iter()
+            .filter(|e| {
+                kept_group
+                    .get(e.group.as_deref().unwrap())
+                    .is_some_and(|s| Some(*s) != e.split)
+            })
+            .count()
+    };
+    let mut plain = larger.clone();
+    assign_splits(&mut plain, &opts).unwrap();
+    assert!(
+        moved(&plain) > 0,
+        "the plain split moved no kept scenario: this test shows nothing"
+    );
+    let mut keeping = larger.clone();
+    let summary = assign_splits_keeping(&mut keeping, &kept, &opts).unwrap();
+    assert_eq!(moved(&keeping), 0);
+    for e in &keeping {
+        if let Some(s) = kept_text.get(e.text.as_str()) {
+            assert_eq!(e.split, Some(*s), "{}: a kept text changed sides", e.id);
+        }
+    }
+    let new_groups = keeping
+        .iter()
+        .filter(|e| !kept_group.contains_key(e.group.as_deref().unwrap()))
+        .count();
+    assert!(new_groups > 0, "no new scenario: the free groups went untested");
+    let n = keeping.len() as f64;
+    assert!(
+        (0.7..0.9).contains(&(summary.per_split[0].0 as f64 / n)),
+        "{summary:?}"
+    );
+
+    // --by hash: a new near duplicate of a kept test ticket goes to test, whatever the seed;
+    // and a group that touches both kept train and kept test goes to test.
+    let line = |id: &str, text: &str, group: Option<&str>| {
+        let g = group.map(|g| format!(r#","group":"{g}""#)).unwrap_or_default();
+        let l = format!(
+            r#"{{"id":"{id}","text":"{text}","ticket":{{"summary":"s","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}},"lang":"en","source":"t"{g}}}"#
+        );
+        Example::from_json_line(&l, &validator).unwrap()
+    };
+    let mut held = line(
+        "k1",
+        "My VPN drops every ten minutes since the update, please help me",
+        Some("vpn"),
+    );
+    held.split = Some(Split::Test);
+    let mut trained = line(
+        "k2",
+        "The printer on floor three prints black stripes on every page",
+        Some("printer"),
+    );
+    trained.split = Some(Split::Train);
+    let kept = vec![held, trained];
+    for by in [SplitBy::Hash, SplitBy::Template] {
+        for seed in 0..5 {
+            let mut ex: Vec<Example> = (0..30)
+                .map(|i| {
+                    line(
+                        &format!("u{i}"),
+                        &format!("unrelated ticket {i} {}", "y".repeat(i)),
+                        Some(&format!("g{i}")),
+                    )
+                })
+                .collect();
+            ex.push(line(
+                "n1",
+                "my vpn drops every ten minutes since the update please help me!!",
+                Some("other"),
+            ));
+            // The printer scenario (kept in train) with a text near the kept test ticket.
+            ex.push(line(
+                "n2",
+                "My VPN drops every ten minutes since the update, please help me now",
+                Some("printer"),
+            ));
+            ex.push(line(
+                "n3",
+                "The printer on floor three prints black stripes on every page!",
+                Some("printer"),
+            ));
+            let o = SplitOptions {
+                by,
+                seed,
+                stratify: None,
+                ..opts.clone()
+            };
+            assign_splits_keeping(&mut ex, &kept, &o).unwrap();
+            let split_of = |id: &str| ex.iter().find(|e| e.id == id).unwrap().split;
+            assert_eq!(split_of("n1"), Some(Split::Test), "{by:?} seed {seed}");
+            assert_eq!(split_of("n2"), Some(Split::Test), "{by:?} seed {seed}");
+            if by == SplitBy::Template {
+                // n3 is in the printer scenario, which now touches a held-out text.
+                assert_eq!(split_of("n3"), Some(Split::Test), "{by:?} seed {seed}");
+            }
+        }
+    }
+    // A kept example without a split is an error, not a silent pass.
+    let mut unsplit = kept.clone();
+    unsplit[0].split = None;
+    let mut ex = vec![line(
+        "n1",
+        "my vpn drops every ten minutes since the update please help me!!",
+        None,
+    )];
+    let o = SplitOptions {
+        by: SplitBy::Hash,
+        ..opts.clone()
+    };
+    let err = assign_splits_keeping(&mut ex, &unsplit, &o)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("k1") && err.contains("no split"), "{err}");
 }
 
 #[test]

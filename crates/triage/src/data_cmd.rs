@@ -111,6 +111,12 @@ pub struct SplitArgs {
     /// Folder for train.jsonl, val.jsonl and test.jsonl.
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
+    /// Keep the split in DIR (its train/val/test.jsonl, from an earlier `data split`): a
+    /// scenario (`--by template`) or a text, or a near duplicate of one, already there goes to
+    /// the same split; the rest are split as usual. For growing or regenerating a dataset
+    /// without moving its held-out examples into training.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
 }
 
 /// Runs a `triage data` subcommand.
@@ -277,7 +283,11 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
         near_dup_threshold: a.near_dup,
         stratify,
     };
-    let summary = split::assign_splits(&mut examples, &options)?;
+    let kept = match &a.keep {
+        Some(dir) => read_kept_split(dir, validator)?,
+        None => Vec::new(),
+    };
+    let summary = split::assign_splits_keeping(&mut examples, &kept, &options)?;
     let leaks = split::leaking_groups(&examples, a.by, a.near_dup)?;
     if !leaks.is_empty() {
         bail!("internal error: groups in two splits: {}", leaks.join(", "));
@@ -294,5 +304,32 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
         examples.len(),
         a.by
     );
+    if let Some(dir) = &a.keep {
+        eprintln!(
+            "the {} examples of {} kept their split: their scenarios and texts went to the same files",
+            kept.len(),
+            dir.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The examples of an earlier split's `train.jsonl`, `val.jsonl` and `test.jsonl` in `dir`, each
+/// with the split of its file. A missing file is an error: a partial split could let a held-out
+/// scenario through.
+fn read_kept_split(dir: &Path, validator: &Validator) -> anyhow::Result<Vec<Example>> {
+    let mut kept = Vec::new();
+    for s in Split::ALL {
+        let path = dir.join(format!("{s}.jsonl"));
+        if !path.is_file() {
+            return Err(crate::usage_error(format!(
+                "--keep {}: no {s}.jsonl there (give the --out-dir of an earlier `triage data split`)",
+                dir.display()
+            )));
+        }
+        let mut part = read_examples(&path, validator)?;
+        part.iter_mut().for_each(|e| e.split = Some(s));
+        kept.extend(part);
+    }
+    Ok(kept)
 }
