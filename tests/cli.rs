@@ -458,8 +458,8 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
         "",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let groups = |split: &str| -> std::collections::BTreeSet<String> {
-        std::fs::read_to_string(dir.join("s").join(format!("{split}.jsonl")))
+    let groups_in = |folder: &str, split: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(dir.join(folder).join(format!("{split}.jsonl")))
             .unwrap()
             .lines()
             .map(|l| {
@@ -470,6 +470,7 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
             })
             .collect()
     };
+    let groups = |split: &str| groups_in("s", split);
     let (train, val, test) = (groups("train"), groups("val"), groups("test"));
     assert!(!train.is_empty() && !test.is_empty());
     assert!(train.is_disjoint(&test) && train.is_disjoint(&val) && val.is_disjoint(&test));
@@ -495,18 +496,7 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
         "{}",
         text(&out.stderr)
     );
-    let kept = |split: &str| -> std::collections::BTreeSet<String> {
-        std::fs::read_to_string(dir.join("k").join(format!("{split}.jsonl")))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["group"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect()
-    };
+    let kept = |split: &str| groups_in("k", split);
     assert_eq!(
         (kept("train"), kept("val"), kept("test")),
         (train.clone(), val.clone(), test.clone())

@@ -22,6 +22,7 @@ fn options(n: usize, seed: u64) -> SynthOptions {
         seed,
         balance: Balance::Uniform,
         near_dup_threshold: 0.8,
+        injections: 0.0,
     }
 }
 
@@ -101,6 +102,61 @@ fn synth_2000_seed_7_is_deterministic_covers_every_value_in_every_language_and_v
         a.examples.iter().filter(|e| !e.text.contains('\n')).count() > 200,
         "few one-liners"
     );
+}
+
+/// `injections`: the same examples with a line that names a wrong value added to about the
+/// asked share of texts, labels untouched; 0 is byte-identical to the option's absence.
+#[test]
+fn synth_injections_add_a_wrong_value_instruction_and_never_change_labels() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let seeds = Seeds::load(&Seeds::default_dir(&root(), &taxonomy), &taxonomy).unwrap();
+    let clean = generate(&seeds, &validator, &options(400, 7)).unwrap().examples;
+    let with = |share: f64| {
+        let o = SynthOptions {
+            injections: share,
+            ..options(400, 7)
+        };
+        generate(&seeds, &validator, &o).unwrap().examples
+    };
+    let injected = with(0.25);
+    assert_eq!(injected, with(0.25), "deterministic");
+    assert_eq!(jsonl(&with(0.0)), jsonl(&clean));
+    let mut changed = 0;
+    for (c, e) in clean.iter().zip(&injected) {
+        assert_eq!(
+            (&c.id, &c.group, &c.lang, &c.ticket),
+            (&e.id, &e.group, &e.lang, &e.ticket)
+        );
+        if c.text == e.text {
+            continue;
+        }
+        changed += 1;
+        // The report is intact, before or after the added paragraph.
+        let line = e
+            .text
+            .strip_prefix(&format!("{}\n\n", c.text))
+            .or_else(|| e.text.strip_suffix(&format!("\n\n{}", c.text)))
+            .unwrap_or_else(|| panic!("{}: report not kept whole: {:?}", e.id, e.text));
+        // It names a value of an enum field that is not the example's own.
+        let wrong = taxonomy
+            .fields
+            .iter()
+            .filter(|f| f.dependency.is_none())
+            .any(|f| {
+                f.value_names()
+                    .any(|v| line.contains(v) && e.ticket.get(&f.name) != Some(v))
+            });
+        assert!(wrong, "{}: {line:?} names no wrong value", e.id);
+    }
+    assert!((60..=140).contains(&changed), "{changed} of 400 injected at 0.25");
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let o = SynthOptions {
+            injections: bad,
+            ..options(10, 7)
+        };
+        assert!(generate(&seeds, &validator, &o).is_err(), "{bad}");
+    }
 }
 
 #[test]

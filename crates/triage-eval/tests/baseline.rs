@@ -22,6 +22,7 @@ fn tfidf_baseline_beats_the_majority_class_on_unseen_scenarios() {
         seed: 21,
         balance: Balance::Uniform,
         near_dup_threshold: 0.8,
+        injections: 0.0,
     };
     let mut examples = generate(&seeds, &validator, &opts).unwrap().examples;
     assign_splits(

@@ -24,6 +24,7 @@ fn write_report(dir: &Path) -> report::Report {
         seed: 5,
         balance: Balance::Uniform,
         near_dup_threshold: 0.8,
+        injections: 0.0,
     };
     let mut examples = generate(&seeds, &validator, &opts).unwrap().examples;
     assign_splits(

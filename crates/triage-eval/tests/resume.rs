@@ -38,6 +38,7 @@ fn examples(taxonomy: &Taxonomy) -> Vec<Example> {
         seed: 3,
         balance: Balance::Uniform,
         near_dup_threshold: 0.8,
+        injections: 0.0,
     };
     generate(&seeds, &validator, &opts).unwrap().examples
 }

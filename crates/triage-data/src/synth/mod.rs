@@ -67,6 +67,11 @@ pub struct SynthOptions {
     pub balance: Balance,
     /// Jaccard similarity from which two texts are near duplicates.
     pub near_dup_threshold: f64,
+    /// Share of examples (0 to 1) given a prompt-injection line: an instruction to the model,
+    /// from the language's `injections` in `surface.toml`, that names a wrong value of one
+    /// field. The labels stay the scenario's: the text of a report is data, never
+    /// instructions. 0 leaves every example exactly as without it.
+    pub injections: f64,
 }
 
 /// The generated examples and what was discarded on the way.
@@ -81,6 +86,41 @@ pub struct SynthReport {
 }
 
 const MAX_ATTEMPTS: u64 = 200;
+
+/// The random stream of example `i`'s injection decision (`[i, INJECTION_STREAM]`; attempts
+/// use `[i, 0..MAX_ATTEMPTS]`).
+const INJECTION_STREAM: u64 = u64::MAX;
+
+/// `text` with an injection line before or after it: an instruction naming a value of one
+/// enum field (not a child field) that differs from the ticket's.
+fn inject(
+    rng: &mut Rng,
+    seeds: &Seeds,
+    lang: &str,
+    taxonomy: &triage_taxonomy::Taxonomy,
+    ticket: &triage_taxonomy::Ticket,
+    text: &str,
+) -> String {
+    let fields: Vec<_> = taxonomy
+        .fields
+        .iter()
+        .filter(|f| f.dependency.is_none() && f.value_names().count() > 1)
+        .collect();
+    let line = rng.pick(&seeds.surface[lang].injections).clone();
+    let Some(field) = (!fields.is_empty()).then(|| *rng.pick(&fields)) else {
+        return text.to_owned();
+    };
+    let gold = ticket.get(&field.name);
+    let wrong: Vec<&str> = field.value_names().filter(|v| Some(*v) != gold).collect();
+    let value = rng.pick(&wrong);
+    let line = line
+        .replace("{field}", &field.name.replace('_', " "))
+        .replace("{value}", value);
+    match rng.chance(0.5) {
+        true => format!("{line}\n\n{text}"),
+        false => format!("{text}\n\n{line}"),
+    }
+}
 
 /// Enum values that no scenario can produce (`(field, value)`), taking urgency and "no rush"
 /// markers into account for `priority`.
@@ -124,6 +164,24 @@ pub fn generate(
     }
     if options.langs.is_empty() {
         return Err(DataError::Invalid("no languages given".into()));
+    }
+    if !(0.0..=1.0).contains(&options.injections) {
+        return Err(DataError::Invalid(format!(
+            "injections {}: a share between 0 and 1",
+            options.injections
+        )));
+    }
+    if options.injections > 0.0 {
+        if let Some(l) = options
+            .langs
+            .iter()
+            .find(|l| seeds.surface[*l].injections.is_empty())
+        {
+            return Err(DataError::Invalid(format!(
+                "--injections: language {l:?} has no `injections` lines in {}",
+                seeds.dir.join("surface.toml").display()
+            )));
+        }
     }
     if seeds.scenarios.is_empty() {
         return Err(DataError::Seeds {
@@ -229,9 +287,15 @@ pub fn generate(
                 line: None,
                 message: format!("scenario {:?} produced an invalid ticket: {v}", scenario.id),
             })?;
+        // Its own random stream: with injections at 0 nothing else changes.
+        let mut inject_rng = Rng::derive(options.seed, &[i as u64, INJECTION_STREAM]);
+        let text = match inject_rng.chance(options.injections) {
+            true => inject(&mut inject_rng, seeds, lang, taxonomy, &ticket, &draft.text),
+            false => draft.text,
+        };
         report.examples.push(Example {
             id: format!("synth-{}-{i:05}", options.seed),
-            text: draft.text,
+            text,
             ticket,
             lang: lang.clone(),
             source: "synth".into(),

@@ -93,6 +93,11 @@ pub(crate) struct Surface {
     #[serde(default)]
     pub abbreviations: BTreeMap<String, String>,
     pub urgency: Vec<Urgency>,
+    /// Prompt-injection lines (`triage data synth --injections`): an instruction to the model
+    /// inside the report, naming a field (`{field}`) and a wrong value (`{value}`). The labels
+    /// never follow it.
+    #[serde(default)]
+    pub injections: Vec<String>,
 }
 
 /// One scenario, checked against the taxonomy.
@@ -403,6 +408,17 @@ impl Seeds {
                             format!("[{lang}] {name}: {t:?} may only use {{text}} and {{colleague}}"),
                         ));
                     }
+                }
+            }
+            for t in &s.injections {
+                let stripped = t.replace("{field}", "").replace("{value}", "");
+                if !t.contains("{value}") || stripped.contains('{') || stripped.contains('}') {
+                    return Err(seeds_err(
+                        &surface_path,
+                        &surface_text,
+                        t,
+                        format!("[{lang}] injections: {t:?} must use {{value}} and may use {{field}}, nothing else"),
+                    ));
                 }
             }
             if s.urgency.is_empty() {
