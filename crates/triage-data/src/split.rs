@@ -137,9 +137,7 @@ fn pinned_splits(
         let mut by_group: BTreeMap<&str, Split> = BTreeMap::new();
         for e in kept {
             if let Some(g) = &e.group {
-                let s = kept_split(e)?;
-                let entry = by_group.entry(g.as_str()).or_insert(s);
-                *entry = (*entry).max(s);
+                hold_out(&mut by_group, g.as_str(), kept_split(e)?);
             }
         }
         for (pin, e) in pins.iter_mut().zip(examples) {
@@ -151,9 +149,7 @@ fn pinned_splits(
     let clusters = dedup::clusters(&texts, options.near_dup_threshold);
     let mut by_cluster: BTreeMap<usize, Split> = BTreeMap::new();
     for (c, e) in clusters[examples.len()..].iter().zip(kept) {
-        let s = kept_split(e)?;
-        let entry = by_cluster.entry(*c).or_insert(s);
-        *entry = (*entry).max(s);
+        hold_out(&mut by_cluster, *c, kept_split(e)?);
     }
     for (pin, c) in pins.iter_mut().zip(&clusters) {
         if let Some(&s) = by_cluster.get(c) {
@@ -161,6 +157,12 @@ fn pinned_splits(
         }
     }
     Ok(pins)
+}
+
+/// Records split `s` for `key`, keeping the most held-out of those recorded (test, then val).
+fn hold_out<K: Ord>(pins: &mut BTreeMap<K, Split>, key: K, s: Split) {
+    let entry = pins.entry(key).or_insert(s);
+    *entry = (*entry).max(s);
 }
 
 /// [`assign_splits`] that keeps an earlier split: every group with an example pinned by
@@ -182,8 +184,7 @@ pub fn assign_splits_keeping(
     let mut group_pins: BTreeMap<&str, Split> = BTreeMap::new();
     for (key, pin) in keys.iter().zip(&pins) {
         if let Some(p) = *pin {
-            let entry = group_pins.entry(key.as_str()).or_insert(p);
-            *entry = (*entry).max(p);
+            hold_out(&mut group_pins, key.as_str(), p);
         }
     }
     // group key -> (stratum, member indices), in first-seen order.

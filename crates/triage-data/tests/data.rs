@@ -26,6 +26,16 @@ fn options(n: usize, seed: u64) -> SynthOptions {
     }
 }
 
+/// An English example `id` with `text` (no quotes or backslashes in it), labelled as a VPN
+/// incident, in scenario `group` if given.
+fn vpn_ticket(validator: &Validator, id: &str, text: &str, group: Option<&str>) -> Example {
+    let g = group.map(|g| format!(r#","group":"{g}""#)).unwrap_or_default();
+    let l = format!(
+        r#"{{"id":"{id}","text":"{text}","ticket":{{"summary":"s","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}},"lang":"en","source":"t"{g}}}"#
+    );
+    Example::from_json_line(&l, validator).unwrap()
+}
+
 fn jsonl(examples: &[Example]) -> String {
     examples.iter().map(|e| e.to_json_line() + "\n").collect()
 }
@@ -215,12 +225,7 @@ fn split_by_template_never_puts_a_scenario_in_two_splits() {
 fn split_by_hash_keeps_near_duplicates_together() {
     let taxonomy = Taxonomy::builtin_default();
     let validator = Validator::new(&taxonomy);
-    let line = |id: &str, text: &str| {
-        let l = format!(
-            r#"{{"id":"{id}","text":"{text}","ticket":{{"summary":"s","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}},"lang":"en","source":"t"}}"#
-        );
-        Example::from_json_line(&l, &validator).unwrap()
-    };
+    let line = |id: &str, text: &str| vpn_ticket(&validator, id, text, None);
     let mut examples: Vec<Example> = (0..40)
         .map(|i| {
             line(
@@ -322,13 +327,7 @@ fn split_keeping_an_earlier_split_never_moves_a_scenario_or_text() {
 
     // --by hash: a new near duplicate of a kept test ticket goes to test, whatever the seed;
     // and a group that touches both kept train and kept test goes to test.
-    let line = |id: &str, text: &str, group: Option<&str>| {
-        let g = group.map(|g| format!(r#","group":"{g}""#)).unwrap_or_default();
-        let l = format!(
-            r#"{{"id":"{id}","text":"{text}","ticket":{{"summary":"s","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}},"lang":"en","source":"t"{g}}}"#
-        );
-        Example::from_json_line(&l, &validator).unwrap()
-    };
+    let line = |id: &str, text: &str, group: Option<&str>| vpn_ticket(&validator, id, text, group);
     let mut held = line(
         "k1",
         "My VPN drops every ten minutes since the update, please help me",

@@ -91,23 +91,18 @@ const MAX_ATTEMPTS: u64 = 200;
 /// use `[i, 0..MAX_ATTEMPTS]`).
 const INJECTION_STREAM: u64 = u64::MAX;
 
-/// `text` with an injection line before or after it: an instruction naming a value of one
-/// enum field (not a child field) that differs from the ticket's.
+/// `text` with an injection line before or after it: an instruction naming a value of one of
+/// `fields` (the enum fields an injection may name) that differs from the ticket's.
 fn inject(
     rng: &mut Rng,
     seeds: &Seeds,
     lang: &str,
-    taxonomy: &triage_taxonomy::Taxonomy,
+    fields: &[&triage_taxonomy::Field],
     ticket: &triage_taxonomy::Ticket,
     text: &str,
 ) -> String {
-    let fields: Vec<_> = taxonomy
-        .fields
-        .iter()
-        .filter(|f| f.dependency.is_none() && f.value_names().count() > 1)
-        .collect();
     let line = rng.pick(&seeds.surface[lang].injections).clone();
-    let Some(field) = (!fields.is_empty()).then(|| *rng.pick(&fields)) else {
+    let Some(field) = (!fields.is_empty()).then(|| *rng.pick(fields)) else {
         return text.to_owned();
     };
     let gold = ticket.get(&field.name);
@@ -218,6 +213,12 @@ pub fn generate(
     let classes: Vec<Vec<usize>> = classes.into_values().collect();
     let weights: Vec<u32> = seeds.scenarios.iter().map(|s| s.weight).collect();
 
+    // The fields an injection may name: enum fields with a choice, child fields left out.
+    let injectable: Vec<_> = taxonomy
+        .fields
+        .iter()
+        .filter(|f| f.dependency.is_none() && f.value_names().count() > 1)
+        .collect();
     let mut index = NearDupIndex::new(options.near_dup_threshold);
     let mut report = SynthReport {
         examples: Vec::with_capacity(options.n),
@@ -290,7 +291,7 @@ pub fn generate(
         // Its own random stream: with injections at 0 nothing else changes.
         let mut inject_rng = Rng::derive(options.seed, &[i as u64, INJECTION_STREAM]);
         let text = match inject_rng.chance(options.injections) {
-            true => inject(&mut inject_rng, seeds, lang, taxonomy, &ticket, &draft.text),
+            true => inject(&mut inject_rng, seeds, lang, &injectable, &ticket, &draft.text),
             false => draft.text,
         };
         report.examples.push(Example {

@@ -399,8 +399,7 @@ impl Seeds {
                             format!("[{lang}] {name}: {t:?} lacks {{text}}"),
                         ));
                     }
-                    let stripped = t.replace("{text}", "").replace("{colleague}", "");
-                    if stripped.contains('{') || stripped.contains('}') {
+                    if uses_other_placeholders(t, &["{text}", "{colleague}"]) {
                         return Err(seeds_err(
                             &surface_path,
                             &surface_text,
@@ -411,8 +410,7 @@ impl Seeds {
                 }
             }
             for t in &s.injections {
-                let stripped = t.replace("{field}", "").replace("{value}", "");
-                if !t.contains("{value}") || stripped.contains('{') || stripped.contains('}') {
+                if !t.contains("{value}") || uses_other_placeholders(t, &["{field}", "{value}"]) {
                     return Err(seeds_err(
                         &surface_path,
                         &surface_text,
@@ -676,4 +674,11 @@ pub(crate) fn parse_template(text: &str, slots: &[Slot]) -> Result<Template, Tem
         pieces.push(Piece::Lit(rest.to_owned()));
     }
     Ok(Template { pieces })
+}
+
+/// Whether template `t` has a brace left once the `allowed` placeholders are taken out: a
+/// placeholder the generator would not fill, or a stray brace.
+fn uses_other_placeholders(t: &str, allowed: &[&str]) -> bool {
+    let stripped = allowed.iter().fold(t.to_owned(), |t, p| t.replace(p, ""));
+    stripped.contains('{') || stripped.contains('}')
 }
