@@ -85,13 +85,29 @@ fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
 /// A journal with the records it already holds (see [`Journal::open`]).
 pub type Resume<T = Prediction> = (Journal, Vec<T>);
 
+/// An example's entry in a journal: its id and a fingerprint of its text. A record stands for
+/// the text it was decoded from, so a journal opened with these ids keeps it when the data
+/// file grows or its labels change, and not when the text changed.
+pub fn journal_id(e: &Example) -> String {
+    format!(
+        "{}#{:016x}",
+        e.id,
+        triage_data::rng::stable_hash(e.text.as_bytes())
+    )
+}
+
+/// [`journal_id`] of every example, in order: the ids to open their journal with.
+pub fn journal_ids(examples: &[Example]) -> Vec<String> {
+    examples.iter().map(journal_id).collect()
+}
+
 /// Decodes every example with `engine`, `concurrency` examples at a time (sharing forward
 /// passes), turns each outcome into a record with `record` (given the example and its wall
 /// time in milliseconds, waits for the shared passes included), and returns the records in
 /// example order.
 ///
-/// With `resume`, the journal's records stand for the first examples and every new one is
-/// appended to it as it is made. `stop` is polled after each example (Ctrl-C): once it says
+/// With `resume` (a journal opened with [`journal_ids`]), the journal's records stand for the
+/// first examples and every new one is appended to it as it is made. `stop` is polled after each example (Ctrl-C): once it says
 /// so, no new example starts, those already started are still recorded, and the run is
 /// [`RunError::Interrupted`]. `progress` gets the number of examples done, resumed ones
 /// included.
@@ -126,7 +142,7 @@ pub fn decode_journaled<T: Serialize>(
             let e = &todo[i];
             let r = record(e, out, latency_ms);
             if let Some(j) = journal.as_mut() {
-                if let Err(err) = j.append(&e.id, &r) {
+                if let Err(err) = j.append(&journal_id(e), &r) {
                     failure.get_or_insert(err);
                 }
             }
@@ -162,6 +178,15 @@ pub fn run_llm(
     progress: &mut dyn FnMut(usize),
 ) -> Result<SystemRun, RunError> {
     let taxonomy = structurer.taxonomy();
+    // A kept record was decoded from the same text; its labels and language are the data's
+    // as they are now (a relabelled file keeps its decoded tickets).
+    let resume = resume.map(|(j, mut kept)| {
+        for (p, e) in kept.iter_mut().zip(examples) {
+            p.gold = gold(taxonomy, e);
+            p.lang.clone_from(&e.lang);
+        }
+        (j, kept)
+    });
     let predictions = decode_journaled(
         structurer,
         examples,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use triage_data::synth::{generate, Balance, Seeds, SynthOptions};
 use triage_data::Example;
 use triage_eval::journal::Journal;
-use triage_eval::run::{run_llm, RunError};
+use triage_eval::run::{journal_ids, run_llm, RunError, SystemRun};
 use triage_infer::{InferError, Structured, TicketEngine};
 use triage_taxonomy::{Taxonomy, Validator};
 
@@ -47,7 +47,8 @@ fn examples(taxonomy: &Taxonomy) -> Vec<Example> {
 fn an_interrupted_run_resumes_from_its_journal() {
     let taxonomy = Taxonomy::builtin_default();
     let examples = examples(&taxonomy);
-    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+    let ids = journal_ids(&examples);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let dir = std::env::temp_dir().join(format!("triage-eval-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let path = dir.join("journal-zero-shot.jsonl");
@@ -99,7 +100,7 @@ fn an_interrupted_run_resumes_from_its_journal() {
 
     // The same predictions as a whole run without a journal (latencies aside).
     let whole = run_llm("zero-shot", &engine, &examples, 2, None, &|| false, &mut |_| {}).unwrap();
-    let strip = |r: &triage_eval::run::SystemRun| {
+    let strip = |r: &SystemRun| {
         r.predictions
             .iter()
             .map(|p| (p.id.clone(), p.gold.clone(), p.error.clone(), p.valid))
@@ -107,5 +108,62 @@ fn an_interrupted_run_resumes_from_its_journal() {
     };
     assert_eq!(strip(&resumed), strip(&whole));
     assert_eq!(resumed.predictions.len(), 12);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `examples` through `engine` with the journal at `path` (resumed) and returns the run.
+fn journaled(engine: &Counting, examples: &[Example], path: &std::path::Path) -> SystemRun {
+    let ids = journal_ids(examples);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let resume = Journal::open(path, "key", &ids, true).unwrap();
+    run_llm(
+        "zero-shot",
+        engine,
+        examples,
+        2,
+        Some(resume),
+        &|| false,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_grown_or_relabelled_file_decodes_only_new_texts() {
+    let taxonomy = Taxonomy::builtin_default();
+    let mut examples = examples(&taxonomy);
+    let dir = std::env::temp_dir().join(format!("triage-eval-grown-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("journal-zero-shot.jsonl");
+    let engine = Counting {
+        taxonomy: taxonomy.clone(),
+        calls: AtomicUsize::new(0),
+    };
+    let calls = || engine.calls.load(Ordering::SeqCst);
+    journaled(&engine, &examples, &path);
+    assert_eq!(calls(), 12);
+
+    // A label corrected and two examples appended: only the two are decoded, and the kept
+    // record is scored against the corrected label.
+    let other = (0..12)
+        .find(|&j| examples[j].ticket.get("subcategory") != examples[3].ticket.get("subcategory"))
+        .unwrap();
+    examples[3].ticket = examples[other].ticket.clone();
+    let after = examples[3].ticket.get("subcategory").unwrap().to_owned();
+    for k in 0..2 {
+        let mut e = examples[k].clone();
+        e.id = format!("appended-{k}");
+        e.text = format!("{} (appended {k})", e.text);
+        examples.push(e);
+    }
+    let run = journaled(&engine, &examples, &path);
+    assert_eq!(calls(), 14);
+    assert_eq!(run.predictions.len(), 14);
+    assert_eq!(run.predictions[3].gold_value("subcategory"), Some(after.as_str()));
+
+    // A text edited in the middle: the examples from it on are decoded again.
+    examples[7].text.push_str(" It started again this morning.");
+    journaled(&engine, &examples, &path);
+    assert_eq!(calls(), 14 + 7);
     let _ = std::fs::remove_dir_all(&dir);
 }

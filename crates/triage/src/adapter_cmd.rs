@@ -378,7 +378,8 @@ fn decode_decisions(
                 .as_bytes(),
                 data_key.as_slice(),
             ]);
-            let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+            let ids = triage_eval::run::journal_ids(examples);
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             let (j, kept) = Journal::open(partial, &key, &ids, true)?;
             if !kept.is_empty() {
                 eprintln!(

@@ -45,8 +45,10 @@ pub struct EvalArgs {
     out: PathBuf,
     /// Continue an interrupted evaluation into the same `--out`: each system keeps the
     /// examples its journal holds, when the journal was written for the same model, adapter,
-    /// calibration, taxonomy and data (otherwise that system starts over). Their latencies
-    /// are the ones measured when they were decoded.
+    /// calibration and taxonomy (otherwise that system starts over), up to the first example
+    /// whose id or text differs. So a data file that grew at its end, or whose labels were
+    /// corrected, decodes only what is new. Kept examples are scored against the labels as
+    /// they are now; their latencies are the ones measured when they were decoded.
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
@@ -80,13 +82,18 @@ pub(crate) fn journal_key(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A labelled data file, read once: its examples, what every journal of a run over it is keyed
-/// on besides the system itself (the taxonomy and the file's contents), and the file's SHA-256.
+/// A labelled data file, read once: its examples, what the journals of a run over it are keyed
+/// on besides the system itself, and the file's SHA-256.
 pub(crate) struct LabelledData {
     /// The examples, in file order.
     pub examples: Vec<triage_data::Example>,
-    /// The journal key part shared by every system run over this file.
+    /// The journal key part of records that depend on the labels (calibration's decisions):
+    /// the taxonomy and the whole file.
     pub key: Vec<u8>,
+    /// The journal key part of decoded tickets (`eval`): the taxonomy only. Each entry is
+    /// keyed by its text ([`triage_eval::run::journal_id`]), and its labels are read from
+    /// the file, so a grown or relabelled file keeps what was decoded.
+    pub tickets_key: Vec<u8>,
     /// The SHA-256 (hex) of the file's bytes (`report.json`'s `dataset_sha256`).
     pub sha256: String,
 }
@@ -96,9 +103,11 @@ impl LabelledData {
     pub(crate) fn read(taxonomy: &triage_taxonomy::Taxonomy, path: &std::path::Path) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let examples = parse_examples(&bytes, path, &Validator::new(taxonomy))?;
+        let taxonomy = serde_json::to_vec(taxonomy)?;
         Ok(Self {
             examples,
-            key: journal_key(&[&serde_json::to_vec(taxonomy)?, &bytes]).into_bytes(),
+            key: journal_key(&[&taxonomy, &bytes]).into_bytes(),
+            tickets_key: journal_key(&[&taxonomy]).into_bytes(),
             sha256: crate::data_cmd::sha256_hex(&bytes),
         })
     }
@@ -123,7 +132,8 @@ fn journal(
         })
         .collect();
     let path = args.out.join(format!("journal-{slug}.jsonl"));
-    let ids: Vec<&str> = examples.iter().map(|e| e.id.as_str()).collect();
+    let ids = triage_eval::run::journal_ids(examples);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let (j, kept) = Journal::open(&path, key, &ids, args.resume)?;
     if !kept.is_empty() {
         eprintln!(
@@ -141,8 +151,9 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let LabelledData {
         mut examples,
-        key: common,
+        tickets_key: common,
         sha256,
+        ..
     } = LabelledData::read(&taxonomy, &args.data)?;
     if let Some(n) = args.limit {
         examples.truncate(n);
