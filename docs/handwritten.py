@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""The measured part of docs/handwritten.md, from the reports docs/handwritten.sh writes.
+
+Usage: python3 docs/handwritten.py MODELS DATA
+  MODELS: space-separated model names with a report in reports/handwritten-<model>/
+  DATA:   the labelled incidents (data/handwritten/incidents.jsonl)
+
+Prints Markdown: the set's make-up, accuracy per field and system with 95 % intervals for
+whole tickets, a paired count of whole tickets against TF-IDF, accuracy by language, and
+every wrong field of each adapter. Nothing here is fitted or chosen on these incidents.
+"""
+import json
+import math
+import sys
+from collections import Counter
+
+FIELDS = ["category", "subcategory", "priority", "assignment_group", "request_type"]
+NAMES = {"assignment_group": "assignment group", "request_type": "request type"}
+
+
+def wilson(k, n, z=1.96):
+    """95 % Wilson score interval of k successes in n, in percent."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, 100 * (c - h)), min(100.0, 100 * (c + h)))
+
+
+def load(model):
+    r = json.load(open(f"reports/handwritten-{model}/report.json"))
+    runs = {}
+    for run in r["runs"]:
+        preds = {}
+        for p in run["predictions"]:
+            got = {f: v for f, v, _ in p["predicted"]}
+            conf = {f: c for f, _, c in p["predicted"]}
+            preds[p["id"]] = (got, conf)
+        runs[run["name"]] = preds
+    return r["report"], runs
+
+
+def label(name, model):
+    if name == "tfidf-baseline":
+        return "TF-IDF"
+    if name == "zero-shot":
+        return f"{model} zero-shot"
+    return f"{model} + adapter"
+
+
+def main(models, data):
+    rows = [json.loads(l) for l in open(data)]
+    gold = {r["id"]: r["ticket"] for r in rows}
+    lang = {r["id"]: r["lang"] for r in rows}
+    n = len(rows)
+    systems = []  # (label, predictions)
+    for m in models:
+        _, runs = load(m)
+        for name, preds in runs.items():
+            if name == "tfidf-baseline" and any(s[0] == "TF-IDF" for s in systems):
+                continue
+            if set(preds) != set(gold):
+                sys.exit(f"reports/handwritten-{m}: {name} has {len(preds)} predictions for {n} incidents: run docs/handwritten.sh again")
+            systems.append((label(name, m), preds))
+
+    def right(preds, i, f):
+        return preds[i][0].get(f) == gold[i][f]
+
+    def whole(preds, i):
+        return all(right(preds, i, f) for f in FIELDS)
+
+    langs = Counter(lang.values())
+    print(f"{n} incidents; by language: " + ", ".join(f"{l} {c}" for l, c in langs.most_common()) + ".")
+    print("By priority: " + ", ".join(f"{p} {c}" for p, c in Counter(t['priority'] for t in gold.values()).most_common())
+          + "; by request type: " + ", ".join(f"{p} {c}" for p, c in Counter(t['request_type'] for t in gold.values()).most_common()) + ".")
+    print()
+    print("### Accuracy")
+    print()
+    print("| field | " + " | ".join(s[0] for s in systems) + " |")
+    print("|---|" + "---|" * len(systems))
+    for f in FIELDS:
+        cells = []
+        for _, p in systems:
+            cells.append(f"{100 * sum(right(p, i, f) for i in gold) / n:.1f} %")
+        print(f"| {NAMES.get(f, f)} | " + " | ".join(cells) + " |")
+    cells = []
+    for _, p in systems:
+        k = sum(whole(p, i) for i in gold)
+        lo, hi = wilson(k, n)
+        cells.append(f"**{100 * k / n:.1f} %** ({lo:.0f}–{hi:.0f})")
+    print("| all five right (95 % interval) | " + " | ".join(cells) + " |")
+    print()
+    base = dict(systems).get("TF-IDF")
+    if base:
+        print("Whole tickets, paired with TF-IDF on the same incidents (right only by this system /"
+              " right only by TF-IDF):")
+        print()
+        for name, p in systems:
+            if name == "TF-IDF":
+                continue
+            a = sum(whole(p, i) and not whole(base, i) for i in gold)
+            b = sum(whole(base, i) and not whole(p, i) for i in gold)
+            print(f"- {name}: {a} / {b}")
+        print()
+    print("### All five right, by language")
+    print()
+    print("| language | incidents | " + " | ".join(s[0] for s in systems) + " |")
+    print("|---|---|" + "---|" * len(systems))
+    for l, c in langs.most_common():
+        ids = [i for i in gold if lang[i] == l]
+        cells = [f"{100 * sum(whole(p, i) for i in ids) / c:.0f} %" for _, p in systems]
+        print(f"| {l} | {c} | " + " | ".join(cells) + " |")
+    print()
+    print("### Every wrong field of the adapters")
+    print()
+    for name, p in systems:
+        if not name.endswith("adapter"):
+            continue
+        wrong = Counter(f for i in gold for f in FIELDS if not right(p, i, f))
+        print(f"**{name}**: {sum(wrong.values())} wrong fields (" +
+              ", ".join(f"{NAMES.get(f, f)} {wrong[f]}" for f in FIELDS if wrong[f]) + ").")
+        print()
+        print("<details><summary>incident by incident</summary>")
+        print()
+        print("| incident | field | label | output (confidence) |")
+        print("|---|---|---|---|")
+        for i in gold:
+            for f in FIELDS:
+                if not right(p, i, f):
+                    print(f"| {i} ({lang[i]}) | {NAMES.get(f, f)} | {gold[i][f]} | {p[i][0].get(f, '-')} ({p[i][1].get(f, 0):.2f}) |")
+        print()
+        print("</details>")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].split(), sys.argv[2])

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The shipped default adapters on the hand-written incidents; rewrites the measured part of
+# docs/handwritten.md (between its `begin measured` / `end measured` markers; the analysis
+# around it is written by hand). For each model, one `triage eval` run holds all three systems:
+# TF-IDF (fitted on the synthetic train split), the base model zero-shot and the shipped
+# adapter. Each run journals every example (`--resume` continues an interrupted one).
+# Usage, from the repository root, after docs/results.sh's data steps
+# (data/results/synth/train.jsonl):
+#   bash docs/handwritten.sh   [TRIAGE=target/release/triage] [MODELS="1.5b 0.5b"] [BUILD=<commit of TRIAGE>]
+set -euo pipefail
+TRIAGE=${TRIAGE:-target/release/triage}
+MODELS=${MODELS:-1.5b 0.5b}
+BUILD=${BUILD:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+DATA=data/handwritten/incidents.jsonl
+TRAIN=data/results/synth/train.jsonl
+[ -f "$TRAIN" ] || { echo "$TRAIN is missing: run docs/results.sh (its data steps) first" >&2; exit 1; }
+for m in $MODELS; do
+  "$TRIAGE" --model "$m" eval --data "$DATA" --train "$TRAIN" --out "reports/handwritten-$m" --resume
+done
+measured=$(mktemp)
+trap 'rm -f "$measured"' EXIT
+{
+  echo "<!-- begin measured: written by docs/handwritten.sh, do not edit by hand -->"
+  echo "Measured on $(date -u +%Y-%m-%d) with \`triage\` built from $BUILD, models: $MODELS."
+  echo
+  python3 docs/handwritten.py "$MODELS" "$DATA"
+  echo "<!-- end measured -->"
+} > "$measured"
+python3 - "$measured" docs/handwritten.md <<'EOF'
+import sys
+block, path = open(sys.argv[1]).read(), sys.argv[2]
+text = open(path).read()
+a, b = text.find("<!-- begin measured"), text.find("<!-- end measured -->")
+if a < 0 or b < 0:
+    sys.exit(f"{path}: no begin/end measured markers")
+open(path, "w").write(text[:a] + block + text[b + len("<!-- end measured -->\n"):])
+EOF
+echo "wrote docs/handwritten.md"
