@@ -43,19 +43,25 @@ fn examples(taxonomy: &Taxonomy) -> Vec<Example> {
     generate(&seeds, &validator, &opts).unwrap().examples
 }
 
-#[test]
-fn an_interrupted_run_resumes_from_its_journal() {
-    let taxonomy = Taxonomy::builtin_default();
-    let examples = examples(&taxonomy);
-    let ids = journal_ids(&examples);
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let dir = std::env::temp_dir().join(format!("triage-eval-resume-{}", std::process::id()));
+/// A fresh temporary folder named after `test`, the journal path in it, and a counting engine.
+fn setup(test: &str, taxonomy: &Taxonomy) -> (std::path::PathBuf, std::path::PathBuf, Counting) {
+    let dir = std::env::temp_dir().join(format!("triage-eval-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let path = dir.join("journal-zero-shot.jsonl");
     let engine = Counting {
         taxonomy: taxonomy.clone(),
         calls: AtomicUsize::new(0),
     };
+    (dir, path, engine)
+}
+
+#[test]
+fn an_interrupted_run_resumes_from_its_journal() {
+    let taxonomy = Taxonomy::builtin_default();
+    let examples = examples(&taxonomy);
+    let ids = journal_ids(&examples);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (dir, path, engine) = setup("resume", &taxonomy);
 
     // Stopped once 5 examples are done: the one already started still finishes and is kept.
     let (j, kept) = Journal::open(&path, "key", &ids, true).unwrap();
@@ -132,13 +138,7 @@ fn journaled(engine: &Counting, examples: &[Example], path: &std::path::Path) ->
 fn a_grown_or_relabelled_file_decodes_only_new_texts() {
     let taxonomy = Taxonomy::builtin_default();
     let mut examples = examples(&taxonomy);
-    let dir = std::env::temp_dir().join(format!("triage-eval-grown-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("journal-zero-shot.jsonl");
-    let engine = Counting {
-        taxonomy: taxonomy.clone(),
-        calls: AtomicUsize::new(0),
-    };
+    let (dir, path, engine) = setup("grown", &taxonomy);
     let calls = || engine.calls.load(Ordering::SeqCst);
     journaled(&engine, &examples, &path);
     assert_eq!(calls(), 12);
