@@ -51,7 +51,7 @@ impl Journal {
     pub fn open<T: DeserializeOwned>(
         path: &Path,
         key: &str,
-        ids: &[&str],
+        ids: &[impl AsRef<str>],
         resume: bool,
     ) -> Result<(Journal, Vec<T>), JournalError> {
         let err = |source| JournalError {
@@ -146,7 +146,7 @@ impl Journal {
 
 /// The records of `bytes` under `key` that match `ids` from the start, and the length of the
 /// prefix of `bytes` that holds them (0: start over).
-fn read_records<T: DeserializeOwned>(bytes: &[u8], key: &str, ids: &[&str]) -> (Vec<T>, u64) {
+fn read_records<T: DeserializeOwned>(bytes: &[u8], key: &str, ids: &[impl AsRef<str>]) -> (Vec<T>, u64) {
     let mut lines = bytes.split_inclusive(|&b| b == b'\n');
     let Some(first) = lines.next().filter(|l| l.ends_with(b"\n")) else {
         return (Vec::new(), 0);
@@ -162,7 +162,7 @@ fn read_records<T: DeserializeOwned>(bytes: &[u8], key: &str, ids: &[&str]) -> (
             break;
         }
         match serde_json::from_slice::<(String, T)>(line) {
-            Ok((id, record)) if id == ids[kept.len()] => kept.push(record),
+            Ok((id, record)) if id == ids[kept.len()].as_ref() => kept.push(record),
             _ => break,
         }
         good_len += line.len() as u64;

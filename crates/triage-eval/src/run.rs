@@ -107,10 +107,10 @@ pub fn journal_ids(examples: &[Example]) -> Vec<String> {
 /// example order.
 ///
 /// With `resume` (a journal opened with [`journal_ids`]), the journal's records stand for the
-/// first examples and every new one is appended to it as it is made. `stop` is polled after each example (Ctrl-C): once it says
-/// so, no new example starts, those already started are still recorded, and the run is
-/// [`RunError::Interrupted`]. `progress` gets the number of examples done, resumed ones
-/// included.
+/// first examples and every new one is appended to it as it is made. `stop` is polled after
+/// each example (Ctrl-C): once it says so, no new example starts, those already started are
+/// still recorded, and the run is [`RunError::Interrupted`]. `progress` gets the number of
+/// examples done, resumed ones included.
 pub fn decode_journaled<T: Serialize>(
     engine: &dyn TicketEngine,
     examples: &[Example],

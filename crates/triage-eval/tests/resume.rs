@@ -60,7 +60,6 @@ fn an_interrupted_run_resumes_from_its_journal() {
     let taxonomy = Taxonomy::builtin_default();
     let examples = examples(&taxonomy);
     let ids = journal_ids(&examples);
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let (dir, path, engine) = setup("resume", &taxonomy);
 
     // Stopped once 5 examples are done: the one already started still finishes and is kept.
@@ -120,7 +119,6 @@ fn an_interrupted_run_resumes_from_its_journal() {
 /// Runs `examples` through `engine` with the journal at `path` (resumed) and returns the run.
 fn journaled(engine: &Counting, examples: &[Example], path: &std::path::Path) -> SystemRun {
     let ids = journal_ids(examples);
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let resume = Journal::open(path, "key", &ids, true).unwrap();
     run_llm(
         "zero-shot",

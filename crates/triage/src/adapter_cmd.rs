@@ -379,7 +379,6 @@ fn decode_decisions(
                 data_key.as_slice(),
             ]);
             let ids = triage_eval::run::journal_ids(examples);
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             let (j, kept) = Journal::open(partial, &key, &ids, true)?;
             if !kept.is_empty() {
                 eprintln!(

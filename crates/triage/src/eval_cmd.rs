@@ -133,7 +133,6 @@ fn journal(
         .collect();
     let path = args.out.join(format!("journal-{slug}.jsonl"));
     let ids = triage_eval::run::journal_ids(examples);
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let (j, kept) = Journal::open(&path, key, &ids, args.resume)?;
     if !kept.is_empty() {
         eprintln!(
