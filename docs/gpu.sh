@@ -8,7 +8,8 @@
 #     same layout and random weights (docs/gpu-model.py): memory and speed are the real model's,
 #     tickets, losses and accuracy mean nothing.
 # Then:
-#   1. the training tests (tiny model: overfit, resume) on the GPU;
+#   1. the training tests (tiny model: overfit, resume) on the GPU; a failing resume test runs
+#      again with TRIAGE_CUDA_FORCE_DMMV=1 (candle's older quantized path);
 #   2. structures N_INCIDENTS incidents with the 1.5B on the GPU;
 #   3. for each of TRAIN_VARIANTS (`plain`: configs/train.toml; `checkpointing`: the same with
 #      --checkpointing, per-layer recomputation for ~4 GB GPUs), the trainer's --dry-run
@@ -91,7 +92,11 @@ PY
 fi
 export TRIAGE_TEST_DEVICE=cuda
 step test-overfit "$TEST_LIMIT" "${overfit[@]}"
-step test-resume "$TEST_LIMIT" "${resume[@]}"
+# If it fails (docs/gpu.md: NaN at batch > 1 without dense copies), once more with candle's
+# quantized CUDA products forced onto the dequantize-then-multiply path instead of MMQ/MMVQ:
+# passing there points at those kernels.
+step test-resume "$TEST_LIMIT" "${resume[@]}" ||
+  TRIAGE_CUDA_FORCE_DMMV=1 step test-resume-dmmv "$TEST_LIMIT" "${resume[@]}"
 
 step data 300 bash -c "'$BIN' data synth --n 2500 --seed 7 -o '$OUT/synth.jsonl' && \
   '$BIN' data split '$OUT/synth.jsonl' --by template --ratios 80,10,10 --out-dir '$OUT/synth' && \

@@ -949,11 +949,20 @@ struct Checkpoint {
     state: RunState,
 }
 
+/// Set to `1`, quantized matrix products on CUDA skip candle's MMQ/MMVQ kernels for its older
+/// dequantize-then-multiply path: an A/B switch for `docs/gpu.sh` (the NaN of `docs/gpu.md`).
+pub const FORCE_DMMV_ENV: &str = "TRIAGE_CUDA_FORCE_DMMV";
+
 /// The device for `spec` (`cpu`, `cuda`, `cuda:N`).
 pub fn device(spec: &str) -> Result<Device, TrainError> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
+            #[cfg(feature = "cuda")]
+            if std::env::var_os(FORCE_DMMV_ENV).is_some_and(|v| v == "1") {
+                tracing::warn!("{FORCE_DMMV_ENV}=1: quantized CUDA products dequantize, then multiply");
+                candle_core::quantized::cuda::set_force_dmmv(true);
+            }
             let n = s
                 .strip_prefix("cuda:")
                 .map_or(Ok(0), str::parse::<usize>)
