@@ -6,8 +6,8 @@ Usage: python3 docs/handwritten.py MODELS DATA
   DATA:   the labelled incidents (data/handwritten/incidents.jsonl)
 
 Prints Markdown: the set's make-up, accuracy per field and system with 95 % intervals for
-whole tickets, a paired count of whole tickets against TF-IDF, accuracy by language, and
-every wrong field of each adapter. Nothing here is fitted or chosen on these incidents.
+whole tickets, a paired count of whole tickets against TF-IDF, accuracy by language, the
+priority confusion of TF-IDF and each adapter, and every wrong field of each adapter. Nothing here is fitted or chosen on these incidents.
 """
 import json
 import math
@@ -113,6 +113,21 @@ def main(models, data):
         cells = [f"{100 * sum(whole(p, i) for i in ids) / c:.0f} %" for _, p in systems]
         print(f"| {l} | {c} | " + " | ".join(cells) + " |")
     print()
+    values = ["Low", "Medium", "High", "Critical"]
+    if set(t["priority"] for t in gold.values()) <= set(values):
+        print("### Priority: label (rows) against output (columns)")
+        print()
+        for name, p in systems:
+            if not name.endswith("adapter") and name != "TF-IDF":
+                continue
+            print(f"**{name}**")
+            print()
+            print("| label \\ output | " + " | ".join(values) + " |")
+            print("|---|" + "---|" * len(values))
+            for g in values:
+                c = Counter(p[i][0].get("priority") for i in gold if gold[i]["priority"] == g)
+                print(f"| {g} | " + " | ".join(str(c[v]) for v in values) + " |")
+            print()
     print("### Every wrong field of the adapters")
     print()
     for name, p in systems:
