@@ -908,6 +908,9 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         &["infer", "--max-new-tokens", "100000"],
         &["infer", "--batch-size", "0"],
         &["infer", "--backend", "grpc://gpu-box:8000"],
+        &["serve", "--timeout-secs", "0"],
+        &["serve", "--timeout-secs", "18446744073709551615"],
+        &["push", "jira", "--search-window-secs", "100000"],
     ] {
         let out = triage(args, "");
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));

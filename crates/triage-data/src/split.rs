@@ -53,7 +53,7 @@ impl FromStr for Ratios {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         let nums: Result<Vec<u32>, _> = parts.iter().map(|p| p.parse::<u32>()).collect();
         match nums {
-            Ok(n) if n.len() == 3 && n[0] > 0 && n.iter().sum::<u32>() > 0 => Ok(Ratios([n[0], n[1], n[2]])),
+            Ok(n) if n.len() == 3 && n[0] > 0 => Ok(Ratios([n[0], n[1], n[2]])),
             _ => Err(ValueError {
                 what: "ratios",
                 value: s.to_owned(),

@@ -27,6 +27,17 @@ fn dir(name: &str) -> PathBuf {
 /// A small but complete GGUF: qwen2 metadata of every value type the loaders read, a string
 /// array, an alignment, and a Q8_0 and an F32 tensor.
 fn tiny_gguf() -> Vec<u8> {
+    gguf_with(&[], &[])
+}
+
+/// An F32 tensor of zeros of shape `dims`, as a GGUF tensor.
+fn zeros(dims: &[usize]) -> QTensor {
+    let t = Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu).unwrap();
+    QTensor::quantize(&t, GgmlDType::F32).unwrap()
+}
+
+/// [`tiny_gguf`] with the metadata values of `set` in place of its own and the `tensors` added.
+fn gguf_with(set: &[(&str, Value)], tensors: &[(&str, QTensor)]) -> Vec<u8> {
     let dev = Device::Cpu;
     let embd = Tensor::arange(0f32, 128., &dev)
         .unwrap()
@@ -56,14 +67,14 @@ fn tiny_gguf() -> Vec<u8> {
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
         ("tokenizer.chat_template", Value::String("{{ messages }}".into())),
     ];
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let md_refs: Vec<(&str, &Value)> = md
+        .iter()
+        .map(|(k, v)| (*k, set.iter().find(|(s, _)| s == k).map_or(v, |(_, v)| v)))
+        .collect();
+    let mut all = vec![("token_embd.weight", &embd), ("output_norm.weight", &norm)];
+    all.extend(tensors.iter().map(|(n, t)| (*n, t)));
     let mut out = std::io::Cursor::new(Vec::new());
-    gguf_file::write(
-        &mut out,
-        &md_refs,
-        &[("token_embd.weight", &embd), ("output_norm.weight", &norm)],
-    )
-    .unwrap();
+    gguf_file::write(&mut out, &md_refs, &all).unwrap();
     out.into_inner()
 }
 
@@ -111,6 +122,31 @@ fn config_sizes_are_checked_against_the_tensors() {
         e.contains("qwen2.block_count is 1 but the file holds 0 layers") && e.contains("m.gguf"),
         "{e}"
     );
+}
+
+/// Sizes of 0 that agree with the tensors present (an MLP of width 0) are refused by name,
+/// not left to divide by zero in the weight loaders.
+#[test]
+fn zero_sizes_are_refused() {
+    let path = dir("zero").join("m.gguf");
+    let layer = [
+        ("blk.0.attn_norm.weight", zeros(&[32])),
+        ("blk.0.ffn_up.weight", zeros(&[0, 32])),
+    ];
+    let refused = |set: &[(&str, Value)]| {
+        std::fs::write(&path, gguf_with(set, &layer)).unwrap();
+        Config::from_gguf(&GgufFile::open(&path).unwrap())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused(&[("qwen2.feed_forward_length", Value::U64(0))]);
+    assert!(
+        e.contains("qwen2.feed_forward_length is 0") && e.contains("m.gguf"),
+        "{e}"
+    );
+    let e = refused(&[("qwen2.embedding_length", Value::U32(0))]);
+    assert!(e.contains("qwen2.embedding_length is 0"), "{e}");
 }
 
 #[test]

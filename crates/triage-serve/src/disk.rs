@@ -261,7 +261,7 @@ pub(crate) fn make_room(
         false => Err(QuotaError {
             what: what.to_owned(),
             need,
-            used: used - freed,
+            used: used.saturating_sub(freed),
             quota,
             fs_free: None,
             evictable: 0,

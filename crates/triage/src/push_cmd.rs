@@ -35,12 +35,13 @@ pub struct PushOptions {
     /// Outbox file (default: $XDG_STATE_HOME/triage/outbox.jsonl).
     #[arg(long, value_name = "FILE")]
     pub outbox: Option<PathBuf>,
-    /// Per-request timeout in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Per-request timeout in seconds; 1 to 86,400.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout_secs: u64,
     /// After a create with an unknown outcome (timeout, 5xx, 503), keep searching for the
-    /// ticket this many seconds before posting again (search indexes lag behind writes).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    /// ticket this many seconds before posting again (search indexes lag behind writes); 0 to
+    /// 86,400.
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub search_window_secs: u64,
     /// When that search finds nothing, stop and leave the outbox entry `unknown` (settle it
     /// later with `triage push --reconcile`) instead of posting again.
@@ -51,7 +52,7 @@ pub struct PushOptions {
 impl PushOptions {
     fn policy(&self) -> RetryPolicy {
         RetryPolicy {
-            timeout: Duration::from_secs(self.timeout_secs.max(1)),
+            timeout: Duration::from_secs(self.timeout_secs),
             search_window: Duration::from_secs(self.search_window_secs),
             repost: !self.no_repost,
             ..RetryPolicy::default()

@@ -55,6 +55,9 @@ impl Config {
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv")?;
+        if hidden_size == 0 {
+            return Err(bad("qwen2.embedding_length is 0".into()));
+        }
         if num_heads == 0
             || num_kv_heads == 0
             || hidden_size % num_heads != 0
@@ -92,6 +95,9 @@ impl Config {
             )));
         }
         let intermediate_size = int("feed_forward_length")?;
+        if intermediate_size == 0 {
+            return Err(bad("qwen2.feed_forward_length is 0".into()));
+        }
         let up = shape("blk.0.ffn_up.weight");
         if up.as_deref() != Some(&[intermediate_size, hidden_size][..]) {
             return Err(bad(format!(
