@@ -22,6 +22,8 @@ use triage_train::trainer::{self, TrainConfig};
 pub const MAX_NEW_TOKENS_CEILING: usize = 2048;
 /// Highest `--max-input-tokens`.
 pub const MAX_INPUT_TOKENS_CEILING: usize = 8192;
+/// Highest `--timeout-secs`, a day (a request's deadline is its start plus this).
+pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 86_400;
 /// Lowest `--max-new-tokens` and `--max-input-tokens` (the engine keeps at least 16 input
 /// tokens anyway).
 pub const MIN_TOKENS: usize = 16;

@@ -15,6 +15,9 @@ use triage_taxonomy::{Ticket, Validator};
 
 use crate::Cli;
 
+/// Highest `--timeout-secs` and `--search-window-secs`, a day (each is added to the clock).
+const MAX_WAIT_SECS: u64 = 86_400;
+
 /// Options shared by `triage push` and `triage infer --push`.
 #[derive(Args, Clone)]
 pub struct PushOptions {
@@ -36,12 +39,12 @@ pub struct PushOptions {
     #[arg(long, value_name = "FILE")]
     pub outbox: Option<PathBuf>,
     /// Per-request timeout in seconds; 1 to 86,400.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_SECS))]
     pub timeout_secs: u64,
     /// After a create with an unknown outcome (timeout, 5xx, 503), keep searching for the
     /// ticket this many seconds before posting again (search indexes lag behind writes); 0 to
     /// 86,400.
-    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_SECS))]
     pub search_window_secs: u64,
     /// When that search finds nothing, stop and leave the outbox entry `unknown` (settle it
     /// later with `triage push --reconcile`) instead of posting again.

@@ -44,7 +44,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = ServeConfig::default().queue)]
     queue: usize,
     /// Time budget of one request in seconds, queueing included (504 beyond); 1 to 86,400.
-    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(1..=triage_serve::limits::MAX_REQUEST_TIMEOUT_SECS))]
     timeout_secs: u64,
     /// Largest JSON body in bytes (413 beyond).
     #[arg(long, default_value_t = 256 * 1024)]
