@@ -30,7 +30,8 @@ def wilson(k, n, z=1.96):
 
 
 def load(model):
-    r = json.load(open(f"reports/handwritten-{model}/report.json"))
+    with open(f"reports/handwritten-{model}/report.json") as f:
+        r = json.load(f)
     runs = {}
     for run in r["runs"]:
         preds = {}
@@ -39,7 +40,7 @@ def load(model):
             conf = {f: c for f, _, c in p["predicted"]}
             preds[p["id"]] = (got, conf)
         runs[run["name"]] = preds
-    return r["report"], runs
+    return runs
 
 
 def label(name, model):
@@ -57,7 +58,7 @@ def main(models, data):
     n = len(rows)
     systems = []  # (label, predictions)
     for m in models:
-        _, runs = load(m)
+        runs = load(m)
         for name, preds in runs.items():
             if name == "tfidf-baseline" and any(s[0] == "TF-IDF" for s in systems):
                 continue

@@ -220,7 +220,7 @@ pub(crate) async fn send(
             builder = builder.header("Content-Type", ct).body(body);
         }
         tracing::debug!(vendor, method = req.method, url = %req.url, attempt, "sending");
-        let backoff = policy.backoff * 2u32.saturating_pow(attempt - 1);
+        let backoff = policy.backoff.saturating_mul(2u32.saturating_pow(attempt - 1));
         let response = match builder.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {

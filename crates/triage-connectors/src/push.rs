@@ -117,9 +117,17 @@ impl<'a> Authed<'a> {
                 return Ok(Vec::new());
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(first * 8);
+            pause = pause.saturating_mul(2).min(first.saturating_mul(8));
         }
     }
+}
+
+/// `d` from now; a window longer than an `Instant` can hold (a library caller's policy may
+/// say `Duration::MAX`) ends in 30 years instead of panicking.
+fn deadline_in(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// The first hit as the result, the others as duplicates.
@@ -186,7 +194,7 @@ pub async fn push(
         let left = e.at.saturating_add(window).saturating_sub(now()).min(window);
         tracing::info!(vendor, external_id = %ext, state = e.state.as_str(), "an earlier attempt may have created it; searching first");
         let hits = auth
-            .search_until(&ext, Instant::now() + Duration::from_secs(left))
+            .search_until(&ext, deadline_in(Duration::from_secs(left)))
             .await?;
         if !hits.is_empty() {
             let found = first_of(hits, &ext, "search");
@@ -251,7 +259,7 @@ pub async fn push(
                     tokio::time::sleep(wait).await;
                 }
                 let hits = auth
-                    .search_until(&ext, Instant::now() + policy.search_window)
+                    .search_until(&ext, deadline_in(policy.search_window))
                     .await
                     .map_err(|e| unsettled(format!("{reason}; then searching failed: {e}")))?;
                 if !hits.is_empty() {

@@ -173,6 +173,33 @@ async fn a_timed_out_create_is_found_by_external_id_and_not_created_twice() {
     }
 }
 
+/// A library caller's policy may say `Duration::MAX` for the search window and pause: the
+/// search deadline is far away instead of an `Instant` overflow (it panicked).
+#[tokio::test]
+async fn an_unbounded_search_window_does_not_overflow() {
+    let vendor = Vendor::Jira;
+    let (create, search, created, hit, ..) = script(vendor);
+    let server = serve(vec![
+        ("GET", search, vec![Resp::new(200, hit)]),
+        (
+            "POST",
+            create,
+            vec![Resp::new(201, created).after(Duration::from_secs(2))],
+        ),
+    ])
+    .await;
+    let c = connector(vendor, &server, "unbounded");
+    let policy = triage_connectors::RetryPolicy {
+        search_window: Duration::MAX,
+        search_interval: Duration::MAX,
+        ..policy()
+    };
+    let session = triage_connectors::Session::new(reqwest::Client::new(), policy);
+    let p = push(&*c, &input(), &outbox("unbounded"), &session).await.unwrap();
+    assert_eq!(p.via, "search");
+    assert_eq!(creates(&server, vendor), 1, "created twice");
+}
+
 #[tokio::test]
 async fn a_5xx_create_not_found_within_the_window_is_posted_again_once() {
     let vendor = Vendor::Jira;

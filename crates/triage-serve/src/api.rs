@@ -18,6 +18,9 @@ use triage_train::admission::fmt_bytes;
 use crate::error::ApiError;
 use crate::state::{AppState, Engine};
 
+/// A deadline this far away never comes (a request timeout longer than an `Instant` can hold).
+const FAR_FUTURE: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
+
 /// The request body, or 413 naming the limit and the flag that sets it (`flag`) when it was
 /// over `limit` bytes.
 pub(crate) fn body(b: Result<Bytes, BytesRejection>, limit: usize, flag: &str) -> Result<Bytes, ApiError> {
@@ -201,7 +204,11 @@ impl AppState {
             });
         }
         let start = tokio::time::Instant::now();
-        let deadline = start + self.config.request_timeout;
+        // A library caller may set any Duration; past what an Instant holds, the deadline is
+        // 30 years away (tokio's own "far future") instead of an overflow panic.
+        let deadline = start
+            .checked_add(self.config.request_timeout)
+            .unwrap_or_else(|| start + FAR_FUTURE);
         let permit = self.admission.enter(deadline, self.config.retry_after_s).await?;
         let mut permits = vec![permit];
         let wanted = checked.iter().filter(|t| t.is_ok()).count();

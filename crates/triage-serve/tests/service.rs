@@ -327,6 +327,29 @@ async fn a_request_past_its_deadline_answers_504() {
     server.done.await.unwrap().unwrap();
 }
 
+/// A library caller may set any timeout: one longer than an `Instant` can hold is a deadline
+/// that never comes (the handler panicked on the overflow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_longer_than_an_instant_holds_is_served() {
+    let cfg = ServeConfig {
+        request_timeout: Duration::MAX,
+        ..config()
+    };
+    let mut server = Server::start(cfg, tiny_structurer(), None).await;
+    let (s, body) = code(
+        client()
+            .post(server.url("/v1/tickets"))
+            .json(&json!({"text": VPN}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    server.shutdown();
+    server.done.await.unwrap().unwrap();
+}
+
 /// A batch decodes its items on the idle workers at once (their forward passes shared), and
 /// its results keep the request's order; with one worker the items go one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
