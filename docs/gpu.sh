@@ -12,7 +12,9 @@
 #      again with TRIAGE_CUDA_FORCE_DMMV=1 (candle's older quantized path);
 #   2. structures N_INCIDENTS incidents with the 1.5B on the GPU;
 #   3. for each of TRAIN_VARIANTS (`plain`: configs/train.toml; `checkpointing`: the same with
-#      --checkpointing, per-layer recomputation for ~4 GB GPUs), the trainer's --dry-run
+#      --checkpointing, per-layer recomputation for ~4 GB GPUs; `top4`: --checkpointing with the
+#      adapter on the top 4 layers only, a memory probe toward 4 GB whose accuracy is not
+#      measured), the trainer's --dry-run
 #      estimate, then the 1.5B default adapter trained on the GPU (on TRAIN_EXAMPLES examples, 0: all) for at most GPU_SECONDS,
 #      the GPU memory sampled every 0.5 s;
 #   4. structures the same incidents on the CPU (batch mode, at most CPU_LIMIT seconds) and
@@ -20,7 +22,7 @@
 #   5. writes $OUT/gpu.md: what ran, each step's exit status, peak VRAM against the 4 GB budget,
 #      training tokens/s.
 # Usage, from the repository root:  bash docs/gpu.sh
-#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_SECONDS=600] [TRAIN_VARIANTS="plain checkpointing"] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900] [TEST_LIMIT=600]
+#   [GPU_OUT=gpu-run] [BUNDLE=.gpu-bundle] [GPU_SECONDS=600] [TRAIN_VARIANTS="plain checkpointing"; also top4] [N_INCIDENTS=20] [TRAIN_EXAMPLES=0] [CPU_LIMIT=900] [TEST_LIMIT=600]
 set -uo pipefail
 OUT=${GPU_OUT:-gpu-run}
 BUNDLE=${BUNDLE:-.gpu-bundle}
@@ -120,7 +122,8 @@ for name in $TRAIN_VARIANTS; do
   case $name in
     plain) flags=() ;;
     checkpointing) flags=(--checkpointing) ;;
-    *) note "- train variant $name: unknown (plain or checkpointing); skipped"; continue ;;
+    top4) flags=(--checkpointing --top-layers 4) ;;
+    *) note "- train variant $name: unknown (plain, checkpointing or top4); skipped"; continue ;;
   esac
   step "dry-run-$name" 300 "$BIN" --model "$MODEL" train --device cuda --config "$config" "${flags[@]}" \
     --data "$train" --dry-run
