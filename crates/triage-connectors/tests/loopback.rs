@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
-use triage_connectors::{dry_run, push, ConnectorError, Vendor};
+use triage_connectors::{dry_run, push, ConnectorError, RetryPolicy, Session, Vendor};
 
 #[tokio::test]
 async fn creates_and_returns_the_vendor_id_and_records_it() {
@@ -141,9 +141,22 @@ async fn rate_limits_wait_for_retry_after_then_succeed() {
     }
 }
 
+/// Every vendor, and once more with a policy a library caller may write, `Duration::MAX` for
+/// the search window and pause: the search deadline is then far away instead of an `Instant`
+/// overflow (it panicked).
 #[tokio::test]
 async fn a_timed_out_create_is_found_by_external_id_and_not_created_twice() {
-    for vendor in ALL {
+    let unbounded = RetryPolicy {
+        search_window: Duration::MAX,
+        search_interval: Duration::MAX,
+        ..policy()
+    };
+    let cases = ALL.map(|v| (v, policy(), format!("{v}"))).into_iter().chain([(
+        Vendor::Jira,
+        unbounded,
+        "unbounded".to_owned(),
+    )]);
+    for (vendor, policy, tag) in cases {
         let (create, search, created, hit, ..) = script(vendor);
         // The vendor creates the ticket but answers after the client gave up.
         let server = serve(vec![
@@ -156,48 +169,22 @@ async fn a_timed_out_create_is_found_by_external_id_and_not_created_twice() {
             zoho_token_route(),
         ])
         .await;
-        let c = connector(vendor, &server, &format!("to_{vendor}"));
-        let p = push(&*c, &input(), &outbox(&format!("to-{vendor}")), &session())
+        let c = connector(vendor, &server, &format!("to_{tag}"));
+        let session = Session::new(reqwest::Client::new(), policy);
+        let p = push(&*c, &input(), &outbox(&format!("to-{tag}")), &session)
             .await
             .unwrap();
-        assert_eq!(p.via, "search", "{vendor}");
-        assert_eq!(creates(&server, vendor), 1, "{vendor}: created twice");
+        assert_eq!(p.via, "search", "{tag}");
+        assert_eq!(creates(&server, vendor), 1, "{tag}: created twice");
         let searches = server.requests("GET", search);
         assert_eq!(searches.len(), 1);
         assert!(
             searches[0].path.contains(&p.external_id.replace('-', ""))
                 || searches[0].path.contains(&p.external_id),
-            "{vendor}: {}",
+            "{tag}: {}",
             searches[0].path
         );
     }
-}
-
-/// A library caller's policy may say `Duration::MAX` for the search window and pause: the
-/// search deadline is far away instead of an `Instant` overflow (it panicked).
-#[tokio::test]
-async fn an_unbounded_search_window_does_not_overflow() {
-    let vendor = Vendor::Jira;
-    let (create, search, created, hit, ..) = script(vendor);
-    let server = serve(vec![
-        ("GET", search, vec![Resp::new(200, hit)]),
-        (
-            "POST",
-            create,
-            vec![Resp::new(201, created).after(Duration::from_secs(2))],
-        ),
-    ])
-    .await;
-    let c = connector(vendor, &server, "unbounded");
-    let policy = triage_connectors::RetryPolicy {
-        search_window: Duration::MAX,
-        search_interval: Duration::MAX,
-        ..policy()
-    };
-    let session = triage_connectors::Session::new(reqwest::Client::new(), policy);
-    let p = push(&*c, &input(), &outbox("unbounded"), &session).await.unwrap();
-    assert_eq!(p.via, "search");
-    assert_eq!(creates(&server, vendor), 1, "created twice");
 }
 
 #[tokio::test]
