@@ -127,5 +127,5 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
   section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
   [ -f docs/ablation.md ] && cat docs/ablation.md
-} > docs/results.md
+} | cat -s > docs/results.md # one blank line between sections, kept or rebuilt
 echo "wrote docs/results.md"
