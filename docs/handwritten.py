@@ -7,7 +7,10 @@ Usage: python3 docs/handwritten.py MODELS DATA
 
 Prints Markdown: the set's make-up, accuracy per field and system with 95 % intervals for
 whole tickets, a paired count of whole tickets against TF-IDF, accuracy by language, the
-priority confusion of TF-IDF and each adapter, and every wrong field of each adapter. Nothing here is fitted or chosen on these incidents.
+priority confusion of TF-IDF and each adapter, and every wrong field of each adapter. Each
+model's TF-IDF is fitted on its adapter's training file (reports/handwritten-<model>/train); one
+fitted on the same file as another model's is shown once. Nothing here is fitted or chosen on
+these incidents.
 """
 import json
 import math
@@ -43,9 +46,18 @@ def load(model):
     return runs
 
 
-def label(name, model):
+def train_size(model):
+    """The training file of the model's TF-IDF and its number of examples, if recorded."""
+    try:
+        path = open(f"reports/handwritten-{model}/train").read().strip()
+        return path, sum(1 for l in open(path) if l.strip())
+    except OSError:
+        return None, None
+
+
+def label(name, model, n_train=None):
     if name == "tfidf-baseline":
-        return "TF-IDF"
+        return f"TF-IDF ({n_train:,})" if n_train else "TF-IDF"
     if name == "zero-shot":
         return f"{model} zero-shot"
     return f"{model} + adapter"
@@ -57,14 +69,21 @@ def main(models, data):
     lang = {r["id"]: r["lang"] for r in rows}
     n = len(rows)
     systems = []  # (label, predictions)
+    baseline_of = {}  # model -> the label of the TF-IDF fitted on its adapter's training file
+    trains = {m: train_size(m) for m in models}
+    distinct = len({t for t, _ in trains.values()}) > 1
     for m in models:
         runs = load(m)
+        path, n_train = trains[m]
         for name, preds in runs.items():
-            if name == "tfidf-baseline" and any(s[0] == "TF-IDF" for s in systems):
-                continue
+            name_label = label(name, m, n_train if distinct else None)
+            if name == "tfidf-baseline":
+                baseline_of[m] = name_label
+                if any(s[0] == name_label for s in systems):
+                    continue
             if set(preds) != set(gold):
                 sys.exit(f"reports/handwritten-{m}: {name} has {len(preds)} predictions for {n} incidents: run docs/handwritten.sh again")
-            systems.append((label(name, m), preds))
+            systems.append((name_label, preds))
 
     def right(preds, i, f):
         return preds[i][0].get(f) == gold[i][f]
@@ -93,17 +112,22 @@ def main(models, data):
         cells.append(f"**{100 * k / n:.1f} %** ({lo:.0f}–{hi:.0f})")
     print("| all five right (95 % interval) | " + " | ".join(cells) + " |")
     print()
-    base = dict(systems).get("TF-IDF")
-    if base:
-        print("Whole tickets, paired with TF-IDF on the same incidents (right only by this system /"
-              " right only by TF-IDF):")
+    if baseline_of:
+        print("Whole tickets, paired with the model's TF-IDF on the same incidents (right only by"
+              " this system / right only by TF-IDF):")
         print()
-        for name, p in systems:
-            if name == "TF-IDF":
+        by_label = dict(systems)
+        for m in models:
+            base_label = baseline_of.get(m)
+            if not base_label:
                 continue
-            a = sum(whole(p, i) and not whole(base, i) for i in gold)
-            b = sum(whole(base, i) and not whole(p, i) for i in gold)
-            print(f"- {name}: {a} / {b}")
+            base = by_label[base_label]
+            for name, p in systems:
+                if name.startswith("TF-IDF") or not name.startswith(f"{m} "):
+                    continue
+                a = sum(whole(p, i) and not whole(base, i) for i in gold)
+                b = sum(whole(base, i) and not whole(p, i) for i in gold)
+                print(f"- {name} vs {base_label}: {a} / {b}")
         print()
     print("### All five right, by language")
     print()
@@ -119,7 +143,7 @@ def main(models, data):
         print("### Priority: label (rows) against output (columns)")
         print()
         for name, p in systems:
-            if not name.endswith("adapter") and name != "TF-IDF":
+            if not name.endswith("adapter") and not name.startswith("TF-IDF"):
                 continue
             print(f"**{name}**")
             print()
