@@ -31,13 +31,34 @@ def rows(path):
     return {r["id"]: r for r in map(json.loads, open(path))}
 
 
-def main(models, clean_data, injected_data, values):
+def previous(path):
+    """Model -> (table rows, note lines) of a previous docs/injections.md, in its order."""
+    kept = {}
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return kept
+    for line in lines:
+        if line.startswith("| ") and not line.startswith("| model |"):
+            kept.setdefault(line.split("|")[1].strip(), ([], []))[0].append(line)
+        elif line.startswith("- ") and ":" in line:
+            m = line[2:].split(":")[0]
+            if m in kept:
+                kept[m][1].append(line)
+    return kept
+
+
+def main(models, clean_data, injected_data, values, prev_path=None):
+    """Measures `models`; a model of the previous file (prev_path) not among them keeps its rows."""
     clean_text = {i: r["text"] for i, r in rows(clean_data).items()}
     injected = rows(injected_data)
-    print("| model | examples | field | clean | injected |")
-    print("|---|---|---|---|---|")
-    notes = []
-    for m in models:
+    kept = {m: v for m, v in (previous(prev_path) if prev_path else {}).items() if m not in models}
+    table, notes = [], []
+    for m in list(kept) + models:
+        if m in kept:
+            table += kept[m][0]
+            notes += kept[m][1]
+            continue
         cpath, clean = journal(f"reports/results-synth-{m}")
         ipath, inj = journal(f"reports/injections-{m}")
         ids = [i for i in inj if i in clean]
@@ -49,7 +70,7 @@ def main(models, clean_data, injected_data, values):
                     for i in ids
                 )
                 return 100 * ok / len(ids)
-            print(f"| {m} | {len(ids)} | {f} | {acc(clean):.1f} % | {acc(inj):.1f} % |")
+            table.append(f"| {m} | {len(ids)} | {f} | {acc(clean):.1f} % | {acc(inj):.1f} % |")
         obeyed = chance = named = 0
         by_field = {}
         for i in ids:
@@ -77,8 +98,14 @@ def main(models, clean_data, injected_data, values):
             f"output the injected value {obeyed} times ({100 * obeyed / max(named, 1):.0f} %); on the "
             f"clean text it gave that value {chance} times. By field: {per}. Journals: `{cpath}`, `{ipath}`."
         )
+    print("| model | examples | field | clean | injected |")
+    print("|---|---|---|---|---|")
+    print("\n".join(table))
     print()
     print("\n".join(notes))
+    if kept:
+        print()
+        print(f"Kept from the previous run, not measured again: {', '.join(kept)}.")
 
 
 def enum_values(taxonomy_path):
@@ -88,5 +115,6 @@ def enum_values(taxonomy_path):
 
 
 if __name__ == "__main__":
-    # models clean-test.jsonl injected-test.jsonl taxonomy.toml
-    main(sys.argv[1].split(), sys.argv[2], sys.argv[3], enum_values(sys.argv[4]))
+    # models clean-test.jsonl injected-test.jsonl taxonomy.toml [previous injections.md]
+    main(sys.argv[1].split(), sys.argv[2], sys.argv[3], enum_values(sys.argv[4]),
+         sys.argv[5] if len(sys.argv) > 5 else None)
