@@ -74,7 +74,7 @@ def main(models, data):
     distinct = len({t for t, _ in trains.values()}) > 1
     for m in models:
         runs = load(m)
-        path, n_train = trains[m]
+        _, n_train = trains[m]
         for name, preds in runs.items():
             name_label = label(name, m, n_train if distinct else None)
             if name == "tfidf-baseline":

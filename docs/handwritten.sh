@@ -2,9 +2,9 @@
 # The shipped default adapters on the hand-written incidents; rewrites the measured part of
 # docs/handwritten.md (between its `begin measured` / `end measured` markers; the analysis
 # around it is written by hand). For each model, one `triage eval` run holds all three systems:
-# TF-IDF (fitted on the file the model's shipped adapter was trained on, as in
-# docs/results.sh), the base model zero-shot and the shipped adapter. Each run journals every
-# example (`--resume` continues an interrupted one).
+# TF-IDF (fitted on the file the model's shipped adapter was trained on, docs/train-files.sh),
+# the base model zero-shot and the shipped adapter. Each run journals every example (`--resume`
+# continues an interrupted one).
 # Usage, from the repository root, after docs/results.sh's data steps
 # (data/results/synth/train.jsonl, data/results/synth-4800/train.jsonl):
 #   bash docs/handwritten.sh   [TRIAGE=target/release/triage] [MODELS="1.5b 0.5b"] [BUILD=<commit of TRIAGE>]
@@ -13,11 +13,9 @@ TRIAGE=${TRIAGE:-target/release/triage}
 MODELS=${MODELS:-1.5b 0.5b}
 BUILD=${BUILD:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 DATA=data/handwritten/incidents.jsonl
-train() { # model: its shipped adapter's training file (adapters/default-<model>/command)
-  case $1 in 0.5b) echo data/results/synth-4800/train.jsonl ;; *) echo data/results/synth/train.jsonl ;; esac
-}
+. docs/train-files.sh # synth_train: each default adapter's training file
 for m in $MODELS; do
-  t=$(train "$m")
+  t=$(synth_train "$m")
   [ -f "$t" ] || { echo "$t is missing: run docs/results.sh (its data steps) first" >&2; exit 1; }
   "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "reports/handwritten-$m" --resume
   echo "$t" > "reports/handwritten-$m/train"

@@ -31,6 +31,7 @@ CS_TAXONOMY=configs/taxonomy/customer-support.toml
 CS_DIR=../shared/datasets/customer-support-tickets
 OUT=data/results
 mkdir -p "$OUT" reports
+. docs/train-files.sh # synth_train: each default adapter's training file
 
 # The same data as the training runs (README, "Training"): deterministic seeds.
 "$TRIAGE" data synth --n 2500 --seed 7 -o "$OUT/synth.jsonl"
@@ -44,8 +45,8 @@ cat "$OUT/cs-v3-5lang.jsonl" "$OUT/cs-v4-en-de.jsonl" "$OUT/cs-v5-en-de.jsonl" >
 "$TRIAGE" --taxonomy "$CS_TAXONOMY" data split "$OUT/cs.jsonl" --by hash --ratios 80,10,10 --out-dir "$OUT/cs"
 # default-0.5b (v4) trained on a larger draw of the same scenarios, 10 % of its reports with an
 # injected instruction, split with --keep so every validation and test scenario of $OUT/synth
-# stays out of training (adapters/default-0.5b/command). Its section's baseline is fitted on
-# the same training examples; the 1.5B's on $OUT/synth/train.jsonl, its adapter's.
+# stays out of training (adapters/default-0.5b/command). Each section's baseline is fitted on
+# its adapter's training file (docs/train-files.sh).
 "$TRIAGE" data synth --n 4800 --seed 11 --injections 0.1 -o "$OUT/synth-4800.jsonl"
 "$TRIAGE" data split "$OUT/synth-4800.jsonl" --by template --keep "$OUT/synth" --out-dir "$OUT/synth-4800"
 
@@ -58,8 +59,8 @@ evaluate() { # name model split train limit [global flags...]: reports/results-<
   echo "$BUILD" > "reports/results-$name/build" # the section names the build that measured it
   echo "$train" > "reports/results-$name/train" # and what its baseline was fitted on
 }
-evaluate synth-1.5b 1.5b synth "$OUT/synth/train.jsonl" "$N_SYNTH"
-evaluate synth-0.5b 0.5b synth "$OUT/synth-4800/train.jsonl" "$N_SYNTH"
+evaluate synth-1.5b 1.5b synth "$(synth_train 1.5b)" "$N_SYNTH"
+evaluate synth-0.5b 0.5b synth "$(synth_train 0.5b)" "$N_SYNTH"
 evaluate cs-1.5b 1.5b cs "$OUT/cs/train.jsonl" "$N_CS" --taxonomy "$CS_TAXONOMY"
 
 stale() { # made-sha256 split report: a section measured on another version of the split says so
