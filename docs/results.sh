@@ -7,7 +7,8 @@
 #   2. the shared customer-support dataset (its three releases together, split by
 #      near-duplicate clusters) with its own taxonomy: the 1.5B with adapters/cs-1.5b.
 # The adapter of each run is the default one `triage eval` finds for the taxonomy and model
-# (`triage adapter list`). Usage, from the repository root (about 2 h on 2 cores):
+# (`triage adapter list`). Usage, from the repository root (about 3-4 h on 2 cores with nothing
+# else running, the whole customer-support test split included; N_CS=200 saves about 1.5 h):
 #   bash docs/results.sh            [TRIAGE=target/release/triage] [TRIAGE_BUILD=<commit>] [N_CS=0: all] [N_SYNTH=0: all]
 #                                   [ONLY="synth-1.5b synth-0.5b cs-1.5b": the evaluations to rerun]
 # Each evaluation writes reports/results-<name>/ and journals every decoded example there, so a

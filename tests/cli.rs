@@ -674,7 +674,8 @@ fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
 
 /// Admission control in `triage train`: a size over its built-in bound is an error naming
 /// it, and a run whose estimated peak exceeds `--memory-limit` is refused with the figures
-/// before the model is loaded (no run directory, no "preparing" line).
+/// before the model is loaded (no run directory, no "preparing" line), as are an `--out` that
+/// is not an adapter folder and a fresh run over an earlier checkpoint.
 #[test]
 fn train_refuses_out_of_bounds_sizes_and_runs_over_the_memory_limit() {
     let dir = std::env::temp_dir().join(format!("triage-cli-limits-{}", std::process::id()));
@@ -712,23 +713,44 @@ fn train_refuses_out_of_bounds_sizes_and_runs_over_the_memory_limit() {
         assert!(err.contains(field) && err.contains(flag), "{flag}: {err}");
     }
     let run_dir = dir.join("run");
-    let out = train(&[
-        "--config",
-        "configs/train.toml",
-        "--memory-limit",
-        "64M",
-        "--out",
-        dir.join("adapter").to_str().unwrap(),
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let adapter = dir.join("adapter");
+    // Refused before the model loads (no "preparing" line): the error message.
+    let refused = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--out",
+            out.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = train(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("preparing"), "{err}");
+        err
+    };
+    let err = refused(
+        &adapter,
+        &["--config", "configs/train.toml", "--memory-limit", "64M"],
+    );
     assert!(
         err.contains("not enough memory: training (rank 8") && err.contains("--memory-limit 64.0 MiB"),
         "{err}"
     );
-    assert!(!err.contains("preparing") && !run_dir.exists(), "{err}");
+    assert!(!run_dir.exists(), "{err}");
+    // An --out that is a folder of other things (the adapter would replace it), and a fresh
+    // run over an earlier run's checkpoint.
+    let others = dir.join("adapters");
+    std::fs::create_dir_all(others.join("kept")).unwrap();
+    std::fs::write(others.join("kept/triage.json"), "{}").unwrap();
+    let err = refused(&others, &[]);
+    assert!(err.contains("not an adapter folder"), "{err}");
+    assert!(others.join("kept/triage.json").exists());
+    std::fs::create_dir_all(run_dir.join("checkpoint")).unwrap();
+    std::fs::write(run_dir.join("checkpoint/state.json"), "{}").unwrap();
+    let err = refused(&adapter, &[]);
+    assert!(err.contains("--resume"), "{err}");
+    assert!(run_dir.join("checkpoint/state.json").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
 

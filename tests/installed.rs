@@ -195,6 +195,58 @@ fn serve_training_configuration_comes_from_flag_env_file_or_built_in() {
     );
 }
 
+/// `train` reads its configuration as `serve` does: `--config`, else `TRIAGE_TRAIN_CONFIG`,
+/// else `train_config` in the user config file, else the built-in `configs/train.toml`
+/// (adapter on the top 8 layers, dense f16 copies), which `--dry-run` shows.
+/// Needs the 0.5B model in the default cache (`triage model pull 0.5b`; CI does it first).
+#[test]
+fn train_configuration_comes_from_flag_env_file_or_built_in() {
+    let s = Sandbox::new("train-config");
+    let out = s.run(
+        &["data", "synth", "--n", "20", "--seed", "1", "-o", "d.jsonl"],
+        "",
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for k in [2, 4, 6] {
+        std::fs::write(
+            s.work().join(format!("top{k}.toml")),
+            format!("top_layers = {k}\n"),
+        )
+        .unwrap();
+    }
+    let dry = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["--model", "0.5b", "train", "--data", "d.jsonl", "--dry-run"];
+        args.extend_from_slice(extra);
+        let out = s.run(&args, "", env);
+        assert!(out.status.success(), "{extra:?} {env:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let built_in = dry(&[], &[]);
+    assert!(
+        built_in.contains("the top 8 layers") && built_in.contains("dense f16 weight copies"),
+        "{built_in}"
+    );
+    std::fs::create_dir_all(s.config_file().parent().unwrap()).unwrap();
+    std::fs::write(
+        s.config_file(),
+        format!("train_config = {:?}\n", s.work().join("top4.toml")),
+    )
+    .unwrap();
+    let file = dry(&[], &[]);
+    assert!(file.contains("the top 4 layers"), "{file}");
+    let env = dry(&[], &[("TRIAGE_TRAIN_CONFIG", "top2.toml")]);
+    assert!(env.contains("the top 2 layers"), "{env}");
+    let flag = dry(
+        &["--config", "top6.toml"],
+        &[("TRIAGE_TRAIN_CONFIG", "top2.toml")],
+    );
+    assert!(flag.contains("the top 6 layers"), "the flag wins: {flag}");
+    // Flags override the file's keys.
+    let over = dry(&["--top-layers", "3"], &[]);
+    assert!(over.contains("the top 3 layers"), "{over}");
+}
+
 /// `triage serve` from an empty folder with the built-in defaults answers /healthz.
 /// Needs the 0.5B model in the default cache (`triage model pull 0.5b`; CI does it first).
 #[test]

@@ -360,7 +360,7 @@ pub async fn reconcile(
         if hits.is_empty() {
             if e.state == OutboxState::Created {
                 r.note = Some("the ticket is not found by search yet; run --reconcile again later".into());
-            } else if now() < e.at + window {
+            } else if now() < e.at.saturating_add(window) {
                 r.note = Some(format!(
                     "too recent to call absent (search lags up to the {window} s window); run --reconcile again later"
                 ));

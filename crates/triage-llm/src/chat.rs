@@ -78,7 +78,13 @@ impl ChatTemplate {
                 path: gguf.path().to_path_buf(),
                 message: "no `tokenizer.chat_template` in the metadata: this is not a chat model".into(),
             })?;
-        Self::new(src)
+        Self::new(src).map_err(|e| match e {
+            LlmError::Template(message) => LlmError::BadGguf {
+                path: gguf.path().to_path_buf(),
+                message,
+            },
+            other => other,
+        })
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's

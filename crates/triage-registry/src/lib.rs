@@ -498,11 +498,17 @@ pub fn model_sha256(path: &Path, memo_dir: &Path) -> io::Result<String> {
     }
     tracing::info!(model = %path.display(), "computing the model's sha256 once (memoised)");
     let sha = sha256_file(path, &ProgressBar::hidden())?;
+    // The memo is only a cache: a read-only cache folder costs a re-hash next time, never
+    // the caller's work (a finished training run saves its adapter with this hash).
     if let Some(line) = ModelStore::marker_line(&sha, path) {
-        fs::create_dir_all(memo_dir)?;
         let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, line)?;
-        fs::rename(&tmp, &memo)?;
+        let written = fs::create_dir_all(memo_dir)
+            .and_then(|()| fs::write(&tmp, line))
+            .and_then(|()| fs::rename(&tmp, &memo));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            tracing::warn!(memo = %memo.display(), "cannot memoise the model's sha256: {e}");
+        }
     }
     Ok(sha)
 }

@@ -98,8 +98,11 @@ pub fn peft_config(config: &LoraConfig, base_model: &str) -> Value {
     })
 }
 
-/// Writes the adapter directory atomically.
+/// Writes the adapter directory atomically. An existing `dir` is replaced only when it is an
+/// adapter folder (or empty): `--out adapters` instead of `--out adapters/x` must not delete
+/// every adapter in it.
 pub fn save(dir: &Path, lora: &Lora, base_model: &str, meta: &TriageMeta) -> Result<(), TrainError> {
+    check_replaceable(dir)?;
     write_dir(dir, |tmp| {
         let write_json = |file: &str, v: &Value| -> Result<(), TrainError> {
             let p = tmp.join(file);
@@ -116,9 +119,55 @@ pub fn save(dir: &Path, lora: &Lora, base_model: &str, meta: &TriageMeta) -> Res
     })
 }
 
+/// An error unless `dir` is absent, an empty folder or an adapter folder (it holds
+/// `adapter_config.json` or `triage.json`): where [`save`] may write. Commands check it
+/// before training, not only when the adapter is saved.
+pub fn check_replaceable(dir: &Path) -> Result<(), TrainError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return match dir.exists() {
+            true => Err(TrainError::Invalid(format!(
+                "{}: exists and is not a folder; choose another adapter path",
+                dir.display()
+            ))),
+            false => Ok(()),
+        };
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let adapter = names
+        .iter()
+        .any(|n| n == "adapter_config.json" || n == "triage.json");
+    match adapter || names.is_empty() {
+        true => Ok(()),
+        false => Err(TrainError::Invalid(format!(
+            "{}: exists and is not an adapter folder (no adapter_config.json or triage.json), \
+             so it is not replaced; give a new or adapter folder, e.g. {}",
+            dir.display(),
+            dir.join("my-adapter").display()
+        ))),
+    }
+}
+
+/// Flushes every file directly in `dir`, then `dir` itself, to disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_type()?.is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    // Directories cannot be opened for syncing on every platform; the files are what matter.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// Writes a directory atomically: `fill` writes into a fresh temporary directory beside
-/// `dir`, which then replaces `dir` (the old one is moved aside and removed), so a reader
-/// sees the old directory or the complete new one.
+/// `dir`, which is flushed to disk and then replaces `dir` (the old one is moved aside and
+/// removed, or moved back if the swap fails), so a reader sees the old directory or the
+/// complete new one, also after a crash.
 pub(crate) fn write_dir(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<(), TrainError>,
@@ -134,13 +183,26 @@ pub(crate) fn write_dir(
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-    fill(&tmp)?;
+    if let Err(e) = fill(&tmp).and_then(|()| sync_dir(&tmp).map_err(|e| file_err(&tmp, e))) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let old: PathBuf = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
+    let had_old = dir.exists();
+    if had_old {
         std::fs::rename(dir, &old).map_err(|e| file_err(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| file_err(dir, e))?;
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(file_err(dir, e));
+    }
+    if let Ok(p) = std::fs::File::open(parent) {
+        let _ = p.sync_all();
+    }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -305,7 +367,7 @@ pub fn check_compatible(
 
 /// The adapters in the immediate subfolders of `roots` that were trained for `taxonomy`, this
 /// build's prompt version and a base model file named `base_file` (the base model's sha256 is
-/// checked when one is loaded), sorted by folder name; unreadable folders are skipped.
+/// checked when one is loaded), sorted by folder name; unreadable and hidden folders are skipped.
 pub fn find_compatible(
     roots: &[PathBuf],
     taxonomy: &triage_taxonomy::Taxonomy,
@@ -317,8 +379,11 @@ pub fn find_compatible(
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
+        // Hidden folders are skipped: `.NAME.tmp-PID` is an adapter being written (or left
+        // half-written by a crash), `.NAME.old-PID` one being replaced.
         let mut dirs: Vec<PathBuf> = entries
             .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| e.path())
             .filter(|p| p.is_dir())
             .collect();
@@ -373,5 +438,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x€€€€€€€") && e.contains("adapters/x"), "{e}");
+    }
+
+    /// `--out adapters` (the folder of every adapter) is refused, not replaced; an adapter
+    /// folder is replaced atomically, a failed write leaves it and no temporary folder
+    /// behind, and adapter discovery skips hidden (temporary) folders.
+    #[test]
+    fn only_adapter_folders_are_replaced_and_failed_writes_leave_no_trace() {
+        let root = std::env::temp_dir().join(format!("triage-adapter-replace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let many = root.join("adapters");
+        std::fs::create_dir_all(many.join("a")).unwrap();
+        std::fs::write(many.join("a/triage.json"), "{}").unwrap();
+        let e = check_replaceable(&many).unwrap_err().to_string();
+        assert!(
+            e.contains("not an adapter folder") && e.contains("adapters"),
+            "{e}"
+        );
+        assert!(many.join("a/triage.json").exists());
+        let file = root.join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert!(check_replaceable(&file).is_err());
+        assert!(check_replaceable(&root.join("new")).is_ok());
+        let one = many.join("a");
+        assert!(check_replaceable(&one).is_ok());
+        write_dir(&one, |tmp| {
+            std::fs::write(tmp.join("triage.json"), "new").map_err(|e| file_err(tmp, e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(one.join("triage.json")).unwrap(), "new");
+        let e = write_dir(&one, |tmp| {
+            std::fs::write(tmp.join("triage.json"), "half").unwrap();
+            Err(TrainError::Invalid("disk full".into()))
+        });
+        assert!(e.is_err());
+        assert_eq!(std::fs::read_to_string(one.join("triage.json")).unwrap(), "new");
+        let left: Vec<_> = std::fs::read_dir(&many)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("a")]);
+        // A half-written adapter from a crash is not a candidate.
+        let taxonomy = triage_taxonomy::Taxonomy::builtin_default();
+        let meta = TriageMeta::new(&taxonomy, "s", "m.gguf", Value::Null);
+        let hidden = many.join(".b.tmp-1");
+        std::fs::create_dir_all(&hidden).unwrap();
+        std::fs::write(hidden.join("triage.json"), serde_json::to_string(&meta).unwrap()).unwrap();
+        assert!(read_meta(&hidden).is_ok());
+        assert!(find_compatible(std::slice::from_ref(&many), &taxonomy, "m.gguf").is_empty());
+        std::fs::rename(&hidden, many.join("b")).unwrap();
+        assert_eq!(
+            find_compatible(std::slice::from_ref(&many), &taxonomy, "m.gguf").len(),
+            1
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

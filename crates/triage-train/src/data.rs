@@ -44,8 +44,16 @@ impl<'a> Encoder<'a> {
         })
     }
 
-    /// Encodes one example; `variant_seed` picks the instruction (None: canonical).
+    /// Encodes one example; `variant_seed` picks the instruction (None: canonical). Errors
+    /// name the example.
     pub fn encode(&self, e: &Example, variant_seed: Option<u64>) -> Result<Item, TrainError> {
+        self.encode_inner(e, variant_seed).map_err(|err| match err {
+            TrainError::Invalid(m) if m.starts_with("example ") => TrainError::Invalid(m),
+            other => TrainError::Invalid(format!("example {}: {other}", e.id)),
+        })
+    }
+
+    fn encode_inner(&self, e: &Example, variant_seed: Option<u64>) -> Result<Item, TrainError> {
         let s = self.structurer;
         let (text, _) = s.clean_input(&e.text)?;
         let instruction = match variant_seed {

@@ -781,8 +781,15 @@ impl<'a> Trainer<'a> {
         let c = self.config.clone();
         self.prepare_features(stop, observer)?;
         let fresh = self.state.step == 0;
-        if !fresh {
-            self.truncate_log(self.state.step)?;
+        match fresh {
+            // A fresh run's log starts empty (not after an earlier run's records).
+            true => match std::fs::remove_file(self.run_dir.join("metrics.jsonl")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(file_err(&self.run_dir.join("metrics.jsonl"), e))
+                }
+                _ => {}
+            },
+            false => self.truncate_log(self.state.step)?,
         }
         let val_before = if fresh {
             self.val_loss()?

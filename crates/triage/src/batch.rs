@@ -127,6 +127,14 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .with_context(|| format!("cannot read {}", path.display()))?;
     let content = String::from_utf8_lossy(&bytes);
+    if matches!(content, std::borrow::Cow::Owned(_)) {
+        tracing::warn!(
+            "{}: not valid UTF-8; invalid bytes replaced with U+FFFD",
+            path.display()
+        );
+    }
+    // A byte-order mark (Windows editors) is not part of the first row.
+    let content = content.strip_prefix('\u{feff}').unwrap_or(&content);
     let mut rows = Vec::new();
     match ext.as_str() {
         "jsonl" | "ndjson" => {
@@ -135,9 +143,13 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
                 let (id, text) = match serde_json::from_str::<Value>(line) {
                     Ok(Value::String(s)) => (row.to_string(), Ok(s)),
                     Ok(Value::Object(o)) => {
+                        // A null or blank id is no id: the row number stands in, so that
+                        // two rows without one are never pushed as one ticket.
                         let id = o
                             .get("id")
+                            .filter(|v| !v.is_null())
                             .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+                            .filter(|id| !id.trim().is_empty())
                             .unwrap_or(row.to_string());
                         let s = |k: &str| o.get(k).and_then(Value::as_str);
                         let text = s("text")
@@ -194,7 +206,10 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
                             .map(str::to_string)
                             .or_else(|| join_subject_body(get(c_subj), get(c_body)))
                             .ok_or(RowError::EmptyText { line });
-                        let id = get(c_id).map(str::to_string).unwrap_or(row.to_string());
+                        let id = get(c_id)
+                            .filter(|id| !id.trim().is_empty())
+                            .map(str::to_string)
+                            .unwrap_or(row.to_string());
                         rows.push(Row { row, id, text });
                     }
                 }
@@ -220,8 +235,10 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
 
 /// Number of complete rows already in `output` and how many of them are errors. A final
 /// fragment without a newline (a run killed mid-write) is cut off; any other line that is not
-/// the next row of a triage batch output is an error, so an unrelated file is never truncated.
-fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
+/// the next row of a triage batch output is an error, so an unrelated file is never truncated,
+/// and so is a row whose id is not the id of the same row of `rows` (the output of another
+/// input, whose rows would otherwise be skipped as done).
+fn resume_point(output: &Path, rows: &[Row]) -> anyhow::Result<(usize, usize)> {
     let Ok(mut f) = OpenOptions::new().read(true).write(true).open(output) else {
         return Ok((0, 0));
     };
@@ -247,6 +264,18 @@ fn resume_point(output: &Path) -> anyhow::Result<(usize, usize)> {
                 done + 1
             );
         };
+        if let (Some(id), Some(r)) = (v.get("id").and_then(Value::as_str), rows.get(done)) {
+            if id != r.id {
+                bail!(
+                    "{}: row {} is the ticket of id {id:?}, but row {} of the input has id {:?}: \
+                     the output of another input? Choose another --output",
+                    output.display(),
+                    done + 1,
+                    done + 1,
+                    r.id
+                );
+            }
+        }
         errors += usize::from(v.get("error").is_some() || v.get("push_error").is_some());
         done += 1;
         good_len += n as u64;
@@ -378,7 +407,7 @@ fn run_with(
         }
     }
     let rows = read_rows(input)?;
-    let (done, mut errors) = resume_point(output)?;
+    let (done, mut errors) = resume_point(output, &rows)?;
     if done > rows.len() {
         bail!(
             "{} has {done} rows but {} has only {}: wrong output file?",
@@ -690,6 +719,25 @@ mod tests {
         assert_eq!(crlf[2].text, Err(RowError::EmptyText { line: 4 }));
     }
 
+    /// A blank or null id is no id (the row number stands in), so two such rows are two
+    /// tickets when pushed; a byte-order mark is not part of the first row.
+    #[test]
+    fn blank_ids_fall_back_to_row_numbers_and_a_bom_is_dropped() {
+        let rows = rows_of(
+            "b.csv",
+            "\u{feff}id,text\n,Printer offline\n  ,Printer offline\nT-9,x\n",
+        );
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2", "T-9"]);
+        let rows = rows_of(
+            "b.jsonl",
+            "\u{feff}{\"id\": null, \"text\": \"a\"}\n{\"id\": \"\", \"text\": \"a\"}\n{\"id\": 0, \"text\": \"a\"}\n",
+        );
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2", "0"]);
+        assert!(rows.iter().all(|r| r.text.as_deref() == Ok("a")));
+    }
+
     #[test]
     fn csv_without_a_text_column_is_rejected() {
         let dir = scratch();
@@ -732,7 +780,7 @@ mod tests {
         let dir = scratch();
         let p = dir.join("notes.txt");
         std::fs::write(&p, "important notes\nline two\n").unwrap();
-        let e = resume_point(&p).unwrap_err().to_string();
+        let e = resume_point(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("refusing to overwrite"), "{e}");
         assert_eq!(
             std::fs::read_to_string(&p).unwrap(),
@@ -743,7 +791,16 @@ mod tests {
         let p = dir.join("out.jsonl");
         let mut bytes = b"{\"row\":1,\"id\":\"1\",\"error\":\"x\"}\n{\"row\":2,\"id\":\"\xd0".to_vec();
         std::fs::write(&p, &bytes).unwrap();
-        assert_eq!(resume_point(&p).unwrap(), (1, 1));
+        let row = |id: &str| Row {
+            row: 1,
+            id: id.into(),
+            text: Ok("t".into()),
+        };
+        // The output of another input (row 1's id differs) is refused, untouched.
+        let e = resume_point(&p, &[row("a-7")]).unwrap_err().to_string();
+        assert!(e.contains("\"a-7\"") && e.contains("another input"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), bytes);
+        assert_eq!(resume_point(&p, &[row("1")]).unwrap(), (1, 1));
         bytes.truncate(bytes.iter().position(|b| *b == b'\n').unwrap() + 1);
         assert_eq!(std::fs::read(&p).unwrap(), bytes);
     }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use sha2::{Digest, Sha256};
 use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
@@ -299,10 +299,25 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
     if !leaks.is_empty() {
         bail!("internal error: groups in two splits: {}", leaks.join(", "));
     }
-    for (i, s) in Split::ALL.iter().enumerate() {
+    // All three files are written under staging names first and only then renamed, so a
+    // failure (disk full) never leaves a new train.jsonl beside an old split's val and test.
+    let staged = |s: &Split| {
+        a.out_dir
+            .join(format!(".{s}.jsonl.staged-{}", std::process::id()))
+    };
+    let written = Split::ALL.iter().try_for_each(|s| {
         let part: Vec<Example> = examples.iter().filter(|e| e.split == Some(*s)).cloned().collect();
+        write_examples(&staged(s), &part)
+    });
+    if let Err(e) = written {
+        for s in Split::ALL.iter() {
+            let _ = std::fs::remove_file(staged(s));
+        }
+        return Err(e.into());
+    }
+    for (i, s) in Split::ALL.iter().enumerate() {
         let path = a.out_dir.join(format!("{s}.jsonl"));
-        write_examples(&path, &part)?;
+        std::fs::rename(staged(s), &path).with_context(|| format!("cannot write {}", path.display()))?;
         let (rows, groups) = summary.per_split[i];
         eprintln!("{s}: {rows} examples in {groups} groups -> {}", path.display());
     }

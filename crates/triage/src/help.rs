@@ -173,7 +173,7 @@ downloaded); 2 usage error (bad flag or argument); 3 partial failure (some batch
     (
         "data split",
         "triage data split data/synth-2000.jsonl --by template --ratios 80,10,10 --out-dir data/splits/synth
-  triage data split data/cs.jsonl --by hash --out-dir data/splits/cs
+  triage data split data/cs.jsonl --taxonomy configs/taxonomy/customer-support.toml --by hash --out-dir data/splits/cs
   triage data split data/synth-5000.jsonl --keep data/splits/synth --out-dir data/splits/synth-5000",
     ),
     ("data stats", "triage data stats data/splits/synth/test.jsonl"),

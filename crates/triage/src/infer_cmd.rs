@@ -115,10 +115,11 @@ pub fn run(cli: &Cli, args: &InferArgs) -> anyhow::Result<ExitCode> {
     } else {
         serde_json::to_string(&doc)?
     };
-    println!("{json}");
+    let printed = crate::print_line(&json);
     if let Some(e) = push_failed {
         return Err(e.context("the ticket was structured (printed above) but not pushed"));
     }
+    printed?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -162,13 +163,61 @@ fn load(cli: &Cli, args: &InferArgs) -> anyhow::Result<Box<dyn TicketEngine>> {
     Ok(Box::new(s))
 }
 
+/// Bytes of stdin kept from each end of a huge input (the middle is dropped with a warning,
+/// as `--max-input-tokens` later cuts the middle of what is left): memory stays bounded
+/// whatever is piped in, and ~1,536 tokens need only a few KiB.
+const STDIN_KEEP: usize = 256 * 1024;
+
+/// Reads at most the first and last `keep` bytes of `r`, cut at UTF-8 character boundaries;
+/// returns them joined by a line break and whether anything was dropped.
+fn read_ends(mut r: impl Read, keep: usize) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut head = Vec::new();
+    (&mut r).take(keep as u64).read_to_end(&mut head)?;
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut dropped = false;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        tail.extend(&buf[..n]);
+        if tail.len() > keep {
+            tail.drain(..tail.len() - keep);
+            dropped = true;
+        }
+    }
+    if !dropped {
+        head.extend(tail);
+        return Ok((head, false));
+    }
+    // Cut at character boundaries: an incomplete character at the head's end, continuation
+    // bytes at the tail's start.
+    if let Err(e) = std::str::from_utf8(&head) {
+        if e.error_len().is_none() {
+            head.truncate(e.valid_up_to());
+        }
+    }
+    let tail: Vec<u8> = tail.into_iter().skip_while(|b| b & 0xC0 == 0x80).collect();
+    head.extend_from_slice(b"\n\n");
+    head.extend(tail);
+    Ok((head, true))
+}
+
 /// Reads one incident from stdin: invalid UTF-8 is replaced (with a warning), empty input is
-/// an error that says how to give one.
+/// an error that says how to give one, and of a huge input only the first and last 256 KiB
+/// are kept (with a warning).
 pub fn read_incident() -> anyhow::Result<String> {
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut bytes)
-        .context("cannot read stdin")?;
+    let (bytes, dropped) = read_ends(std::io::stdin().lock(), STDIN_KEEP).context("cannot read stdin")?;
+    if dropped {
+        tracing::warn!(
+            "input over {} KiB: only its first and last {} KiB are read",
+            2 * STDIN_KEEP / 1024,
+            STDIN_KEEP / 1024
+        );
+    }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -180,4 +229,27 @@ pub fn read_incident() -> anyhow::Result<String> {
         anyhow::bail!("the incident text is empty: pipe it on stdin, e.g. `triage infer < examples/vpn.txt`");
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small input is read whole; of a huge one only both ends are kept, cut at character
+    /// boundaries, so what is kept is valid UTF-8 when the input is.
+    #[test]
+    fn huge_input_keeps_both_ends_at_character_boundaries() {
+        let (small, dropped) = read_ends("my vpn drops".as_bytes(), 16).unwrap();
+        assert_eq!((small.as_slice(), dropped), ("my vpn drops".as_bytes(), false));
+        let exact = "x".repeat(32);
+        assert_eq!(
+            read_ends(exact.as_bytes(), 16).unwrap(),
+            (exact.clone().into_bytes(), false)
+        );
+        let text = format!("HEAD{}TAIL", "é".repeat(100_000));
+        let (kept, dropped) = read_ends(text.as_bytes(), 7).unwrap();
+        assert!(dropped);
+        // 7 bytes: "HEAD" + one "é" (2 bytes) + half of the next, which is cut.
+        assert_eq!(String::from_utf8(kept).unwrap(), "HEADé\n\néTAIL");
+    }
 }

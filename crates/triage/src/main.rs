@@ -50,6 +50,17 @@ pub fn usage_error(message: impl std::fmt::Display) -> anyhow::Error {
         .into()
 }
 
+/// Writes `text` and a newline to stdout. A reader that has gone (`triage infer … | head -c0`)
+/// is an error, not a panic: commands that may push keep SIGPIPE ignored, and their result
+/// (the ticket was pushed) is on stderr and in the outbox either way.
+pub fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(|e| anyhow::anyhow!("cannot write the result to stdout: {e}"))
+}
+
 /// Turn free-text IT incidents into strict, schema-valid JSON tickets.
 #[derive(Parser)]
 #[command(name = "triage", version, about, propagate_version = true)]

@@ -205,7 +205,7 @@ impl Pusher {
 pub fn run(cli: &Cli, args: &PushArgs) -> anyhow::Result<ExitCode> {
     if args.compact {
         let c = args.options.outbox().compact()?;
-        println!("{}", serde_json::to_string(&c)?);
+        crate::print_line(&serde_json::to_string(&c)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.reconcile {
@@ -243,8 +243,8 @@ pub fn run(cli: &Cli, args: &PushArgs) -> anyhow::Result<ExitCode> {
     })?;
     let pusher = Pusher::new(cli, vendor, &args.options)?;
     match pusher.push(&pusher.input(ticket, text, None), true)? {
-        Outcome::DryRun(r) => print!("{r}"),
-        Outcome::Pushed(p) => println!("{}", serde_json::to_string(&p)?),
+        Outcome::DryRun(r) => crate::print_line(r.to_string().trim_end_matches('\n'))?,
+        Outcome::Pushed(p) => crate::print_line(&serde_json::to_string(&p)?)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -280,7 +280,7 @@ fn reconcile(cli: &Cli, args: &PushArgs) -> anyhow::Result<ExitCode> {
             checked += 1;
             open += usize::from(r.after.unsettled() || r.note.is_some());
             duplicates += usize::from(!r.duplicates.is_empty());
-            println!("{}", serde_json::to_string(&r)?);
+            crate::print_line(&serde_json::to_string(&r)?)?;
         }
     }
     eprintln!(

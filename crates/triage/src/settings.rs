@@ -6,7 +6,7 @@
 //!
 //! | setting | built in | flag | env var | user config key |
 //! |---|---|---|---|---|
-//! | training defaults of `serve` | `configs/train.toml` | `--train-config` | `TRIAGE_TRAIN_CONFIG` | `train_config` |
+//! | training configuration of `train` and `serve` | `configs/train.toml` | `train --config`, `serve --train-config` | `TRIAGE_TRAIN_CONFIG` | `train_config` |
 //! | ITSM mapping of `push` | `configs/connectors/<vendor>.toml` | `--mapping` | `TRIAGE_<VENDOR>_MAPPING` | `[connectors] <vendor>` |
 //! | seed material of `data synth` | `data/synth/default/` | `--seeds` | `TRIAGE_SYNTH_SEEDS` | `synth_seeds` |
 //!
@@ -49,7 +49,8 @@ pub const CONFIG_ENV: &str = "TRIAGE_CONFIG";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
-    /// Training configuration of `triage serve` (TOML, keys of `configs/train.toml`).
+    /// Training configuration of `triage train` and `triage serve` (TOML, keys of
+    /// `configs/train.toml`).
     pub train_config: Option<PathBuf>,
     /// Folder holding one seed folder per taxonomy name (`<synth_seeds>/<taxonomy>/`).
     pub synth_seeds: Option<PathBuf>,
@@ -165,8 +166,8 @@ impl Settings {
         value.clone().map(|v| Origin::File(file, key, v))
     }
 
-    /// Where the training configuration of `serve` comes from (`given`: `--train-config` or
-    /// `TRIAGE_TRAIN_CONFIG`).
+    /// Where the training configuration of `train` and `serve` comes from (`given`:
+    /// `train --config`, `serve --train-config` or `TRIAGE_TRAIN_CONFIG`).
     pub fn train_config_origin(&self, given: Option<&Path>) -> Origin {
         given
             .map(|p| Origin::Given(p.to_owned()))
@@ -174,7 +175,7 @@ impl Settings {
             .unwrap_or(Origin::BuiltIn("configs/train.toml"))
     }
 
-    /// The training configuration of `serve`, and where it comes from.
+    /// The training configuration of `train` and `serve`, and where it comes from.
     pub fn train_config(&self, given: Option<&Path>) -> anyhow::Result<(TrainConfig, Origin)> {
         let origin = self.train_config_origin(given);
         let config = match &origin {

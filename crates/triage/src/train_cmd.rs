@@ -28,7 +28,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     val: Option<PathBuf>,
     /// Training configuration (TOML; keys of `configs/train.toml`). Flags override it.
-    #[arg(long, value_name = "FILE")]
+    /// Default: `train_config` in the user config file, else the built-in
+    /// `configs/train.toml` (the same as `serve`'s training defaults; `triage config`).
+    #[arg(long, value_name = "FILE", env = "TRIAGE_TRAIN_CONFIG")]
     config: Option<PathBuf>,
     /// Where the PEFT adapter is written.
     #[arg(long, value_name = "DIR", default_value = "adapters/default")]
@@ -95,10 +97,7 @@ pub fn read_config(p: &Path) -> anyhow::Result<TrainConfig> {
 }
 
 fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let mut c: TrainConfig = match &args.config {
-        Some(p) => read_config(p)?,
-        None => TrainConfig::default(),
-    };
+    let (mut c, _) = crate::settings::Settings::load()?.train_config(args.config.as_deref())?;
     if args.checkpointing {
         c.checkpointing = true;
     }
@@ -267,7 +266,9 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         ),
         false => triage_train::admission::admit_training(&peak, &config, args.memory_limit)?,
     }
-    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device.spec, true)?;
+    // Refused now rather than after hours of training: an --out that is not an adapter
+    // folder (it would be replaced), a fresh run over a run directory's checkpoint.
+    triage_train::adapter::check_replaceable(&args.out)?;
     let name = args
         .out
         .file_name()
@@ -277,6 +278,16 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    let state = run_dir.join("checkpoint").join("state.json");
+    if !args.resume && state.exists() {
+        anyhow::bail!(
+            "{} holds the checkpoint of an earlier run: continue it with --resume, or start afresh \
+             with another --run-dir (or after deleting {})",
+            run_dir.display(),
+            run_dir.join("checkpoint").display()
+        );
+    }
+    let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device.spec, true)?;
     eprintln!(
         "preparing {} training and {} validation examples (system prompt cached once)…",
         train.len(),
