@@ -1127,9 +1127,29 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     let out_other = triage(&mismatched, "");
     let err = text(&out_other.stderr);
     assert!(
-        !out_other.status.success() && err.contains("is not in") && err.contains("other.jsonl"),
+        !out_other.status.success()
+            && err.contains("another model, adapter or data")
+            && err.contains("other.jsonl"),
         "{err}"
     );
+    // Without the key file (an older triage) the ids still catch it.
+    let key = dir.join("scores.jsonl.key");
+    let saved_key = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let err = text(&triage(&mismatched, "").stderr);
+    assert!(err.contains("is not in") && err.contains("other.jsonl"), "{err}");
+    std::fs::write(&key, saved_key).unwrap();
+    // Nor do an earlier adapter's scores calibrate a changed one.
+    let config = adapter.join("adapter_config.json");
+    let saved_config = std::fs::read(&config).unwrap();
+    std::fs::write(&config, [saved_config.as_slice(), b" "].concat()).unwrap();
+    let out_changed = triage(&calibrate, "");
+    let err = text(&out_changed.stderr);
+    assert!(
+        !out_changed.status.success() && err.contains("another model, adapter or data"),
+        "{err}"
+    );
+    std::fs::write(&config, saved_config).unwrap();
     assert_eq!(std::fs::read(adapter.join("calibration.json")).unwrap(), first);
     let table = text(&out.stdout);
     for field in [

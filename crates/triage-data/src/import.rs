@@ -166,6 +166,10 @@ pub struct ImportOptions {
     pub source: String,
     /// Texts longer than this (in characters) are rejected.
     pub max_text_chars: usize,
+    /// Stop reading after `max_rows + 1` rows (`None`: read all): an input far over a row
+    /// limit then costs memory for the limit, not for the input. The report's `rows` is
+    /// `max_rows + 1` when there were more.
+    pub max_rows: Option<usize>,
 }
 
 /// A row that was not imported.
@@ -202,11 +206,12 @@ pub fn import_file(
         .extension()
         .map(|e| e.to_string_lossy().to_lowercase())
         .unwrap_or_default();
+    let cap = options.max_rows.map_or(usize::MAX, |m| m.saturating_add(1));
     let records = match ext.as_str() {
-        "csv" => read_csv(path, b',')?,
-        "tsv" => read_csv(path, b'\t')?,
-        "json" => read_json_array(path)?,
-        "jsonl" | "ndjson" => read_jsonl(path)?,
+        "csv" => read_csv(path, b',', cap)?,
+        "tsv" => read_csv(path, b'\t', cap)?,
+        "json" => read_json_array(path, cap)?,
+        "jsonl" | "ndjson" => read_jsonl(path, cap)?,
         _ => {
             return Err(DataError::Invalid(format!(
                 "{}: unknown format; use a .csv, .tsv, .json or .jsonl file",
@@ -424,7 +429,7 @@ pub fn line_at(bytes: &[u8], offset: u64) -> u64 {
     bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
 }
 
-fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Record>, DataError> {
+fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -443,7 +448,7 @@ fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Record>, DataError> {
         .collect();
     let mut out = Vec::new();
     let mut record = csv::ByteRecord::new();
-    loop {
+    while out.len() < cap {
         let line = line_at(&bytes, reader.position().byte());
         match reader.read_byte_record(&mut record) {
             Ok(false) => break,
@@ -507,10 +512,15 @@ fn object_to_row(obj: &Map<String, Value>) -> Row {
         .collect()
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
+fn read_jsonl(path: &Path, cap: usize) -> Result<Vec<Record>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    // A byte-order mark (Windows tools) is not part of the first record.
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if out.len() >= cap {
+            break;
+        }
         let line_no = i as u64 + 1;
         let text = String::from_utf8_lossy(line);
         if text.trim().is_empty() {
@@ -532,20 +542,54 @@ fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
     Ok(out)
 }
 
-fn read_json_array(path: &Path) -> Result<Vec<Record>, DataError> {
+/// The first `cap` elements of a JSON array; the rest are checked for syntax and skipped
+/// without being built.
+struct CappedArray(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for CappedArray {
+    type Value = Vec<Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CappedArray {
+    type Value = Vec<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of objects (use .jsonl for one object per line)")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while items.len() < self.0 {
+            match seq.next_element::<Value>()? {
+                Some(v) => items.push(v),
+                None => return Ok(items),
+            }
+        }
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(items)
+    }
+}
+
+fn read_json_array(path: &Path, cap: usize) -> Result<Vec<Record>, DataError> {
+    use serde::de::DeserializeSeed;
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Parse {
+    let parse_err = |e: serde_json::Error| DataError::Parse {
         path: path.into(),
         line: e.line() as u64,
-        message: format!("invalid JSON: {e}"),
-    })?;
-    let Value::Array(items) = value else {
-        return Err(DataError::Parse {
-            path: path.into(),
-            line: 1,
-            message: "expected a JSON array of objects (use .jsonl for one object per line)".into(),
-        });
+        message: match e.classify() {
+            serde_json::error::Category::Data => {
+                "expected a JSON array of objects (use .jsonl for one object per line)".into()
+            }
+            _ => format!("invalid JSON: {e}"),
+        },
     };
+    let mut de = serde_json::Deserializer::from_str(text.strip_prefix('\u{feff}').unwrap_or(&text));
+    let items = CappedArray(cap).deserialize(&mut de).map_err(parse_err)?;
+    de.end().map_err(parse_err)?;
     Ok(items
         .iter()
         .enumerate()
@@ -613,7 +657,61 @@ mod tests {
             labels: LabelMap::from_toml_str("[priority]\n\"critical\" = \"high\"\n", taxonomy).unwrap(),
             source: "t".into(),
             max_text_chars: 1000,
+            max_rows: None,
         }
+    }
+
+    /// With `max_rows`, reading stops one row past the limit in every format (an upload of
+    /// millions of rows is refused without building them); a JSON array's skipped tail is
+    /// still checked for syntax.
+    #[test]
+    fn max_rows_stops_reading_one_row_past_the_limit() {
+        let t = cs_taxonomy();
+        let dir = std::env::temp_dir().join(format!("triage-import-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let capped = |name: &str, body: String, max: Option<usize>| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            let o = ImportOptions {
+                max_rows: max,
+                ..options(&t)
+            };
+            import_file(&p, &Validator::new(&t), &o)
+        };
+        let row = r#"{"body":"x","subject":"s","queue":"IT Support","priority":"low","type":"Incident","language":"en"}"#;
+        let csv = format!(
+            "body,subject,queue,priority,type,language\n{}",
+            "x,s,IT Support,low,Incident,en\n".repeat(50)
+        );
+        let jsonl = format!("{row}\n").repeat(50);
+        let json = format!("[{}]", [row; 50].join(","));
+        for (name, body) in [("a.csv", csv), ("a.jsonl", jsonl), ("a.json", json)] {
+            assert_eq!(capped(name, body.clone(), Some(2)).unwrap().rows, 3, "{name}");
+            assert_eq!(capped(name, body.clone(), Some(50)).unwrap().rows, 50, "{name}");
+            assert_eq!(capped(name, body, None).unwrap().rows, 50, "{name}");
+        }
+        // A byte-order mark does not make the first record invalid.
+        let bom = capped("d.jsonl", format!("\u{feff}{row}\n"), None).unwrap();
+        assert_eq!(bom.rows, 1);
+        assert!(
+            bom.rejects.iter().all(|r| !r.reason.contains("JSON")),
+            "{:?}",
+            bom.rejects
+        );
+        let bom = capped("d.json", format!("\u{feff}[{row}]"), None).unwrap();
+        assert_eq!(bom.rows, 1);
+        assert!(
+            bom.rejects.iter().all(|r| !r.reason.contains("JSON")),
+            "{:?}",
+            bom.rejects
+        );
+        let broken = format!("[{},{{]", [row; 5].join(","));
+        assert!(capped("b.json", broken, Some(2)).is_err());
+        let e = capped("c.json", "{\"a\": 1}".into(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a JSON array"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -431,6 +431,7 @@ fn imports_every_complete_row_of_the_shared_customer_support_dataset() {
             labels: LabelMap::default(),
             source: "v3".into(),
             max_text_chars: 20_000,
+            max_rows: None,
         },
     )
     .unwrap();

@@ -37,6 +37,7 @@ fn options(t: &Taxonomy) -> ImportOptions {
         labels: LabelMap::from_toml_str("[priority]\n\"P1\" = \"Critical\"\n", t).unwrap(),
         source: "fuzz".into(),
         max_text_chars: 2000,
+        max_rows: None,
     }
 }
 

@@ -24,7 +24,9 @@ pub struct FieldReport {
     pub field: String,
     /// Share of exact matches.
     pub accuracy: f64,
-    /// Unweighted mean F1 over the classes present in gold or predictions.
+    /// Unweighted mean F1 over the classes present in gold or predictions; a predicted label
+    /// that is neither one of `classes` nor ever gold (the `(failed)` of a failed example) is
+    /// left out: the failure already costs its gold class's recall.
     pub macro_f1: f64,
     /// Per-class scores, in `classes` order.
     pub classes: Vec<ClassScore>,
@@ -70,7 +72,7 @@ pub fn field_report(field: &str, classes: &[&str], gold: &[&str], predicted: &[&
         } else {
             0.0
         };
-        if support > 0 || predicted_i > 0 {
+        if support > 0 || (predicted_i > 0 && i < classes.len()) {
             f1_sum += f1;
             present += 1;
         }
@@ -164,6 +166,10 @@ mod tests {
         let r = field_report("f", &["a"], &["a"], &["z"]);
         assert_eq!(r.labels, vec!["a", "z"]);
         assert_eq!(r.accuracy, 0.0);
+        // The `(failed)` of a failed example costs its gold class's recall, and is not a
+        // class of its own in macro-F1: a 1.0, b 0.0.
+        let r = field_report("f", &["a", "b"], &["a", "b"], &["a", "(failed)"]);
+        assert_eq!(r.macro_f1, 0.5);
     }
 
     #[test]

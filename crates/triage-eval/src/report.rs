@@ -145,14 +145,17 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                     ok.push(is_right(p, f));
                 }
             }
+            // A failed example has no confidence: 0, so no threshold hands it over as sure.
             let min_conf: Vec<f64> = preds
                 .iter()
-                .map(|p| {
-                    p.predicted
+                .map(|p| match p.valid && !p.predicted.is_empty() {
+                    true => p
+                        .predicted
                         .iter()
                         .map(|(_, _, c)| *c)
                         .fold(f64::INFINITY, f64::min)
-                        .clamp(0.0, 1.0)
+                        .clamp(0.0, 1.0),
+                    false => 0.0,
                 })
                 .collect();
             let all_right: Vec<bool> = preds
@@ -682,4 +685,59 @@ pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result
         )?;
     }
     write("report.html", html(report).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use triage_taxonomy::Validator;
+
+    /// A failed example has no confidence: the review-threshold table never counts it as
+    /// handled automatically, however sure the other examples are.
+    #[test]
+    fn failed_examples_are_never_auto_handled() {
+        let taxonomy = Taxonomy::builtin_default();
+        let validator = Validator::new(&taxonomy);
+        let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
+        let examples: Vec<Example> = (0..4)
+            .map(|i| {
+                let line = format!(
+                    r#"{{"id":"e{i}","text":"vpn down","ticket":{ticket},"lang":"en","source":"t"}}"#
+                );
+                Example::from_json_line(&line, &validator).unwrap()
+            })
+            .collect();
+        let predictions = examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let gold: Vec<(String, String)> = taxonomy
+                    .fields
+                    .iter()
+                    .map(|f| (f.name.clone(), e.ticket.get(&f.name).unwrap_or("").to_owned()))
+                    .collect();
+                let failed = i == 0;
+                Prediction {
+                    id: e.id.clone(),
+                    lang: "en".into(),
+                    predicted: match failed {
+                        true => Vec::new(),
+                        false => gold.iter().map(|(f, v)| (f.clone(), v.clone(), 0.99)).collect(),
+                    },
+                    gold,
+                    valid: !failed,
+                    error: failed.then(|| "timeout".into()),
+                    latency_ms: 1.0,
+                }
+            })
+            .collect();
+        let runs = [SystemRun {
+            name: "s".into(),
+            predictions,
+        }];
+        let r = build(&taxonomy, "t", &examples, &runs);
+        let at = |t: f64| *r.systems[0].coverage.iter().find(|c| c.0 == t).unwrap();
+        assert_eq!(at(0.9), (0.9, 0.75, 1.0));
+        assert_eq!(at(0.0), (0.0, 1.0, 0.75));
+    }
 }

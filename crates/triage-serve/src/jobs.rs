@@ -460,6 +460,9 @@ pub async fn train_data(
             labels: LabelMap::default(),
             source: id.clone(),
             max_text_chars: state.config.max_input_chars,
+            // Rows past the limit are not read: an upload of millions of tiny rows is
+            // refused below without building them.
+            max_rows: Some(state.config.max_upload_rows),
         };
         let imported = import_file(&upload, &validator, &opts);
         let _ = std::fs::remove_file(&upload);
@@ -468,7 +471,7 @@ pub async fn train_data(
         if r.rows > max_rows {
             return Err(LimitError::new(
                 "rows",
-                r.rows,
+                format!("more than {max_rows}"),
                 format!("1..={max_rows}"),
                 format!(
                     "split the file into uploads of at most {max_rows} rows, or start the server \
@@ -697,26 +700,42 @@ pub async fn train_start(
         .spawn(move || {
             // Frees the slot however the thread ends (a panic included), after the rest.
             let _release = Release(state.clone());
-            let result = run_job(
-                &state,
-                &job_id,
-                &data,
-                config,
-                taxonomy_name.as_deref(),
-                &st,
-                activate,
-            );
+            // A panic in the job is a failed job, recorded as such, not one shown as running
+            // until the next restart.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_job(
+                    &state,
+                    &job_id,
+                    &data,
+                    config,
+                    taxonomy_name.as_deref(),
+                    &st,
+                    activate,
+                )
+            }));
             let mut g = status(&st);
             match result {
-                Ok(()) => g.state = JobState::Succeeded,
-                Err(e) if state.stop.load(Ordering::SeqCst) => {
+                Ok(Ok(())) => g.state = JobState::Succeeded,
+                Ok(Err(e)) if state.stop.load(Ordering::SeqCst) => {
                     g.state = JobState::Stopped;
                     g.error = Some(e.to_string());
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::error!("training job {job_id}: {e}");
                     g.state = JobState::Failed;
                     g.error = Some(e.to_string());
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|m| m.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown cause".into());
+                    tracing::error!("training job {job_id} panicked: {what}");
+                    g.state = JobState::Failed;
+                    g.error = Some(format!(
+                        "internal error (a panic: {what}); the service keeps running"
+                    ));
                 }
             }
             let failed = g.state != JobState::Succeeded;
@@ -842,6 +861,9 @@ enum JobError {
     Train(#[from] TrainError),
 }
 
+/// Examples of an upload held out for the validation loss, at most.
+const VAL_EXAMPLES: usize = 64;
+
 /// Trains, saves the adapter, and activates it if asked.
 fn run_job(
     s: &AppState,
@@ -862,11 +884,15 @@ fn run_job(
     let (val, train): (Vec<Example>, Vec<Example>) = examples
         .into_iter()
         .partition(|e| triage_data::rng::stable_hash(e.id.as_bytes()).is_multiple_of(10));
-    let (train, val) = if train.is_empty() || val.is_empty() {
+    let (train, mut val) = if train.is_empty() || val.is_empty() {
         (train.into_iter().chain(val).collect::<Vec<_>>(), Vec::new())
     } else {
         (train, val)
     };
+    // Validation loss runs before training and every `eval_every` steps, without stopping
+    // in between: 64 examples (as configs/train.toml advises) keep it, and a shutdown
+    // waiting on it, short whatever the upload's size.
+    val.truncate(VAL_EXAMPLES);
     if train.is_empty() {
         return Err(JobError::NoExamples);
     }

@@ -8,7 +8,9 @@
 //!   in the data folder and survive a restart).
 //! * Operations: `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
-//! Safety: bearer-token auth ([`ServeConfig::token`]), body limits (413), input limits (422),
+//! Safety: bearer-token auth ([`ServeConfig::token`]), requests from other web origins and,
+//! without a token, `Host` names other than loopback refused (403: a web page the user visits
+//! cannot drive the service on the user's machine), body limits (413), input limits (422),
 //! a fixed number of workers sharing one model instance and its system-prompt cache, a bounded
 //! queue (503 + `Retry-After` when full), a per-request deadline enforced between decoding
 //! steps (504), graceful shutdown that finishes requests in flight and checkpoints a running
@@ -116,7 +118,8 @@ pub fn is_loopback(bind: &std::net::SocketAddr) -> bool {
     bind.ip().is_loopback()
 }
 
-/// Authentication (all but `/healthz` and `/readyz`) and request metrics.
+/// Authentication (all but `/healthz` and `/readyz`), the browser checks of [`browser_refusal`]
+/// and request metrics.
 async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let t0 = Instant::now();
     let route = req
@@ -124,18 +127,80 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let open = matches!(route.as_str(), "/healthz" | "/readyz");
-    let response = match (&s.config.token, open) {
-        (Some(token), false) if !authorized(&req, token) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the header `Authorization: Bearer <token>` with the server's token",
-        )
-        .into_response(),
-        _ => next.run(req).await,
+    let response = if let Some(refused) = browser_refusal(&req, s.config.token.is_none()) {
+        refused.into_response()
+    } else {
+        match (&s.config.token, open) {
+            (Some(token), false) if !authorized(&req, token) => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send the header `Authorization: Bearer <token>` with the server's token",
+            )
+            .into_response(),
+            _ => next.run(req).await,
+        }
     };
     s.metrics
         .request(&route, response.status().as_u16(), t0.elapsed().as_secs_f64());
     response
+}
+
+/// The host part of a `Host` header or of an origin's authority (`[::1]:8080` → `[::1]`).
+fn host_name(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(v6) => v6
+            .split(']')
+            .next()
+            .map_or(authority, |h| &authority[..h.len() + 2]),
+        None => authority.split(':').next().unwrap_or(authority),
+    }
+}
+
+/// Refuses what only a web page the user is visiting would send, so that a page cannot use
+/// a service on the user's machine (which needs no token on loopback):
+/// * a request whose `Origin` is not the service's own (a cross-site `fetch`, even a "simple"
+///   `no-cors` POST that skips the CORS preflight, carries its page's origin); clients that
+///   are not browsers send no `Origin` and are not affected;
+/// * without a token, a `Host` that is not a loopback name: a DNS-rebinding page reaches
+///   127.0.0.1 under its own domain name.
+fn browser_refusal(req: &Request, tokenless: bool) -> Option<ApiError> {
+    let headers = req.headers();
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if authority.is_none() || authority != host {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "requests from web pages of another origin ({origin}) are refused; \
+                     call the service from a program (no `Origin` header) or from its own origin"
+                ),
+            ));
+        }
+    }
+    if let (true, Some(host)) = (tokenless, host) {
+        let name = host_name(host);
+        let loopback = name.eq_ignore_ascii_case("localhost")
+            || name == "[::1]"
+            || name
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                format!(
+                    "Host `{host}` is not a loopback name: without a token the service answers \
+                     only localhost, 127.0.0.1 and [::1] (set a token to serve other names)"
+                ),
+            ));
+        }
+    }
+    None
 }
 
 /// Compares digests, so the comparison time does not depend on the token's prefix.

@@ -51,7 +51,7 @@ pub fn document(state: &AppState) -> Value {
     let taxonomies: Vec<&str> = state.desks().iter().map(|d| d.name()).collect();
     let tax = json!({"type": "string", "enum": taxonomies, "description": "Taxonomy (default: the first)."});
     let meta = json!({"$ref": "#/components/schemas/TicketMeta"});
-    let common = ["400", "401", "413", "422", "503", "504"];
+    let common = ["400", "401", "403", "413", "422", "503", "504"];
     let limits = &state.config.train_limits;
     let with = |mut op: Value, errs: &[&str]| {
         let mut r = error_responses(errs);
@@ -97,12 +97,12 @@ pub fn document(state: &AppState) -> Value {
             "responses": {"201": ok("Dataset id, row counts and the first rejects.", json!({"type": "object", "properties": {
                 "id": {"type": "string"}, "rows": {"type": "integer"}, "imported": {"type": "integer"}, "rejected": {"type": "integer"},
                 "rejects": {"type": "array"}, "labels": {"type": "object"}}}))}
-        }), &["400", "401", "413", "422", "507"])},
+        }), &["400", "401", "403", "413", "422", "507"])},
         "/api/v1/train": {"get": with(json!({
             "summary": "Every training job, those of earlier runs of the service included (job statuses are kept in the data folder).",
             "responses": {"200": ok("The jobs, in id order.", json!({"type": "object", "properties": {
                 "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobStatus"}}}}))}
-        }), &["401"]),
+        }), &["401", "403"]),
         "post": with(json!({
             "summary": "Start a training job on an uploaded dataset (one at a time).",
             "requestBody": json_body(json!({"type": "object", "required": ["dataset_id"], "additionalProperties": false, "properties": {
@@ -113,30 +113,31 @@ pub fn document(state: &AppState) -> Value {
                 "activate": {"type": "boolean", "default": false}, "taxonomy": tax}})),
             "responses": {"202": ok("Job started.", json!({"type": "object", "properties": {"job_id": {"type": "string"}, "status_url": {"type": "string"}}})),
                 "404": {"$ref": "#/components/responses/E404"}, "409": {"$ref": "#/components/responses/E409"}}
-        }), &["400", "401", "422", "503", "507"])},
+        }), &["400", "401", "403", "422", "503", "507"])},
         "/api/v1/train/{id}": {"get": with(json!({
             "summary": "A training job's progress and metrics.",
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
             "responses": {"200": ok("Job status.", json!({"$ref": "#/components/schemas/JobStatus"})),
                 "404": {"$ref": "#/components/responses/E404"}}
-        }), &["401"])},
+        }), &["401", "403"])},
         "/api/v1/train/{id}/activate": {"post": with(json!({
             "summary": "Serve a finished job's adapter from now on (no restart).",
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
             "responses": {"200": ok("Activated.", json!({"type": "object"})), "404": {"$ref": "#/components/responses/E404"},
                 "409": {"$ref": "#/components/responses/E409"}}
-        }), &["401", "422", "507"])},
+        }), &["401", "403", "422", "507"])},
         "/healthz": {"get": {"summary": "Liveness (no authentication).", "responses": {"200": ok("Alive.", json!({"type": "object"}))}}},
         "/readyz": {"get": {"summary": "Readiness: model loaded and warmed up (no authentication).",
             "responses": {"200": ok("Ready.", json!({"type": "object"})), "503": {"$ref": "#/components/responses/E503"}}}},
         "/metrics": {"get": with(json!({"summary": "Prometheus metrics.",
-            "responses": {"200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}), &["401"])},
-        "/openapi.json": {"get": with(json!({"summary": "This document.", "responses": {"200": ok("OpenAPI 3.1.", json!({"type": "object"}))}}), &["401"])},
+            "responses": {"200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}), &["401", "403"])},
+        "/openapi.json": {"get": with(json!({"summary": "This document.", "responses": {"200": ok("OpenAPI 3.1.", json!({"type": "object"}))}}), &["401", "403"])},
     });
     let mut responses = serde_json::Map::new();
     for (code, what) in [
         ("400", "Malformed JSON."),
         ("401", "Missing or wrong bearer token."),
+        ("403", "Sent by a web page of another origin (`cross_origin`), or, without a token, under a Host that is not a loopback name (`host_not_allowed`)."),
         ("404", "Unknown job or dataset."),
         ("409", "A training job is running, or the job has no adapter yet."),
         ("413", "Request body over the limit."),

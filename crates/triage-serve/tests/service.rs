@@ -270,6 +270,65 @@ async fn auth_limits_and_error_bodies() {
     server.done.await.unwrap().unwrap();
 }
 
+/// A web page the user visits cannot drive the service on the user's machine: a request from
+/// another origin is refused, and so is (without a token) a Host that is not a loopback name,
+/// as a DNS-rebinding page would send; programs (no Origin) and the service's own origin are
+/// served, and with a token any Host is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_other_web_origins_and_rebound_hosts_are_refused() {
+    let mut server = Server::start(config(), tiny_structurer(), None).await;
+    let c = client();
+    let ticket = |origin: Option<&str>, host: Option<&str>| {
+        let mut r = c.post(server.url("/v1/tickets")).json(&json!({"text": VPN}));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        r.send()
+    };
+    let own = format!("http://{}", server.addr);
+    assert_eq!(ticket(None, None).await.unwrap().status(), 200);
+    assert_eq!(ticket(Some(&own), None).await.unwrap().status(), 200);
+    let (s, body) = code(ticket(Some("https://evil.example"), None).await.unwrap()).await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (403, Some("cross_origin")),
+        "{body}"
+    );
+    let (s, body) = code(ticket(Some("null"), None).await.unwrap()).await;
+    assert_eq!(s, 403, "{body}");
+    let rebound = format!("evil.example:{}", server.addr.port());
+    let (s, body) = code(ticket(None, Some(&rebound)).await.unwrap()).await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (403, Some("host_not_allowed")),
+        "{body}"
+    );
+    let localhost = format!("localhost:{}", server.addr.port());
+    assert_eq!(ticket(None, Some(&localhost)).await.unwrap().status(), 200);
+    server.shutdown();
+    server.done.await.unwrap().unwrap();
+
+    let cfg = ServeConfig {
+        token: Some("s3cret".into()),
+        ..config()
+    };
+    let mut server = Server::start(cfg, tiny_structurer(), None).await;
+    let r = c
+        .post(server.url("/v1/tickets"))
+        .bearer_auth("s3cret")
+        .header("host", format!("triage.internal:{}", server.addr.port()))
+        .json(&json!({"text": VPN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.shutdown();
+    server.done.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after() {
     let cfg = ServeConfig {

@@ -522,11 +522,24 @@ impl<'a> Trainer<'a> {
         std::fs::create_dir_all(run_dir).map_err(|e| file_err(run_dir, e))?;
         let first = config.first_layer(num_layers);
         let features = (first > 0).then(|| {
-            // Everything the frozen layers' output depends on besides the tokens.
+            // Everything the frozen layers' output depends on besides the tokens: the model
+            // (its sha256 when known, else path and size), how it was loaded, and the system
+            // prompt's exact tokens (a reworded taxonomy description of the same length is
+            // another prefix).
+            use sha2::Digest;
+            let mut prefix = sha2::Sha256::new();
+            for t in base.prefix_tokens() {
+                prefix.update(t.to_le_bytes());
+            }
+            let prefix: String = prefix.finalize()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             let key = format!(
-                "{}|{}|{:?}|{}",
+                "{}|{}|{}|{:?}|{}|{prefix}",
                 gguf.path().display(),
                 gguf.file_len(),
+                base.options().model_sha256.as_deref().unwrap_or("-"),
                 base.options().requantize_q5_0,
                 base.prefix_tokens().len()
             );

@@ -66,7 +66,8 @@ pub struct CalibrateArgs {
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// The decoded scores (JSONL, one decision per line): written after decoding, or,
-    /// when the file exists, read instead of decoding (refitting without the model). While
+    /// when the file exists, read instead of decoding (refitting without the model), provided
+    /// `FILE.key` says it was decoded with this model, adapter and data. While
     /// decoding, every example is journaled in `FILE.partial`, so an interrupted run started
     /// again with the same arguments continues where it stopped.
     #[arg(long, value_name = "FILE")]
@@ -238,6 +239,11 @@ pub fn resolve(
     Resolved::new(args, dir, lora).map(Some)
 }
 
+/// The file beside a `--scores` file holding its [`scores_key`].
+fn key_file(scores: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.key", scores.display()))
+}
+
 /// `triage adapter calibrate`: decodes `data` with the adapter (uncalibrated), fits, writes.
 fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let CalibrateArgs {
@@ -253,6 +259,26 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let (mut decisions, examples) = match scores.as_deref() {
         Some(f) if f.exists() => {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+            // `<scores>.key` ties the decisions to the model, adapter and data they were
+            // decoded with: decisions of an earlier adapter must not calibrate this one.
+            let recorded = std::fs::read_to_string(key_file(f)).ok();
+            let model_path = crate::model_cmd::model_path(cli)?;
+            match recorded.as_deref().map(str::trim) {
+                Some(k) if k == scores_key(cli, dir, &model_path, &labelled.key)? => {}
+                Some(_) => anyhow::bail!(
+                    "{}: decoded with another model, adapter or data file than {} and {}; \
+                     delete it (or give another --scores) to decode again",
+                    f.display(),
+                    dir.display(),
+                    data.display()
+                ),
+                None => tracing::warn!(
+                    "{}: no {} beside it (written by an older triage): cannot check that it was \
+                     decoded with this adapter, model and data",
+                    f.display(),
+                    key_file(f).display()
+                ),
+            }
             let mut decisions = Vec::new();
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let (id, d): (String, calibration::Decision) =
@@ -341,6 +367,21 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
 /// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
 /// and returns every enum decision with its example's id and its label, and the number of
 /// examples decoded; with `args.scores`, also writes them there.
+/// What decoded decisions depend on: the base model, the adapter's weights and the data file.
+/// Keys the `--scores` file (in `<scores>.key`) and its `.partial` journal.
+fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8]) -> anyhow::Result<String> {
+    Ok(crate::eval_cmd::journal_key(&[
+        b"calibrate",
+        crate::model_cmd::model_sha256(cli, model_path)?.as_bytes(),
+        files_key(&[
+            dir.join("adapter_model.safetensors"),
+            dir.join("adapter_config.json"),
+        ])?
+        .as_bytes(),
+        data_key,
+    ]))
+}
+
 fn decode_decisions(
     cli: &Cli,
     args: &CalibrateArgs,
@@ -368,16 +409,7 @@ fn decode_decisions(
     let partial = scores.map(|f| PathBuf::from(format!("{}.partial", f.display())));
     let resume: Option<Resume<Record>> = match &partial {
         Some(partial) => {
-            let key = crate::eval_cmd::journal_key(&[
-                b"calibrate",
-                crate::model_cmd::model_sha256(cli, &model_path)?.as_bytes(),
-                files_key(&[
-                    dir.join("adapter_model.safetensors"),
-                    dir.join("adapter_config.json"),
-                ])?
-                .as_bytes(),
-                data_key.as_slice(),
-            ]);
+            let key = scores_key(cli, dir, &model_path, data_key)?;
             let ids = triage_eval::run::journal_ids(examples);
             let (j, kept) = Journal::open(partial, &key, &ids, true)?;
             if !kept.is_empty() {
@@ -451,6 +483,8 @@ fn decode_decisions(
             lines.push('\n');
         }
         triage_data::atomic_write(f, lines.as_bytes())?;
+        let key = scores_key(cli, dir, &model_path, data_key)?;
+        triage_data::atomic_write(&key_file(f), (key + "\n").as_bytes())?;
         if let Some(partial) = &partial {
             let _ = std::fs::remove_file(partial);
         }

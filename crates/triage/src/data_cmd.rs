@@ -163,6 +163,7 @@ fn import_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &ImportArgs) -> any
         labels,
         source,
         max_text_chars: a.max_text_chars,
+        max_rows: None,
     };
     let report = import::import_file(&a.file, validator, &options)?;
     write_examples(&a.out, &report.examples)?;
