@@ -629,6 +629,34 @@ pub async fn train_start(
             req.dataset_id
         )));
     }
+    // Refused now, not after admission (which may evict old runs) and a job that fails: a
+    // dataset of another taxonomy (whose values might happen to fit this one) or with no
+    // imported row.
+    let summary: Option<Value> = std::fs::read(datasets_dir(&s).join(format!("{}.json", req.dataset_id)))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(summary) = summary {
+        if let Some(of) = summary["taxonomy"].as_str().filter(|t| *t != taxonomy.name) {
+            return Err(ApiError::unprocessable(
+                "dataset_taxonomy_mismatch",
+                format!(
+                    "dataset {} was imported for taxonomy {of:?}, not {:?}; train with \
+                     \"taxonomy\": {of:?}, or upload it again with ?taxonomy={}",
+                    req.dataset_id, taxonomy.name, taxonomy.name
+                ),
+            ));
+        }
+        if summary["imported"].as_u64() == Some(0) {
+            return Err(ApiError::unprocessable(
+                "empty_dataset",
+                format!(
+                    "dataset {} has no imported row ({} rejected: see its rejects); fix the \
+                     upload's columns or labels and upload it again",
+                    req.dataset_id, summary["rejected"]
+                ),
+            ));
+        }
+    }
     // Claim the single job slot, then admit; the slot is released if admission refuses or the
     // request is dropped meanwhile (the claim's guard), and handed to the job once it starts.
     let id = {

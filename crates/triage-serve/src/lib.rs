@@ -203,15 +203,19 @@ fn browser_refusal(req: &Request, tokenless: bool) -> Option<ApiError> {
     None
 }
 
-/// Compares digests, so the comparison time does not depend on the token's prefix.
+/// Compares digests, so the comparison time does not depend on the token's prefix. The
+/// scheme is case-insensitive (RFC 9110), and both tokens are trimmed (a token read from a
+/// secret file often ends in a newline).
 fn authorized(req: &Request, token: &str) -> bool {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    Sha256::digest(given.trim().as_bytes()) == Sha256::digest(token.as_bytes())
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t);
+    let token = token.trim();
+    !token.is_empty() && Sha256::digest(given.trim().as_bytes()) == Sha256::digest(token.as_bytes())
 }
 
 async fn healthz() -> Json<serde_json::Value> {

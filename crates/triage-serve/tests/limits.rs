@@ -77,6 +77,31 @@ async fn every_bound_answers_422_and_tickets_are_still_served() {
     assert_eq!(s, 201, "{up}");
     assert_eq!(up["imported"], 30, "{up}");
     let id = up["id"].as_str().unwrap().to_owned();
+    // A dataset none of whose rows was imported (labels of another taxonomy) is refused
+    // before any admission, naming its rejects.
+    let (s, empty) = upload(
+        &c,
+        &server,
+        csv(4)
+            .replace("Network,VPN", "Netz,VPN")
+            .replace("Software,", "Programme,"),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), empty["imported"].as_u64()),
+        (201, Some(0)),
+        "{empty}"
+    );
+    let (s, body) = answer(
+        c.post(server.url("/api/v1/train"))
+            .json(&json!({"dataset_id": empty["id"]})),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (422, Some("empty_dataset")),
+        "{body}"
+    );
     let t0 = Instant::now();
     let (s, body) = answer(
         c.post(server.url("/api/v1/train"))

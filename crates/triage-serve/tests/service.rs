@@ -61,6 +61,14 @@ async fn auth_limits_and_error_bodies() {
         .unwrap();
     assert_eq!(code(r).await.1["error"]["code"], "unauthorized");
     assert_eq!(c.get(server.url("/metrics")).send().await.unwrap().status(), 401);
+    // The scheme is case-insensitive.
+    let r = c
+        .get(server.url("/metrics"))
+        .header("authorization", "bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     // A ticket: valid against the taxonomy's schema, with per-field confidence.
     let (s, body) = code(post("/v1/tickets", json!({"text": VPN})).send().await.unwrap()).await;

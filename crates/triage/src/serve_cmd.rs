@@ -114,14 +114,22 @@ pub struct ServeArgs {
 }
 
 pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    if !triage_serve::is_loopback(&args.bind) && args.token.as_deref().is_none_or(str::is_empty) {
+    // A token read from a secret file often ends in a newline: it is trimmed, and one that
+    // is only whitespace is no token.
+    let token = args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    if !triage_serve::is_loopback(&args.bind) && token.is_none() {
         bail!(
             "{} is not a loopback address: set --token (or TRIAGE_TOKEN) so the service is not open to the network",
             args.bind
         );
     }
     let config = ServeConfig {
-        token: args.token.clone().filter(|t| !t.is_empty()),
+        token,
         max_body_bytes: args.max_body_bytes,
         max_upload_bytes: args.max_upload_bytes,
         max_upload_rows: args.max_upload_rows,

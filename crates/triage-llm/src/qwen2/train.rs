@@ -60,7 +60,8 @@ pub struct Supervised {
 pub struct LossSpec {
     /// Supervised positions.
     pub positions: Vec<Supervised>,
-    /// Divisor (e.g. the summed weights of an optimizer step).
+    /// Divisor (the trainer uses the micro-batch's summed weight times `grad_accum`, so each
+    /// micro-batch of a step weighs the same).
     pub denom: f64,
 }
 
