@@ -248,6 +248,20 @@ impl Jobs {
         n
     }
 
+    /// Records that job `id`'s adapter now serves `taxonomy`: it is active, and the job whose
+    /// adapter served it before is not any more (records saved under `data_dir`).
+    pub(crate) fn set_active(&self, id: &str, taxonomy: &str, data_dir: &Path) {
+        let jobs: Vec<Arc<Mutex<JobStatus>>> = self.lock().jobs.values().cloned().collect();
+        for j in jobs {
+            let mut g = status(&j);
+            let active = g.id == id;
+            if g.taxonomy == taxonomy && g.active != active {
+                g.active = active;
+                save(data_dir, &g);
+            }
+        }
+    }
+
     /// Every job's status, in id order.
     pub(crate) fn list(&self) -> Vec<JobStatus> {
         let jobs: Vec<Arc<Mutex<JobStatus>>> = self.lock().jobs.values().cloned().collect();
@@ -948,7 +962,7 @@ fn run_job(
     }
     if activate {
         activate_adapter(s, desk.name(), &dir, id).map_err(JobError::Api)?;
-        status(st).active = true;
+        s.jobs.set_active(id, desk.name(), &s.config.data_dir);
     }
     Ok(())
 }
@@ -1028,15 +1042,13 @@ pub async fn train_activate(
             }
         }
     };
+    let served = taxonomy.clone();
     let state = s.clone();
     let name = id.clone();
     tokio::task::spawn_blocking(move || activate_adapter(&state, &taxonomy, &dir, &name))
         .await
         .map_err(|e| ApiError::internal("activation", e))??;
-    let mut g = status(&job);
-    g.active = true;
-    save(&s.config.data_dir, &g);
-    drop(g);
+    s.jobs.set_active(&id, &served, &s.config.data_dir);
     Ok(Json(serde_json::json!({"job_id": id, "active": true})))
 }
 
@@ -1146,6 +1158,43 @@ mod tests {
         );
         assert_eq!(first.log.len(), 2, "the note is not added twice: {:?}", first.log);
         assert!(!again.list()[2].active);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Activating a job's adapter for a taxonomy makes the job that served it before
+    /// inactive (in memory and in its record); other taxonomies' jobs keep their flag.
+    #[test]
+    fn activating_a_job_deactivates_the_one_it_replaces() {
+        let d = std::env::temp_dir().join(format!("triage-set-active-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("runs")).unwrap();
+        let jobs = Jobs::default();
+        for (id, taxonomy, active) in [
+            ("job-1-1", "default", true),
+            ("job-1-2", "default", false),
+            ("job-1-3", "cs", true),
+        ] {
+            let st = JobStatus {
+                taxonomy: taxonomy.into(),
+                active,
+                ..job(id, JobState::Succeeded, 100)
+            };
+            jobs.lock().jobs.insert(id.into(), Arc::new(Mutex::new(st)));
+        }
+        jobs.set_active("job-1-2", "default", &d);
+        let active: Vec<(String, bool)> = jobs.list().into_iter().map(|j| (j.id, j.active)).collect();
+        assert_eq!(
+            active,
+            [
+                ("job-1-1".into(), false),
+                ("job-1-2".into(), true),
+                ("job-1-3".into(), true)
+            ]
+        );
+        let record = |id: &str| -> JobStatus {
+            serde_json::from_slice(&std::fs::read(record_path(&d, id)).unwrap()).unwrap()
+        };
+        assert!(!record("job-1-1").active && record("job-1-2").active);
         std::fs::remove_dir_all(d).unwrap();
     }
 
