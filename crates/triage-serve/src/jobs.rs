@@ -124,11 +124,13 @@ fn save(data_dir: &Path, st: &JobStatus) {
 /// The step saved in `run_dir/checkpoint/state.json` (`{"config", "state": {"step"}}`, as
 /// [`Trainer::checkpoint`] writes it), with the checkpoint folder; `None` without a readable one.
 fn last_checkpoint(run_dir: &Path) -> Option<(PathBuf, usize)> {
-    let dir = run_dir.join("checkpoint");
-    let text = std::fs::read(dir.join("state.json")).ok()?;
+    let text = std::fs::read(triage_train::trainer::checkpoint_state(run_dir)).ok()?;
     let v: Value = serde_json::from_slice(&text).ok()?;
     let step = v.get("state")?.get("step")?.as_u64()?;
-    Some((dir, usize::try_from(step).ok()?))
+    Some((
+        triage_train::trainer::checkpoint_dir(run_dir),
+        usize::try_from(step).ok()?,
+    ))
 }
 
 #[derive(Default)]
@@ -329,6 +331,13 @@ fn datasets_dir(s: &AppState) -> PathBuf {
     s.config.data_dir.join("datasets")
 }
 
+/// The summary `train-data` answered for dataset `id` (`<id>.json` in `dir`), if readable.
+fn dataset_summary(dir: &Path, id: &str) -> Option<Value> {
+    std::fs::read(dir.join(format!("{id}.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 fn io_error(what: &str, path: &Path, e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(what, format!("{}: {e}", path.display()))
 }
@@ -457,10 +466,7 @@ pub async fn train_data(
         let meta = dir.join(format!("{id}.json"));
         // The same upload again: the stored dataset answers.
         if data.is_file() {
-            if let Some(v) = std::fs::read(&meta)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            {
+            if let Some(v) = dataset_summary(&dir, &id) {
                 return Ok(v);
             }
         }
@@ -646,10 +652,7 @@ pub async fn train_start(
     // Refused now, not after admission (which may evict old runs) and a job that fails: a
     // dataset of another taxonomy (whose values might happen to fit this one) or with no
     // imported row.
-    let summary: Option<Value> = std::fs::read(datasets_dir(&s).join(format!("{}.json", req.dataset_id)))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(summary) = summary {
+    if let Some(summary) = dataset_summary(&datasets_dir(&s), &req.dataset_id) {
         if let Some(of) = summary["taxonomy"].as_str().filter(|t| *t != taxonomy.name) {
             return Err(ApiError::unprocessable(
                 "dataset_taxonomy_mismatch",

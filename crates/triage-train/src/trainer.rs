@@ -469,7 +469,7 @@ impl<'a> Trainer<'a> {
         let model = base.model().clone();
         let device = model.device().clone();
         let (config, state) = if resume {
-            let state_path = run_dir.join("checkpoint").join("state.json");
+            let state_path = checkpoint_state(run_dir);
             let text = std::fs::read_to_string(&state_path)
                 .map_err(|e| file_err(&state_path, format!("{e}: no checkpoint to resume")))?;
             let saved: Checkpoint = serde_json::from_str(&text).map_err(|e| file_err(&state_path, e))?;
@@ -507,7 +507,7 @@ impl<'a> Trainer<'a> {
         let lora = Lora::new(model.config(), lora_config.clone(), config.seed, &device)?;
         let mut opt = AdamW::new(lora.vars(), config.optimizer.clone())?;
         if resume {
-            let dir = run_dir.join("checkpoint");
+            let dir = checkpoint_dir(run_dir);
             let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &device)
                 .map_err(|e| file_err(&dir, e))?;
             let restored = Lora::from_peft_tensors(model.config(), lora_config, &tensors, &device)
@@ -723,7 +723,7 @@ impl<'a> Trainer<'a> {
 
     /// Writes `run_dir/checkpoint/` atomically.
     pub fn checkpoint(&self) -> Result<(), TrainError> {
-        crate::adapter::write_dir(&self.run_dir.join("checkpoint"), |tmp| {
+        crate::adapter::write_dir(&checkpoint_dir(&self.run_dir), |tmp| {
             self.lora
                 .save_safetensors(&tmp.join("adapter_model.safetensors"))?;
             self.opt.save(&tmp.join("optimizer.safetensors"))?;
@@ -731,14 +731,19 @@ impl<'a> Trainer<'a> {
                 config: self.config.clone(),
                 state: self.state.clone(),
             };
-            let p = tmp.join("state.json");
+            let p = tmp.join(STATE_FILE);
             std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
                 .map_err(|e| file_err(&p, e))
         })
     }
 
+    /// `run_dir/metrics.jsonl`: one record per step and evaluation.
+    fn metrics_path(&self) -> PathBuf {
+        self.run_dir.join("metrics.jsonl")
+    }
+
     fn log(&self, record: serde_json::Value) -> Result<(), TrainError> {
-        let path = self.run_dir.join("metrics.jsonl");
+        let path = self.metrics_path();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -751,7 +756,7 @@ impl<'a> Trainer<'a> {
     /// that ran after it and are about to run again) and a torn last line, so the log reads
     /// as the uninterrupted run's.
     fn truncate_log(&self, step: usize) -> Result<(), TrainError> {
-        let path = self.run_dir.join("metrics.jsonl");
+        let path = self.metrics_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -796,9 +801,9 @@ impl<'a> Trainer<'a> {
         let fresh = self.state.step == 0;
         match fresh {
             // A fresh run's log starts empty (not after an earlier run's records).
-            true => match std::fs::remove_file(self.run_dir.join("metrics.jsonl")) {
+            true => match std::fs::remove_file(self.metrics_path()) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(file_err(&self.run_dir.join("metrics.jsonl"), e))
+                    return Err(file_err(&self.metrics_path(), e))
                 }
                 _ => {}
             },
@@ -953,6 +958,19 @@ impl<'a> Trainer<'a> {
             last_loss: self.state.train_loss.last().map_or(f64::NAN, |x| x.1),
         })
     }
+}
+
+/// The file of the run state in a checkpoint folder (`{"config", "state": {"step", …}}`).
+const STATE_FILE: &str = "state.json";
+
+/// `run_dir/checkpoint/`: what [`Trainer::checkpoint`] writes and `--resume` reads.
+pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoint")
+}
+
+/// The run state of `run_dir`'s checkpoint; it exists once a checkpoint was written.
+pub fn checkpoint_state(run_dir: &Path) -> PathBuf {
+    checkpoint_dir(run_dir).join(STATE_FILE)
 }
 
 /// `category 0.40, priority 0.55, ...`.

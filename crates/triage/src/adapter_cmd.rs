@@ -239,9 +239,10 @@ pub fn resolve(
     Resolved::new(args, dir, lora).map(Some)
 }
 
-/// The file beside a `--scores` file holding its [`scores_key`].
-fn key_file(scores: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.key", scores.display()))
+/// The file beside a `--scores` file with `suffix`: `key` holds its [`scores_key`], `partial`
+/// the journal of its decoding.
+fn beside(scores: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}.{suffix}", scores.display()))
 }
 
 /// `triage adapter calibrate`: decodes `data` with the adapter (uncalibrated), fits, writes.
@@ -261,7 +262,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
             // `<scores>.key` ties the decisions to the model, adapter and data they were
             // decoded with: decisions of an earlier adapter must not calibrate this one.
-            let recorded = std::fs::read_to_string(key_file(f)).ok();
+            let recorded = std::fs::read_to_string(beside(f, "key")).ok();
             let model_path = crate::model_cmd::model_path(cli)?;
             match recorded.as_deref().map(str::trim) {
                 Some(k) if k == scores_key(cli, dir, &model_path, &labelled.key)? => {}
@@ -276,7 +277,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
                     "{}: no {} beside it (written by an older triage): cannot check that it was \
                      decoded with this adapter, model and data",
                     f.display(),
-                    key_file(f).display()
+                    beside(f, "key").display()
                 ),
             }
             let mut decisions = Vec::new();
@@ -364,9 +365,6 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
-/// and returns every enum decision with its example's id and its label, and the number of
-/// examples decoded; with `args.scores`, also writes them there.
 /// What decoded decisions depend on: the base model, the adapter's weights and the data file.
 /// Keys the `--scores` file (in `<scores>.key`) and its `.partial` journal.
 fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8]) -> anyhow::Result<String> {
@@ -382,6 +380,9 @@ fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8]) -> anyh
     ]))
 }
 
+/// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
+/// and returns every enum decision with its example's id and its label, and the number of
+/// examples decoded; with `args.scores`, also writes them there.
 fn decode_decisions(
     cli: &Cli,
     args: &CalibrateArgs,
@@ -406,12 +407,16 @@ fn decode_decisions(
     let s = base.with_adapter(Arc::new(lora));
     // One record per example: its decisions, or why it was not decoded.
     type Record = Result<Vec<calibration::Decision>, String>;
-    let partial = scores.map(|f| PathBuf::from(format!("{}.partial", f.display())));
-    let resume: Option<Resume<Record>> = match &partial {
-        Some(partial) => {
-            let key = scores_key(cli, dir, &model_path, data_key)?;
+    // With --scores: the key of its journal and of the finished file (hashed once).
+    let key = match scores {
+        Some(_) => Some(scores_key(cli, dir, &model_path, data_key)?),
+        None => None,
+    };
+    let partial = scores.map(|f| beside(f, "partial"));
+    let resume: Option<Resume<Record>> = match (&partial, &key) {
+        (Some(partial), Some(key)) => {
             let ids = triage_eval::run::journal_ids(examples);
-            let (j, kept) = Journal::open(partial, &key, &ids, true)?;
+            let (j, kept) = Journal::open(partial, key, &ids, true)?;
             if !kept.is_empty() {
                 eprintln!(
                     "{}: resuming after {} decoded examples",
@@ -421,7 +426,7 @@ fn decode_decisions(
             }
             Some((j, kept))
         }
-        None => None,
+        _ => None,
     };
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
     crate::batch::install_ctrlc();
@@ -476,15 +481,14 @@ fn decode_decisions(
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
     }
-    if let Some(f) = scores {
+    if let (Some(f), Some(key)) = (scores, &key) {
         let mut lines = String::new();
         for (id, d) in &decisions {
             lines.push_str(&serde_json::to_string(&(id, d))?);
             lines.push('\n');
         }
         triage_data::atomic_write(f, lines.as_bytes())?;
-        let key = scores_key(cli, dir, &model_path, data_key)?;
-        triage_data::atomic_write(&key_file(f), (key + "\n").as_bytes())?;
+        triage_data::atomic_write(&beside(f, "key"), format!("{key}\n").as_bytes())?;
         if let Some(partial) = &partial {
             let _ = std::fs::remove_file(partial);
         }

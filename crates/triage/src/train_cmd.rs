@@ -278,13 +278,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
-    let state = run_dir.join("checkpoint").join("state.json");
-    if !args.resume && state.exists() {
+    if !args.resume && triage_train::trainer::checkpoint_state(&run_dir).exists() {
         anyhow::bail!(
             "{} holds the checkpoint of an earlier run: continue it with --resume, or start afresh \
              with another --run-dir (or after deleting {})",
             run_dir.display(),
-            run_dir.join("checkpoint").display()
+            triage_train::trainer::checkpoint_dir(&run_dir).display()
         );
     }
     let (gguf, base, model_path) = base_structurer(cli, taxonomy.clone(), &args.device.spec, true)?;
