@@ -150,12 +150,25 @@ impl NearDupIndex {
 
     /// Adds a text (duplicate or not) and returns its index.
     pub fn insert(&mut self, text: &str) -> usize {
-        let idx = self.shingles.len();
-        self.exact.entry(normalize(text)).or_insert(idx);
         let sh = shingles(text);
         let sig = minhash(&sh);
-        for (b, band) in self.bands.iter_mut().enumerate() {
-            band.entry(band_key(&sig, b)).or_default().push(idx);
+        self.insert_parts(normalize(text), sh, &sig)
+    }
+
+    /// Adds a text given its normalised form, shingles and signature. An exact copy of an
+    /// earlier text is not added to the bands: every text that would meet it there meets the
+    /// earlier copy, which `find` prefers anyway, so many copies of one text stay linear.
+    fn insert_parts(&mut self, normalized: String, sh: Vec<u64>, sig: &[u64; HASHES]) -> usize {
+        let idx = self.shingles.len();
+        let mut copy = true;
+        self.exact.entry(normalized).or_insert_with(|| {
+            copy = false;
+            idx
+        });
+        if !copy {
+            for (b, band) in self.bands.iter_mut().enumerate() {
+                band.entry(band_key(sig, b)).or_default().push(idx);
+            }
         }
         self.shingles.push(sh);
         idx
@@ -180,27 +193,26 @@ pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
         i
     }
     let mut index = NearDupIndex::new(threshold);
-    let sigs: Vec<(Vec<u64>, [u64; HASHES])> = texts
-        .iter()
-        .map(|t| {
-            let sh = shingles(t);
-            let sig = minhash(&sh);
-            (sh, sig)
-        })
-        .collect();
     for (i, text) in texts.iter().enumerate() {
-        if let Some(&j) = index.exact.get(&normalize(text)) {
+        let normalized = normalize(text);
+        let sh = shingles(text);
+        let sig = minhash(&sh);
+        if let Some(&j) = index.exact.get(&normalized) {
+            // An exact copy joins its original's cluster, which already holds every text the
+            // copy would match.
             union(&mut parent, i, j, root);
-        }
-        for b in 0..BANDS {
-            let key = band_key(&sigs[i].1, b);
-            for &j in index.bands[b].get(&key).into_iter().flatten() {
-                if jaccard(&sigs[i].0, &sigs[j].0) >= threshold {
-                    union(&mut parent, i, j, root);
+        } else {
+            for b in 0..BANDS {
+                for &j in index.bands[b].get(&band_key(&sig, b)).into_iter().flatten() {
+                    if root(&mut parent, i) != root(&mut parent, j)
+                        && jaccard(&sh, &index.shingles[j]) >= threshold
+                    {
+                        union(&mut parent, i, j, root);
+                    }
                 }
             }
         }
-        index.insert(text);
+        index.insert_parts(normalized, sh, &sig);
     }
     (0..texts.len()).map(|i| root(&mut parent, i)).collect()
 }
@@ -248,5 +260,29 @@ mod tests {
         ];
         let c = clusters(&texts, 0.8);
         assert_eq!(c, vec![0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn exact_copies_join_their_original_and_leave_the_bands_alone() {
+        let mut texts = vec!["the vpn disconnects every ten minutes since the update"; 3];
+        texts.push("the printer is out of toner");
+        texts.push("THE VPN disconnects every ten minutes since the update, help");
+        texts.extend(["The printer is out of toner."; 2]);
+        assert_eq!(clusters(&texts, 0.8), vec![0, 0, 0, 3, 0, 3, 3]);
+
+        let mut idx = NearDupIndex::new(0.8);
+        for t in &texts {
+            idx.insert(t);
+        }
+        assert_eq!(idx.len(), texts.len());
+        // Two distinct texts plus one near duplicate are in the bands; the four copies are not.
+        let banded: usize = idx.bands[0].values().map(Vec::len).sum();
+        assert_eq!(banded, 3);
+        assert_eq!(idx.find(texts[4]), Some(Duplicate::Exact(4)));
+        // A near duplicate of the copied text still finds the earliest one.
+        match idx.find("the vpn disconnects every ten minutes since the update please") {
+            Some(Duplicate::Near(0, s)) => assert!(s >= 0.8, "{s}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
