@@ -207,7 +207,12 @@ impl AppState {
     /// removed, and the training jobs of earlier processes are listed from their records
     /// (`runs/<job>.json`): one that was running when its process went down is `interrupted`,
     /// with its last checkpoint.
-    pub fn new(config: ServeConfig, desks: Vec<Desk>, train: Option<TrainContext>) -> Arc<Self> {
+    pub fn new(mut config: ServeConfig, desks: Vec<Desk>, train: Option<TrainContext>) -> Arc<Self> {
+        // Job records name their adapter folder: an absolute path stays true when the service
+        // is restarted from another working directory.
+        if let Ok(dir) = std::path::absolute(&config.data_dir) {
+            config.data_dir = dir;
+        }
         let state = Arc::new(AppState {
             admission: Admission::new(config.workers, config.queue),
             config,
@@ -365,5 +370,26 @@ impl Admission {
             Ok(Err(_)) => Err(ApiError::busy(retry_after_s)),
             Err(_) => Err(ApiError::timeout("waiting for a worker")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_data_dir_is_made_absolute_so_job_records_name_absolute_adapter_paths() {
+        let rel = PathBuf::from(format!("triage-state-test-{}", std::process::id()));
+        let state = AppState::new(
+            ServeConfig {
+                data_dir: rel.clone(),
+                ..ServeConfig::default()
+            },
+            Vec::new(),
+            None,
+        );
+        assert!(state.config.data_dir.is_absolute(), "{:?}", state.config.data_dir);
+        assert_eq!(state.config.data_dir, std::env::current_dir().unwrap().join(&rel));
+        assert!(!rel.exists(), "nothing is created before it is needed");
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{answer, client, csv, tiny_structurer, tiny_train_context, Server, MAP};
+use common::{answer, client, csv, tiny_structurer, tiny_structurer_for, tiny_train_context, Server, MAP};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use triage_serve::{Desk, ServeConfig, TrainLimits};
@@ -263,6 +263,54 @@ async fn every_bound_answers_422_and_tickets_are_still_served() {
         "{m}"
     );
     still_serves(&c, &server).await;
+    server.shutdown();
+    server.done.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_imported_for_one_taxonomy_is_not_trained_for_another() {
+    let dir = data_dir("taxonomy");
+    let cfg = ServeConfig {
+        data_dir: dir.clone(),
+        ..ServeConfig::default()
+    };
+    let cs =
+        triage_taxonomy::Taxonomy::from_file(common::repo().join("configs/taxonomy/customer-support.toml"))
+            .unwrap();
+    let desks = vec![
+        Desk::new(tiny_structurer(), None),
+        Desk::new(tiny_structurer_for(cs), None),
+    ];
+    let mut server = Server::start_desks(cfg, desks, Some(tiny_train_context())).await;
+    let c = client();
+    // Imported for the default taxonomy (the first desk).
+    let (s, up) = upload(&c, &server, csv(6)).await;
+    assert_eq!((s.as_u16(), up["imported"].as_u64()), (201, Some(6)), "{up}");
+    let (s, body) = answer(
+        c.post(server.url("/api/v1/train"))
+            .json(&json!({"dataset_id": up["id"], "taxonomy": "customer-support", "steps": 1})),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (422, Some("dataset_taxonomy_mismatch")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"default\"") && message.contains("customer-support"),
+        "{message}"
+    );
+    // Nothing was admitted: no job is listed and no run folder was made.
+    let (s, jobs) = answer(c.get(server.url("/api/v1/train"))).await;
+    assert_eq!(s, 200, "{jobs}");
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+    assert!(
+        files(&dir.join("runs")).is_empty(),
+        "{:?}",
+        files(&dir.join("runs"))
+    );
     server.shutdown();
     server.done.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

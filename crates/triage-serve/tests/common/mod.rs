@@ -45,6 +45,11 @@ fn options(store: &ModelStore) -> StructurerOptions {
 /// A structurer over a tiny random Qwen2 with the real tokenizer: the service code path at a
 /// fraction of the cost (its tickets are valid by construction, their content random).
 pub fn tiny_structurer() -> Structurer {
+    tiny_structurer_for(taxonomy())
+}
+
+/// [`tiny_structurer`] over another taxonomy.
+pub fn tiny_structurer_for(taxonomy: Taxonomy) -> Structurer {
     let (gguf, _) = gguf();
     let vocab = Config::from_gguf(&gguf).unwrap().vocab_size;
     let cfg = Config {
@@ -64,7 +69,7 @@ pub fn tiny_structurer() -> Structurer {
         min_confidence: Some(0.5),
         ..StructurerOptions::default()
     };
-    Structurer::with_model(model, &gguf, taxonomy(), opts).unwrap()
+    Structurer::with_model(model, &gguf, taxonomy, opts).unwrap()
 }
 
 /// The real 0.5B structurer and a training context on it.
