@@ -82,6 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(upload)
         .merge(json)
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -260,4 +261,13 @@ async fn openapi_json(State(s): State<Arc<AppState>>) -> Json<serde_json::Value>
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see /openapi.json")
+}
+
+/// A known route with another method: 405 with the JSON error body (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not served here; the methods are in the Allow header and /openapi.json"),
+    )
 }

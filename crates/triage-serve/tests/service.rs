@@ -251,6 +251,20 @@ async fn auth_limits_and_error_bodies() {
         );
         assert_ne!(s, 405, "{m} {p}");
     }
+    // A route with another method: 405, a JSON error and the Allow header.
+    let r = c
+        .delete(server.url("/v1/tickets"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    let allow = r.headers().get("allow").map(|v| v.to_str().unwrap().to_owned());
+    let (s, body) = code(r).await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str(), allow.as_deref()),
+        (405, Some("method_not_allowed"), Some("POST")),
+        "{body}"
+    );
     assert_eq!(doc["components"]["schemas"]["Ticket"], *validator.schema());
 
     // Metrics count what happened.
