@@ -11,7 +11,7 @@ use triage_data::{parse_examples, read_examples};
 use triage_eval::journal::Journal;
 use triage_eval::report;
 use triage_eval::run::{run_baseline, run_llm, Resume, SystemRun};
-use triage_infer::Structurer;
+use triage_infer::{Structurer, PROMPT_VERSION};
 use triage_taxonomy::Validator;
 
 use crate::Cli;
@@ -82,15 +82,29 @@ pub(crate) fn journal_key(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// [`journal_key`] of `parts` and, from prompt version 2 on, the prompt version: a record
+/// decoded under another system prompt is not reused. Journals of version 1 predate the rule
+/// and keep their keys.
+pub(crate) fn prompt_key(parts: &[&[u8]], prompt_version: u32) -> String {
+    if prompt_version <= 1 {
+        return journal_key(parts);
+    }
+    let version = format!("prompt-v{prompt_version}");
+    let mut parts = parts.to_vec();
+    parts.push(version.as_bytes());
+    journal_key(&parts)
+}
+
 /// A labelled data file, read once: its examples, what the journals of a run over it are keyed
 /// on besides the system itself, and the file's SHA-256.
 pub(crate) struct LabelledData {
     /// The examples, in file order.
     pub examples: Vec<triage_data::Example>,
     /// The journal key part of records that depend on the labels (calibration's decisions):
-    /// the taxonomy and the whole file.
+    /// the taxonomy and the whole file (and the prompt version, [`prompt_key`]).
     pub key: Vec<u8>,
-    /// The journal key part of decoded tickets (`eval`): the taxonomy only. Each entry is
+    /// The journal key part of decoded tickets (`eval`): the taxonomy (and the prompt
+    /// version, [`prompt_key`]) only. Each entry is
     /// keyed by its text ([`triage_eval::run::journal_id`]), and its labels are read from
     /// the file, so a grown or relabelled file keeps what was decoded.
     pub tickets_key: Vec<u8>,
@@ -106,8 +120,8 @@ impl LabelledData {
         let taxonomy = serde_json::to_vec(taxonomy)?;
         Ok(Self {
             examples,
-            key: journal_key(&[&taxonomy, &bytes]).into_bytes(),
-            tickets_key: journal_key(&[&taxonomy]).into_bytes(),
+            key: prompt_key(&[&taxonomy, &bytes], PROMPT_VERSION).into_bytes(),
+            tickets_key: prompt_key(&[&taxonomy], PROMPT_VERSION).into_bytes(),
             sha256: crate::data_cmd::sha256_hex(&bytes),
         })
     }
@@ -263,4 +277,19 @@ fn finish(
     }
     eprintln!("report written to {}/report.{{json,md,html}}", args.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journals_are_keyed_on_the_prompt_version_from_version_2_on() {
+        let parts: [&[u8]; 2] = [b"taxonomy", b"data"];
+        // Version 1 journals (every one written so far) keep their keys.
+        assert_eq!(prompt_key(&parts, 1), journal_key(&parts));
+        assert_ne!(prompt_key(&parts, 2), prompt_key(&parts, 1));
+        assert_ne!(prompt_key(&parts, 2), prompt_key(&parts, 3));
+        assert_eq!(prompt_key(&parts, 2), prompt_key(&parts, 2));
+    }
 }
