@@ -331,9 +331,14 @@ fn datasets_dir(s: &AppState) -> PathBuf {
     s.config.data_dir.join("datasets")
 }
 
-/// The summary `train-data` answered for dataset `id` (`<id>.json` in `dir`), if readable.
+/// `<id>.json` in `dir`: the summary `train-data` answered for dataset `id`.
+fn summary_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// The summary `train-data` answered for dataset `id` ([`summary_path`]), if readable.
 fn dataset_summary(dir: &Path, id: &str) -> Option<Value> {
-    std::fs::read(dir.join(format!("{id}.json")))
+    std::fs::read(summary_path(dir, id))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
@@ -463,7 +468,7 @@ pub async fn train_data(
     let report = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
         let guard = state.disk.lock();
         let data = dir.join(format!("{id}.jsonl"));
-        let meta = dir.join(format!("{id}.json"));
+        let meta = summary_path(&dir, &id);
         // The same upload again: the stored dataset answers.
         if data.is_file() {
             if let Some(v) = dataset_summary(&dir, &id) {

@@ -407,14 +407,13 @@ fn decode_decisions(
     let s = base.with_adapter(Arc::new(lora));
     // One record per example: its decisions, or why it was not decoded.
     type Record = Result<Vec<calibration::Decision>, String>;
-    // With --scores: the key of its journal and of the finished file (hashed once).
-    let key = match scores {
-        Some(_) => Some(scores_key(cli, dir, &model_path, data_key)?),
-        None => None,
-    };
-    let partial = scores.map(|f| beside(f, "partial"));
-    let resume: Option<Resume<Record>> = match (&partial, &key) {
-        (Some(partial), Some(key)) => {
+    // With --scores: its journal (`<scores>.partial`) and the key of the journal and of the
+    // finished file (hashed once).
+    let journaled = scores
+        .map(|f| anyhow::Ok((beside(f, "partial"), scores_key(cli, dir, &model_path, data_key)?)))
+        .transpose()?;
+    let resume: Option<Resume<Record>> = match &journaled {
+        Some((partial, key)) => {
             let ids = triage_eval::run::journal_ids(examples);
             let (j, kept) = Journal::open(partial, key, &ids, true)?;
             if !kept.is_empty() {
@@ -426,7 +425,7 @@ fn decode_decisions(
             }
             Some((j, kept))
         }
-        _ => None,
+        None => None,
     };
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
     crate::batch::install_ctrlc();
@@ -481,7 +480,7 @@ fn decode_decisions(
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
     }
-    if let (Some(f), Some(key)) = (scores, &key) {
+    if let (Some(f), Some((partial, key))) = (scores, &journaled) {
         let mut lines = String::new();
         for (id, d) in &decisions {
             lines.push_str(&serde_json::to_string(&(id, d))?);
@@ -489,9 +488,7 @@ fn decode_decisions(
         }
         triage_data::atomic_write(f, lines.as_bytes())?;
         triage_data::atomic_write(&beside(f, "key"), format!("{key}\n").as_bytes())?;
-        if let Some(partial) = &partial {
-            let _ = std::fs::remove_file(partial);
-        }
+        let _ = std::fs::remove_file(partial);
     }
     Ok((decisions, examples.len() - failed))
 }

@@ -104,9 +104,9 @@ pub(crate) struct LabelledData {
     /// the taxonomy and the whole file (and the prompt version, [`prompt_key`]).
     pub key: Vec<u8>,
     /// The journal key part of decoded tickets (`eval`): the taxonomy (and the prompt
-    /// version, [`prompt_key`]) only. Each entry is
-    /// keyed by its text ([`triage_eval::run::journal_id`]), and its labels are read from
-    /// the file, so a grown or relabelled file keeps what was decoded.
+    /// version, [`prompt_key`]) only. Each entry is keyed by its text
+    /// ([`triage_eval::run::journal_id`]), and its labels are read from the file, so a grown
+    /// or relabelled file keeps what was decoded.
     pub tickets_key: Vec<u8>,
     /// The SHA-256 (hex) of the file's bytes (`report.json`'s `dataset_sha256`).
     pub sha256: String,
