@@ -136,6 +136,24 @@ pub fn coverage_curve(confidence: &[f64], correct: &[bool], thresholds: &[f64]) 
         .collect()
 }
 
+/// Two-sided exact McNemar test of two systems on the same examples: `wins` examples only the
+/// first got right, `losses` only the second. Under "equally good", each of the `wins + losses`
+/// discordant examples goes either way with probability 1/2; the p-value is the probability of
+/// a split at least as uneven (1 when there is no discordant example).
+pub fn mcnemar_exact(wins: usize, losses: usize) -> f64 {
+    let n = wins + losses;
+    let k = wins.min(losses);
+    // P(X <= k) for X ~ Binomial(n, 1/2), summed in log space: C(n, i) / 2^n overflows f64
+    // for large n long before the sum is small.
+    let mut log_pmf = -(n as f64) * std::f64::consts::LN_2;
+    let mut tail = 0.0;
+    for i in 0..=k {
+        tail += log_pmf.exp();
+        log_pmf += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+    }
+    (2.0 * tail).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +201,22 @@ mod tests {
         let cov = coverage_curve(&conf, &ok, &[0.0, 0.8]);
         assert_eq!(cov[0], (0.0, 1.0, 0.5));
         assert_eq!(cov[1], (0.8, 0.5, 1.0));
+    }
+
+    #[test]
+    fn mcnemar_matches_the_binomial_tail() {
+        // No discordant example, or an even split: no evidence either way.
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+        // 0 vs 5: 2 * (1/2)^5.
+        assert!((mcnemar_exact(0, 5) - 0.0625).abs() < 1e-12);
+        // 1 vs 9, either order: 2 * (1 + 10) / 1024.
+        let p = 2.0 * 11.0 / 1024.0;
+        assert!((mcnemar_exact(1, 9) - p).abs() < 1e-12);
+        assert!((mcnemar_exact(9, 1) - p).abs() < 1e-12);
+        // Large counts stay finite and in range: 480 vs 520 is chance (p ~ 0.22); 400 vs 600 is not.
+        let p = mcnemar_exact(480, 520);
+        assert!(p > 0.2 && p < 0.25, "{p}");
+        assert!(mcnemar_exact(400, 600) < 1e-9);
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use triage_data::Example;
 use triage_taxonomy::Taxonomy;
 
-use crate::metrics::{coverage_curve, field_report, reliability, FieldReport};
+use crate::metrics::{coverage_curve, field_report, mcnemar_exact, reliability, FieldReport};
 use crate::run::{Prediction, SystemRun};
 
 /// Accuracy per field for one language.
@@ -31,6 +31,21 @@ pub struct WorstError {
     pub text: String,
     /// `(field, gold, predicted, confidence)` of the wrong fields.
     pub wrong: Vec<(String, String, String, f64)>,
+}
+
+/// One system against the report's first system on the same examples, for one field or for
+/// whole tickets: the examples where exactly one of the two is right.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// The field, or `all fields` (every field right and the output valid).
+    pub field: String,
+    /// Examples this system got right and the first system wrong.
+    pub wins: usize,
+    /// Examples this system got wrong and the first system right.
+    pub losses: usize,
+    /// Two-sided exact McNemar p-value of that split ([`mcnemar_exact`]): how often two equally
+    /// good systems would split at least this unevenly.
+    pub p_value: f64,
 }
 
 /// Everything measured for one system.
@@ -59,6 +74,9 @@ pub struct SystemReport {
     pub coverage: Vec<(f64, f64, f64)>,
     /// The worst errors.
     pub worst: Vec<WorstError>,
+    /// Against the report's first system (the baseline, in `triage eval`'s order), per field
+    /// and for all fields right; empty for the first system itself.
+    pub vs_first: Vec<Paired>,
 }
 
 /// The whole report.
@@ -90,12 +108,54 @@ fn is_right(p: &Prediction, field: &str) -> bool {
     p.value(field).is_some() && p.value(field) == p.gold_value(field)
 }
 
+/// `preds` against `reference` on the examples both have (matched by id), per field in
+/// `fields` order, then for all fields right.
+fn paired(fields: &[&str], reference: &[Prediction], preds: &[Prediction]) -> Vec<Paired> {
+    let by_id: std::collections::HashMap<&str, &Prediction> =
+        reference.iter().map(|p| (p.id.as_str(), p)).collect();
+    let pairs: Vec<(&Prediction, &Prediction)> = preds
+        .iter()
+        .filter_map(|p| by_id.get(p.id.as_str()).map(|r| (p, *r)))
+        .collect();
+    let tally = |field: &str, right: &dyn Fn(&Prediction) -> bool| {
+        let (mut wins, mut losses) = (0, 0);
+        for (p, r) in &pairs {
+            match (right(p), right(r)) {
+                (true, false) => wins += 1,
+                (false, true) => losses += 1,
+                _ => {}
+            }
+        }
+        Paired {
+            field: field.to_owned(),
+            wins,
+            losses,
+            p_value: mcnemar_exact(wins, losses),
+        }
+    };
+    let mut out: Vec<Paired> = fields.iter().map(|f| tally(f, &|p| is_right(p, f))).collect();
+    out.push(tally("all fields", &|p| {
+        p.valid && fields.iter().all(|f| is_right(p, f))
+    }));
+    out
+}
+
+/// A paired cell: `wins / losses (p …)`.
+fn paired_cell(x: &Paired) -> String {
+    let p = match x.p_value < 0.001 {
+        true => "p < 0.001".to_owned(),
+        false => format!("p {:.3}", x.p_value),
+    };
+    format!("{} / {} ({p})", x.wins, x.losses)
+}
+
 /// Computes the report of `runs` over `examples` (same order).
 pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[SystemRun]) -> Report {
     let fields: Vec<&str> = taxonomy.fields.iter().map(|f| f.name.as_str()).collect();
     let systems = runs
         .iter()
-        .map(|run| {
+        .enumerate()
+        .map(|(i, run)| {
             let preds = &run.predictions;
             let n = preds.len().max(1) as f64;
             let field_reports: Vec<FieldReport> = taxonomy
@@ -216,6 +276,10 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                 reliability: reliability(&conf, &ok, 5),
                 coverage: coverage_curve(&min_conf, &all_right, &[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]),
                 worst,
+                vs_first: match i {
+                    0 => Vec::new(),
+                    _ => paired(&fields, &runs[0].predictions, preds),
+                },
             }
         })
         .collect();
@@ -342,6 +406,34 @@ pub fn markdown(r: &Report) -> String {
             let _ = write!(md, " {} |", f(s));
         }
         md.push('\n');
+    }
+    if let [first, others @ ..] = r.systems.as_slice() {
+        if let Some(rows) = others.first().map(|s| s.vs_first.len()) {
+            let _ = write!(
+                md,
+                "\n### Paired with {0}\n\nEach cell: the examples this system got right and {0} wrong / the \
+                 reverse, and the two-sided exact McNemar p-value (how often two equally good systems \
+                 would split that unevenly; a small p means the difference is unlikely to be chance).\n\n| field |",
+                first.name
+            );
+            for s in others {
+                let _ = write!(md, " {} |", s.name);
+            }
+            md.push_str("\n|---|");
+            md.push_str(&"---|".repeat(others.len()));
+            md.push('\n');
+            for j in 0..rows {
+                let _ = write!(md, "| {} |", others[0].vs_first[j].field);
+                for s in others {
+                    let _ = write!(
+                        md,
+                        " {} |",
+                        s.vs_first.get(j).map(paired_cell).unwrap_or_default()
+                    );
+                }
+                md.push('\n');
+            }
+        }
     }
     for s in &r.systems {
         let _ = write!(md, "\n## {}\n\n### By language\n\n| lang | n |", s.name);
@@ -536,6 +628,29 @@ pub fn html(r: &Report) -> String {
         })
         .collect();
     table(&mut h, "overall", &head, &rows);
+    if let [first, others @ ..] = r.systems.as_slice() {
+        if let Some(n) = others.first().map(|s| s.vs_first.len()) {
+            let _ = write!(
+                h,
+                "<h3 id=\"paired\">Paired with {0}</h3>\n<p>Each cell: the examples this system got right and {0} wrong / the reverse, and the two-sided exact McNemar p-value (a small p means the difference is unlikely to be chance).</p>\n",
+                esc(&first.name)
+            );
+            let mut head = vec!["field".to_owned()];
+            head.extend(others.iter().map(|s| esc(&s.name)));
+            let rows: Vec<Vec<String>> = (0..n)
+                .map(|j| {
+                    let mut row = vec![esc(&others[0].vs_first[j].field)];
+                    row.extend(
+                        others
+                            .iter()
+                            .map(|s| s.vs_first.get(j).map(paired_cell).unwrap_or_default()),
+                    );
+                    row
+                })
+                .collect();
+            table(&mut h, "paired", &head, &rows);
+        }
+    }
     for s in &r.systems {
         let _ = write!(h, "<h2 id=\"{0}\">{0}</h2>\n<h3>By language</h3>\n", esc(&s.name));
         let mut head = vec!["lang".to_owned(), "n".to_owned()];
@@ -739,5 +854,77 @@ mod tests {
         let at = |t: f64| *r.systems[0].coverage.iter().find(|c| c.0 == t).unwrap();
         assert_eq!(at(0.9), (0.9, 0.75, 1.0));
         assert_eq!(at(0.0), (0.0, 1.0, 0.75));
+    }
+
+    /// Every system after the first is compared with it on the same examples: the split of
+    /// the examples exactly one of them got right, per field and for whole tickets, with the
+    /// McNemar p-value, in report.json's data and in report.md and report.html.
+    #[test]
+    fn systems_are_paired_with_the_first() {
+        let taxonomy = Taxonomy::builtin_default();
+        let validator = Validator::new(&taxonomy);
+        let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
+        let examples: Vec<Example> = (0..4)
+            .map(|i| {
+                let line = format!(
+                    r#"{{"id":"e{i}","text":"vpn down","ticket":{ticket},"lang":"en","source":"t"}}"#
+                );
+                Example::from_json_line(&line, &validator).unwrap()
+            })
+            .collect();
+        // Which examples each system gets the category right on; every other field is right.
+        let run = |name: &str, right: [bool; 4]| SystemRun {
+            name: name.into(),
+            predictions: examples
+                .iter()
+                .zip(right)
+                .map(|(e, ok)| {
+                    let gold: Vec<(String, String)> = taxonomy
+                        .fields
+                        .iter()
+                        .map(|f| (f.name.clone(), e.ticket.get(&f.name).unwrap_or("").to_owned()))
+                        .collect();
+                    let predicted = gold
+                        .iter()
+                        .map(|(f, v)| match (f.as_str(), ok) {
+                            ("category", false) => (f.clone(), "Hardware".to_owned(), 0.6),
+                            _ => (f.clone(), v.clone(), 0.9),
+                        })
+                        .collect();
+                    Prediction {
+                        id: e.id.clone(),
+                        lang: "en".into(),
+                        gold,
+                        predicted,
+                        valid: true,
+                        error: None,
+                        latency_ms: 1.0,
+                    }
+                })
+                .collect(),
+        };
+        let runs = [
+            run("ref", [true, true, false, false]),
+            run("new", [false, true, true, true]),
+        ];
+        let r = build(&taxonomy, "t", &examples, &runs);
+        assert!(r.systems[0].vs_first.is_empty());
+        let vs = &r.systems[1].vs_first;
+        assert_eq!(vs.len(), taxonomy.fields.len() + 1);
+        let get = |f: &str| vs.iter().find(|p| p.field == f).unwrap();
+        // e2 and e3 right only in "new", e0 only in "ref"; 3 discordant examples split 2/1.
+        let c = get("category");
+        assert_eq!((c.wins, c.losses), (2, 1));
+        assert!((c.p_value - 1.0).abs() < 1e-12);
+        let all = get("all fields");
+        assert_eq!((all.wins, all.losses), (2, 1));
+        let same = get("priority");
+        assert_eq!((same.wins, same.losses, same.p_value), (0, 0, 1.0));
+        let md = markdown(&r);
+        assert!(md.contains("### Paired with ref"), "{md}");
+        assert!(md.contains("| category | 2 / 1 (p 1.000) |"), "{md}");
+        // The paired table belongs to the overview, before the first per-system section.
+        assert!(md.find("### Paired").unwrap() < md.find("\n## ref").unwrap());
+        assert!(html(&r).contains("2 / 1 (p 1.000)"));
     }
 }

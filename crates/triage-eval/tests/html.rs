@@ -70,8 +70,10 @@ fn report_html_is_a_page_of_tables_with_inline_figures() {
     assert!(!html.contains("<pre>"), "not escaped Markdown any more");
     let systems = r.systems.len();
     let fields = r.systems[0].fields.len();
-    // 2 overview tables; per system: by-language, reliability, coverage, one per field, worst.
-    assert_eq!(html.matches("<table").count(), 2 + systems * (4 + fields));
+    // 3 overview tables (fields, overall, paired with the first system); per system:
+    // by-language, reliability, coverage, one per field, worst.
+    assert_eq!(html.matches("<table").count(), 3 + systems * (4 + fields));
+    assert!(html.contains("<table class=\"paired\">"));
     assert_eq!(html.matches("<svg").count(), systems * (1 + fields));
     assert_eq!(html.matches("<figure class=\"reliability\">").count(), systems);
     assert!(html.contains("<th>tfidf-baseline</th>") && html.contains("x&lt;b&gt;&amp;&quot;y&quot;"));
@@ -145,7 +147,7 @@ fn report_html_renders_in_headless_chromium() {
     // The DOM as Chromium built it: every table with its body rows, every inline SVG.
     let systems = r.systems.len();
     let fields = r.systems[0].fields.len();
-    assert_eq!(dom.matches("<table").count(), 2 + systems * (4 + fields), "{dom}");
+    assert_eq!(dom.matches("<table").count(), 3 + systems * (4 + fields), "{dom}");
     assert_eq!(dom.matches("<tbody>").count(), dom.matches("<table").count());
     assert!(dom.matches("<tr>").count() > 40);
     assert_eq!(dom.matches("<svg").count(), systems * (1 + fields));
