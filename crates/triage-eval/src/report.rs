@@ -805,32 +805,34 @@ pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::gold;
     use triage_taxonomy::Validator;
 
-    /// A failed example has no confidence: the review-threshold table never counts it as
-    /// handled automatically, however sure the other examples are.
-    #[test]
-    fn failed_examples_are_never_auto_handled() {
-        let taxonomy = Taxonomy::builtin_default();
-        let validator = Validator::new(&taxonomy);
+    /// Four examples of one VPN ticket (ids e0..e3).
+    fn four_examples(taxonomy: &Taxonomy) -> Vec<Example> {
+        let validator = Validator::new(taxonomy);
         let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
-        let examples: Vec<Example> = (0..4)
+        (0..4)
             .map(|i| {
                 let line = format!(
                     r#"{{"id":"e{i}","text":"vpn down","ticket":{ticket},"lang":"en","source":"t"}}"#
                 );
                 Example::from_json_line(&line, &validator).unwrap()
             })
-            .collect();
+            .collect()
+    }
+
+    /// A failed example has no confidence: the review-threshold table never counts it as
+    /// handled automatically, however sure the other examples are.
+    #[test]
+    fn failed_examples_are_never_auto_handled() {
+        let taxonomy = Taxonomy::builtin_default();
+        let examples = four_examples(&taxonomy);
         let predictions = examples
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let gold: Vec<(String, String)> = taxonomy
-                    .fields
-                    .iter()
-                    .map(|f| (f.name.clone(), e.ticket.get(&f.name).unwrap_or("").to_owned()))
-                    .collect();
+                let gold = gold(&taxonomy, e);
                 let failed = i == 0;
                 Prediction {
                     id: e.id.clone(),
@@ -862,16 +864,7 @@ mod tests {
     #[test]
     fn systems_are_paired_with_the_first() {
         let taxonomy = Taxonomy::builtin_default();
-        let validator = Validator::new(&taxonomy);
-        let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
-        let examples: Vec<Example> = (0..4)
-            .map(|i| {
-                let line = format!(
-                    r#"{{"id":"e{i}","text":"vpn down","ticket":{ticket},"lang":"en","source":"t"}}"#
-                );
-                Example::from_json_line(&line, &validator).unwrap()
-            })
-            .collect();
+        let examples = four_examples(&taxonomy);
         // Which examples each system gets the category right on; every other field is right.
         let run = |name: &str, right: [bool; 4]| SystemRun {
             name: name.into(),
@@ -879,11 +872,7 @@ mod tests {
                 .iter()
                 .zip(right)
                 .map(|(e, ok)| {
-                    let gold: Vec<(String, String)> = taxonomy
-                        .fields
-                        .iter()
-                        .map(|f| (f.name.clone(), e.ticket.get(&f.name).unwrap_or("").to_owned()))
-                        .collect();
+                    let gold = gold(&taxonomy, e);
                     let predicted = gold
                         .iter()
                         .map(|(f, v)| match (f.as_str(), ok) {

@@ -74,7 +74,8 @@ pub struct SystemRun {
     pub predictions: Vec<Prediction>,
 }
 
-fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
+/// `(field, gold value)` of `e`, in taxonomy order.
+pub(crate) fn gold(taxonomy: &Taxonomy, e: &Example) -> Vec<(String, String)> {
     taxonomy
         .fields
         .iter()
