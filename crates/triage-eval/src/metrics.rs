@@ -136,8 +136,9 @@ pub fn coverage_curve(confidence: &[f64], correct: &[bool], thresholds: &[f64]) 
         .collect()
 }
 
-/// Two-sided exact McNemar test of two systems on the same examples: `wins` examples only the
-/// first got right, `losses` only the second. Under "equally good", each of the `wins + losses`
+/// Two-sided exact McNemar test of two systems A and B on the same examples: `wins` examples
+/// only A got right, `losses` only B (symmetric: swapping them gives the same p-value). Under
+/// "equally good", each of the `wins + losses`
 /// discordant examples goes either way with probability 1/2; the p-value is the probability of
 /// a split at least as uneven (1 when there is no discordant example).
 pub fn mcnemar_exact(wins: usize, losses: usize) -> f64 {

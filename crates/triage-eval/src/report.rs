@@ -74,7 +74,8 @@ pub struct SystemReport {
     pub coverage: Vec<(f64, f64, f64)>,
     /// The worst errors.
     pub worst: Vec<WorstError>,
-    /// Against the report's first system (the baseline, in `triage eval`'s order), per field
+    /// Against the report's first system (in `triage eval`'s order, the TF-IDF baseline when
+    /// it has `--train`, else zero-shot), per field
     /// and for all fields right; empty for the first system itself.
     pub vs_first: Vec<Paired>,
 }
@@ -643,7 +644,7 @@ pub fn html(r: &Report) -> String {
                     row.extend(
                         others
                             .iter()
-                            .map(|s| s.vs_first.get(j).map(paired_cell).unwrap_or_default()),
+                            .map(|s| esc(&s.vs_first.get(j).map(paired_cell).unwrap_or_default())),
                     );
                     row
                 })
@@ -915,5 +916,26 @@ mod tests {
         // The paired table belongs to the overview, before the first per-system section.
         assert!(md.find("### Paired").unwrap() < md.find("\n## ref").unwrap());
         assert!(html(&r).contains("2 / 1 (p 1.000)"));
+        // A p-value under 0.001 is written as such, escaped in the HTML.
+        let r = build(
+            &taxonomy,
+            "t",
+            &examples,
+            &[run("ref", [true; 4]), run("new", [false; 4])],
+        );
+        let far = Paired {
+            wins: 0,
+            losses: 20,
+            p_value: mcnemar_exact(0, 20),
+            ..r.systems[1].vs_first[0].clone()
+        };
+        assert_eq!(paired_cell(&far), "0 / 20 (p < 0.001)");
+        let mut r = r;
+        r.systems[1].vs_first[0] = far;
+        let page = html(&r);
+        assert!(
+            page.contains("0 / 20 (p &lt; 0.001)") && !page.contains("p < 0.001"),
+            "{page}"
+        );
     }
 }
