@@ -51,6 +51,19 @@ pub enum ConnectorError {
         /// The vendor's own error text(s), verbatim.
         message: String,
     },
+    /// The vendor answered with a redirect, which is never followed: a credential header
+    /// such as SDP's `authtoken` would go along to the other host.
+    #[error("{vendor}: {url} answered HTTP {status}, redirecting to {location}; redirects are not followed, so credentials never go to another host: set the mapping's base_url to the address the ITSM redirects to")]
+    Redirected {
+        /// Vendor name.
+        vendor: &'static str,
+        /// The request URL.
+        url: String,
+        /// HTTP status (3xx).
+        status: u16,
+        /// The `Location` header ("(none)" when missing).
+        location: String,
+    },
     /// The vendor kept answering 429/503 (or 5xx) beyond the retry budget.
     #[error("{vendor}: gave up after {attempts} attempts: {last}")]
     GaveUp {

@@ -251,6 +251,20 @@ pub(crate) async fn send(
             }
         };
         let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(none)")
+                .to_owned();
+            return Err(ConnectorError::Redirected {
+                vendor,
+                url: req.url.clone(),
+                status,
+                location,
+            });
+        }
         let retry_after = response
             .headers()
             .get("retry-after")

@@ -243,7 +243,18 @@ pub async fn push(
         };
         match sent {
             Sent::Ok(body) => {
-                let mut created = c.parse_created(&body)?;
+                let mut created = match c.parse_created(&body) {
+                    Ok(created) => created,
+                    Err(e) => {
+                        // A 2xx whose answer cannot be read: the ticket was most likely
+                        // created. Recorded as unknown, so the next push or reconcile
+                        // searches by external id before anything is posted again.
+                        let reason = format!("a 2xx answer to the create that cannot be read: {e}");
+                        tracing::warn!(vendor, external_id = %ext, "{reason}");
+                        outbox.record(&unknown_entry(vendor, &ext, &reason, reposted))?;
+                        return Err(unsettled(reason));
+                    }
+                };
                 created.external_id = ext.clone();
                 outbox.record(&created_entry(vendor, &created, reposted))?;
                 tracing::info!(vendor, external_id = %ext, id = %created.id, reposted, "created");

@@ -21,7 +21,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session whose caches live in memory only (right for a long-running process).
+    /// The HTTP client a session should be given: it never follows redirects, because
+    /// reqwest drops `Authorization` on a redirect to another host but not a custom
+    /// credential header such as SDP's `authtoken`. A redirect is reported instead
+    /// ([`ConnectorError::Redirected`]).
+    pub fn client_builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
+    }
+
+    /// A session whose caches live in memory only (right for a long-running process). Build
+    /// `client` from [`Session::client_builder`].
     pub fn new(client: reqwest::Client, policy: RetryPolicy) -> Self {
         Session {
             client,

@@ -221,6 +221,68 @@ async fn a_5xx_create_not_found_within_the_window_is_posted_again_once() {
     assert_eq!(kinds.len(), searches + 2, "{kinds:?}");
 }
 
+/// A 2xx answer to the create that cannot be read most likely means the ticket exists: the
+/// push fails as unsettled, the outbox says `unknown`, and the next push searches by external
+/// id and finds it instead of posting a duplicate.
+#[tokio::test]
+async fn an_unreadable_2xx_create_is_searched_before_posting_again() {
+    let vendor = Vendor::Jira;
+    let (create, search, _, hit, ..) = script(vendor);
+    let server = serve(vec![
+        ("POST", create, vec![Resp::new(201, "<html>created</html>")]),
+        ("GET", search, vec![Resp::new(200, hit)]),
+    ])
+    .await;
+    let c = connector(vendor, &server, "unreadable");
+    let ob = outbox("unreadable");
+    let err = push(&*c, &input(), &ob, &session()).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Unsettled { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot be read") && text.contains("--reconcile"),
+        "{text}"
+    );
+    let ext = triage_connectors::external_id(&input());
+    let entry = ob.latest(vendor.as_str(), &ext).unwrap().unwrap();
+    assert_eq!(entry.state, triage_connectors::OutboxState::Unknown);
+    let p = push(&*c, &input(), &ob, &session()).await.unwrap();
+    assert_eq!(p.via, "search");
+    assert_eq!(p.key.as_deref(), Some("IT-42"));
+    assert_eq!(creates(&server, vendor), 1, "posted twice");
+}
+
+/// A redirect is never followed: SDP's `authtoken` header would go along to the other host
+/// (reqwest drops only `Authorization`). The error names where it pointed and what to set.
+#[tokio::test]
+async fn a_redirect_is_reported_and_credentials_never_follow_it() {
+    let vendor = Vendor::Sdp;
+    let (create, _, created, ..) = script(vendor);
+    let elsewhere = serve(vec![("POST", create, vec![Resp::new(201, created)])]).await;
+    let target = format!("{}{create}", elsewhere.url);
+    let server = serve(vec![(
+        "POST",
+        create,
+        vec![Resp::new(302, "").header("Location", &target)],
+    )])
+    .await;
+    let c = connector(vendor, &server, "redirect");
+    let err = push(&*c, &input(), &outbox("redirect"), &session())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectorError::Redirected { status: 302, .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains(&target) && text.contains("base_url"), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
+    assert_eq!(creates(&server, vendor), 1);
+    assert!(
+        elsewhere.log.lock().unwrap().is_empty(),
+        "the redirect was followed"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_itsm_is_a_clear_error() {
     // A port nobody listens on.

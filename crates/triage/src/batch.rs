@@ -588,7 +588,7 @@ mod tests {
             triage_connectors::from_toml_str(Vendor::Jira, &mapping, Path::new("jira.toml")).unwrap();
         let pusher = Pusher::from_parts(
             connector,
-            Session::new(reqwest::Client::new(), policy),
+            Session::new(Session::client_builder().build().unwrap(), policy),
             Outbox::new(dir.join("outbox.jsonl")),
             false,
         )

@@ -126,7 +126,7 @@ impl Pusher {
     /// `<cache dir>/connectors/` (files readable by the owner only).
     pub fn new(cli: &Cli, vendor: Vendor, o: &PushOptions) -> anyhow::Result<Self> {
         let connector = crate::settings::Settings::load()?.connector(vendor, o.mapping.as_deref())?;
-        let client = reqwest::Client::builder()
+        let client = Session::client_builder()
             .user_agent(concat!("triage/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("cannot build the HTTP client")?;

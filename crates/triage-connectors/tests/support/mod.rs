@@ -53,7 +53,7 @@ pub fn policy() -> RetryPolicy {
 }
 
 pub fn session() -> Session {
-    Session::new(reqwest::Client::new(), policy())
+    Session::new(Session::client_builder().build().unwrap(), policy())
 }
 
 /// Sets `TRIAGE_TEST_<TAG>_<NAME>` to the secret and returns the variable's name.
