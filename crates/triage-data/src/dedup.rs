@@ -185,13 +185,6 @@ fn band_key(sig: &[u64; HASHES], band: usize) -> u64 {
 /// text, the index of the cluster's first text.
 pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..texts.len()).collect();
-    fn root(parent: &mut [usize], mut i: usize) -> usize {
-        while parent[i] != i {
-            parent[i] = parent[parent[i]];
-            i = parent[i];
-        }
-        i
-    }
     let mut index = NearDupIndex::new(threshold);
     for (i, text) in texts.iter().enumerate() {
         let normalized = normalize(text);
@@ -215,6 +208,34 @@ pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
         index.insert_parts(normalized, sh, &sig);
     }
     (0..texts.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+/// [`clusters`], with texts that share a group label (`groups[i]` of text `i`: one synthetic
+/// scenario, one e-mail thread) joined as well, whatever their wording; `groups` may be shorter
+/// than `texts` (the rest have none). Without labels, the same clusters as [`clusters`].
+pub fn clusters_with_groups(texts: &[&str], groups: &[Option<&str>], threshold: f64) -> Vec<usize> {
+    let mut parent = clusters(texts, threshold);
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, g) in groups.iter().enumerate().take(texts.len()) {
+        if let Some(g) = g {
+            match first.get(g) {
+                Some(&j) => union(&mut parent, i, j, root),
+                None => {
+                    first.insert(g, i);
+                }
+            }
+        }
+    }
+    (0..texts.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+/// The representative of `i`'s cluster (its smallest index), compressing the path.
+fn root(parent: &mut [usize], mut i: usize) -> usize {
+    while parent[i] != i {
+        parent[i] = parent[parent[i]];
+        i = parent[i];
+    }
+    i
 }
 
 fn union(parent: &mut [usize], a: usize, b: usize, root: fn(&mut [usize], usize) -> usize) {

@@ -387,16 +387,16 @@ fn row_to_example(
 }
 
 /// The first sentence of the text, skipping a greeting line ("Dear support team,").
+/// A text of one line is never taken for its own greeting ("Outlook keeps crashing!").
 fn first_sentence(text: &str) -> String {
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty()).peekable();
-    if let Some(first) = lines.peek() {
+    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if let [first, _, ..] = lines.as_slice() {
         let words = first.split_whitespace().count();
         if words <= 6 && (first.ends_with(',') || first.ends_with(':') || first.ends_with('!')) {
-            lines.next();
+            lines.remove(0);
         }
     }
-    let rest: Vec<&str> = lines.collect();
-    let joined = rest.join(" ");
+    let joined = lines.join(" ");
     let end = joined
         .char_indices()
         .find(|&(i, c)| matches!(c, '.' | '?' | '!') && joined[i + 1..].starts_with(' '))
@@ -429,6 +429,29 @@ pub fn line_at(bytes: &[u8], offset: u64) -> u64 {
     bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
 }
 
+/// [`line_at`] for offsets that only grow, as a reader's records do: counts the newlines since
+/// the previous call instead of from the start, so numbering a file's records is linear.
+#[derive(Default)]
+struct Lines {
+    pos: usize,
+    newlines: u64,
+}
+
+impl Lines {
+    fn at(&mut self, bytes: &[u8], offset: u64) -> u64 {
+        let mut at = (offset as usize).min(bytes.len());
+        while at < bytes.len() && (bytes[at] == b'\r' || bytes[at] == b'\n') {
+            at += 1;
+        }
+        if at < self.pos {
+            return line_at(bytes, offset);
+        }
+        self.newlines += bytes[self.pos..at].iter().filter(|&&b| b == b'\n').count() as u64;
+        self.pos = at;
+        self.newlines + 1
+    }
+}
+
 fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = csv::ReaderBuilder::new()
@@ -448,8 +471,9 @@ fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataE
         .collect();
     let mut out = Vec::new();
     let mut record = csv::ByteRecord::new();
+    let mut lines = Lines::default();
     while out.len() < cap {
-        let line = line_at(&bytes, reader.position().byte());
+        let line = lines.at(&bytes, reader.position().byte());
         match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
@@ -458,7 +482,7 @@ fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataE
                 continue;
             }
         }
-        let line = record.position().map_or(line, |p| line_at(&bytes, p.byte()));
+        let line = record.position().map_or(line, |p| lines.at(&bytes, p.byte()));
         let lossy: Row = headers
             .iter()
             .cloned()
@@ -793,5 +817,23 @@ mod tests {
         );
         assert_eq!(clip("a very long line of words", 12), "a very long");
         assert_eq!(clip("one\nline", 20), "one line");
+        // A one-line text is its own summary, even when it reads like a greeting line.
+        assert_eq!(
+            first_sentence("Outlook keeps crashing!"),
+            "Outlook keeps crashing!"
+        );
+        assert_eq!(first_sentence("Hi team,"), "Hi team,");
+    }
+
+    /// Record numbering counts each newline once (linear in the file), and agrees with
+    /// [`line_at`] at every offset, CRLF included; a smaller offset falls back to it.
+    #[test]
+    fn incremental_line_numbers_match_line_at() {
+        let bytes = b"id,text\r\n1,\"two\r\nlines\"\r\n\r\n2,b\n3,c";
+        let mut lines = Lines::default();
+        for offset in 0..=bytes.len() as u64 + 2 {
+            assert_eq!(lines.at(bytes, offset), line_at(bytes, offset), "offset {offset}");
+        }
+        assert_eq!(lines.at(bytes, 0), 1);
     }
 }

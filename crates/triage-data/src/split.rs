@@ -100,8 +100,11 @@ pub fn group_keys(examples: &[Example], by: SplitBy, threshold: f64) -> Result<V
             })
             .collect(),
         SplitBy::Hash => {
+            // Near duplicates stay together, and so do examples that share a `group` (one
+            // scenario, one thread), whatever their wording.
             let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-            let clusters = dedup::clusters(&texts, threshold);
+            let groups: Vec<Option<&str>> = examples.iter().map(|e| e.group.as_deref()).collect();
+            let clusters = dedup::clusters_with_groups(&texts, &groups, threshold);
             Ok(clusters.into_iter().map(|c| format!("dup:{}", examples[c].id)).collect())
         }
     }

@@ -36,6 +36,29 @@ fn vpn_ticket(validator: &Validator, id: &str, text: &str, group: Option<&str>) 
     Example::from_json_line(&l, validator).unwrap()
 }
 
+/// `examples` split `--by hash` (34/33/33, near duplicates from 0.8, no stratification).
+fn hash_split(examples: &[Example], seed: u64) -> Vec<Example> {
+    let mut ex = examples.to_vec();
+    let opts = SplitOptions {
+        by: SplitBy::Hash,
+        ratios: Ratios([34, 33, 33]),
+        seed,
+        near_dup_threshold: 0.8,
+        stratify: None,
+    };
+    assign_splits(&mut ex, &opts).unwrap();
+    ex
+}
+
+/// The splits the examples whose id starts with `prefix` landed in.
+fn splits_of(examples: &[Example], prefix: char) -> BTreeSet<Option<Split>> {
+    examples
+        .iter()
+        .filter(|e| e.id.starts_with(prefix))
+        .map(|e| e.split)
+        .collect()
+}
+
 fn jsonl(examples: &[Example]) -> String {
     examples.iter().map(|e| e.to_json_line() + "\n").collect()
 }
@@ -249,23 +272,56 @@ fn split_by_hash_keeps_near_duplicates_together() {
         "d3",
         "My VPN drops every ten minutes since the update, please help me asap",
     ));
-    let opts = SplitOptions {
-        by: SplitBy::Hash,
-        ratios: Ratios([34, 33, 33]),
-        seed: 1,
-        near_dup_threshold: 0.8,
-        stratify: None,
-    };
     for seed in 0..10 {
-        let mut ex = examples.clone();
-        assign_splits(&mut ex, &SplitOptions { seed, ..opts.clone() }).unwrap();
-        let d: BTreeSet<_> = ex
-            .iter()
-            .filter(|e| e.id.starts_with('d'))
-            .map(|e| e.split)
-            .collect();
-        assert_eq!(d.len(), 1, "seed {seed}: near duplicates split apart");
+        assert_eq!(
+            splits_of(&hash_split(&examples, seed), 'd').len(),
+            1,
+            "seed {seed}: near duplicates split apart"
+        );
     }
+}
+
+/// `--by hash` also keeps examples that share a `group` together (one scenario or thread in
+/// different words), as the README says `group` does; examples without one are unaffected.
+#[test]
+fn split_by_hash_keeps_a_group_together_whatever_its_wording() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let mut examples: Vec<Example> = (0..40)
+        .map(|i| {
+            let text = format!(
+                "ticket number {i} about a completely different topic {}",
+                "x".repeat(i)
+            );
+            vpn_ticket(&validator, &format!("u{i}"), &text, None)
+        })
+        .collect();
+    let wordings = [
+        "VPN keeps dropping since this morning",
+        "Cannot stay connected to the remote network, it cuts out",
+        "Tunnel to the office disconnects every few minutes",
+    ];
+    for (i, t) in wordings.iter().enumerate() {
+        examples.push(vpn_ticket(&validator, &format!("g{i}"), t, Some("net-vpn-drops")));
+    }
+    let mut apart = 0;
+    for seed in 0..10 {
+        assert_eq!(
+            splits_of(&hash_split(&examples, seed), 'g').len(),
+            1,
+            "seed {seed}: one group in two splits"
+        );
+        // Without the group the three wordings are not near duplicates: they would scatter.
+        let mut loose = examples.clone();
+        for e in loose.iter_mut() {
+            e.group = None;
+        }
+        apart += (splits_of(&hash_split(&loose, seed), 'g').len() > 1) as usize;
+    }
+    assert!(
+        apart > 0,
+        "the test's wordings never split apart without their group"
+    );
 }
 
 /// `--keep`: a larger synthetic set split while keeping a smaller one's split. Without it the

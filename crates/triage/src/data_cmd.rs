@@ -77,8 +77,9 @@ pub struct SynthArgs {
     /// built-in data/synth/default for the default taxonomy).
     #[arg(long, value_name = "DIR", env = "TRIAGE_SYNTH_SEEDS")]
     seeds: Option<PathBuf>,
-    /// Jaccard similarity (character 5-grams) from which two texts count as near duplicates.
-    #[arg(long, default_value_t = 0.8)]
+    /// Jaccard similarity (character 5-grams) from which two texts count as near duplicates
+    /// (over 0, at most 1).
+    #[arg(long, default_value_t = 0.8, value_parser = near_dup_threshold)]
     near_dup: f64,
     /// Generate even if some taxonomy value can never be produced by the seeds.
     #[arg(long)]
@@ -92,6 +93,17 @@ pub struct SynthArgs {
     /// Output JSONL (written atomically); `-` for stdout.
     #[arg(short, long, value_name = "FILE")]
     out: PathBuf,
+}
+
+/// `--near-dup`: a Jaccard similarity in (0, 1]. Above 1 (or NaN) nothing would ever be a near
+/// duplicate, which silently turns the clustering and the leak check off.
+fn near_dup_threshold(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t > 0.0 && t <= 1.0 => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a similarity over 0 and at most 1 (e.g. 0.8: texts sharing 80 % of their character 5-grams)"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -111,8 +123,9 @@ pub struct SplitArgs {
     /// Field to stratify by (default: the taxonomy's first field); `none` to disable.
     #[arg(long)]
     stratify: Option<String>,
-    /// Near-duplicate threshold for --by hash.
-    #[arg(long, default_value_t = 0.8)]
+    /// Near-duplicate threshold (Jaccard similarity, over 0, at most 1): for --by hash, and
+    /// for the leak check of every split.
+    #[arg(long, default_value_t = 0.8, value_parser = near_dup_threshold)]
     near_dup: f64,
     /// Folder for train.jsonl, val.jsonl and test.jsonl.
     #[arg(long, value_name = "DIR")]
@@ -355,4 +368,21 @@ fn read_kept_split(dir: &Path, validator: &Validator) -> anyhow::Result<Vec<Exam
         kept.extend(part);
     }
     Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::near_dup_threshold;
+
+    /// `--near-dup` takes a similarity in (0, 1]; anything else (which would turn the
+    /// clustering off, or make everything one cluster) is refused with the range.
+    #[test]
+    fn near_dup_is_a_similarity_over_0_and_at_most_1() {
+        assert_eq!(near_dup_threshold("0.8"), Ok(0.8));
+        assert_eq!(near_dup_threshold("1"), Ok(1.0));
+        for bad in ["0", "-0.2", "1.5", "NaN", "inf", "high"] {
+            let err = near_dup_threshold(bad).unwrap_err();
+            assert!(err.contains("over 0 and at most 1"), "{bad}: {err}");
+        }
+    }
 }
