@@ -452,6 +452,37 @@ impl Lines {
     }
 }
 
+/// Where a record's raw bytes break CSV quoting in a way the `csv` crate reads leniently: a
+/// quoted field whose closing quote is followed by more text, or one never closed. Both
+/// usually mean a stray quote that made the parser run on through the following rows,
+/// reading them as part of this one; `None` when the quoting is sound. Only a field that
+/// starts with a quote is quoted (a quote inside an unquoted field, `5" screen`, is text).
+fn quoting_fault(raw: &[u8], delimiter: u8) -> Option<&'static str> {
+    let (mut field_start, mut quoted, mut i) = (true, false, 0);
+    while i < raw.len() {
+        let b = raw[i];
+        if quoted {
+            if b == b'"' {
+                if raw.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                quoted = false;
+                match raw.get(i + 1) {
+                    None => {}
+                    Some(&n) if n == delimiter || n == b'\r' || n == b'\n' => {}
+                    Some(_) => return Some("a quoted field goes on after its closing quote"),
+                }
+            }
+        } else if field_start && b == b'"' {
+            quoted = true;
+        }
+        field_start = !quoted && (b == delimiter || b == b'\r' || b == b'\n');
+        i += 1;
+    }
+    quoted.then_some("a quoted field is never closed")
+}
+
 fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = csv::ReaderBuilder::new()
@@ -482,17 +513,36 @@ fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataE
                 continue;
             }
         }
+        let start = record.position().map_or(0, |p| p.byte() as usize);
         let line = record.position().map_or(line, |p| lines.at(&bytes, p.byte()));
+        let raw = &bytes[start.min(bytes.len())..(reader.position().byte() as usize).min(bytes.len())];
         let lossy: Row = headers
             .iter()
             .cloned()
             .zip(record.iter().map(|v| String::from_utf8_lossy(v).into_owned()))
             .collect();
-        if record.len() != headers.len() {
-            let mut row = lossy;
+        // The row with any fields past the header's, named by position, for a reject.
+        let whole = |mut row: Row| {
             for (i, extra) in record.iter().enumerate().skip(headers.len()) {
                 row.push((format!("#{}", i + 1), String::from_utf8_lossy(extra).into_owned()));
             }
+            row
+        };
+        if let Some(fault) = quoting_fault(raw, delimiter) {
+            // Kept whole in the rejects (the rows it swallowed included), never imported.
+            let last = line + raw.trim_ascii_end().iter().filter(|&&b| b == b'\n').count() as u64;
+            let row = whole(lossy);
+            out.push((
+                line,
+                Err((
+                    RowError::MalformedCsv(format!(
+                        "{fault} (a stray quote?), so lines {line}-{last} were read as one record"
+                    )),
+                    row,
+                )),
+            ));
+        } else if record.len() != headers.len() {
+            let row = whole(lossy);
             out.push((
                 line,
                 Err((
@@ -738,14 +788,23 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The header of the customer-support exports the tests write.
+    const CS_HEADER: &[u8] = b"subject,body,type,queue,priority,language\n";
+
+    /// A fresh scratch folder for one test.
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("triage-import-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn imports_good_rows_and_reports_every_bad_one_with_its_line() {
         let taxonomy = cs_taxonomy();
         let validator = Validator::new(&taxonomy);
-        let dir = std::env::temp_dir().join(format!("triage-import-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("rows");
         let path = dir.join("t.csv");
-        let mut csv = b"subject,body,type,queue,priority,language\n".to_vec();
+        let mut csv = CS_HEADER.to_vec();
         csv.extend_from_slice(
             b"VPN down,\"Our VPN is down.\nPlease help.\",Incident,IT Support,critical,en\n",
         ); // 2-3
@@ -789,6 +848,55 @@ mod tests {
         assert!(report.rejects[3].reason.contains("text is empty"));
         assert!(report.rejects[4].reason.contains("UTF-8"));
         assert_eq!(report.rejects[2].row["queue"], "Moon Base", "raw row kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A stray quote makes the `csv` crate read the following rows into one record, which
+    /// could still have the header's field count: such a record is rejected whole, naming the
+    /// lines it spans, and nothing in it is imported; sound quoting (escaped `""`, a quote
+    /// inside an unquoted field) is untouched.
+    #[test]
+    fn a_stray_quote_is_a_reject_naming_the_lines_it_swallowed() {
+        let taxonomy = cs_taxonomy();
+        let validator = Validator::new(&taxonomy);
+        let dir = scratch("quote");
+        let path = dir.join("q.csv");
+        let mut csv = CS_HEADER.to_vec();
+        csv.extend_from_slice(b"VPN,\"VPN down,Incident,IT Support,high,en\n"); // 2: opens a quote
+        csv.extend_from_slice(b"Printer,\"Printer jammed\",Incident,IT Support,low,en\n"); // 3: swallowed
+        csv.extend_from_slice(b"Screen,My 5\" screen says \"\"no signal\"\",Incident,IT Support,low,en\n"); // 4
+        csv.extend_from_slice(b"Mail,\"Says \"\"quota\"\" full\",Incident,IT Support,low,en\n"); // 5
+        std::fs::write(&path, &csv).unwrap();
+        let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
+        assert_eq!(report.rejects.len(), 1, "{:#?}", report.rejects);
+        let r = &report.rejects[0];
+        assert_eq!(r.line, 2);
+        assert!(
+            r.reason.contains("lines 2-3") && r.reason.contains("stray quote"),
+            "{}",
+            r.reason
+        );
+        assert!(
+            r.row.values().any(|v| v.contains("Printer")),
+            "the swallowed row is kept: {:?}",
+            r.row
+        );
+        let subjects: Vec<&str> = report.examples.iter().map(|e| e.ticket.summary()).collect();
+        assert_eq!(subjects, vec!["Screen", "Mail"], "{:#?}", report.examples);
+        assert_eq!(report.examples[1].text, "Mail\n\nSays \"quota\" full");
+        // A quote left open in the last row swallows the rest of the file: rejected as well.
+        let open = [CS_HEADER, b"A,\"open,Incident,IT Support,low,en\n"].concat();
+        std::fs::write(&path, open).unwrap();
+        let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
+        assert!(report.examples.is_empty());
+        assert!(
+            report.rejects[0].reason.contains("never closed"),
+            "{:?}",
+            report.rejects
+        );
+        assert_eq!(quoting_fault(b"a,\"b\"\"c\",d\r\n", b','), None);
+        assert_eq!(quoting_fault(b"a;\"b\";c\n", b';'), None);
+        assert!(quoting_fault(b"a;\"b\",c\n", b';').is_some());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
