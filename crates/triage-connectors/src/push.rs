@@ -299,6 +299,10 @@ pub async fn push(
     Err(unsettled("no attempt was made".into()))
 }
 
+/// How long after a reposted ticket is recorded [`reconcile`] keeps searching for a duplicate
+/// (the first create, surfacing late in the vendor's search index).
+pub const RECHECK_REPOSTED_SECS: u64 = 24 * 3600;
+
 /// What [`reconcile`] found for one incident.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reconciled {
@@ -330,7 +334,8 @@ pub struct Reconciled {
 /// Settles this connector's outbox entries that a push left open: `pending` / `unknown`
 /// become `created` (a ticket carries the external id) or `absent` (none does, and the
 /// attempt is older than the search window); `created` entries marked `reposted` are checked
-/// for a duplicate. Searches only; never posts.
+/// for a duplicate, by every reconcile until one is found or [`RECHECK_REPOSTED_SECS`] have
+/// passed. Searches only; never posts.
 pub async fn reconcile(
     c: &dyn Connector,
     outbox: &Outbox,
@@ -360,9 +365,16 @@ pub async fn reconcile(
             duplicates: Vec::new(),
             note: None,
         };
-        let hits = match auth.send(&c.search_request(&e.external_id), Retry::Safe).await? {
-            Sent::Ok(body) => c.parse_search(&body)?,
-            Sent::Ambiguous { reason, .. } => {
+        // A failed search leaves this entry as it was, with a note, and the others go on: the
+        // entries settled so far are recorded and reported either way.
+        let searched = match auth.send(&c.search_request(&e.external_id), Retry::Safe).await {
+            Ok(Sent::Ok(body)) => c.parse_search(&body).map_err(|e| e.to_string()),
+            Ok(Sent::Ambiguous { reason, .. }) => Err(reason),
+            Err(e) => Err(e.to_string()),
+        };
+        let hits = match searched {
+            Ok(hits) => hits,
+            Err(reason) => {
                 r.note = Some(format!("search failed ({reason}); run --reconcile again"));
                 out.push(r);
                 continue;
@@ -398,7 +410,24 @@ pub async fn reconcile(
             }
             _ => first_of(hits, &e.external_id, "search"),
         };
-        outbox.record(&created_entry(vendor, &found, false))?;
+        // A reposted ticket with no duplicate in sight yet: the first create may still surface
+        // (it was invisible to search for a whole window already), so it stays `reposted`
+        // and is searched again by every reconcile for a day after it was recorded.
+        let still_watched = e.reposted && found.duplicates.is_empty();
+        if still_watched && e.state == OutboxState::Created {
+            let until = e.at.saturating_add(RECHECK_REPOSTED_SECS);
+            if now() < until {
+                r.note = Some(format!(
+                    "no duplicate seen yet; checked again by every --reconcile for {} h after the repost",
+                    RECHECK_REPOSTED_SECS / 3600
+                ));
+                out.push(r);
+                continue;
+            }
+            // A day without a duplicate: settled, not searched again.
+        }
+        let watch = still_watched && e.state != OutboxState::Created;
+        outbox.record(&created_entry(vendor, &found, watch))?;
         r.after = OutboxState::Created;
         r.id = Some(found.id);
         r.key = found.key;

@@ -232,17 +232,30 @@ async fn a_repost_after_an_unsettled_create_is_checked_for_a_duplicate_by_reconc
     );
     assert!(ob.latest("jira", &p.external_id).unwrap().unwrap().reposted);
 
-    // Later, the index shows the first create too: reconcile reports the duplicate.
+    // A reconcile while the index still shows only the repost: no duplicate yet, and the
+    // entry stays watched (the first create may surface later) ...
     let later = serve(vec![(
         "GET",
         search,
-        vec![Resp::new(
-            200,
-            r#"{"issues":[{"id":"10041","key":"IT-41"},{"id":"10042","key":"IT-42"}],"isLast":true}"#,
-        )],
+        vec![
+            Resp::new(200, r#"{"issues":[{"id":"10042","key":"IT-42"}],"isLast":true}"#),
+            Resp::new(
+                200,
+                r#"{"issues":[{"id":"10041","key":"IT-41"},{"id":"10042","key":"IT-42"}],"isLast":true}"#,
+            ),
+        ],
     )])
     .await;
     let c = connector(vendor, &later, "dup");
+    let r = reconcile(&*c, &ob, &session()).await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert!(r[0].duplicates.is_empty());
+    assert!(
+        r[0].note.as_deref().unwrap_or("").contains("checked again"),
+        "{r:?}"
+    );
+    assert!(ob.latest("jira", &p.external_id).unwrap().unwrap().reposted);
+    // ... so when the index shows the first create too, the next reconcile reports it.
     let r = reconcile(&*c, &ob, &session()).await.unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].id.as_deref(), Some("10042"));
@@ -251,7 +264,43 @@ async fn a_repost_after_an_unsettled_create_is_checked_for_a_duplicate_by_reconc
     assert!(!e.reposted && e.duplicates == ["10041"]);
     // Checked once: a second reconcile has nothing to do.
     assert!(reconcile(&*c, &ob, &session()).await.unwrap().is_empty());
-    assert_eq!(later.requests("GET", search).len(), 1);
+    assert_eq!(later.requests("GET", search).len(), 2);
+}
+
+/// One entry whose search fails (a 400 here) keeps its state, with a note, and reconcile goes
+/// on: the entries after it are settled and reported in the same run.
+#[tokio::test]
+async fn a_failed_search_leaves_its_entry_open_and_reconcile_goes_on() {
+    let vendor = Vendor::Jira;
+    let (_, search, _, hit, ..) = script(vendor);
+    let ob = outbox("partial");
+    for n in 0..2 {
+        let ext = triage_connectors::external_id(&input_n(n));
+        ob.record(&OutboxEntry::new("jira", &ext, OutboxState::Unknown))
+            .unwrap();
+    }
+    let server = serve(vec![(
+        "GET",
+        search,
+        vec![
+            Resp::new(400, r#"{"errorMessages":["bad JQL"],"errors":{}}"#),
+            Resp::new(200, hit),
+        ],
+    )])
+    .await;
+    let c = connector(vendor, &server, "partial");
+    let r = reconcile(&*c, &ob, &session()).await.unwrap();
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0].after, OutboxState::Unknown);
+    let note = r[0].note.as_deref().unwrap_or("");
+    assert!(
+        note.contains("400") && note.contains("--reconcile again"),
+        "{note}"
+    );
+    assert_eq!(
+        (r[1].after, r[1].key.as_deref()),
+        (OutboxState::Created, Some("IT-42"))
+    );
 }
 
 #[tokio::test]
