@@ -245,6 +245,14 @@ pub async fn push(
             Sent::Ok(body) => {
                 let mut created = match c.parse_created(&body) {
                     Ok(created) => created,
+                    Err(e @ ConnectorError::Vendor { .. }) => {
+                        // The vendor says, in a 2xx, that it refused the create.
+                        outbox.record(&OutboxEntry {
+                            reason: Some(e.to_string()),
+                            ..OutboxEntry::new(vendor, &ext, OutboxState::Absent)
+                        })?;
+                        return Err(e);
+                    }
                     Err(e) => {
                         // A 2xx whose answer cannot be read: the ticket was most likely
                         // created. Recorded as unknown, so the next push or reconcile

@@ -334,6 +334,15 @@ impl Connector for Sdp {
 
     fn parse_created(&self, body: &str) -> Result<Pushed, ConnectorError> {
         let v = Self::json(body)?;
+        // SDP can answer a refused create with HTTP 200 and `"status": "failed"`: nothing
+        // was created, and its own messages say why.
+        if v["response_status"]["status"].as_str() == Some("failed") {
+            return Err(ConnectorError::Vendor {
+                vendor: Vendor::Sdp.as_str(),
+                status: 200,
+                message: error_text(body),
+            });
+        }
         let id = id_of(&v["request"]).ok_or_else(|| bad("no `request.id` in the response"))?;
         Ok(Pushed::new(id.clone(), None, Some(self.url(&id))))
     }

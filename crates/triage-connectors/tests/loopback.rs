@@ -251,6 +251,24 @@ async fn an_unreadable_2xx_create_is_searched_before_posting_again() {
     assert_eq!(creates(&server, vendor), 1, "posted twice");
 }
 
+/// SDP may refuse a create with HTTP 200 and `"status": "failed"`: its own message reaches
+/// the user, nothing is searched or posted again, and the outbox says `absent`.
+#[tokio::test]
+async fn an_sdp_create_refused_inside_a_200_is_the_vendors_error() {
+    let vendor = Vendor::Sdp;
+    let (create, _, _, _, bad, expected) = script(vendor);
+    let server = serve(vec![("POST", create, vec![Resp::new(200, bad)])]).await;
+    let c = connector(vendor, &server, "failed200");
+    let ob = outbox("failed200");
+    let err = push(&*c, &input(), &ob, &session()).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Vendor { status: 200, .. }), "{err}");
+    assert!(err.to_string().contains(expected), "{err}");
+    let ext = triage_connectors::external_id(&input());
+    let entry = ob.latest(vendor.as_str(), &ext).unwrap().unwrap();
+    assert_eq!(entry.state, triage_connectors::OutboxState::Absent);
+    assert_eq!(server.log.lock().unwrap().len(), 1, "only the one create");
+}
+
 /// A redirect is never followed: SDP's `authtoken` header would go along to the other host
 /// (reqwest drops only `Authorization`). The error names where it pointed and what to set.
 #[tokio::test]
