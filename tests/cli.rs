@@ -532,30 +532,28 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
 fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
     let dir = std::env::temp_dir().join(format!("triage-cli-import-{}", std::process::id()));
     let out_path = dir.join("cs.jsonl");
-    let out = triage(
-        &[
+    let import = |file: &str| {
+        let mut args = vec![
             "data",
             "import",
-            "../shared/datasets/customer-support-tickets/tickets-v3-5lang.csv",
+            file,
             "--taxonomy",
             "configs/taxonomy/customer-support.toml",
-            "--map",
+        ];
+        for m in [
             "text=body",
-            "--map",
             "subject=subject",
-            "--map",
             "category=queue",
-            "--map",
             "priority=priority",
-            "--map",
             "request_type=type",
-            "--map",
             "lang=language",
-            "-o",
-            out_path.to_str().unwrap(),
-        ],
-        "",
-    );
+        ] {
+            args.extend(["--map", m]);
+        }
+        args.extend(["-o", out_path.to_str().unwrap()]);
+        triage(&args, "")
+    };
+    let out = import("../shared/datasets/customer-support-tickets/tickets-v3-5lang.csv");
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("1167 rows, 1167 imported"), "{err}");
@@ -565,6 +563,20 @@ fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
     );
     assert!(err.contains("category: Technical Support 400"), "{err}");
     assert_eq!(std::fs::read_to_string(&out_path).unwrap().lines().count(), 1167);
+    // A file none of whose rows import (here: one row without a body, or no row at all) is
+    // an error naming the first reason, and the earlier output at the same path is kept.
+    let header = "subject,body,queue,priority,type,language\n";
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, format!("{header}VPN,,IT Support,high,Incident,en\n")).unwrap();
+    let empty = dir.join("empty.csv");
+    std::fs::write(&empty, header).unwrap();
+    for (file, reason) in [(&bad, "line 2: text is empty"), (&empty, "no data rows")] {
+        let out = import(file.to_str().unwrap());
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("0 of") && err.contains(reason), "{err}");
+        assert_eq!(std::fs::read_to_string(&out_path).unwrap().lines().count(), 1167);
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -179,7 +179,6 @@ fn import_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &ImportArgs) -> any
         max_rows: None,
     };
     let report = import::import_file(&a.file, validator, &options)?;
-    write_examples(&a.out, &report.examples)?;
     let rejects_path = a
         .rejects
         .clone()
@@ -189,12 +188,32 @@ fn import_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &ImportArgs) -> any
         serde_json::to_writer(&mut rejects, r)?;
         rejects.push(b'\n');
     }
+    // The rejects first, so an interrupted run never leaves fresh output beside an earlier
+    // run's rejects.
     if report.rejects.is_empty() {
-        // No stale rejects from an earlier run next to fresh output.
         let _ = std::fs::remove_file(&rejects_path);
     } else {
         atomic_write(&rejects_path, &rejects)?;
     }
+    if report.examples.is_empty() {
+        // Nothing to write: an earlier output at the same path is left as it was.
+        anyhow::bail!(
+            "{}: 0 of {} rows imported, so {} was not written; {}",
+            a.file.display(),
+            report.rows,
+            a.out.display(),
+            match report.rejects.first() {
+                Some(r) => format!(
+                    "the reasons are in {} (first, line {}: {})",
+                    rejects_path.display(),
+                    r.line,
+                    r.reason
+                ),
+                None => "the file has no data rows".to_owned(),
+            }
+        );
+    }
+    write_examples(&a.out, &report.examples)?;
     let mut err = std::io::stderr().lock();
     writeln!(
         err,
