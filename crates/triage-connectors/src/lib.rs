@@ -46,7 +46,7 @@ pub use connector::{Auth, BoxFuture, Connector, Lookup};
 pub use error::ConnectorError;
 pub use http::{Body, HttpRequest, RetryPolicy};
 pub use oauth::{Region, TokenCache};
-pub use outbox::{Compacted, Outbox, OutboxEntry, OutboxState};
+pub use outbox::{Claim, Compacted, Outbox, OutboxEntry, OutboxState};
 pub use push::{dry_run, push, reconcile, Reconciled, RECHECK_REPOSTED_SECS};
 pub use registry::{default_mapping_path, from_toml_str, load};
 pub use secret::Secret;

@@ -116,6 +116,12 @@ pub struct Compacted {
     pub dropped_unreadable: usize,
 }
 
+/// One incident claimed by [`Outbox::claim`]; the claim ends when this is dropped.
+#[derive(Debug)]
+pub struct Claim {
+    _file: File,
+}
+
 /// An append-only JSONL outbox file.
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -151,17 +157,45 @@ impl Outbox {
     }
 
     fn lock_file(&self) -> Result<File, ConnectorError> {
+        self.sidecar(".lock")
+    }
+
+    /// `<outbox><suffix>`, opened for locking (created, never truncated).
+    fn sidecar(&self, suffix: &str) -> Result<File, ConnectorError> {
         if let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
         }
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
+        name.push(suffix);
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(self.path.with_file_name(name))
             .map_err(|e| self.err(e))
+    }
+
+    /// Claims one incident for one vendor until the returned guard is dropped: a second
+    /// claim of it, from this process or another, waits. [`push`](crate::push) holds it from
+    /// reading the outbox until the create is recorded, so two runs pushing the same incident
+    /// at once never both post it. The lock lives on one of 64 sidecar files
+    /// (`<outbox>.claim-NN`, by a hash of vendor and external id), so they do not pile up;
+    /// two incidents that share one only wait for each other.
+    pub async fn claim(&self, vendor: &str, external_id: &str) -> Result<Claim, ConnectorError> {
+        // FNV-1a: the same stripe in every build and process.
+        let hash = vendor
+            .bytes()
+            .chain([0])
+            .chain(external_id.bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        let file = self.sidecar(&format!(".claim-{:02}", hash % 64))?;
+        let locked = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+            .await
+            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err(e))?;
+        Ok(Claim { _file: locked })
     }
 
     /// Appends one event as a single write (whole lines, even with concurrent writers).

@@ -172,6 +172,9 @@ pub async fn push(
     let ext = external_id(input);
     let vendor = c.vendor().as_str();
     let policy = &session.policy;
+    // Held until this push returns: a concurrent push of the same incident waits, then finds
+    // what this one recorded.
+    let _claim = outbox.claim(vendor, &ext).await?;
     let previous = outbox.latest(vendor, &ext)?;
     if let Some(e) = previous.as_ref().filter(|e| e.state == OutboxState::Created) {
         tracing::info!(vendor, external_id = %ext, "already pushed (outbox)");

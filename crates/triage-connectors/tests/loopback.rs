@@ -269,6 +269,34 @@ async fn an_sdp_create_refused_inside_a_200_is_the_vendors_error() {
     assert_eq!(server.log.lock().unwrap().len(), 1, "only the one create");
 }
 
+/// Two pushes of the same incident at once (two CLI runs, two server requests) post it once:
+/// the second waits for the first's claim, then finds its ticket in the outbox.
+#[tokio::test]
+async fn two_concurrent_pushes_of_one_incident_create_one_ticket() {
+    let vendor = Vendor::Jira;
+    let (create, _, created, ..) = script(vendor);
+    let server = serve(vec![(
+        "POST",
+        create,
+        vec![
+            Resp::new(201, created).after(Duration::from_millis(150)),
+            Resp::new(201, r#"{"id":"10043","key":"IT-43","self":"x"}"#),
+        ],
+    )])
+    .await;
+    let c = connector(vendor, &server, "concurrent");
+    let ob = outbox("concurrent");
+    let (s1, s2) = (session(), session());
+    let (i1, i2) = (input(), input());
+    let (a, b) = tokio::join!(push(&*c, &i1, &ob, &s1), push(&*c, &i2, &ob, &s2));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(creates(&server, vendor), 1, "posted twice");
+    assert_eq!(a.id, b.id);
+    let mut via = [a.via, b.via];
+    via.sort();
+    assert_eq!(via, ["created", "outbox"]);
+}
+
 /// A redirect is never followed: SDP's `authtoken` header would go along to the other host
 /// (reqwest drops only `Authorization`). The error names where it pointed and what to set.
 #[tokio::test]
