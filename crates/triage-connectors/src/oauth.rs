@@ -343,6 +343,18 @@ impl TokenCache {
         if let Some(t) = memory.get(&key).filter(|t| usable(t)) {
             return Ok(Secret::new(t.access_token.clone()));
         }
+        // Another process may be refreshing the same token right now: wait for it, then read
+        // what it wrote, so parallel CLI runs spend one refresh between them. Held until the
+        // new token is written; without the lock (a folder that cannot be locked) a refresh
+        // costs a token, not the push.
+        let _refreshing = match &self.file {
+            Some(file) => file
+                .hold("refresh.lock")
+                .await
+                .map_err(|e| tracing::warn!("{e}"))
+                .ok(),
+            None => None,
+        };
         if let Some(file) = &self.file {
             if let Some(t) = file.read::<CachedToken>().remove(&key).filter(|t| usable(t)) {
                 let secret = Secret::new(t.access_token.clone());

@@ -66,23 +66,39 @@ impl PrivateFile {
         })
     }
 
-    /// Reads the map, lets `f` change it, and writes it back, all under the file's lock.
-    pub(crate) fn update<V: DeserializeOwned + Serialize>(
-        &self,
-        f: impl FnOnce(&mut BTreeMap<String, V>),
-    ) -> Result<(), ConnectorError> {
+    /// The `<file>.<name>` sidecar, opened for locking (created `0600` in a private folder).
+    fn lock_file(&self, name: &str) -> Result<File, ConnectorError> {
         let dir = self
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         create_private_dir(dir).map_err(|e| self.err("cannot create the folder", e))?;
-        let lock_path = sidecar(&self.path, "lock");
-        let lock = private_options()
+        private_options()
             .write(true)
             .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| self.err("cannot open the lock file", e))?;
+            .open(sidecar(&self.path, name))
+            .map_err(|e| self.err("cannot open the lock file", e))
+    }
+
+    /// Waits for, then holds until the returned file is dropped, an exclusive lock on the
+    /// `<file>.<name>` sidecar (another one than [`PrivateFile::update`]'s, which may be taken
+    /// while this is held): for work that several processes should do once, such as a token
+    /// refresh. Taken off the async threads.
+    pub(crate) async fn hold(&self, name: &str) -> Result<File, ConnectorError> {
+        let file = self.lock_file(name)?;
+        tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+            .await
+            .map_err(|e| self.err("cannot lock", e))?
+            .map_err(|e| self.err("cannot lock", e))
+    }
+
+    /// Reads the map, lets `f` change it, and writes it back, all under the file's lock.
+    pub(crate) fn update<V: DeserializeOwned + Serialize>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, V>),
+    ) -> Result<(), ConnectorError> {
+        let lock = self.lock_file("lock")?;
         lock.lock().map_err(|e| self.err("cannot lock", e))?;
         let mut map = self.read::<V>();
         f(&mut map);

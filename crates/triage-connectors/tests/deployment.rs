@@ -80,6 +80,36 @@ async fn twenty_five_cli_runs_refresh_the_token_once_through_a_private_file() {
     }
 }
 
+/// Eight CLI runs at once (`xargs -P`), each with its own memory, share the cache file: one
+/// refreshes the token, the others wait for it and read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_cli_runs_refresh_the_token_once_through_a_private_file() {
+    let vendor = Vendor::Zoho;
+    let (create, _, created, ..) = script(vendor);
+    let server = serve(vec![
+        ("POST", create, vec![Resp::new(201, created); 8]),
+        zoho_token_route(),
+    ])
+    .await;
+    let c: std::sync::Arc<dyn triage_connectors::Connector> = connector(vendor, &server, "parallel").into();
+    let ob = outbox("parallel");
+    let cache = scratch("cache-parallel").join("connectors");
+    let runs: Vec<_> = (1..=8)
+        .map(|n| {
+            let (c, ob, cache) = (c.clone(), ob.clone(), cache.clone());
+            tokio::spawn(async move {
+                let session = Session::new(reqwest::Client::new(), policy()).with_cache_dir(&cache);
+                push(&*c, &input_n(n), &ob, &session).await.map(|p| p.id)
+            })
+        })
+        .collect();
+    for r in runs {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(creates(&server, vendor), 8);
+    assert_eq!(server.requests("POST", "/oauth/v2/token").len(), 1);
+}
+
 #[tokio::test]
 async fn a_rejected_token_is_refreshed_once_and_an_expiring_one_is_not_reused() {
     let vendor = Vendor::Zoho;
