@@ -42,10 +42,12 @@ pub enum ConnectorError {
         message: String,
     },
     /// The vendor refused the request (4xx other than 429); never retried.
-    #[error("{vendor} answered HTTP {status}: {message}")]
+    #[error("{vendor} answered HTTP {status} to {request}: {message}{}", status_hint(*.status))]
     Vendor {
         /// Vendor name.
         vendor: &'static str,
+        /// The request it answered, `POST https://x.atlassian.net/rest/api/3/issue` (no query).
+        request: String,
         /// HTTP status.
         status: u16,
         /// The vendor's own error text(s), verbatim.
@@ -154,6 +156,16 @@ fn location(path: &Path, line: Option<usize>, key: Option<&str>) -> String {
         let _ = write!(s, ": `{k}`");
     }
     s
+}
+
+/// What to check after a refusal with this status (empty when the vendor's text says it).
+fn status_hint(status: u16) -> &'static str {
+    match status {
+        401 => " (check the credentials in the environment: they are missing, wrong or expired)",
+        403 => " (the account may not do this here: check its permissions in the project, desk or portal)",
+        404 => " (check base_url and the mapping's ids: project, service desk, department, request type)",
+        _ => "",
+    }
 }
 
 impl ConnectorError {

@@ -313,6 +313,7 @@ pub(crate) async fn send(
             _ => {
                 return Err(ConnectorError::Vendor {
                     vendor,
+                    request: format!("{} {}", req.method, without_query(&req.url)),
                     status,
                     message: error_text(&body),
                 })
@@ -324,6 +325,11 @@ pub(crate) async fn send(
         attempts: policy.max_attempts,
         last,
     })
+}
+
+/// `url` without its query string (search parameters make errors long).
+fn without_query(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(u, _)| u)
 }
 
 fn header_name(k: &str) -> Result<HeaderName, ConnectorError> {

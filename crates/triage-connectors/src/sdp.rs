@@ -339,6 +339,7 @@ impl Connector for Sdp {
         if v["response_status"]["status"].as_str() == Some("failed") {
             return Err(ConnectorError::Vendor {
                 vendor: Vendor::Sdp.as_str(),
+                request: "the create (POST /api/v3/requests)".into(),
                 status: 200,
                 message: error_text(body),
             });

@@ -100,6 +100,13 @@ async fn unauthorized_is_reported_without_leaking_the_secret() {
         );
         let shown = format!("{err} {err:?}");
         assert!(!shown.contains(SECRET), "{vendor}: secret in the error: {shown}");
+        // The error names the request it answered and what to check.
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("to POST {}{create}", server.url))
+                && text.contains("check the credentials"),
+            "{vendor}: {text}"
+        );
         // An OAuth token rejected with 401 is refreshed and the create sent once more.
         let (posts, refreshes) = if vendor == Vendor::Zoho { (2, 2) } else { (1, 0) };
         assert_eq!(creates(&server, vendor), posts, "{vendor}");
