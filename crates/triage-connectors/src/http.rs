@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::{ConnectorError, Secret};
 
-/// A request body.
-#[derive(Debug, Clone, PartialEq)]
+/// A request body. Its `Debug` form redacts the values of [`SECRET_FORM_KEYS`].
+#[derive(Clone, PartialEq)]
 pub enum Body {
     /// No body.
     Empty,
@@ -20,6 +20,29 @@ pub enum Body {
     Json(Value),
     /// `application/x-www-form-urlencoded`.
     Form(Vec<(String, String)>),
+}
+
+/// Form fields whose values are credentials (the OAuth refresh request's): never shown by
+/// `{:?}`, so no log or error that formats a request can carry them.
+pub const SECRET_FORM_KEYS: [&str; 4] = ["client_secret", "refresh_token", "code", "password"];
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Json(v) => f.debug_tuple("Json").field(v).finish(),
+            Body::Form(pairs) => {
+                let shown: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .map(|(k, v)| match SECRET_FORM_KEYS.contains(&k.as_str()) {
+                        true => (k.as_str(), "(redacted)"),
+                        false => (k.as_str(), v.as_str()),
+                    })
+                    .collect();
+                f.debug_tuple("Form").field(&shown).finish()
+            }
+        }
+    }
 }
 
 /// An HTTP request as data.
@@ -270,8 +293,15 @@ pub(crate) async fn send(
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = match response.text().await {
-            Ok(b) => b,
+        let body = match read_capped(response, MAX_BODY_BYTES).await {
+            Ok((_, true)) if (200..300).contains(&status) => {
+                // Whatever it says cannot be read whole: the outcome is unknown.
+                return Ok(Sent::Ambiguous {
+                    reason: format!("a {status} answer longer than {MAX_BODY_BYTES} bytes, cut there"),
+                    retry_after: None,
+                });
+            }
+            Ok((b, _)) => b,
             Err(e) if (200..300).contains(&status) => {
                 return Ok(Sent::Ambiguous {
                     reason: error_chain(&e),
@@ -325,6 +355,26 @@ pub(crate) async fn send(
         attempts: policy.max_attempts,
         last,
     })
+}
+
+/// The most bytes of a vendor's answer that are read: ticket creates, searches by one
+/// external id and error bodies are a few KiB; a server that sends more is cut off here
+/// rather than filling memory (a cut JSON answer then fails to parse, which is reported).
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// The response body as text (lossy UTF-8), at most `cap` bytes of it, and whether it was
+/// longer (then cut).
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<(String, bool), reqwest::Error> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok((String::from_utf8_lossy(&bytes).into_owned(), true));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), false))
 }
 
 /// `url` without its query string (search parameters make errors long).
@@ -403,6 +453,24 @@ mod tests {
         assert_eq!(
             form_encode(&pairs),
             "input_data=%7B%22a%22%3A%22b+c%26d%3D%C3%A9%22%7D"
+        );
+    }
+
+    /// The OAuth refresh request's credentials never appear in a request's `{:?}`.
+    #[test]
+    fn debug_of_a_form_body_redacts_credentials() {
+        let mut r = HttpRequest::new("POST", "https://accounts.zoho.com/oauth/v2/token");
+        r.body = Body::Form(vec![
+            ("refresh_token".into(), "1000.refresh-s3cr3t".into()),
+            ("client_id".into(), "1000.CLIENTID".into()),
+            ("client_secret".into(), "client-s3cr3t".into()),
+            ("grant_type".into(), "refresh_token".into()),
+        ]);
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(
+            shown.contains("1000.CLIENTID") && shown.contains("(redacted)"),
+            "{shown}"
         );
     }
 

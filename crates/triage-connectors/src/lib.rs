@@ -44,7 +44,7 @@ pub mod zoho;
 
 pub use connector::{Auth, BoxFuture, Connector, Lookup};
 pub use error::ConnectorError;
-pub use http::{Body, HttpRequest, RetryPolicy};
+pub use http::{Body, HttpRequest, RetryPolicy, MAX_BODY_BYTES, SECRET_FORM_KEYS};
 pub use oauth::{Region, TokenCache};
 pub use outbox::{Claim, Compacted, Outbox, OutboxEntry, OutboxState};
 pub use push::{dry_run, push, reconcile, Reconciled, RECHECK_REPOSTED_SECS};

@@ -304,6 +304,24 @@ async fn two_concurrent_pushes_of_one_incident_create_one_ticket() {
     assert_eq!(via, ["created", "outbox"]);
 }
 
+/// An answer larger than the cap is cut there, not read into memory whole; a create whose
+/// answer was cut has an unknown outcome, so it is searched for before anything is re-posted.
+#[tokio::test]
+async fn a_huge_answer_is_cut_at_the_cap_and_searched() {
+    let vendor = Vendor::Jira;
+    let (create, search, _, hit, ..) = script(vendor);
+    let huge = "x".repeat(triage_connectors::MAX_BODY_BYTES + (1 << 20));
+    let server = serve(vec![
+        ("POST", create, vec![Resp::new(201, &huge)]),
+        ("GET", search, vec![Resp::new(200, hit)]),
+    ])
+    .await;
+    let c = connector(vendor, &server, "huge");
+    let p = push(&*c, &input(), &outbox("huge"), &session()).await.unwrap();
+    assert_eq!((p.via, p.key.as_deref()), ("search", Some("IT-42")));
+    assert_eq!(creates(&server, vendor), 1);
+}
+
 /// A redirect is never followed: SDP's `authtoken` header would go along to the other host
 /// (reqwest drops only `Authorization`). The error names where it pointed and what to set.
 #[tokio::test]
