@@ -219,14 +219,20 @@ pub fn import_file(
             )))
         }
     };
-    if let Some(first) = records.iter().find_map(|(_, r)| r.as_ref().ok()) {
-        let present: HashSet<&str> = first.iter().map(|(k, _)| k.as_str()).collect();
+    // A mapped column that no readable record has is a typo or a wrong file, in every format;
+    // one that only some records have is fine (JSON exports often leave out empty keys).
+    let present: HashSet<&str> = records
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .flat_map(|row| row.iter().map(|(k, _)| k.as_str()))
+        .collect();
+    if !present.is_empty() {
         let missing: Vec<&str> = options
             .mapping
             .columns()
             .filter(|c| !present.contains(c))
             .collect();
-        if !missing.is_empty() && ext != "jsonl" && ext != "ndjson" {
+        if !missing.is_empty() {
             let mut have: Vec<&str> = present.into_iter().collect();
             have.sort_unstable();
             return Err(DataError::Invalid(format!(
@@ -897,6 +903,46 @@ mod tests {
         assert_eq!(quoting_fault(b"a,\"b\"\"c\",d\r\n", b','), None);
         assert_eq!(quoting_fault(b"a;\"b\";c\n", b';'), None);
         assert!(quoting_fault(b"a;\"b\",c\n", b';').is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// JSON and JSONL records may leave out a mapped key (exports drop empty ones): the import
+    /// goes on as long as some record has it; a mapped column that no record has (a typo) is
+    /// an error naming what the file has, in every format.
+    #[test]
+    fn a_mapped_column_must_appear_in_some_record_not_in_the_first() {
+        let taxonomy = cs_taxonomy();
+        let validator = Validator::new(&taxonomy);
+        let dir = scratch("columns");
+        let full = r#"{"body":"VPN down","subject":"VPN","queue":"IT Support","priority":"low","type":"Incident","language":"en"}"#;
+        let lean = r#"{"body":"Printer jammed","queue":"IT Support","priority":"low","type":"Incident","language":"en"}"#;
+        for (name, body) in [
+            ("a.json", format!("[{lean},{full}]")),
+            ("a.jsonl", format!("{lean}\n{full}\n")),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, &body).unwrap();
+            let report = import_file(&p, &validator, &options(&taxonomy)).unwrap();
+            assert_eq!(report.examples.len(), 2, "{name}: {:?}", report.rejects);
+            let typo = ImportOptions {
+                mapping: ColumnMapping::parse(
+                    &[
+                        "text=bdy".into(),
+                        "category=queue".into(),
+                        "priority=priority".into(),
+                        "request_type=type".into(),
+                    ],
+                    &taxonomy,
+                )
+                .unwrap(),
+                ..options(&taxonomy)
+            };
+            let err = import_file(&p, &validator, &typo).unwrap_err().to_string();
+            assert!(
+                err.contains("bdy") && err.contains("not found") && err.contains("body"),
+                "{name}: {err}"
+            );
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
