@@ -145,7 +145,9 @@ pub fn read_examples(path: &Path, validator: &Validator) -> Result<Vec<Example>,
 }
 
 /// [`read_examples`] on the contents of a file already read; `path` names it in errors.
+/// A UTF-8 byte-order mark (Windows editors write one) is skipped.
 pub fn parse_examples(bytes: &[u8], path: &Path, validator: &Validator) -> Result<Vec<Example>, DataError> {
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     let mut out = Vec::new();
     let mut ids = std::collections::HashSet::new();
     for (i, line) in bytes.lines().enumerate() {
@@ -242,6 +244,16 @@ mod tests {
         let err = read_examples(&path, &v).unwrap_err().to_string();
         assert!(err.contains(":2:") && err.contains("duplicate id"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A file saved by an editor that writes a byte-order mark reads like one without.
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let v = validator();
+        let with_bom = format!("\u{feff}{LINE}\n");
+        let read = parse_examples(with_bom.as_bytes(), Path::new("bom.jsonl"), &v).unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].id, "a");
     }
 
     #[test]
