@@ -55,7 +55,7 @@ pub enum ConnectorError {
     },
     /// The vendor answered with a redirect, which is never followed: a credential header
     /// such as SDP's `authtoken` would go along to the other host.
-    #[error("{vendor}: {url} answered HTTP {status}, redirecting to {location}; redirects are not followed, so credentials never go to another host: set the mapping's base_url to the address the ITSM redirects to")]
+    #[error("{vendor}: {url} answered HTTP {status}, redirecting to {location}; redirects are not followed, so credentials never go to another host: set the mapping's base_url (for zoho-accounts, its region) to the address it redirects to")]
     Redirected {
         /// Vendor name.
         vendor: &'static str,

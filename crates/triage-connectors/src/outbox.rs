@@ -180,7 +180,7 @@ impl Outbox {
     /// reading the outbox until the create is recorded, so two runs pushing the same incident
     /// at once never both post it. The lock lives on one of 64 sidecar files
     /// (`<outbox>.claim-NN`, by a hash of vendor and external id), so they do not pile up;
-    /// two incidents that share one only wait for each other.
+    /// two incidents that share one only wait for each other. The wait can be cancelled.
     pub async fn claim(&self, vendor: &str, external_id: &str) -> Result<Claim, ConnectorError> {
         // FNV-1a: the same stripe in every build and process.
         let hash = vendor
@@ -191,9 +191,8 @@ impl Outbox {
                 (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
             });
         let file = self.sidecar(&format!(".claim-{:02}", hash % 64))?;
-        let locked = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        let locked = crate::store::lock_when_free(file, &self.path)
             .await
-            .map_err(|e| self.err(e))?
             .map_err(|e| self.err(e))?;
         Ok(Claim { _file: locked })
     }

@@ -153,6 +153,18 @@ fn created_entry(vendor: &str, p: &Pushed, reposted: bool) -> OutboxEntry {
     }
 }
 
+/// After a create the vendor refused: `absent`, unless an earlier attempt of this push may
+/// have created the ticket (`reposted`), which keeps it `unknown` for a later search.
+fn refused_entry(vendor: &str, ext: &str, e: &ConnectorError, reposted: bool) -> OutboxEntry {
+    match reposted {
+        true => unknown_entry(vendor, ext, &e.to_string(), true),
+        false => OutboxEntry {
+            reason: Some(e.to_string()),
+            ..OutboxEntry::new(vendor, ext, OutboxState::Absent)
+        },
+    }
+}
+
 fn unknown_entry(vendor: &str, ext: &str, reason: &str, reposted: bool) -> OutboxEntry {
     OutboxEntry {
         reason: Some(reason.to_owned()),
@@ -232,15 +244,7 @@ pub async fn push(
             Ok(s) => s,
             Err(e) => {
                 // A definitive answer (4xx, unreachable): this attempt created nothing.
-                let settled = if reposted {
-                    unknown_entry(vendor, &ext, &e.to_string(), true)
-                } else {
-                    OutboxEntry {
-                        reason: Some(e.to_string()),
-                        ..OutboxEntry::new(vendor, &ext, OutboxState::Absent)
-                    }
-                };
-                outbox.record(&settled)?;
+                outbox.record(&refused_entry(vendor, &ext, &e, reposted))?;
                 return Err(e);
             }
         };
@@ -250,10 +254,7 @@ pub async fn push(
                     Ok(created) => created,
                     Err(e @ ConnectorError::Vendor { .. }) => {
                         // The vendor says, in a 2xx, that it refused the create.
-                        outbox.record(&OutboxEntry {
-                            reason: Some(e.to_string()),
-                            ..OutboxEntry::new(vendor, &ext, OutboxState::Absent)
-                        })?;
+                        outbox.record(&refused_entry(vendor, &ext, &e, reposted))?;
                         return Err(e);
                     }
                     Err(e) => {
@@ -365,6 +366,13 @@ pub async fn reconcile(
     let window = session.policy.search_window.as_secs();
     let mut out = Vec::new();
     for e in open {
+        // A push of this incident may be running: wait for it, and settle what it left, not
+        // the snapshot above (recording `absent` over its fresh `created` would lead the next
+        // push to post a duplicate).
+        let _claim = outbox.claim(vendor, &e.external_id).await?;
+        if outbox.latest(vendor, &e.external_id)?.as_ref() != Some(&e) {
+            continue;
+        }
         let mut r = Reconciled {
             vendor: vendor.to_owned(),
             external_id: e.external_id.clone(),

@@ -87,9 +87,8 @@ impl PrivateFile {
     /// refresh. Taken off the async threads.
     pub(crate) async fn hold(&self, name: &str) -> Result<File, ConnectorError> {
         let file = self.lock_file(name)?;
-        tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        lock_when_free(file, &self.path)
             .await
-            .map_err(|e| self.err("cannot lock", e))?
             .map_err(|e| self.err("cannot lock", e))
     }
 
@@ -115,6 +114,27 @@ impl PrivateFile {
         }
         drop(lock);
         result.map_err(|e| self.err("cannot write", e))
+    }
+}
+
+/// Takes an exclusive lock on `file` once no other process or handle holds it, polling every
+/// 50 ms with an async sleep: the wait can be cancelled (Ctrl-C drops the future), which a
+/// blocking `lock()` on a blocking-pool thread could not be. Says once, at info level, that it
+/// is waiting and for what.
+pub(crate) async fn lock_when_free(file: File, what: &Path) -> std::io::Result<File> {
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !said {
+                    tracing::info!("waiting for another process to release {}", what.display());
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 

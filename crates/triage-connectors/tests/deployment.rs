@@ -297,6 +297,49 @@ async fn a_repost_after_an_unsettled_create_is_checked_for_a_duplicate_by_reconc
     assert_eq!(later.requests("GET", search).len(), 2);
 }
 
+/// Reconcile waits for a push of the same incident that is under way, and settles what that
+/// push left rather than its own earlier snapshot: a `created` recorded meanwhile is never
+/// overwritten with `absent` (which would let the next push post a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_waits_for_a_running_push_and_keeps_what_it_recorded() {
+    let vendor = Vendor::Jira;
+    let (_, search, ..) = script(vendor);
+    let ob = outbox("race");
+    let ext = triage_connectors::external_id(&input());
+    // An old unknown entry: with no ticket found, reconcile would call it absent.
+    ob.record(&OutboxEntry {
+        at: 0,
+        ..OutboxEntry::new("jira", &ext, OutboxState::Unknown)
+    })
+    .unwrap();
+    let server = serve(vec![("GET", search, vec![Resp::new(200, no_hits(vendor))])]).await;
+    let c: std::sync::Arc<dyn triage_connectors::Connector> = connector(vendor, &server, "race").into();
+    // A push holds the incident's claim ...
+    let claim = ob.claim("jira", &ext).await.unwrap();
+    let task = {
+        let (c, ob) = (c.clone(), ob.clone());
+        tokio::spawn(async move { reconcile(&*c, &ob, &session()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... and records its ticket before letting go.
+    ob.record(&OutboxEntry {
+        id: Some("10042".into()),
+        ..OutboxEntry::new("jira", &ext, OutboxState::Created)
+    })
+    .unwrap();
+    drop(claim);
+    let r = task.await.unwrap().unwrap();
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(
+        ob.latest("jira", &ext).unwrap().unwrap().state,
+        OutboxState::Created
+    );
+    assert!(
+        server.requests("GET", search).is_empty(),
+        "searched a settled entry"
+    );
+}
+
 /// One entry whose search fails (a 400 here) keeps its state, with a note, and reconcile goes
 /// on: the entries after it are settled and reported in the same run.
 #[tokio::test]

@@ -276,6 +276,35 @@ async fn an_sdp_create_refused_inside_a_200_is_the_vendors_error() {
     assert_eq!(server.log.lock().unwrap().len(), 1, "only the one create");
 }
 
+/// A refusal inside a 200 after a repost: the first, ambiguous attempt may have created the
+/// ticket, so the outbox keeps the incident `unknown` (searched later), not `absent`.
+#[tokio::test]
+async fn a_refusal_after_a_repost_keeps_the_incident_unknown() {
+    let vendor = Vendor::Sdp;
+    let (create, search, _, _, bad, _) = script(vendor);
+    let server = serve(vec![
+        ("GET", search, vec![Resp::new(200, no_hits(vendor))]),
+        (
+            "POST",
+            create,
+            vec![
+                Resp::new(504, "<html>gateway timeout</html>"),
+                Resp::new(200, bad),
+            ],
+        ),
+    ])
+    .await;
+    let c = connector(vendor, &server, "refused_repost");
+    let ob = outbox("refused-repost");
+    let err = push(&*c, &input(), &ob, &session()).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Vendor { status: 200, .. }), "{err}");
+    let ext = triage_connectors::external_id(&input());
+    let entry = ob.latest(vendor.as_str(), &ext).unwrap().unwrap();
+    assert_eq!(entry.state, triage_connectors::OutboxState::Unknown);
+    assert!(entry.reposted);
+    assert_eq!(creates(&server, vendor), 2);
+}
+
 /// Two pushes of the same incident at once (two CLI runs, two server requests) post it once:
 /// the second waits for the first's claim, then finds its ticket in the outbox.
 #[tokio::test]

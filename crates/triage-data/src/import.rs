@@ -536,7 +536,10 @@ fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataE
         };
         if let Some(fault) = quoting_fault(raw, delimiter) {
             // Kept whole in the rejects (the rows it swallowed included), never imported.
-            let last = line + raw.trim_ascii_end().iter().filter(|&&b| b == b'\n').count() as u64;
+            // `raw` may start with the previous record's line end (csv ends a CRLF record at
+            // its `\r`) and blank lines, which `line` already skips.
+            let body = &raw[raw.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()..];
+            let last = line + body.trim_ascii_end().iter().filter(|&&b| b == b'\n').count() as u64;
             let row = whole(lossy);
             out.push((
                 line,
@@ -872,6 +875,14 @@ mod tests {
         csv.extend_from_slice(b"Printer,\"Printer jammed\",Incident,IT Support,low,en\n"); // 3: swallowed
         csv.extend_from_slice(b"Screen,My 5\" screen says \"\"no signal\"\",Incident,IT Support,low,en\n"); // 4
         csv.extend_from_slice(b"Mail,\"Says \"\"quota\"\" full\",Incident,IT Support,low,en\n"); // 5
+                                                                                                 // With CRLF line ends the reject names the same lines.
+        std::fs::write(&path, String::from_utf8_lossy(&csv).replace('\n', "\r\n")).unwrap();
+        let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
+        assert!(
+            report.rejects[0].reason.contains("lines 2-3"),
+            "{:?}",
+            report.rejects
+        );
         std::fs::write(&path, &csv).unwrap();
         let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
         assert_eq!(report.rejects.len(), 1, "{:#?}", report.rejects);
