@@ -506,6 +506,21 @@ fn read_csv(path: &Path, delimiter: u8, cap: usize) -> Result<Vec<Record>, DataE
                 .to_owned()
         })
         .collect();
+    // A name twice would map to its first column only, and a reject's raw row (keyed by
+    // name) would keep one of the two values.
+    for (j, h) in headers.iter().enumerate().filter(|(_, h)| !h.is_empty()) {
+        if let Some(i) = headers[..j].iter().position(|x| x == h) {
+            return Err(DataError::Parse {
+                path: path.into(),
+                line: 1,
+                message: format!(
+                    "column {h:?} appears twice in the header (columns {} and {}): rename one",
+                    i + 1,
+                    j + 1
+                ),
+            });
+        }
+    }
     let mut out = Vec::new();
     let mut record = csv::ByteRecord::new();
     let mut lines = Lines::default();
@@ -914,6 +929,28 @@ mod tests {
         assert_eq!(quoting_fault(b"a,\"b\"\"c\",d\r\n", b','), None);
         assert_eq!(quoting_fault(b"a;\"b\";c\n", b';'), None);
         assert!(quoting_fault(b"a;\"b\",c\n", b';').is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A column name twice in a CSV header is refused up front, naming both columns.
+    #[test]
+    fn a_repeated_header_name_is_an_error() {
+        let taxonomy = cs_taxonomy();
+        let validator = Validator::new(&taxonomy);
+        let dir = scratch("header");
+        let path = dir.join("h.csv");
+        std::fs::write(
+            &path,
+            "subject,body,type,queue,priority,body\nA,b,Incident,IT Support,low,c\n",
+        )
+        .unwrap();
+        let err = import_file(&path, &validator, &options(&taxonomy))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"body\" appears twice") && err.contains("columns 2 and 6"),
+            "{err}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
