@@ -373,7 +373,7 @@ fn row_to_example(
         .lang
         .as_deref()
         .and_then(|c| cell(row, c))
-        .map(|l| l.to_lowercase())
+        .and_then(lang::normalize)
         .or_else(|| lang::detect(&text).map(str::to_owned))
         .unwrap_or_else(|| "und".into());
     let id =

@@ -30,6 +30,25 @@ const WHATLANG: [(Lang, &str); 5] = [
     (Lang::Por, "pt"),
 ];
 
+/// A language column's value as an ISO 639-1 code: the primary subtag of a tag (`en-US`,
+/// `pt_BR` → `en`, `pt`), lowercased, and the English or native name of the five shipped
+/// languages (`English`, `Deutsch`, `français` → `en`, `de`, `fr`); `None` when empty. So one
+/// language is one group in evaluation's per-language tables, however the export spells it.
+pub fn normalize(value: &str) -> Option<String> {
+    let v = value.trim().to_lowercase();
+    let primary = v.split(['-', '_']).next().unwrap_or("").trim();
+    let code = match primary {
+        "" => return None,
+        "english" => "en",
+        "german" | "deutsch" => "de",
+        "french" | "français" | "francais" => "fr",
+        "spanish" | "español" | "espanol" | "castellano" => "es",
+        "portuguese" | "português" | "portugues" => "pt",
+        other => other,
+    };
+    Some(code.to_owned())
+}
+
 /// Guesses the language of `text` among [`LANGS`] (ISO 639-1); `None` when the text gives
 /// too little evidence (fewer than [`MIN_WORDS`] words of letters, or a confidence under
 /// [`MIN_CONFIDENCE`]).
@@ -168,7 +187,24 @@ pub mod stopwords {
 
 #[cfg(test)]
 mod tests {
-    use super::detect;
+    use super::{detect, normalize};
+
+    #[test]
+    fn language_values_become_iso_codes() {
+        for (value, code) in [
+            ("en", "en"),
+            ("EN-us", "en"),
+            ("pt_BR", "pt"),
+            ("English", "en"),
+            (" Deutsch ", "de"),
+            ("Français", "fr"),
+            ("español", "es"),
+            ("zh-Hant", "zh"),
+        ] {
+            assert_eq!(normalize(value).as_deref(), Some(code), "{value}");
+        }
+        assert_eq!(normalize("  "), None);
+    }
 
     #[test]
     fn guesses_the_five_languages() {
