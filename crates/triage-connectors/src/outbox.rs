@@ -157,21 +157,19 @@ impl Outbox {
     }
 
     fn lock_file(&self) -> Result<File, ConnectorError> {
-        self.sidecar(".lock")
+        self.sidecar("lock")
     }
 
-    /// `<outbox><suffix>`, opened for locking (created, never truncated).
+    /// `<outbox>.<suffix>`, opened for locking (created, never truncated).
     fn sidecar(&self, suffix: &str) -> Result<File, ConnectorError> {
         if let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
         }
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(suffix);
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .open(self.path.with_file_name(name))
+            .open(crate::store::sidecar(&self.path, suffix))
             .map_err(|e| self.err(e))
     }
 
@@ -190,7 +188,7 @@ impl Outbox {
             .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
             });
-        let file = self.sidecar(&format!(".claim-{:02}", hash % 64))?;
+        let file = self.sidecar(&format!("claim-{:02}", hash % 64))?;
         let locked = crate::store::lock_when_free(file, &self.path)
             .await
             .map_err(|e| self.err(e))?;
@@ -289,9 +287,7 @@ impl Outbox {
             text.push_str(&serde_json::to_string(e).map_err(|e| self.err(e))?);
             text.push('\n');
         }
-        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".compact-{}", std::process::id()));
-        let tmp = self.path.with_file_name(tmp_name);
+        let tmp = crate::store::sidecar(&self.path, &format!("compact-{}", std::process::id()));
         let written = (|| -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             if let Ok(meta) = std::fs::metadata(&self.path) {

@@ -84,7 +84,7 @@ impl PrivateFile {
     /// Waits for, then holds until the returned file is dropped, an exclusive lock on the
     /// `<file>.<name>` sidecar (another one than [`PrivateFile::update`]'s, which may be taken
     /// while this is held): for work that several processes should do once, such as a token
-    /// refresh. Taken off the async threads.
+    /// refresh. The wait can be cancelled ([`lock_when_free`]).
     pub(crate) async fn hold(&self, name: &str) -> Result<File, ConnectorError> {
         let file = self.lock_file(name)?;
         lock_when_free(file, &self.path)
@@ -139,7 +139,7 @@ pub(crate) async fn lock_when_free(file: File, what: &Path) -> std::io::Result<F
 }
 
 /// `<file>.<suffix>` beside `path`.
-fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".");
     name.push(suffix);

@@ -193,14 +193,14 @@ pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
         if let Some(&j) = index.exact.get(&normalized) {
             // An exact copy joins its original's cluster, which already holds every text the
             // copy would match.
-            union(&mut parent, i, j, root);
+            union(&mut parent, i, j);
         } else {
             for b in 0..BANDS {
                 for &j in index.bands[b].get(&band_key(&sig, b)).into_iter().flatten() {
                     if root(&mut parent, i) != root(&mut parent, j)
                         && jaccard(&sh, &index.shingles[j]) >= threshold
                     {
-                        union(&mut parent, i, j, root);
+                        union(&mut parent, i, j);
                     }
                 }
             }
@@ -219,7 +219,7 @@ pub fn clusters_with_groups(texts: &[&str], groups: &[Option<&str>], threshold: 
     for (i, g) in groups.iter().enumerate().take(texts.len()) {
         if let Some(g) = g {
             match first.get(g) {
-                Some(&j) => union(&mut parent, i, j, root),
+                Some(&j) => union(&mut parent, i, j),
                 None => {
                     first.insert(g, i);
                 }
@@ -238,7 +238,7 @@ fn root(parent: &mut [usize], mut i: usize) -> usize {
     i
 }
 
-fn union(parent: &mut [usize], a: usize, b: usize, root: fn(&mut [usize], usize) -> usize) {
+fn union(parent: &mut [usize], a: usize, b: usize) {
     let (ra, rb) = (root(parent, a), root(parent, b));
     if ra != rb {
         let (lo, hi) = if ra < rb { (ra, rb) } else { (rb, ra) };

@@ -428,15 +428,12 @@ type Record = (u64, Result<Row, (RowError, Row)>);
 /// The 1-based line on which a record starting at byte `offset` begins. (The `csv` crate's
 /// own line counter is one short for files with CRLF line ends, which most exports have.)
 pub fn line_at(bytes: &[u8], offset: u64) -> u64 {
-    let mut at = (offset as usize).min(bytes.len());
-    while at < bytes.len() && (bytes[at] == b'\r' || bytes[at] == b'\n') {
-        at += 1;
-    }
-    bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+    Lines::default().at(bytes, offset)
 }
 
-/// [`line_at`] for offsets that only grow, as a reader's records do: counts the newlines since
-/// the previous call instead of from the start, so numbering a file's records is linear.
+/// [`line_at`] for a reader's records: counts the newlines since the previous call instead of
+/// from the start, so numbering a file's records in order is linear (an offset before the
+/// previous one counts again from the start).
 #[derive(Default)]
 struct Lines {
     pos: usize,
@@ -450,7 +447,7 @@ impl Lines {
             at += 1;
         }
         if at < self.pos {
-            return line_at(bytes, offset);
+            *self = Lines::default();
         }
         self.newlines += bytes[self.pos..at].iter().filter(|&&b| b == b'\n').count() as u64;
         self.pos = at;
@@ -890,7 +887,8 @@ mod tests {
         csv.extend_from_slice(b"Printer,\"Printer jammed\",Incident,IT Support,low,en\n"); // 3: swallowed
         csv.extend_from_slice(b"Screen,My 5\" screen says \"\"no signal\"\",Incident,IT Support,low,en\n"); // 4
         csv.extend_from_slice(b"Mail,\"Says \"\"quota\"\" full\",Incident,IT Support,low,en\n"); // 5
-                                                                                                 // With CRLF line ends the reject names the same lines.
+
+        // With CRLF line ends the reject names the same lines.
         std::fs::write(&path, String::from_utf8_lossy(&csv).replace('\n', "\r\n")).unwrap();
         let report = import_file(&path, &validator, &options(&taxonomy)).unwrap();
         assert!(

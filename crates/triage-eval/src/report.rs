@@ -75,8 +75,8 @@ pub struct SystemReport {
     /// The worst errors.
     pub worst: Vec<WorstError>,
     /// Against the report's first system (in `triage eval`'s order, the TF-IDF baseline when
-    /// it has `--train`, else zero-shot), per field
-    /// and for all fields right; empty for the first system itself.
+    /// it has `--train`, else zero-shot), per field and for all fields right; empty for the
+    /// first system itself.
     pub vs_first: Vec<Paired>,
 }
 
@@ -109,6 +109,11 @@ fn is_right(p: &Prediction, field: &str) -> bool {
     p.value(field).is_some() && p.value(field) == p.gold_value(field)
 }
 
+/// Whether the output is valid with every field in `fields` right.
+fn all_right(p: &Prediction, fields: &[&str]) -> bool {
+    p.valid && fields.iter().all(|f| is_right(p, f))
+}
+
 /// `preds` against `reference` on the examples both have (matched by id), per field in
 /// `fields` order, then for all fields right.
 fn paired(fields: &[&str], reference: &[Prediction], preds: &[Prediction]) -> Vec<Paired> {
@@ -135,9 +140,7 @@ fn paired(fields: &[&str], reference: &[Prediction], preds: &[Prediction]) -> Ve
         }
     };
     let mut out: Vec<Paired> = fields.iter().map(|f| tally(f, &|p| is_right(p, f))).collect();
-    out.push(tally("all fields", &|p| {
-        p.valid && fields.iter().all(|f| is_right(p, f))
-    }));
+    out.push(tally("all fields", &|p| all_right(p, fields)));
     out
 }
 
@@ -219,10 +222,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                     false => 0.0,
                 })
                 .collect();
-            let all_right: Vec<bool> = preds
-                .iter()
-                .map(|p| p.valid && fields.iter().all(|f| is_right(p, f)))
-                .collect();
+            let all_right: Vec<bool> = preds.iter().map(|p| all_right(p, &fields)).collect();
             let mut lat: Vec<f64> = preds.iter().map(|p| p.latency_ms).collect();
             lat.sort_by(f64::total_cmp);
             let mut worst: Vec<(usize, f64, &Prediction)> = preds
