@@ -204,7 +204,65 @@ pub(crate) fn write_dir(
         let _ = p.sync_all();
     }
     let _ = std::fs::remove_dir_all(&old);
+    // Copies an earlier kill left aside are stale now: `recover_dir` must never bring one
+    // back after `dir` is deleted on purpose.
+    let stale = format!(".{}.old-", name.to_string_lossy());
+    for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&stale) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     Ok(())
+}
+
+/// Puts back a directory that [`write_dir`] moved aside and did not replace: a kill between
+/// its two renames leaves no `dir`, only the old one as `.<name>.old-<pid>` and the new one,
+/// complete (it is synced before the swap), as `.<name>.tmp-<pid>`. The new one is restored
+/// when it holds `required`, else the old one; a candidate without `required` (a removal
+/// cut short) is never restored. Returns whether one was.
+pub(crate) fn recover_dir(dir: &Path, required: &str) -> Result<bool, TrainError> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(false);
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let name = name.to_string_lossy();
+    let old_prefix = format!(".{name}.old-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(false);
+    };
+    let usable = |p: &Path| p.join(required).is_file();
+    let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&old_prefix) else {
+            continue;
+        };
+        let newer = parent.join(format!(".{name}.tmp-{pid}"));
+        let pick = if usable(&newer) { newer } else { e.path() };
+        if usable(&pick) {
+            let time = std::fs::metadata(pick.join(required)).and_then(|m| m.modified());
+            candidates.push((time.unwrap_or(std::time::UNIX_EPOCH), pick));
+        }
+    }
+    match candidates.into_iter().max() {
+        Some((_, from)) => {
+            std::fs::rename(&from, dir).map_err(|e| file_err(&from, e))?;
+            tracing::warn!(
+                "{} was missing (interrupted swap): restored from {}",
+                dir.display(),
+                from.display()
+            );
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value, TrainError> {

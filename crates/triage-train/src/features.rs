@@ -143,8 +143,12 @@ impl Features {
         }
         let path = self.path(item, layer);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Flushed before the rename: a file is only ever checked by its length, so a power
+        // loss must not leave one of the right length with content never written.
         let write = || -> std::io::Result<()> {
-            std::fs::File::create(&tmp)?.write_all(&bytes)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
             std::fs::rename(&tmp, &path)
         };
         write().map_err(|e| file_err(&path, e))

@@ -128,6 +128,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// `self` with `other`'s settings that change how a run goes, not what it trains: the
+    /// evaluation, accuracy and checkpoint intervals, the accuracy samples, per-layer
+    /// recomputation, the head's chunk and composed operations (memory and speed; the
+    /// arithmetic is the same up to rounding). A resumed run takes these from its command.
+    pub fn with_run_settings_of(&self, other: &TrainConfig) -> TrainConfig {
+        TrainConfig {
+            eval_every: other.eval_every,
+            accuracy_every: other.accuracy_every,
+            accuracy_samples: other.accuracy_samples,
+            checkpoint_every: other.checkpoint_every,
+            checkpointing: other.checkpointing,
+            head_chunk: other.head_chunk,
+            composed_ops: other.composed_ops,
+            ..self.clone()
+        }
+    }
+
     /// The first layer that carries the adapter in a model of `num_layers` layers.
     pub fn first_layer(&self, num_layers: usize) -> usize {
         match self.top_layers {
@@ -382,6 +399,9 @@ pub struct RunState {
     pub val_loss: Vec<(usize, f64)>,
     /// (step, accuracy per field).
     pub accuracy: Vec<(usize, Vec<(String, f64)>)>,
+    /// The final evaluation is done and recorded (a resumed finished run does not repeat it).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// One optimizer step, for progress display.
@@ -411,6 +431,8 @@ pub trait Observer {
     fn message(&mut self, text: &str);
     /// While the frozen layers' output is computed: `done` of `total` (example, layer) passes.
     fn features(&mut self, _done: usize, _total: usize) {}
+    /// After micro-batch `micro` (0-based) of the step that will be number `step`.
+    fn micro_batch(&mut self, _step: usize, _micro: usize) {}
 }
 
 /// What a finished run produced.
@@ -452,6 +474,8 @@ pub struct Trainer<'a> {
     first: usize,
     features: Option<Features>,
     dense: DenseWeights,
+    /// What the run trains on (see [`fingerprint`]), saved with each checkpoint.
+    fingerprint: String,
 }
 
 impl<'a> Trainer<'a> {
@@ -468,14 +492,20 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, TrainError> {
         let model = base.model().clone();
         let device = model.device().clone();
-        let (config, state) = if resume {
-            let state_path = checkpoint_state(run_dir);
-            let text = std::fs::read_to_string(&state_path)
-                .map_err(|e| file_err(&state_path, format!("{e}: no checkpoint to resume")))?;
-            let saved: Checkpoint = serde_json::from_str(&text).map_err(|e| file_err(&state_path, e))?;
-            (saved.config, saved.state)
+        let (config, state, saved_fingerprint) = if resume {
+            let saved = read_checkpoint(run_dir)?;
+            let mut state = saved.state;
+            // Before `finished` was saved, a checkpoint at the last step was the final one.
+            if saved.fingerprint.is_none() && state.step >= saved.config.steps {
+                state.finished = true;
+            }
+            (
+                saved.config.with_run_settings_of(&config),
+                state,
+                saved.fingerprint,
+            )
         } else {
-            (config, RunState::default())
+            (config, RunState::default(), None)
         };
         config.check()?;
         let encoder = Encoder::new(base)?;
@@ -496,6 +526,17 @@ impl<'a> Trainer<'a> {
         }
         // Validation always uses the canonical prompt, as inference does.
         let (val_items, _) = encoder.encode_all(val, None, config.max_tokens)?;
+        let fingerprint = fingerprint(gguf, base, &train_items, &val_items);
+        if let Some(saved) = saved_fingerprint.filter(|f| *f != fingerprint) {
+            return Err(file_err(
+                &checkpoint_state(run_dir),
+                format!(
+                    "the checkpoint was written for other training or validation data, taxonomy, \
+                     prompt or model (fingerprint {saved}, now {fingerprint}): resume with the \
+                     same files, or start afresh with another --run-dir"
+                ),
+            ));
+        }
         let num_layers = model.config().num_layers;
         if config.top_layers > num_layers {
             return Err(TrainError::Invalid(format!(
@@ -566,6 +607,7 @@ impl<'a> Trainer<'a> {
             first,
             features,
             dense,
+            fingerprint,
         })
     }
 
@@ -640,7 +682,14 @@ impl<'a> Trainer<'a> {
         let Some(f) = &self.features else {
             return Ok(());
         };
-        let missing: Vec<&Item> = self.train.iter().chain(&self.val).filter(|i| !f.has(i)).collect();
+        // Examples with the same tokens share their feature files: each is computed once.
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<&Item> = self
+            .train
+            .iter()
+            .chain(&self.val)
+            .filter(|i| !f.has(i) && seen.insert(i.tokens.as_slice()))
+            .collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -721,8 +770,15 @@ impl<'a> Trainer<'a> {
         .map_err(TrainError::Llm)
     }
 
-    /// Writes `run_dir/checkpoint/` atomically.
+    /// Writes `run_dir/checkpoint/` atomically, after flushing `metrics.jsonl` to disk (so the
+    /// log holds every record the checkpoint covers, also after a power loss).
     pub fn checkpoint(&self) -> Result<(), TrainError> {
+        let log = self.metrics_path();
+        match std::fs::OpenOptions::new().append(true).open(&log) {
+            Ok(f) => f.sync_all().map_err(|e| file_err(&log, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&log, e)),
+        }
         crate::adapter::write_dir(&checkpoint_dir(&self.run_dir), |tmp| {
             self.lora
                 .save_safetensors(&tmp.join("adapter_model.safetensors"))?;
@@ -730,6 +786,7 @@ impl<'a> Trainer<'a> {
             let state = Checkpoint {
                 config: self.config.clone(),
                 state: self.state.clone(),
+                fingerprint: Some(self.fingerprint.clone()),
             };
             let p = tmp.join(STATE_FILE);
             std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
@@ -752,10 +809,11 @@ impl<'a> Trainer<'a> {
         writeln!(f, "{record}").map_err(|e| file_err(&path, e))
     }
 
-    /// On resume: drops the records `metrics.jsonl` holds past the checkpoint's step (steps
-    /// that ran after it and are about to run again) and a torn last line, so the log reads
-    /// as the uninterrupted run's.
-    fn truncate_log(&self, step: usize) -> Result<(), TrainError> {
+    /// On resume: drops the records `metrics.jsonl` holds past the checkpoint (steps that ran
+    /// after it and are about to run again, and evaluations at its own step that it does not
+    /// hold, such as a final one interrupted after its validation loss was logged) and a torn
+    /// last line, so the log reads as the uninterrupted run's.
+    fn truncate_log(&self) -> Result<(), TrainError> {
         let path = self.metrics_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -765,10 +823,7 @@ impl<'a> Trainer<'a> {
         let kept: String = text
             .lines()
             .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| covered_by(&v, &self.state))
             })
             .flat_map(|l| [l, "\n"])
             .collect();
@@ -798,7 +853,9 @@ impl<'a> Trainer<'a> {
     pub fn run(&mut self, stop: &AtomicBool, observer: &mut dyn Observer) -> Result<Summary, TrainError> {
         let c = self.config.clone();
         self.prepare_features(stop, observer)?;
-        let fresh = self.state.step == 0;
+        // Not `step == 0`: a stop during the first step checkpoints step 0 with the
+        // evaluations before training already done.
+        let fresh = self.state == RunState::default();
         match fresh {
             // A fresh run's log starts empty (not after an earlier run's records).
             true => match std::fs::remove_file(self.metrics_path()) {
@@ -807,7 +864,7 @@ impl<'a> Trainer<'a> {
                 }
                 _ => {}
             },
-            false => self.truncate_log(self.state.step)?,
+            false => self.truncate_log()?,
         }
         let val_before = if fresh {
             self.val_loss()?
@@ -847,10 +904,14 @@ impl<'a> Trainer<'a> {
         let mut order = (self.state.epoch, epoch_order(self.state.epoch));
         while self.state.step < c.steps {
             let t0 = Instant::now();
+            // A stop between micro-batches drops the step's partial gradients, so the
+            // checkpoint must point at the step's first batch, not past the ones it drops.
+            let at_step_start = (self.state.epoch, self.state.batch);
             let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
             let (mut loss_sum, mut tokens) = (0.0, 0usize);
             for micro in 0..c.grad_accum {
                 if stop.load(Ordering::SeqCst) {
+                    (self.state.epoch, self.state.batch) = at_step_start;
                     self.checkpoint()?;
                     self.plot()?;
                     return Err(TrainError::Interrupted(self.state.step));
@@ -881,6 +942,7 @@ impl<'a> Trainer<'a> {
                         });
                     }
                 }
+                observer.micro_batch(self.state.step + 1, micro);
             }
             let mut grads: Vec<Tensor> = acc
                 .into_iter()
@@ -931,22 +993,44 @@ impl<'a> Trainer<'a> {
                 observer.message(&format!("step {s}: checkpoint written"));
             }
         }
-        let val_after = self.val_loss()?;
-        if let Some(v) = val_after {
-            self.state.val_loss.push((self.state.step, v));
-            self.log(serde_json::json!({"step": self.state.step, "val_loss": v}))?;
-            observer.message(&format!("validation loss after training: {v:.4}"));
-        }
-        let accuracy_after = if c.accuracy_samples > 0 {
-            let a = self.accuracy(true)?;
-            self.log(serde_json::json!({"step": self.state.step, "accuracy": a}))?;
-            observer.message(&format!("accuracy after training: {}", fmt_acc(&a)));
-            self.state.accuracy.push((self.state.step, a.clone()));
-            a
-        } else {
-            Vec::new()
+        let (val_after, accuracy_after) = match self.state.finished {
+            // A resumed finished run: its final evaluation is in the checkpoint.
+            true => (
+                self.state
+                    .val_loss
+                    .last()
+                    .filter(|v| v.0 == self.state.step)
+                    .map(|v| v.1),
+                self.state
+                    .accuracy
+                    .last()
+                    .filter(|a| a.0 == self.state.step)
+                    .map(|a| a.1.clone())
+                    .unwrap_or_default(),
+            ),
+            false => {
+                // The steps are safe before the (long, uninterruptible) final evaluation.
+                self.checkpoint()?;
+                let val_after = self.val_loss()?;
+                if let Some(v) = val_after {
+                    self.state.val_loss.push((self.state.step, v));
+                    self.log(serde_json::json!({"step": self.state.step, "val_loss": v}))?;
+                    observer.message(&format!("validation loss after training: {v:.4}"));
+                }
+                let accuracy_after = if c.accuracy_samples > 0 {
+                    let a = self.accuracy(true)?;
+                    self.log(serde_json::json!({"step": self.state.step, "accuracy": a}))?;
+                    observer.message(&format!("accuracy after training: {}", fmt_acc(&a)));
+                    self.state.accuracy.push((self.state.step, a.clone()));
+                    a
+                } else {
+                    Vec::new()
+                };
+                self.state.finished = true;
+                self.checkpoint()?;
+                (val_after, accuracy_after)
+            }
         };
-        self.checkpoint()?;
         self.plot()?;
         Ok(Summary {
             steps: self.state.step,
@@ -973,6 +1057,12 @@ pub fn checkpoint_state(run_dir: &Path) -> PathBuf {
     checkpoint_dir(run_dir).join(STATE_FILE)
 }
 
+/// Restores `run_dir`'s checkpoint if a kill in the middle of replacing it left only the
+/// previous one, moved aside (see `write_dir`); call before looking for a checkpoint.
+pub fn recover_checkpoint(run_dir: &Path) -> Result<bool, TrainError> {
+    crate::adapter::recover_dir(&checkpoint_dir(run_dir), STATE_FILE)
+}
+
 /// `category 0.40, priority 0.55, ...`.
 pub fn fmt_acc(a: &[(String, f64)]) -> String {
     a.iter()
@@ -985,6 +1075,71 @@ pub fn fmt_acc(a: &[(String, f64)]) -> String {
 struct Checkpoint {
     config: TrainConfig,
     state: RunState,
+    /// [`fingerprint`] of the run (absent in checkpoints written before it existed).
+    #[serde(default)]
+    fingerprint: Option<String>,
+}
+
+fn read_checkpoint(run_dir: &Path) -> Result<Checkpoint, TrainError> {
+    let state_path = checkpoint_state(run_dir);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| file_err(&state_path, format!("{e}: no checkpoint to resume")))?;
+    serde_json::from_str(&text).map_err(|e| file_err(&state_path, e))
+}
+
+/// The configuration `run_dir`'s checkpoint was trained with (what `--resume` continues with,
+/// see [`TrainConfig::with_run_settings_of`]), and whether the checkpoint is of this version's
+/// format (it has a data fingerprint; an older one's configuration may lack keys added since,
+/// read as their defaults).
+pub fn saved_config(run_dir: &Path) -> Result<(TrainConfig, bool), TrainError> {
+    let c = read_checkpoint(run_dir)?;
+    Ok((c.config, c.fingerprint.is_some()))
+}
+
+/// Whether the `metrics.jsonl` record `v` belongs to the run up to `state`'s checkpoint: a
+/// record of an earlier step, the checkpoint step's own step record, or an evaluation at that
+/// step which the checkpoint holds.
+fn covered_by(v: &serde_json::Value, state: &RunState) -> bool {
+    let Some(step) = v["step"].as_u64().map(|s| s as usize) else {
+        return false;
+    };
+    match step.cmp(&state.step) {
+        std::cmp::Ordering::Less => true,
+        std::cmp::Ordering::Greater => false,
+        std::cmp::Ordering::Equal if v.get("val_loss").is_some() => {
+            state.val_loss.iter().any(|x| x.0 == step)
+        }
+        std::cmp::Ordering::Equal if v.get("accuracy").is_some() => {
+            state.accuracy.iter().any(|x| x.0 == step)
+        }
+        std::cmp::Ordering::Equal => true,
+    }
+}
+
+/// A hash of what a run trains and validates on: the model file (its sha256 when known, and
+/// size), the system prompt's tokens and every encoded training and validation example
+/// (tokens and where its answer starts). A resume over other data, another taxonomy or
+/// prompt, or another model would silently continue another run's data order; it is refused.
+fn fingerprint(gguf: &GgufFile, base: &Structurer, train: &[Item], val: &[Item]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(base.options().model_sha256.as_deref().unwrap_or("-").as_bytes());
+    h.update(gguf.file_len().to_le_bytes());
+    for t in base.prefix_tokens() {
+        h.update(t.to_le_bytes());
+    }
+    for (tag, items) in [(b"train", train), (b"val\0\0", val)] {
+        h.update(tag);
+        h.update((items.len() as u64).to_le_bytes());
+        for it in items {
+            h.update((it.tokens.len() as u64).to_le_bytes());
+            h.update((it.start as u64).to_le_bytes());
+            for t in &it.tokens {
+                h.update(t.to_le_bytes());
+            }
+        }
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Set to `1`, quantized matrix products on CUDA skip candle's MMQ/MMVQ kernels for its older

@@ -1,6 +1,7 @@
 //! `--resume` continues exactly: four steps in one go give the same adapter, bit for bit, as
 //! two steps, an interruption (checkpoint), and two resumed steps — same optimizer moments,
-//! same data order, same dropout masks.
+//! same data order, same dropout masks. Also when the stop comes between the micro-batches of
+//! a step, before the first step, or after the last; a resume over other data is refused.
 
 mod common;
 
@@ -27,19 +28,20 @@ impl Observer for StopAt<'_> {
     fn message(&mut self, _: &str) {}
 }
 
-#[test]
-fn an_interrupted_run_resumes_to_the_same_adapter() {
-    let gguf = gguf();
-    let vocab = triage_llm::qwen2::Config::from_gguf(&gguf).unwrap().vocab_size;
-    let model = Arc::new(Qwen2::random(&tiny(vocab), 3, &common::device()).unwrap());
-    let taxonomy = Taxonomy::from_toml_str(TAXONOMY, "resume-test").unwrap();
-    let data = examples(&Validator::new(&taxonomy));
-    let opts = StructurerOptions {
-        prefix_cache_dir: None,
-        ..StructurerOptions::default()
-    };
-    let base = Structurer::with_model(model, &gguf, taxonomy, opts).unwrap();
-    let config = TrainConfig {
+/// Raises the flag after micro-batch `.1` of step `.0`: Ctrl-C in the middle of a step.
+struct StopInStep<'a>(usize, usize, &'a AtomicBool);
+impl Observer for StopInStep<'_> {
+    fn step(&mut self, _: &StepReport) {}
+    fn message(&mut self, _: &str) {}
+    fn micro_batch(&mut self, step: usize, micro: usize) {
+        if (step, micro) == (self.0, self.1) {
+            self.2.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.1,
@@ -69,9 +71,133 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         summary_weight: 0.3,
         dense_weights: false,
         composed_ops: false,
+    }
+}
+
+/// The random tiny model (`layers` layers) as a base structurer, with the taught examples.
+fn setup(layers: usize) -> (triage_llm::GgufFile, Structurer, Vec<triage_data::Example>) {
+    let gguf = gguf();
+    let vocab = triage_llm::qwen2::Config::from_gguf(&gguf).unwrap().vocab_size;
+    let cfg = triage_llm::qwen2::Config {
+        num_layers: layers,
+        ..tiny(vocab)
     };
-    let root = std::env::temp_dir().join(format!("triage-resume-{}", std::process::id()));
+    let model = Arc::new(Qwen2::random(&cfg, 3, &common::device()).unwrap());
+    let taxonomy = Taxonomy::from_toml_str(TAXONOMY, "resume-test").unwrap();
+    let data = examples(&Validator::new(&taxonomy));
+    let opts = StructurerOptions {
+        prefix_cache_dir: None,
+        ..StructurerOptions::default()
+    };
+    let base = Structurer::with_model(model, &gguf, taxonomy, opts).unwrap();
+    (gguf, base, data)
+}
+
+fn temp_root(name: &str) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("triage-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
+    root
+}
+
+/// `metrics.jsonl`'s records as (step, keys).
+fn log_records(dir: &std::path::Path) -> Vec<(u64, Vec<String>)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("whole JSON lines");
+            let keys = v.as_object().unwrap().keys().cloned().collect();
+            (v["step"].as_u64().unwrap(), keys)
+        })
+        .collect()
+}
+
+#[test]
+fn a_stop_between_micro_batches_resumes_to_the_same_adapter() {
+    let (gguf, base, data) = setup(2);
+    // Validation data: the run evaluates before training, so a stop in the first step
+    // checkpoints step 0 with that evaluation done.
+    let val = &data[..2];
+    let root = temp_root("resume-micro");
+    let never = AtomicBool::new(false);
+    let mut straight = Trainer::new(&base, &gguf, config(), &data, val, &root.join("a"), false).unwrap();
+    straight.run(&never, &mut StopAt(usize::MAX, &never)).unwrap();
+    // Stopped after the first micro-batch of step 1 (nothing done yet), then after the
+    // first micro-batch of step 3: the partial steps' batches must be trained on resume.
+    let dir = root.join("b");
+    for (step, done) in [(1, 0), (3, 2)] {
+        let stop = AtomicBool::new(false);
+        let mut t = Trainer::new(&base, &gguf, config(), &data, val, &dir, done > 0).unwrap();
+        match t.run(&stop, &mut StopInStep(step, 0, &stop)) {
+            Err(TrainError::Interrupted(s)) => assert_eq!(s, done),
+            other => panic!("expected an interruption, got {:?}", other.map(|s| s.steps)),
+        }
+    }
+    let mut resumed = Trainer::new(&base, &gguf, config(), &data, val, &dir, true).unwrap();
+    let again = AtomicBool::new(false);
+    resumed.run(&again, &mut StopAt(usize::MAX, &again)).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&straight.lora, &resumed.lora),
+        0.0,
+        "an adapter resumed from a stop inside a step differs from the uninterrupted one"
+    );
+    // The evaluation before training is recorded once, as in the uninterrupted run.
+    assert_eq!(straight.state(), resumed.state());
+    assert_eq!(log_records(&root.join("a")), log_records(&dir));
+
+    // Resuming the finished run repeats nothing: same summary, same state, same log.
+    let log_before = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let mut done = Trainer::new(&base, &gguf, config(), &data, val, &dir, true).unwrap();
+    let summary = done.run(&again, &mut StopAt(usize::MAX, &again)).unwrap();
+    assert_eq!(summary.steps, 4);
+    assert_eq!(
+        summary.val_loss_after,
+        straight.state().val_loss.last().map(|v| v.1)
+    );
+    assert_eq!(done.state(), straight.state());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        log_before
+    );
+
+    // Other training data under the same checkpoint is refused, naming the checkpoint.
+    match Trainer::new(&base, &gguf, config(), &data[1..], val, &dir, true) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("state.json") && msg.contains("other training"),
+                "{msg}"
+            );
+        }
+        Ok(_) => panic!("a resume over other training data was accepted"),
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn examples_with_the_same_tokens_share_their_frozen_features() {
+    // Three layers, the adapter on the top one: the features pass runs two layers, each
+    // reading the previous layer's files, which a duplicate must not find deleted.
+    let (gguf, base, data) = setup(3);
+    let twice: Vec<_> = data.iter().chain(&data[..2]).cloned().collect();
+    let root = temp_root("features-dup");
+    let config = TrainConfig {
+        vary_instructions: false,
+        steps: 1,
+        ..config()
+    };
+    let mut t = Trainer::new(&base, &gguf, config, &twice, &data[..1], &root, false).unwrap();
+    let never = AtomicBool::new(false);
+    let summary = t.run(&never, &mut StopAt(usize::MAX, &never)).unwrap();
+    assert_eq!(summary.steps, 1);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_adapter() {
+    let (gguf, base, data) = setup(2);
+    let config = config();
+    let root = temp_root("resume");
 
     let never = AtomicBool::new(false);
     let mut straight =
@@ -108,17 +234,10 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         "resumed adapter differs from the uninterrupted one"
     );
     assert_eq!(straight.state().train_loss, resumed.state().train_loss);
-    let steps = |run: &str| -> Vec<(u64, Vec<String>)> {
-        std::fs::read_to_string(root.join(run).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).expect("whole JSON lines");
-                let keys = v.as_object().unwrap().keys().cloned().collect();
-                (v["step"].as_u64().unwrap(), keys)
-            })
-            .collect()
-    };
-    assert_eq!(steps("a"), steps("b"), "the resumed log repeats or misses steps");
+    assert_eq!(
+        log_records(&root.join("a")),
+        log_records(&root.join("b")),
+        "the resumed log repeats or misses steps"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -297,23 +297,65 @@ pub(crate) fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// Makes Ctrl-C, SIGTERM (a service manager, `docker stop`) and a terminal hangup set
+/// [`STOP`]. A SIGHUP that was ignored (`nohup`) stays ignored, so a run started with nohup
+/// survives the logout.
 pub(crate) fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        let hup_ignored = sighup_ignored();
         let result = ctrlc::set_handler(|| {
+            use std::io::Write as _;
+            // Not eprintln!: after a hangup stderr may be a dead terminal, and a failed write
+            // must not panic the handler.
+            let mut err = std::io::stderr();
             if STOP.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted again: exiting now; rerun the same command to resume");
+                let _ = writeln!(
+                    err,
+                    "\ninterrupted again: exiting now; rerun the same command to resume"
+                );
                 std::process::exit(130);
             }
-            eprintln!(
+            let _ = writeln!(
+                err,
                 "\ninterrupted: finishing the current row or step, then saving (Ctrl-C again to exit now)"
             );
         });
         if let Err(e) = result {
             tracing::warn!("cannot install the Ctrl-C handler: {e}");
         }
+        if hup_ignored {
+            ignore_sighup();
+        }
     });
 }
+
+/// Whether SIGHUP is ignored in this process (`nohup`).
+#[cfg(unix)]
+fn sighup_ignored() -> bool {
+    // SAFETY: with a null new action, sigaction only writes the current one into `old`,
+    // a plain struct that zeroed memory initialises.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+#[cfg(unix)]
+fn ignore_sighup() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no code.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn sighup_ignored() -> bool {
+    false
+}
+
+#[cfg(not(unix))]
+fn ignore_sighup() {}
 
 /// Structures every row of `input` into `output`, skipping rows already there; with
 /// `push`, pushes every structured row (see the module documentation).

@@ -222,11 +222,66 @@ pub fn dry_run_estimate(
     })
 }
 
+/// The configuration a `--resume` continues with: the checkpoint's, with the command's
+/// settings that do not change what is trained ([`TrainConfig::with_run_settings_of`]: e.g.
+/// `--checkpointing` for less memory). The rest the flags and config file give now must be
+/// the same (a resumed run cannot change its steps, learning rate or data order); the keys
+/// that differ are named. A checkpoint older than that rule continues with its own, with a
+/// warning.
+fn resumed_config(run_dir: &Path, asked: TrainConfig) -> anyhow::Result<TrainConfig> {
+    let (saved, current) = triage_train::trainer::saved_config(run_dir)?;
+    let saved = saved.with_run_settings_of(&asked);
+    let (a, s) = (serde_json::to_value(&asked)?, serde_json::to_value(&saved)?);
+    let differ: Vec<String> = match (a.as_object(), s.as_object()) {
+        (Some(a), Some(s)) => a
+            .iter()
+            .filter(|(k, v)| s.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} now, {} in the checkpoint",
+                    v,
+                    s.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !differ.is_empty() && !current {
+        tracing::warn!(
+            "{}'s checkpoint predates the configuration check: continuing with its own \
+             configuration, which differs from this command's ({})",
+            run_dir.display(),
+            differ.join("; ")
+        );
+    } else if !differ.is_empty() {
+        anyhow::bail!(
+            "--resume continues {}'s run with the configuration it started with, and this one \
+             differs ({}): give the same flags and config file, or start afresh with another --run-dir",
+            run_dir.display(),
+            differ.join("; ")
+        );
+    }
+    Ok(saved)
+}
+
 /// Runs `triage train`.
 pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let validator = Validator::new(&taxonomy);
-    let config = load_config(args)?;
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    triage_train::trainer::recover_checkpoint(&run_dir)?;
+    let config = match args.resume {
+        true => resumed_config(&run_dir, load_config(args)?)?,
+        false => load_config(args)?,
+    };
     let train = read_examples(&args.data, &validator)?;
     let val = match &args.val {
         Some(p) => read_examples(p, &validator)?,
@@ -269,15 +324,6 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     // Refused now rather than after hours of training: an --out that is not an adapter
     // folder (it would be replaced), a fresh run over a run directory's checkpoint.
     triage_train::adapter::check_replaceable(&args.out)?;
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapter".into());
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&name));
     if !args.resume && triage_train::trainer::checkpoint_state(&run_dir).exists() {
         anyhow::bail!(
             "{} holds the checkpoint of an earlier run: continue it with --resume, or start afresh \
@@ -313,13 +359,23 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let mut observer = Bar(bar.clone());
     let summary = match trainer.run(&crate::batch::STOP, &mut observer) {
         Ok(s) => s,
-        Err(triage_train::TrainError::Interrupted(step)) => {
+        Err(triage_train::TrainError::Interrupted(_)) => {
+            // The step of the checkpoint (a resumed run stopped in the features pass has one).
+            let step = trainer.state().step;
             bar.abandon();
-            eprintln!(
-                "stopped at step {step}; checkpoint in {}; continue with --resume --run-dir {}",
-                run_dir.display(),
-                run_dir.display()
-            );
+            match triage_train::trainer::checkpoint_state(&run_dir).exists() {
+                true => eprintln!(
+                    "stopped at step {step}; checkpoint in {}; continue with --resume --run-dir {}",
+                    run_dir.display(),
+                    run_dir.display()
+                ),
+                // Stopped in the frozen layers' pass, before any checkpoint.
+                false => eprintln!(
+                    "stopped before the first step; the frozen layers' output computed so far is \
+                     kept in {}: rerun the same command (without --resume) to continue",
+                    run_dir.join("features").display()
+                ),
+            }
             crate::batch::STOP.store(false, Ordering::SeqCst);
             return Ok(ExitCode::from(130));
         }
@@ -381,4 +437,58 @@ pub fn load_adapter(
         &sha,
         structurer.model(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run keeps the checkpoint's configuration: the same flags are accepted, a
+    /// changed one is refused by name (it used to be ignored silently, while the memory check
+    /// went by it), a setting that only changes memory or speed is taken from the command. A
+    /// checkpoint older than the check continues with its own configuration. A checkpoint
+    /// left moved aside by an interrupted swap is put back first.
+    #[test]
+    fn a_resume_refuses_a_changed_configuration_and_recovers_a_moved_checkpoint() {
+        let run_dir = std::env::temp_dir().join(format!("triage-resumed-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let saved = TrainConfig {
+            steps: 5,
+            checkpointing: false,
+            ..TrainConfig::default()
+        };
+        let write = |dir: &Path, fingerprint: Option<&str>| {
+            std::fs::create_dir_all(dir).unwrap();
+            let state = serde_json::json!({
+                "config": saved,
+                "state": triage_train::trainer::RunState::default(),
+                "fingerprint": fingerprint,
+            });
+            std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+        };
+        // What a kill between write_dir's two renames leaves: only the old checkpoint.
+        let aside = run_dir.join(".checkpoint.old-4242");
+        write(&aside, Some("0123"));
+        assert!(triage_train::trainer::recover_checkpoint(&run_dir).unwrap());
+        assert!(triage_train::trainer::checkpoint_state(&run_dir).exists());
+        assert!(!aside.exists());
+
+        let same = resumed_config(&run_dir, saved.clone()).unwrap();
+        assert_eq!(same.steps, 5);
+        let lighter = TrainConfig {
+            checkpointing: true,
+            ..saved.clone()
+        };
+        assert!(resumed_config(&run_dir, lighter).unwrap().checkpointing);
+        let longer = TrainConfig {
+            steps: 10,
+            ..saved.clone()
+        };
+        let err = resumed_config(&run_dir, longer.clone()).unwrap_err().to_string();
+        assert!(err.contains("steps: 10 now, 5 in the checkpoint"), "{err}");
+        // A checkpoint without a fingerprint predates the check: its configuration wins.
+        write(&triage_train::trainer::checkpoint_dir(&run_dir), None);
+        assert_eq!(resumed_config(&run_dir, longer).unwrap().steps, 5);
+        std::fs::remove_dir_all(&run_dir).unwrap();
+    }
 }
