@@ -857,9 +857,22 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
                     .find(|x| x[0] == field)
                     .map(|x| x[1].as_str().unwrap().to_owned())
             };
+            // A subcategory is right only under the right category (`Other` is one of every
+            // category's; a value of a single category is valid only under it anyway).
+            let parent_right = |p: &serde_json::Value| {
+                let category = |list: &serde_json::Value| {
+                    list.as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x[0] == "category")
+                        .map(|x| x[1].clone())
+                };
+                field != "subcategory" || category(&p["gold"]) == category(&p["predicted"])
+            };
             let right = preds
                 .iter()
                 .filter(|p| value(&p["gold"]).is_some() && value(&p["gold"]) == value(&p["predicted"]))
+                .filter(|p| parent_right(p))
                 .count();
             let acc = f["accuracy"].as_f64().unwrap();
             assert!(

@@ -15,6 +15,8 @@ pub struct ClassScore {
     pub f1: f64,
     /// Examples of this class.
     pub support: usize,
+    /// Predictions of this class.
+    pub predicted: usize,
 }
 
 /// Metrics of one field over a set of examples.
@@ -77,6 +79,7 @@ pub fn field_report(field: &str, classes: &[&str], gold: &[&str], predicted: &[&
             present += 1;
         }
         scores.push(ClassScore {
+            predicted: predicted_i,
             class: labels[i].clone(),
             precision,
             recall,

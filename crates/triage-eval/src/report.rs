@@ -29,8 +29,9 @@ pub struct WorstError {
     pub id: String,
     /// The incident text (first 400 characters).
     pub text: String,
-    /// `(field, gold, predicted, confidence)` of the wrong fields.
-    pub wrong: Vec<(String, String, String, f64)>,
+    /// `(field, gold, predicted, confidence)` of the wrong fields (`None`: failed, or no
+    /// confidence given).
+    pub wrong: Vec<(String, String, String, Option<f64>)>,
 }
 
 /// One system against the report's first system on the same examples, for one field or for
@@ -105,6 +106,103 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// Whether a class belongs in the per-class tables: it was the gold or the prediction of
+/// some example (not the `(failed)` placeholder of examples without output).
+fn listed(c: &crate::metrics::ClassScore) -> bool {
+    (c.support > 0 || c.predicted > 0) && c.class != "(failed)"
+}
+
+/// A confidence in a table: two decimals, or `–` where there is none.
+fn conf_cell(c: Option<f64>) -> String {
+    c.map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"))
+}
+
+/// `name` as part of a file name in the report folder: ASCII letters, digits, `.` and `-`;
+/// anything else (a `/` of `org/model`) becomes `-`.
+pub fn file_slug(name: &str) -> String {
+    name.chars()
+        .map(|c| match c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+            true => c,
+            false => '-',
+        })
+        .collect()
+}
+
+/// Separates a parent value from a dependent value in [`qualified`] names.
+const UNDER: &str = " › ";
+
+/// The dependent fields' value names that occur under more than one parent value (`Other`
+/// under every category): `(field, parent field, names)`.
+fn repeated_names(taxonomy: &Taxonomy) -> Vec<(&str, &str, std::collections::HashSet<&str>)> {
+    taxonomy
+        .fields
+        .iter()
+        .filter_map(|f| {
+            let dep = f.dependency.as_ref()?;
+            let mut count = std::collections::HashMap::<&str, usize>::new();
+            for v in dep.allowed.iter().flat_map(|(_, vs)| vs) {
+                *count.entry(v.name.as_str()).or_default() += 1;
+            }
+            let names: std::collections::HashSet<&str> = count
+                .into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|(v, _)| v)
+                .collect();
+            (!names.is_empty()).then_some((f.name.as_str(), dep.parent.as_str(), names))
+        })
+        .collect()
+}
+
+/// The field's classes as scored: its values, with a name that repeats under several parents
+/// qualified by each parent (`Hardware › Other`, `Software › Other`).
+fn scored_classes(taxonomy: &Taxonomy, field: &triage_taxonomy::Field) -> Vec<String> {
+    let repeated = repeated_names(taxonomy);
+    let Some((_, _, names)) = repeated.iter().find(|(f, _, _)| *f == field.name) else {
+        return field.value_names().map(str::to_owned).collect();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for (parent, vs) in &field.dependency.as_ref().expect("a dependent field").allowed {
+        for v in vs {
+            let c = match names.contains(v.name.as_str()) {
+                true => format!("{parent}{UNDER}{}", v.name),
+                false => v.name.clone(),
+            };
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// `runs` with every repeated dependent value (see [`repeated_names`]) qualified by its
+/// parent value, gold and predicted alike: a ticket filed under Hardware › Other is not right
+/// when the gold is Software › Other, though both say `Other`.
+fn qualified(taxonomy: &Taxonomy, runs: &[SystemRun]) -> Vec<SystemRun> {
+    let repeated = repeated_names(taxonomy);
+    let mut runs = runs.to_vec();
+    if repeated.is_empty() {
+        return runs;
+    }
+    for p in runs.iter_mut().flat_map(|r| r.predictions.iter_mut()) {
+        for (field, parent, names) in &repeated {
+            let gold_parent = p.gold_value(parent).map(str::to_owned);
+            let parent_now = p.value(parent).map(str::to_owned);
+            for (_, v) in p.gold.iter_mut().filter(|(f, _)| f == field) {
+                if let (Some(pv), true) = (&gold_parent, names.contains(v.as_str())) {
+                    *v = format!("{pv}{UNDER}{v}");
+                }
+            }
+            for (_, v, _) in p.predicted.iter_mut().filter(|(f, _, _)| f == field) {
+                if let (Some(pv), true) = (&parent_now, names.contains(v.as_str())) {
+                    *v = format!("{pv}{UNDER}{v}");
+                }
+            }
+        }
+    }
+    runs
+}
+
 fn is_right(p: &Prediction, field: &str) -> bool {
     p.value(field).is_some() && p.value(field) == p.gold_value(field)
 }
@@ -148,13 +246,18 @@ fn paired(fields: &[&str], reference: &[Prediction], preds: &[Prediction]) -> Ve
 fn paired_cell(x: &Paired) -> String {
     let p = match x.p_value < 0.001 {
         true => "p < 0.001".to_owned(),
-        false => format!("p {:.3}", x.p_value),
+        // Three significant digits: 0.0496 must not print as 0.050.
+        false => {
+            let decimals = (2.0 - x.p_value.log10().floor()).max(0.0) as usize;
+            format!("p {:.*}", decimals, x.p_value)
+        }
     };
     format!("{} / {} ({p})", x.wins, x.losses)
 }
 
 /// Computes the report of `runs` over `examples` (same order).
 pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[SystemRun]) -> Report {
+    let runs = &qualified(taxonomy, runs);
     let fields: Vec<&str> = taxonomy.fields.iter().map(|f| f.name.as_str()).collect();
     let systems = runs
         .iter()
@@ -166,7 +269,8 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                 .fields
                 .iter()
                 .map(|f| {
-                    let classes: Vec<&str> = f.value_names().collect();
+                    let classes = scored_classes(taxonomy, f);
+                    let classes: Vec<&str> = classes.iter().map(String::as_str).collect();
                     let gold: Vec<&str> = preds
                         .iter()
                         .map(|p| p.gold_value(&f.name).unwrap_or(""))
@@ -203,20 +307,25 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                 })
                 .collect();
             let (mut conf, mut ok) = (Vec::new(), Vec::new());
+            // A decision without a confidence (a backend without log-probabilities) has no
+            // place on the reliability diagram.
             for p in preds {
                 for (f, _, c) in &p.predicted {
-                    conf.push(*c);
-                    ok.push(is_right(p, f));
+                    if let Some(c) = c {
+                        conf.push(*c);
+                        ok.push(is_right(p, f));
+                    }
                 }
             }
-            // A failed example has no confidence: 0, so no threshold hands it over as sure.
+            // A failed example, or a field without a confidence, counts 0, so no threshold
+            // hands it over as sure.
             let min_conf: Vec<f64> = preds
                 .iter()
                 .map(|p| match p.valid && !p.predicted.is_empty() {
                     true => p
                         .predicted
                         .iter()
-                        .map(|(_, _, c)| *c)
+                        .map(|(_, _, c)| c.unwrap_or(0.0))
                         .fold(f64::INFINITY, f64::min)
                         .clamp(0.0, 1.0),
                     false => 0.0,
@@ -233,7 +342,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                         .predicted
                         .iter()
                         .filter(|(f, _, _)| !is_right(p, f))
-                        .map(|x| x.2)
+                        .filter_map(|x| x.2)
                         .fold(0.0, f64::max);
                     (wrong, conf, p)
                 })
@@ -254,7 +363,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                         .iter()
                         .filter(|f| !is_right(p, f))
                         .map(|f| {
-                            let c = p.predicted.iter().find(|x| x.0 == *f).map_or(0.0, |x| x.2);
+                            let c = p.predicted.iter().find(|x| x.0 == *f).and_then(|x| x.2);
                             (
                                 f.to_string(),
                                 p.gold_value(f).unwrap_or("").to_owned(),
@@ -469,7 +578,7 @@ pub fn markdown(r: &Report) -> String {
             let parts: Vec<String> = f
                 .classes
                 .iter()
-                .filter(|c| c.support > 0 || c.precision > 0.0)
+                .filter(|c| listed(c))
                 .map(|c| format!("{} {:.2}/{:.2}/{}", c.class, c.precision, c.recall, c.support))
                 .collect();
             md.push_str(&parts.join(", "));
@@ -480,7 +589,7 @@ pub fn markdown(r: &Report) -> String {
             let wrong: Vec<String> = w
                 .wrong
                 .iter()
-                .map(|(f, g, p, c)| format!("{f}: {g} → {p} ({c:.2})"))
+                .map(|(f, g, p, c)| format!("{f}: {g} → {p} ({})", conf_cell(*c)))
                 .collect();
             let _ = writeln!(
                 md,
@@ -711,7 +820,7 @@ pub fn html(r: &Report) -> String {
             let rows: Vec<Vec<String>> = f
                 .classes
                 .iter()
-                .filter(|c| c.support > 0 || c.precision > 0.0)
+                .filter(|c| listed(c))
                 .map(|c| {
                     vec![
                         esc(&c.class),
@@ -741,7 +850,7 @@ pub fn html(r: &Report) -> String {
                 h,
                 "<figure class=\"confusion\">{}<figcaption>confusion-{}-{}.svg</figcaption></figure>",
                 confusion_svg(&format!("{} — {}", s.name, f.field), f),
-                esc(&s.name),
+                esc(&file_slug(&s.name)),
                 esc(&f.field)
             );
         }
@@ -753,7 +862,7 @@ pub fn html(r: &Report) -> String {
                 let wrong: Vec<String> = w
                     .wrong
                     .iter()
-                    .map(|(f, g, p, c)| format!("{}: {} → {} ({c:.2})", esc(f), esc(g), esc(p)))
+                    .map(|(f, g, p, c)| format!("{}: {} → {} ({})", esc(f), esc(g), esc(p), conf_cell(*c)))
                     .collect();
                 vec![
                     format!("<code>{}</code>", esc(&w.id)),
@@ -789,14 +898,14 @@ pub fn write(dir: &Path, report: &Report, runs: &[SystemRun]) -> std::io::Result
     write("report.md", markdown(report).as_bytes())?;
     for s in &report.systems {
         for f in &s.fields {
-            let name = format!("confusion-{}-{}.svg", s.name, f.field);
+            let name = format!("confusion-{}-{}.svg", file_slug(&s.name), f.field);
             write(
                 &name,
                 confusion_svg(&format!("{} — {}", s.name, f.field), f).as_bytes(),
             )?;
         }
         write(
-            &format!("reliability-{}.svg", s.name),
+            &format!("reliability-{}.svg", file_slug(&s.name)),
             reliability_svg(&format!("{} — reliability", s.name), &s.reliability).as_bytes(),
         )?;
     }
@@ -823,6 +932,90 @@ mod tests {
             .collect()
     }
 
+    /// `Other` is a subcategory of every category: filed under another category it is wrong,
+    /// and the classes name their category. A decision without a confidence is left off the
+    /// reliability diagram and never handled automatically. A class that was only ever
+    /// predicted is listed. A p-value prints with three significant digits.
+    #[test]
+    fn repeated_subcategories_are_scored_under_their_category() {
+        let taxonomy = Taxonomy::builtin_default();
+        let validator = Validator::new(&taxonomy);
+        let examples: Vec<Example> = (0..2)
+            .map(|i| {
+                let line = format!(
+                    r#"{{"id":"e{i}","text":"odd noise","lang":"en","source":"t","ticket":{{"summary":"s","category":"Hardware","subcategory":"Other","priority":"Low","assignment_group":"Hardware Support","request_type":"Incident"}}}}"#
+                );
+                Example::from_json_line(&line, &validator).unwrap()
+            })
+            .collect();
+        let predictions = examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let gold = gold(&taxonomy, e);
+                let predicted = gold
+                    .iter()
+                    .map(|(f, v)| match (f.as_str(), i) {
+                        ("category", 0) => (f.clone(), "Software".to_owned(), Some(0.7)),
+                        ("priority", 0) => (f.clone(), v.clone(), None),
+                        _ => (f.clone(), v.clone(), Some(0.9)),
+                    })
+                    .collect();
+                Prediction {
+                    id: e.id.clone(),
+                    lang: "en".into(),
+                    gold,
+                    predicted,
+                    valid: true,
+                    error: None,
+                    latency_ms: 1.0,
+                }
+            })
+            .collect();
+        let runs = [SystemRun {
+            name: "org/model".into(),
+            predictions,
+        }];
+        let r = build(&taxonomy, "t", &examples, &runs);
+        let sub = r.systems[0]
+            .fields
+            .iter()
+            .find(|f| f.field == "subcategory")
+            .unwrap();
+        assert_eq!(sub.accuracy, 0.5, "Software's Other was scored as Hardware's");
+        assert!(
+            sub.labels.iter().any(|l| l == "Hardware › Other"),
+            "{:?}",
+            sub.labels
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("Software › Other 0.00/0.00/0"),
+            "a predicted-only class is missing"
+        );
+        // 2 examples x 5 fields, one without a confidence.
+        let decisions: usize = r.systems[0].reliability.iter().map(|b| b.2).sum();
+        assert_eq!(decisions, 9);
+        let at = |t: f64| r.systems[0].coverage.iter().find(|c| c.0 == t).unwrap().1;
+        assert_eq!(
+            at(0.5),
+            0.5,
+            "an example with an unknown confidence was auto-handled"
+        );
+        let cell = |p_value| {
+            paired_cell(&Paired {
+                field: "f".into(),
+                wins: 1,
+                losses: 2,
+                p_value,
+            })
+        };
+        assert_eq!(cell(0.0496), "1 / 2 (p 0.0496)");
+        assert_eq!(cell(0.33), "1 / 2 (p 0.330)");
+        assert_eq!(cell(1.0), "1 / 2 (p 1.00)");
+        assert_eq!(file_slug("org/model"), "org-model");
+    }
+
     /// A failed example has no confidence: the review-threshold table never counts it as
     /// handled automatically, however sure the other examples are.
     #[test]
@@ -840,7 +1033,10 @@ mod tests {
                     lang: "en".into(),
                     predicted: match failed {
                         true => Vec::new(),
-                        false => gold.iter().map(|(f, v)| (f.clone(), v.clone(), 0.99)).collect(),
+                        false => gold
+                            .iter()
+                            .map(|(f, v)| (f.clone(), v.clone(), Some(0.99)))
+                            .collect(),
                     },
                     gold,
                     valid: !failed,
@@ -877,8 +1073,8 @@ mod tests {
                     let predicted = gold
                         .iter()
                         .map(|(f, v)| match (f.as_str(), ok) {
-                            ("category", false) => (f.clone(), "Hardware".to_owned(), 0.6),
-                            _ => (f.clone(), v.clone(), 0.9),
+                            ("category", false) => (f.clone(), "Hardware".to_owned(), Some(0.6)),
+                            _ => (f.clone(), v.clone(), Some(0.9)),
                         })
                         .collect();
                     Prediction {
@@ -912,10 +1108,10 @@ mod tests {
         assert_eq!((same.wins, same.losses, same.p_value), (0, 0, 1.0));
         let md = markdown(&r);
         assert!(md.contains("### Paired with ref"), "{md}");
-        assert!(md.contains("| category | 2 / 1 (p 1.000) |"), "{md}");
+        assert!(md.contains("| category | 2 / 1 (p 1.00) |"), "{md}");
         // The paired table belongs to the overview, before the first per-system section.
         assert!(md.find("### Paired").unwrap() < md.find("\n## ref").unwrap());
-        assert!(html(&r).contains("2 / 1 (p 1.000)"));
+        assert!(html(&r).contains("2 / 1 (p 1.00)"));
         // A p-value under 0.001 is written as such, escaped in the HTML.
         let r = build(
             &taxonomy,

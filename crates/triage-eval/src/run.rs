@@ -38,7 +38,9 @@ pub struct Prediction {
     /// `(field, gold value)` in taxonomy order.
     pub gold: Vec<(String, String)>,
     /// `(field, predicted value, confidence)`; empty when the system failed on the example.
-    pub predicted: Vec<(String, String, f64)>,
+    /// The confidence is `None` where the system gave none (an OpenAI-compatible server
+    /// without log-probabilities): unknown, never counted as sure.
+    pub predicted: Vec<(String, String, Option<f64>)>,
     /// Whether the output validated against the taxonomy's schema.
     pub valid: bool,
     /// Why the system failed, if it did.
@@ -108,7 +110,10 @@ pub fn journal_ids(examples: &[Example]) -> Vec<String> {
 /// example order.
 ///
 /// With `resume` (a journal opened with [`journal_ids`]), the journal's records stand for the
-/// first examples and every new one is appended to it as it is made. `stop` is polled after
+/// first examples and every new one is appended to it as it is made, up to the first failure
+/// that says nothing of the system ([`transient`]: a server, deadline or model error): that
+/// example still counts as failed in this run, but it and the ones after it are left out of
+/// the journal, so `--resume` decodes them again instead of keeping an outage as wrong answers. `stop` is polled after
 /// each example (Ctrl-C): once it says so, no new example starts, those already started are
 /// still recorded, and the run is [`RunError::Interrupted`]. `progress` gets the number of
 /// examples done, resumed ones included.
@@ -130,6 +135,7 @@ pub fn decode_journaled<T: Serialize>(
     records.reserve(examples.len() - start);
     progress(start);
     let mut failure: Option<JournalError> = None;
+    let mut transients = 0usize;
     let todo = &examples[start..];
     triage_infer::for_each_concurrently(
         todo.len(),
@@ -141,8 +147,11 @@ pub fn decode_journaled<T: Serialize>(
         },
         |i, (out, latency_ms)| {
             let e = &todo[i];
+            if out.as_ref().err().is_some_and(transient) {
+                transients += 1;
+            }
             let r = record(e, out, latency_ms);
-            if let Some(j) = journal.as_mut() {
+            if let Some(j) = journal.as_mut().filter(|_| transients == 0) {
                 if let Err(err) = j.append(&journal_id(e), &r) {
                     failure.get_or_insert(err);
                 }
@@ -155,6 +164,14 @@ pub fn decode_journaled<T: Serialize>(
     if let Some(err) = failure {
         return Err(err.into());
     }
+    if let (Some(j), true) = (&journal, transients > 0) {
+        tracing::warn!(
+            "{transients} examples failed with a server, deadline or model error; they and the \
+             examples after the first are not kept in {}: they are decoded again when it is \
+             reopened (eval --resume, or adapter calibrate started again)",
+            j.path().display()
+        );
+    }
     if records.len() < examples.len() {
         return Err(RunError::Interrupted {
             done: records.len(),
@@ -163,6 +180,20 @@ pub fn decode_journaled<T: Serialize>(
         });
     }
     Ok(records)
+}
+
+/// Whether a decoding error says nothing about the system's answer for the example: the
+/// backend was unreachable, cut the answer off or answered 429 or 5xx, the deadline passed, or
+/// the model's computation failed (a device out of memory). Such an example is decoded again
+/// by a resumed run. Failures that would repeat on the same input (a refused request, an
+/// answer that is not a ticket, a tokenizer or template error) are the system's answer.
+pub fn transient(e: &InferError) -> bool {
+    matches!(
+        e,
+        InferError::Remote { retryable: true, .. }
+            | InferError::Deadline { .. }
+            | InferError::Model(triage_infer::LlmError::Candle(_))
+    )
 }
 
 /// Runs the real inference path (constrained decoding) on every example, `concurrency`
@@ -208,7 +239,7 @@ pub fn run_llm(
                                 .confidence
                                 .iter()
                                 .find(|c| c.field == f.name)
-                                .map_or(1.0, |c| c.confidence as f64);
+                                .map(|c| c.confidence as f64);
                             (f.name.clone(), v, c)
                         })
                         .collect();
@@ -260,7 +291,7 @@ pub fn run_baseline(taxonomy: &Taxonomy, train: &[Example], test: &[Example], se
         .map(|e| {
             let t = Instant::now();
             let x = baseline.tfidf.transform(&e.text);
-            let mut predicted: Vec<(String, String, f64)> = Vec::new();
+            let mut predicted: Vec<(String, String, Option<f64>)> = Vec::new();
             for (f, (_, model)) in taxonomy.fields.iter().zip(&baseline.fields) {
                 let allowed: Option<Vec<&str>> = f.dependency.as_ref().and_then(|d| {
                     let parent = predicted.iter().find(|(n, _, _)| *n == d.parent)?.1.clone();
@@ -268,7 +299,7 @@ pub fn run_baseline(taxonomy: &Taxonomy, train: &[Example], test: &[Example], se
                         .map(|vs| vs.iter().map(|v| v.name.as_str()).collect())
                 });
                 let (v, p) = model.predict(&x, allowed.as_deref());
-                predicted.push((f.name.clone(), v, p));
+                predicted.push((f.name.clone(), v, Some(p)));
             }
             let mut ticket = serde_json::Map::new();
             ticket.insert(

@@ -45,7 +45,7 @@ fn write_report(dir: &Path) -> report::Report {
     other.name = "x<b>&\"y\"".into();
     for (i, p) in other.predictions.iter_mut().enumerate() {
         for (_, _, c) in p.predicted.iter_mut() {
-            *c = (i % 10) as f64 / 10.0 + 0.05;
+            *c = Some((i % 10) as f64 / 10.0 + 0.05);
         }
     }
     base.name = "tfidf-baseline".into();

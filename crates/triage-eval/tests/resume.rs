@@ -165,3 +165,79 @@ fn a_grown_or_relabelled_file_decodes_only_new_texts() {
     assert_eq!(calls(), 14 + 7);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Answers (with a deterministic refusal, journaled like any answer) its first `up` calls,
+/// then reports the backend unreachable.
+struct GoesDown {
+    taxonomy: Taxonomy,
+    calls: AtomicUsize,
+    up: usize,
+}
+
+impl TicketEngine for GoesDown {
+    fn taxonomy(&self) -> &Taxonomy {
+        &self.taxonomy
+    }
+    fn structure_until(&self, text: &str, _: Option<std::time::Instant>) -> Result<Structured, InferError> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) < self.up {
+            true => Err(InferError::Prompt(format!("{} characters", text.len()))),
+            false => Err(InferError::Remote {
+                url: "http://127.0.0.1:9/v1/chat/completions".into(),
+                reason: "connection refused".into(),
+                retryable: true,
+            }),
+        }
+    }
+}
+
+/// A backend outage is not the system's answer: the examples it failed still count as failed
+/// in that run, but they are not journaled, so a resumed run decodes them again.
+#[test]
+fn examples_failed_by_an_outage_are_decoded_again_on_resume() {
+    let taxonomy = Taxonomy::builtin_default();
+    let examples = examples(&taxonomy);
+    let ids = journal_ids(&examples);
+    let (dir, path, _) = setup("outage", &taxonomy);
+    let down = GoesDown {
+        taxonomy: taxonomy.clone(),
+        calls: AtomicUsize::new(0),
+        up: 7,
+    };
+    let run = run_llm(
+        "zero-shot",
+        &down,
+        &examples,
+        1,
+        Some(Journal::open(&path, "key", &ids, true).unwrap()),
+        &|| false,
+        &mut |_| {},
+    )
+    .unwrap();
+    let outage = |r: &SystemRun| {
+        r.predictions
+            .iter()
+            .filter(|p| p.error.as_deref().is_some_and(|e| e.contains("refused")))
+            .count()
+    };
+    assert_eq!(outage(&run), 5);
+    let (j, kept) = Journal::open::<triage_eval::run::Prediction>(&path, "key", &ids, true).unwrap();
+    assert_eq!(kept.len(), 7, "the outage's failures were journaled");
+    let up = GoesDown {
+        taxonomy: taxonomy.clone(),
+        calls: AtomicUsize::new(0),
+        up: usize::MAX,
+    };
+    let resumed = run_llm(
+        "zero-shot",
+        &up,
+        &examples,
+        1,
+        Some((j, kept)),
+        &|| false,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(up.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(outage(&resumed), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

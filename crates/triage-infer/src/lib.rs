@@ -26,6 +26,8 @@ pub use engine::{FieldConfidence, Meta, Structured, Structurer, StructurerOption
 pub use grammar::render_ticket;
 pub use pool::{for_each_concurrently, DEFAULT_BATCH_SIZE};
 pub use prompt::{instructions, render_instruction, Instruction, PromptBuilder, PROMPT_VERSION};
+/// The model's error type, inside [`InferError::Model`].
+pub use triage_llm::LlmError;
 
 /// Incident text in, validated ticket out: the local engine ([`Structurer`]) or an
 /// OpenAI-compatible server ([`remote::RemoteStructurer`]). What `infer`, `eval` and batch
@@ -105,6 +107,9 @@ pub enum InferError {
         url: String,
         /// What went wrong.
         reason: String,
+        /// Whether the same request may well succeed later: the backend was unreachable,
+        /// the answer was cut off, or it answered 429 or 5xx (not a refusal of the request).
+        retryable: bool,
     },
     /// The backend's answer is not a valid ticket (its grammar support did not hold the
     /// schema); it is reported, never repaired.

@@ -102,6 +102,7 @@ impl RemoteStructurer {
             return Err(InferError::Remote {
                 url: opts.url.clone(),
                 reason: "the backend URL must start with http:// or https://".into(),
+                retryable: false,
             });
         }
         let endpoint = match base.ends_with("/v1") {
@@ -178,9 +179,10 @@ impl RemoteStructurer {
             None => self.opts.timeout,
         };
         let (body, warnings) = self.request_body(text)?;
-        let remote = |reason: String| InferError::Remote {
+        let remote = |reason: String, retryable: bool| InferError::Remote {
             url: self.endpoint.clone(),
             reason,
+            retryable,
         };
         let mut req = self
             .agent
@@ -194,22 +196,25 @@ impl RemoteStructurer {
         }
         let mut resp = req
             .send(body.to_string())
-            .map_err(|e| remote(format!("unreachable: {e}")))?;
+            .map_err(|e| remote(format!("unreachable: {e}"), true))?;
         let status = resp.status().as_u16();
         let text_body = resp
             .body_mut()
             .read_to_string()
-            .map_err(|e| remote(format!("reading the answer: {e}")))?;
+            .map_err(|e| remote(format!("reading the answer: {e}"), true))?;
         if status != 200 {
             let snippet: String = text_body.chars().take(300).collect();
-            return Err(remote(format!("HTTP {status}: {snippet}")));
+            return Err(remote(
+                format!("HTTP {status}: {snippet}"),
+                status == 429 || status >= 500,
+            ));
         }
-        let answer: Value =
-            serde_json::from_str(&text_body).map_err(|e| remote(format!("the answer is not JSON: {e}")))?;
+        let answer: Value = serde_json::from_str(&text_body)
+            .map_err(|e| remote(format!("the answer is not JSON: {e}"), false))?;
         let choice = &answer["choices"][0];
         let content = choice["message"]["content"]
             .as_str()
-            .ok_or_else(|| remote("the answer has no choices[0].message.content".into()))?;
+            .ok_or_else(|| remote("the answer has no choices[0].message.content".into(), false))?;
         let ticket = self
             .validator
             .parse_str(content.trim())

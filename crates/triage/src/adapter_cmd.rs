@@ -429,6 +429,7 @@ fn decode_decisions(
     };
     let bar = crate::eval_cmd::bar(examples.len(), "decoding");
     crate::batch::install_ctrlc();
+    let mut transients = 0usize;
     let decoded = triage_eval::run::decode_journaled(
         &s,
         examples,
@@ -449,7 +450,10 @@ fn decode_decisions(
                         group: None, // filled from the data by the caller, not journaled
                     })
                     .collect()),
-                Err(err) => Err(err.to_string()),
+                Err(err) => {
+                    transients += triage_eval::run::transient(&err) as usize;
+                    Err(err.to_string())
+                }
             }
         },
     );
@@ -476,6 +480,18 @@ fn decode_decisions(
                 tracing::warn!(id = %e.id, "not decoded: {err}");
             }
         }
+    }
+    if transients > 0 {
+        // Fitting on the rest would calibrate on whatever the outage left; the journal
+        // keeps what was decoded before it.
+        anyhow::bail!(
+            "{transients} examples failed with a server, deadline or model error (see the \
+             warnings); rerun the same command{}",
+            match scores.is_some() {
+                true => " to decode them and continue",
+                false => " (--scores FILE keeps what was decoded for a rerun)",
+            }
+        );
     }
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");

@@ -135,16 +135,7 @@ fn journal(
     key: &str,
     examples: &[triage_data::Example],
 ) -> anyhow::Result<Resume> {
-    let slug: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let slug = triage_eval::report::file_slug(name);
     let path = args.out.join(format!("journal-{slug}.jsonl"));
     let ids = triage_eval::run::journal_ids(examples);
     let (j, kept) = Journal::open(&path, key, &ids, args.resume)?;
