@@ -952,24 +952,11 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let gold = gold(&taxonomy, e);
-                let predicted = gold
-                    .iter()
-                    .map(|(f, v)| match (f.as_str(), i) {
-                        ("category", 0) => (f.clone(), "Software".to_owned(), Some(0.7)),
-                        ("priority", 0) => (f.clone(), v.clone(), None),
-                        _ => (f.clone(), v.clone(), Some(0.9)),
-                    })
-                    .collect();
-                Prediction {
-                    id: e.id.clone(),
-                    lang: "en".into(),
-                    gold,
-                    predicted,
-                    valid: true,
-                    error: None,
-                    latency_ms: 1.0,
-                }
+                answer(&taxonomy, e, |f, v| match (f, i) {
+                    ("category", 0) => ("Software".to_owned(), Some(0.7)),
+                    ("priority", 0) => (v.to_owned(), None),
+                    _ => (v.to_owned(), Some(0.9)),
+                })
             })
             .collect();
         let runs = [SystemRun {
@@ -1014,6 +1001,32 @@ mod tests {
         assert_eq!(cell(0.33), "1 / 2 (p 0.330)");
         assert_eq!(cell(1.0), "1 / 2 (p 1.00)");
         assert_eq!(file_slug("org/model"), "org-model");
+    }
+
+    /// A valid output for `e` whose value and confidence of each field `pick(field, gold
+    /// value)` gives.
+    fn answer(
+        taxonomy: &Taxonomy,
+        e: &Example,
+        pick: impl Fn(&str, &str) -> (String, Option<f64>),
+    ) -> Prediction {
+        let gold = gold(taxonomy, e);
+        let predicted = gold
+            .iter()
+            .map(|(f, v)| {
+                let (p, c) = pick(f, v);
+                (f.clone(), p, c)
+            })
+            .collect();
+        Prediction {
+            id: e.id.clone(),
+            lang: "en".into(),
+            gold,
+            predicted,
+            valid: true,
+            error: None,
+            latency_ms: 1.0,
+        }
     }
 
     /// A failed example has no confidence: the review-threshold table never counts it as
@@ -1069,23 +1082,10 @@ mod tests {
                 .iter()
                 .zip(right)
                 .map(|(e, ok)| {
-                    let gold = gold(&taxonomy, e);
-                    let predicted = gold
-                        .iter()
-                        .map(|(f, v)| match (f.as_str(), ok) {
-                            ("category", false) => (f.clone(), "Hardware".to_owned(), Some(0.6)),
-                            _ => (f.clone(), v.clone(), Some(0.9)),
-                        })
-                        .collect();
-                    Prediction {
-                        id: e.id.clone(),
-                        lang: "en".into(),
-                        gold,
-                        predicted,
-                        valid: true,
-                        error: None,
-                        latency_ms: 1.0,
-                    }
+                    answer(&taxonomy, e, |f, v| match (f, ok) {
+                        ("category", false) => ("Hardware".to_owned(), Some(0.6)),
+                        _ => (v.to_owned(), Some(0.9)),
+                    })
                 })
                 .collect(),
         };
