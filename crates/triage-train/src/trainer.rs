@@ -732,24 +732,22 @@ impl<'a> Trainer<'a> {
         if with_adapter {
             s = s.with_adapter(Arc::new(self.snapshot()?));
         }
-        let fields: Vec<String> = self
-            .base
-            .taxonomy()
-            .fields
-            .iter()
-            .map(|f| f.name.clone())
-            .collect();
+        let fields = &self.base.taxonomy().fields;
         let mut right = vec![0usize; fields.len()];
         for e in &self.val_examples[..k] {
             let out = s.structure(&e.text)?;
+            let same = |name: &str| out.ticket.get(name) == e.ticket.get(name);
             for (j, f) in fields.iter().enumerate() {
-                right[j] += (out.ticket.get(f) == e.ticket.get(f)) as usize;
+                // As `triage eval` scores it: a dependent value (an `Other` subcategory) is
+                // right only under the right parent.
+                let parent = f.dependency.as_ref().is_none_or(|d| same(&d.parent));
+                right[j] += (same(&f.name) && parent) as usize;
             }
         }
         Ok(fields
-            .into_iter()
+            .iter()
             .zip(right)
-            .map(|(f, r)| (f, r as f64 / k as f64))
+            .map(|(f, r)| (f.name.clone(), r as f64 / k as f64))
             .collect())
     }
 
