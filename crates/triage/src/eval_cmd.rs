@@ -183,11 +183,13 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(remote) = remote {
         let label = format!("backend {}", args.backend.backend_model);
         // A server's model can change behind the same URL: its journal is keyed on the
-        // request, and `--resume` trusts the server to be the one it was.
+        // request (and the timeout, which decides which examples time out), and `--resume`
+        // trusts the server to be the one it was.
         let key = journal_key(&[
             b"backend",
             label.as_bytes(),
             format!("{:?}", args.backend.backend).as_bytes(),
+            &args.backend.backend_timeout.to_le_bytes(),
             &common,
         ]);
         let resume = journal(args, &label, &key, &examples)?;
@@ -197,14 +199,26 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let (gguf, base, model_path) =
         crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
     let model_sha = crate::model_cmd::model_sha256(cli, &model_path)?;
+    // CPU and GPU arithmetic differ in rounding, so their tickets can: a run resumed on the
+    // other kind of device starts that system over.
+    let device: &[u8] = match args.device.spec.as_str() {
+        "cpu" => b"cpu",
+        _ => b"cuda",
+    };
     if !args.no_zero_shot {
-        let key = journal_key(&[b"zero-shot", model_sha.as_bytes(), &common]);
+        let key = journal_key(&[b"zero-shot", model_sha.as_bytes(), device, &common]);
         let resume = journal(args, "zero-shot", &key, &examples)?;
         runs.push(decode("zero-shot", &base, &examples, args.batch_size, resume)?);
     }
     if let Some(r) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
         let label = r.label();
-        let key = journal_key(&[label.as_bytes(), model_sha.as_bytes(), r.key.as_bytes(), &common]);
+        let key = journal_key(&[
+            label.as_bytes(),
+            model_sha.as_bytes(),
+            device,
+            r.key.as_bytes(),
+            &common,
+        ]);
         let tuned = r.apply(Structurer::with_model(
             base.model().clone(),
             &gguf,
