@@ -183,16 +183,14 @@ pub fn decode_journaled<T: Serialize>(
 }
 
 /// Whether a decoding error says nothing about the system's answer for the example: the
-/// backend was unreachable, cut the answer off or answered 429 or 5xx, the deadline passed, or
-/// the model's computation failed (a device out of memory). Such an example is decoded again
-/// by a resumed run. Failures that would repeat on the same input (a refused request, an
-/// answer that is not a ticket, a tokenizer or template error) are the system's answer.
+/// backend was unreachable, cut the answer off or answered 429 or 5xx, or the deadline passed.
+/// Such an example is decoded again by a resumed run. Failures that would repeat on the same
+/// input (a refused request, an answer that is not a ticket, a model error: an input over the
+/// budget, a device out of memory on the longest input) are the system's answer.
 pub fn transient(e: &InferError) -> bool {
     matches!(
         e,
-        InferError::Remote { retryable: true, .. }
-            | InferError::Deadline { .. }
-            | InferError::Model(triage_infer::LlmError::Candle(_))
+        InferError::Remote { retryable: true, .. } | InferError::Deadline { .. }
     )
 }
 

@@ -203,16 +203,44 @@ pub(crate) fn write_dir(
     if let Ok(p) = std::fs::File::open(parent) {
         let _ = p.sync_all();
     }
-    let _ = std::fs::remove_dir_all(&old);
+    discard(&old);
     // Copies an earlier kill left aside are stale now: `recover_dir` must never bring one
     // back after `dir` is deleted on purpose.
-    let stale = format!(".{}.old-", name.to_string_lossy());
+    remove_stale(parent, &name.to_string_lossy());
+    Ok(())
+}
+
+/// Removes a directory by first renaming it out of [`recover_dir`]'s sight (`.trash-`), so
+/// a kill in the middle of the removal never leaves a half-deleted copy it could restore.
+fn discard(dir: &Path) {
+    let Some(name) = dir.file_name() else {
+        return;
+    };
+    let trash = dir.with_file_name(format!(".trash-{}", name.to_string_lossy()));
+    match std::fs::rename(dir, &trash) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&trash);
+        }
+        Err(_) => {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Removes what interrupted swaps of `parent/<name>` left: moved-aside old copies,
+/// unfinished new ones and half-removed trash.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefixes = [
+        format!(".{name}.old-"),
+        format!(".{name}.tmp-"),
+        format!(".trash-.{name}."),
+    ];
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(&stale) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| file.starts_with(p.as_str())) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    Ok(())
 }
 
 /// Puts back a directory that [`write_dir`] moved aside and did not replace: a kill between
@@ -254,6 +282,8 @@ pub(crate) fn recover_dir(dir: &Path, required: &str) -> Result<bool, TrainError
     match candidates.into_iter().max() {
         Some((_, from)) => {
             std::fs::rename(&from, dir).map_err(|e| file_err(&from, e))?;
+            // The other copies are older: none may come back if `dir` is deleted later.
+            remove_stale(parent, &name);
             tracing::warn!(
                 "{} was missing (interrupted swap): restored from {}",
                 dir.display(),

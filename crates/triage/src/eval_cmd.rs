@@ -183,13 +183,12 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(remote) = remote {
         let label = format!("backend {}", args.backend.backend_model);
         // A server's model can change behind the same URL: its journal is keyed on the
-        // request (and the timeout, which decides which examples time out), and `--resume`
-        // trusts the server to be the one it was.
+        // request, and `--resume` trusts the server to be the one it was. (Not on the timeout:
+        // a timed-out example is never journaled, so a longer one decodes just those again.)
         let key = journal_key(&[
             b"backend",
             label.as_bytes(),
             format!("{:?}", args.backend.backend).as_bytes(),
-            &args.backend.backend_timeout.to_le_bytes(),
             &common,
         ]);
         let resume = journal(args, &label, &key, &examples)?;

@@ -363,19 +363,25 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
             // The step of the checkpoint (a resumed run stopped in the features pass has one).
             let step = trainer.state().step;
             bar.abandon();
-            match triage_train::trainer::checkpoint_state(&run_dir).exists() {
-                true => eprintln!(
+            // Not eprintln!: after a terminal hangup stderr may be gone, and the checkpoint
+            // is written; a failed message must not turn exit 130 into a panic.
+            use std::io::Write as _;
+            let mut err = std::io::stderr();
+            let _ = match triage_train::trainer::checkpoint_state(&run_dir).exists() {
+                true => writeln!(
+                    err,
                     "stopped at step {step}; checkpoint in {}; continue with --resume --run-dir {}",
                     run_dir.display(),
                     run_dir.display()
                 ),
                 // Stopped in the frozen layers' pass, before any checkpoint.
-                false => eprintln!(
+                false => writeln!(
+                    err,
                     "stopped before the first step; the frozen layers' output computed so far is \
                      kept in {}: rerun the same command (without --resume) to continue",
                     run_dir.join("features").display()
                 ),
-            }
+            };
             crate::batch::STOP.store(false, Ordering::SeqCst);
             return Ok(ExitCode::from(130));
         }
@@ -466,12 +472,24 @@ mod tests {
             });
             std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
         };
-        // What a kill between write_dir's two renames leaves: only the old checkpoint.
+        // What a kill between write_dir's two renames leaves: only the old checkpoint (here
+        // beside an older copy an earlier kill left, which must not come back later).
+        let older = run_dir.join(".checkpoint.old-17");
+        write(&older, Some("0123"));
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(older.join("state.json"))
+            .and_then(|f| f.set_modified(an_hour_ago))
+            .unwrap();
         let aside = run_dir.join(".checkpoint.old-4242");
         write(&aside, Some("0123"));
+        std::fs::write(aside.join("newest"), "").unwrap();
         assert!(triage_train::trainer::recover_checkpoint(&run_dir).unwrap());
-        assert!(triage_train::trainer::checkpoint_state(&run_dir).exists());
-        assert!(!aside.exists());
+        assert!(triage_train::trainer::checkpoint_dir(&run_dir)
+            .join("newest")
+            .exists());
+        assert!(!aside.exists() && !older.exists());
 
         let same = resumed_config(&run_dir, saved.clone()).unwrap();
         assert_eq!(same.steps, 5);
