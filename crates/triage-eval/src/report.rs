@@ -131,9 +131,12 @@ pub fn file_slug(name: &str) -> String {
 /// Separates a parent value from a dependent value in [`qualified`] names.
 const UNDER: &str = " › ";
 
-/// The dependent fields' value names that occur under more than one parent value (`Other`
+/// A dependent field's value names that occur under more than one parent value (`Other`
 /// under every category): `(field, parent field, names)`.
-fn repeated_names(taxonomy: &Taxonomy) -> Vec<(&str, &str, std::collections::HashSet<&str>)> {
+type Repeated<'a> = (&'a str, &'a str, std::collections::HashSet<&'a str>);
+
+/// The [`Repeated`] names of every dependent field that has some.
+fn repeated_names(taxonomy: &Taxonomy) -> Vec<Repeated<'_>> {
     taxonomy
         .fields
         .iter()
@@ -153,20 +156,28 @@ fn repeated_names(taxonomy: &Taxonomy) -> Vec<(&str, &str, std::collections::Has
         .collect()
 }
 
+/// Value `v` as scored: qualified by its parent value (`Hardware › Other`) when its name is one
+/// of the repeated `names` and the parent is known, else as it is.
+fn scored_name(names: &std::collections::HashSet<&str>, parent: Option<&str>, v: &str) -> String {
+    match parent {
+        Some(p) if names.contains(v) => format!("{p}{UNDER}{v}"),
+        _ => v.to_owned(),
+    }
+}
+
 /// The field's classes as scored: its values, with a name that repeats under several parents
 /// qualified by each parent (`Hardware › Other`, `Software › Other`).
-fn scored_classes(taxonomy: &Taxonomy, field: &triage_taxonomy::Field) -> Vec<String> {
-    let repeated = repeated_names(taxonomy);
-    let Some((_, _, names)) = repeated.iter().find(|(f, _, _)| *f == field.name) else {
+fn scored_classes(repeated: &[Repeated], field: &triage_taxonomy::Field) -> Vec<String> {
+    let (Some((_, _, names)), Some(dep)) = (
+        repeated.iter().find(|(f, _, _)| *f == field.name),
+        &field.dependency,
+    ) else {
         return field.value_names().map(str::to_owned).collect();
     };
     let mut out: Vec<String> = Vec::new();
-    for (parent, vs) in &field.dependency.as_ref().expect("a dependent field").allowed {
+    for (parent, vs) in &dep.allowed {
         for v in vs {
-            let c = match names.contains(v.name.as_str()) {
-                true => format!("{parent}{UNDER}{}", v.name),
-                false => v.name.clone(),
-            };
+            let c = scored_name(names, Some(parent), &v.name);
             if !out.contains(&c) {
                 out.push(c);
             }
@@ -175,28 +186,20 @@ fn scored_classes(taxonomy: &Taxonomy, field: &triage_taxonomy::Field) -> Vec<St
     out
 }
 
-/// `runs` with every repeated dependent value (see [`repeated_names`]) qualified by its
-/// parent value, gold and predicted alike: a ticket filed under Hardware › Other is not right
-/// when the gold is Software › Other, though both say `Other`.
-fn qualified(taxonomy: &Taxonomy, runs: &[SystemRun]) -> Vec<SystemRun> {
-    let repeated = repeated_names(taxonomy);
+/// `runs` with every repeated dependent value qualified by its parent value, gold and
+/// predicted alike: a ticket filed under Hardware › Other is not right when the gold is
+/// Software › Other, though both say `Other`.
+fn qualified(repeated: &[Repeated], runs: &[SystemRun]) -> Vec<SystemRun> {
     let mut runs = runs.to_vec();
-    if repeated.is_empty() {
-        return runs;
-    }
     for p in runs.iter_mut().flat_map(|r| r.predictions.iter_mut()) {
-        for (field, parent, names) in &repeated {
+        for (field, parent, names) in repeated {
             let gold_parent = p.gold_value(parent).map(str::to_owned);
             let parent_now = p.value(parent).map(str::to_owned);
             for (_, v) in p.gold.iter_mut().filter(|(f, _)| f == field) {
-                if let (Some(pv), true) = (&gold_parent, names.contains(v.as_str())) {
-                    *v = format!("{pv}{UNDER}{v}");
-                }
+                *v = scored_name(names, gold_parent.as_deref(), v);
             }
             for (_, v, _) in p.predicted.iter_mut().filter(|(f, _, _)| f == field) {
-                if let (Some(pv), true) = (&parent_now, names.contains(v.as_str())) {
-                    *v = format!("{pv}{UNDER}{v}");
-                }
+                *v = scored_name(names, parent_now.as_deref(), v);
             }
         }
     }
@@ -257,7 +260,8 @@ fn paired_cell(x: &Paired) -> String {
 
 /// Computes the report of `runs` over `examples` (same order).
 pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[SystemRun]) -> Report {
-    let runs = &qualified(taxonomy, runs);
+    let repeated = repeated_names(taxonomy);
+    let runs = &qualified(&repeated, runs);
     let fields: Vec<&str> = taxonomy.fields.iter().map(|f| f.name.as_str()).collect();
     let systems = runs
         .iter()
@@ -269,7 +273,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                 .fields
                 .iter()
                 .map(|f| {
-                    let classes = scored_classes(taxonomy, f);
+                    let classes = scored_classes(&repeated, f);
                     let classes: Vec<&str> = classes.iter().map(String::as_str).collect();
                     let gold: Vec<&str> = preds
                         .iter()

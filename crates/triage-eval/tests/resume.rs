@@ -10,11 +10,13 @@ use triage_eval::run::{journal_ids, run_llm, RunError, SystemRun};
 use triage_infer::{InferError, Structured, TicketEngine};
 use triage_taxonomy::{Taxonomy, Validator};
 
-/// Refuses every incident after 20 ms (an error outcome is a prediction too) and counts the
-/// calls.
+/// Refuses every incident after 20 ms (an error outcome is a prediction too, journaled like
+/// any answer) and counts the calls; after its first `up` calls, it reports the backend
+/// unreachable instead (an outage, which is not an answer).
 struct Counting {
     taxonomy: Taxonomy,
     calls: AtomicUsize,
+    up: usize,
 }
 
 impl TicketEngine for Counting {
@@ -22,9 +24,16 @@ impl TicketEngine for Counting {
         &self.taxonomy
     }
     fn structure_until(&self, text: &str, _: Option<std::time::Instant>) -> Result<Structured, InferError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        Err(InferError::Prompt(format!("{} characters", text.len())))
+        match call < self.up {
+            true => Err(InferError::Prompt(format!("{} characters", text.len()))),
+            false => Err(InferError::Remote {
+                url: "http://127.0.0.1:9/v1/chat/completions".into(),
+                reason: "connection refused".into(),
+                retryable: true,
+            }),
+        }
     }
 }
 
@@ -51,6 +60,7 @@ fn setup(test: &str, taxonomy: &Taxonomy) -> (std::path::PathBuf, std::path::Pat
     let engine = Counting {
         taxonomy: taxonomy.clone(),
         calls: AtomicUsize::new(0),
+        up: usize::MAX,
     };
     (dir, path, engine)
 }
@@ -166,30 +176,6 @@ fn a_grown_or_relabelled_file_decodes_only_new_texts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Answers (with a deterministic refusal, journaled like any answer) its first `up` calls,
-/// then reports the backend unreachable.
-struct GoesDown {
-    taxonomy: Taxonomy,
-    calls: AtomicUsize,
-    up: usize,
-}
-
-impl TicketEngine for GoesDown {
-    fn taxonomy(&self) -> &Taxonomy {
-        &self.taxonomy
-    }
-    fn structure_until(&self, text: &str, _: Option<std::time::Instant>) -> Result<Structured, InferError> {
-        match self.calls.fetch_add(1, Ordering::SeqCst) < self.up {
-            true => Err(InferError::Prompt(format!("{} characters", text.len()))),
-            false => Err(InferError::Remote {
-                url: "http://127.0.0.1:9/v1/chat/completions".into(),
-                reason: "connection refused".into(),
-                retryable: true,
-            }),
-        }
-    }
-}
-
 /// A backend outage is not the system's answer: the examples it failed still count as failed
 /// in that run, but they are not journaled, so a resumed run decodes them again.
 #[test]
@@ -197,12 +183,8 @@ fn examples_failed_by_an_outage_are_decoded_again_on_resume() {
     let taxonomy = Taxonomy::builtin_default();
     let examples = examples(&taxonomy);
     let ids = journal_ids(&examples);
-    let (dir, path, _) = setup("outage", &taxonomy);
-    let down = GoesDown {
-        taxonomy: taxonomy.clone(),
-        calls: AtomicUsize::new(0),
-        up: 7,
-    };
+    let (dir, path, mut down) = setup("outage", &taxonomy);
+    down.up = 7;
     let run = run_llm(
         "zero-shot",
         &down,
@@ -222,11 +204,10 @@ fn examples_failed_by_an_outage_are_decoded_again_on_resume() {
     assert_eq!(outage(&run), 5);
     let (j, kept) = Journal::open::<triage_eval::run::Prediction>(&path, "key", &ids, true).unwrap();
     assert_eq!(kept.len(), 7, "the outage's failures were journaled");
-    let up = GoesDown {
-        taxonomy: taxonomy.clone(),
-        calls: AtomicUsize::new(0),
-        up: usize::MAX,
-    };
+    // The backend is back.
+    let mut up = down;
+    up.up = usize::MAX;
+    up.calls = AtomicUsize::new(0);
     let resumed = run_llm(
         "zero-shot",
         &up,

@@ -172,22 +172,21 @@ pub(crate) fn write_dir(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = parent_of(dir);
     std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
     let name = dir
         .file_name()
-        .ok_or_else(|| TrainError::Invalid(format!("{}: not a directory name", dir.display())))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        .ok_or_else(|| TrainError::Invalid(format!("{}: not a directory name", dir.display())))?
+        .to_string_lossy();
+    let pid = std::process::id().to_string();
+    let tmp = parent.join(swap_sibling(&name, "tmp", &pid));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
     if let Err(e) = fill(&tmp).and_then(|()| sync_dir(&tmp).map_err(|e| file_err(&tmp, e))) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let old: PathBuf = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    let old = parent.join(swap_sibling(&name, "old", &pid));
     let _ = std::fs::remove_dir_all(&old);
     let had_old = dir.exists();
     if had_old {
@@ -203,38 +202,36 @@ pub(crate) fn write_dir(
     if let Ok(p) = std::fs::File::open(parent) {
         let _ = p.sync_all();
     }
-    discard(&old);
+    // Renamed out of `recover_dir`'s sight before its removal, so a kill in the middle of
+    // the removal never leaves a half-deleted copy it could restore.
+    let trash = parent.join(swap_sibling(&name, "trash", &pid));
+    if had_old && std::fs::rename(&old, &trash).is_ok() {
+        let _ = std::fs::remove_dir_all(&trash);
+    }
     // Copies an earlier kill left aside are stale now: `recover_dir` must never bring one
     // back after `dir` is deleted on purpose.
-    remove_stale(parent, &name.to_string_lossy());
+    remove_stale(parent, &name);
     Ok(())
 }
 
-/// Removes a directory by first renaming it out of [`recover_dir`]'s sight (`.trash-`), so
-/// a kill in the middle of the removal never leaves a half-deleted copy it could restore.
-fn discard(dir: &Path) {
-    let Some(name) = dir.file_name() else {
-        return;
-    };
-    let trash = dir.with_file_name(format!(".trash-{}", name.to_string_lossy()));
-    match std::fs::rename(dir, &trash) {
-        Ok(()) => {
-            let _ = std::fs::remove_dir_all(&trash);
-        }
-        Err(_) => {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+/// The folder `dir` sits in (`.` for a bare name).
+fn parent_of(dir: &Path) -> &Path {
+    dir.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// The name of the sibling of folder `name` that [`write_dir`] uses in process `id`: `tmp`
+/// (the new copy being written), `old` (the replaced one, moved aside) or `trash` (it, being
+/// removed). With an empty `id`, the prefix every such sibling's name starts with.
+fn swap_sibling(name: &str, kind: &str, id: &str) -> String {
+    format!(".{name}.{kind}-{id}")
 }
 
 /// Removes what interrupted swaps of `parent/<name>` left: moved-aside old copies,
 /// unfinished new ones and half-removed trash.
 fn remove_stale(parent: &Path, name: &str) {
-    let prefixes = [
-        format!(".{name}.old-"),
-        format!(".{name}.tmp-"),
-        format!(".trash-.{name}."),
-    ];
+    let prefixes = ["old", "tmp", "trash"].map(|kind| swap_sibling(name, kind, ""));
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
         if prefixes.iter().any(|p| file.starts_with(p.as_str())) {
@@ -252,16 +249,11 @@ pub(crate) fn recover_dir(dir: &Path, required: &str) -> Result<bool, TrainError
     if dir.exists() {
         return Ok(false);
     }
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy()) else {
         return Ok(false);
     };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    let name = name.to_string_lossy();
-    let old_prefix = format!(".{name}.old-");
+    let parent = parent_of(dir);
+    let old_prefix = swap_sibling(&name, "old", "");
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Ok(false);
     };
@@ -272,7 +264,7 @@ pub(crate) fn recover_dir(dir: &Path, required: &str) -> Result<bool, TrainError
         let Some(pid) = file.strip_prefix(&old_prefix) else {
             continue;
         };
-        let newer = parent.join(format!(".{name}.tmp-{pid}"));
+        let newer = parent.join(swap_sibling(&name, "tmp", pid));
         let pick = if usable(&newer) { newer } else { e.path() };
         if usable(&pick) {
             let time = std::fs::metadata(pick.join(required)).and_then(|m| m.modified());
