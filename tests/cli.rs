@@ -1153,7 +1153,7 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     let err = text(&out_other.stderr);
     assert!(
         !out_other.status.success()
-            && err.contains("another model, adapter or data")
+            && err.contains("another model, adapter, data file or --limit")
             && err.contains("other.jsonl"),
         "{err}"
     );
@@ -1171,10 +1171,18 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     let out_changed = triage(&calibrate, "");
     let err = text(&out_changed.stderr);
     assert!(
-        !out_changed.status.success() && err.contains("another model, adapter or data"),
+        !out_changed.status.success() && err.contains("another model, adapter, data file or --limit"),
         "{err}"
     );
     std::fs::write(&config, saved_config).unwrap();
+    // Nor scores of another --limit (they hold other examples).
+    let mut limited = calibrate;
+    limited[8] = "2";
+    let err = text(&triage(&limited, "").stderr);
+    assert!(
+        err.contains("another model, adapter, data file or --limit"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(adapter.join("calibration.json")).unwrap(), first);
     let table = text(&out.stdout);
     for field in [

@@ -1,5 +1,6 @@
 //! `triage adapter`: inspect a trained adapter, or fold it into the base model as a merged GGUF.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use triage_eval::journal::Journal;
 use triage_eval::run::{Resume, RunError};
 use triage_infer::calibration::{self, Calibration};
+use triage_infer::FieldConfidence;
 use triage_llm::GgufFile;
 use triage_train::adapter;
 use triage_train::merge::{merge_gguf, MergeOptions};
@@ -265,10 +267,11 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             let recorded = std::fs::read_to_string(beside(f, "key")).ok();
             let model_path = crate::model_cmd::model_path(cli)?;
             match recorded.as_deref().map(str::trim) {
-                Some(k) if k == scores_key(cli, dir, &model_path, &labelled.key)? => {}
+                Some(k) if k == scores_key(cli, dir, &model_path, &labelled.key, args.limit)? => {}
                 Some(_) => anyhow::bail!(
-                    "{}: decoded with another model, adapter or data file than {} and {}; \
-                     delete it (or give another --scores) to decode again",
+                    "{}: decoded with another model, adapter, data file or --limit than {} and \
+                     {}, or by an older triage; delete it (or give another --scores) to decode \
+                     again",
                     f.display(),
                     dir.display(),
                     data.display()
@@ -304,9 +307,9 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         }
         _ => decode_decisions(cli, args, taxonomy.clone(), &labelled)?,
     };
-    // The cross-validation keeps each example group (scenario, near-duplicate cluster) in one
+    // The cross-validation keeps each example group (a synthetic scenario) in one
     // fold: the groups come from the data file, which the scores must have been decoded from.
-    let groups: std::collections::HashMap<&str, Option<&String>> = labelled
+    let groups: HashMap<&str, Option<&String>> = labelled
         .examples
         .iter()
         .map(|e| (e.id.as_str(), e.group.as_ref()))
@@ -344,7 +347,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         );
         println!(
             "{field:<20}{:>9}   {:>6.1}% → {:>5.1}%       {:>6.3} → {:>6.3}      {temperature:<12} {biases}",
-            f.decisions,
+            f.decisions + f.unreachable,
             100.0 * f.accuracy_before,
             100.0 * f.accuracy_after,
             f.nll_before,
@@ -352,7 +355,10 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
-        "(\"after\": out of fold, 5-fold cross-validation on these examples, each example group in one fold)"
+        "(\"after\": out of fold, by nested 5-fold cross-validation on these examples, each example \
+         group in one fold: the choice of temperature, biases and penalty is made again without \
+         each held-out fold. Accuracy over every decision, one under a wrong parent value counted \
+         wrong; NLL over the others)"
     );
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
@@ -365,11 +371,47 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What decoded decisions depend on: the base model, the adapter's weights and the data file.
-/// Keys the `--scores` file (in `<scores>.key`) and its `.partial` journal.
-fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8]) -> anyhow::Result<String> {
+/// The enum decisions of one decoded ticket (`decided`: its fields' confidences, with every
+/// allowed value's score) against the labels (`gold`: a field's labelled value); `parents`
+/// names each dependent field's parent field. A dependent field decided under another parent
+/// value than the labelled one is marked: it cannot be right, whatever its value's name
+/// (`Other` is under every category), as `triage eval` scores it.
+fn decisions_of<'a>(
+    decided: &[FieldConfidence],
+    gold: impl Fn(&str) -> Option<&'a str>,
+    parents: &HashMap<String, String>,
+) -> Vec<calibration::Decision> {
+    let value = |field: &str| {
+        decided
+            .iter()
+            .find(|c| c.field == field)
+            .map(|c| c.value.as_str())
+    };
+    decided
+        .iter()
+        .map(|c| calibration::Decision {
+            gold: gold(&c.field).unwrap_or_default().to_owned(),
+            wrong_parent: parents.get(&c.field).is_some_and(|p| value(p) != gold(p)),
+            field: c.field.clone(),
+            candidates: c.scores.clone(),
+            group: None, // filled from the data by the caller, not journaled
+        })
+        .collect()
+}
+
+/// What decoded decisions depend on: the base model, the adapter's weights, the data file and
+/// how much of it (`--limit`), and the record's format (v2: decisions under a wrong parent
+/// value are marked). Keys the `--scores` file (in `<scores>.key`) and its `.partial` journal.
+fn scores_key(
+    cli: &Cli,
+    dir: &Path,
+    model_path: &Path,
+    data_key: &[u8],
+    limit: Option<usize>,
+) -> anyhow::Result<String> {
     Ok(crate::eval_cmd::journal_key(&[
-        b"calibrate",
+        b"calibrate-v2",
+        format!("{limit:?}").as_bytes(),
         crate::model_cmd::model_sha256(cli, model_path)?.as_bytes(),
         files_key(&[
             dir.join("adapter_model.safetensors"),
@@ -402,6 +444,12 @@ fn decode_decisions(
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to calibrate on", data.display());
     }
+    // Each dependent field's parent field.
+    let parents: HashMap<String, String> = taxonomy
+        .fields
+        .iter()
+        .filter_map(|f| Some((f.name.clone(), f.dependency.as_ref()?.parent.clone())))
+        .collect();
     let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", false)?;
     let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
     let s = base.with_adapter(Arc::new(lora));
@@ -410,7 +458,12 @@ fn decode_decisions(
     // With --scores: its journal (`<scores>.partial`) and the key of the journal and of the
     // finished file (hashed once).
     let journaled = scores
-        .map(|f| anyhow::Ok((beside(f, "partial"), scores_key(cli, dir, &model_path, data_key)?)))
+        .map(|f| {
+            anyhow::Ok((
+                beside(f, "partial"),
+                scores_key(cli, dir, &model_path, data_key, *limit)?,
+            ))
+        })
         .transpose()?;
     let resume: Option<Resume<Record>> = match &journaled {
         Some((partial, key)) => {
@@ -439,17 +492,7 @@ fn decode_decisions(
         &mut |i| bar.set_position(i as u64),
         |e, out, _| -> Record {
             match out {
-                Ok(t) => Ok(t
-                    .meta
-                    .confidence
-                    .into_iter()
-                    .map(|c| calibration::Decision {
-                        gold: e.ticket.get(&c.field).unwrap_or_default().to_owned(),
-                        field: c.field,
-                        candidates: c.scores,
-                        group: None, // filled from the data by the caller, not journaled
-                    })
-                    .collect()),
+                Ok(t) => Ok(decisions_of(&t.meta.confidence, |f| e.ticket.get(f), &parents)),
                 Err(err) => {
                     transients += triage_eval::run::transient(&err) as usize;
                     Err(err.to_string())
@@ -615,5 +658,52 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(field: &str, value: &str, allowed: &[&str]) -> FieldConfidence {
+        FieldConfidence {
+            field: field.into(),
+            value: value.into(),
+            confidence: 0.5,
+            top: Vec::new(),
+            scores: allowed.iter().map(|v| (v.to_string(), -1.0)).collect(),
+        }
+    }
+
+    /// A subcategory decided under the labelled category is a usable decision; under another
+    /// one it is marked, even when its allowed values include the labelled name (`Other`).
+    #[test]
+    fn a_dependent_decision_under_a_wrong_parent_is_marked() {
+        let parents: HashMap<String, String> = [("subcategory".to_owned(), "category".to_owned())].into();
+        let gold = |f: &str| match f {
+            "category" => Some("Hardware"),
+            "subcategory" => Some("Other"),
+            _ => None,
+        };
+        let ticket = |category: &str| {
+            [
+                decided("category", category, &["Hardware", "Software"]),
+                decided("subcategory", "Other", &["Other", "Laptop"]),
+            ]
+        };
+        let marks = |t: &[FieldConfidence]| -> Vec<(String, String, bool)> {
+            decisions_of(t, gold, &parents)
+                .into_iter()
+                .map(|d| (d.field, d.gold, d.wrong_parent))
+                .collect()
+        };
+        let expect = |wrong: bool| {
+            vec![
+                ("category".to_owned(), "Hardware".to_owned(), false),
+                ("subcategory".to_owned(), "Other".to_owned(), wrong),
+            ]
+        };
+        assert_eq!(marks(&ticket("Hardware")), expect(false));
+        assert_eq!(marks(&ticket("Software")), expect(true));
     }
 }
