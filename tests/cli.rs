@@ -1157,12 +1157,15 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
             && err.contains("other.jsonl"),
         "{err}"
     );
-    // Without the key file (an older triage) the ids still catch it.
+    // Without the key file (an older triage) nothing ties the scores to anything: refused.
     let key = dir.join("scores.jsonl.key");
     let saved_key = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
-    let err = text(&triage(&mismatched, "").stderr);
-    assert!(err.contains("is not in") && err.contains("other.jsonl"), "{err}");
+    let err = text(&triage(&calibrate, "").stderr);
+    assert!(
+        err.contains("older triage") && err.contains("scores.jsonl.key"),
+        "{err}"
+    );
     std::fs::write(&key, saved_key).unwrap();
     // Nor do an earlier adapter's scores calibrate a changed one.
     let config = adapter.join("adapter_config.json");

@@ -267,7 +267,14 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             let recorded = std::fs::read_to_string(beside(f, "key")).ok();
             let model_path = crate::model_cmd::model_path(cli)?;
             match recorded.as_deref().map(str::trim) {
-                Some(k) if k == scores_key(cli, dir, &model_path, &labelled.key, args.limit)? => {}
+                Some(k)
+                    if k == scores_key(
+                        cli,
+                        dir,
+                        &model_path,
+                        &labelled.key,
+                        first_n(&labelled, args.limit),
+                    )? => {}
                 Some(_) => anyhow::bail!(
                     "{}: decoded with another model, adapter, data file or --limit than {} and \
                      {}, or by an older triage; delete it (or give another --scores) to decode \
@@ -276,9 +283,11 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
                     dir.display(),
                     data.display()
                 ),
-                None => tracing::warn!(
-                    "{}: no {} beside it (written by an older triage): cannot check that it was \
-                     decoded with this adapter, model and data",
+                // Written by an older triage: nothing ties it to this adapter, and its
+                // decisions lack the wrong-parent marks.
+                None => anyhow::bail!(
+                    "{}: no {} beside it (written by an older triage); delete it (or give another \
+                     --scores) to decode again",
                     f.display(),
                     beside(f, "key").display()
                 ),
@@ -357,8 +366,9 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     println!(
         "(\"after\": out of fold, by nested 5-fold cross-validation on these examples, each example \
          group in one fold: the choice of temperature, biases and penalty is made again without \
-         each held-out fold. Accuracy over every decision, one under a wrong parent value counted \
-         wrong; NLL over the others)"
+         each held-out fold, so it estimates the fitting procedure, and for a field not calibrated \
+         it can differ from \"before\". Accuracy over every decision, one under a wrong parent \
+         value counted wrong; NLL over the others)"
     );
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
@@ -399,19 +409,19 @@ fn decisions_of<'a>(
         .collect()
 }
 
+/// How many of the data's examples `--limit` takes (the first ones).
+fn first_n(labelled: &crate::eval_cmd::LabelledData, limit: Option<usize>) -> usize {
+    labelled.examples.len().min(limit.unwrap_or(usize::MAX))
+}
+
 /// What decoded decisions depend on: the base model, the adapter's weights, the data file and
-/// how much of it (`--limit`), and the record's format (v2: decisions under a wrong parent
-/// value are marked). Keys the `--scores` file (in `<scores>.key`) and its `.partial` journal.
-fn scores_key(
-    cli: &Cli,
-    dir: &Path,
-    model_path: &Path,
-    data_key: &[u8],
-    limit: Option<usize>,
-) -> anyhow::Result<String> {
+/// how many of its examples (`n`, the first ones), and the record's format (v2: decisions
+/// under a wrong parent value are marked). Keys the `--scores` file (in `<scores>.key`) and
+/// its `.partial` journal.
+fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8], n: usize) -> anyhow::Result<String> {
     Ok(crate::eval_cmd::journal_key(&[
         b"calibrate-v2",
-        format!("{limit:?}").as_bytes(),
+        n.to_string().as_bytes(),
         crate::model_cmd::model_sha256(cli, model_path)?.as_bytes(),
         files_key(&[
             dir.join("adapter_model.safetensors"),
@@ -439,7 +449,7 @@ fn decode_decisions(
         ..
     } = args;
     let (scores, batch_size) = (args.scores.as_deref(), *batch_size);
-    let examples = &labelled.examples[..labelled.examples.len().min(limit.unwrap_or(usize::MAX))];
+    let examples = &labelled.examples[..first_n(labelled, *limit)];
     let data_key = &labelled.key;
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to calibrate on", data.display());
@@ -461,7 +471,7 @@ fn decode_decisions(
         .map(|f| {
             anyhow::Ok((
                 beside(f, "partial"),
-                scores_key(cli, dir, &model_path, data_key, *limit)?,
+                scores_key(cli, dir, &model_path, data_key, examples.len())?,
             ))
         })
         .transpose()?;
