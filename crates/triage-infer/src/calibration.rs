@@ -226,8 +226,8 @@ struct FieldData {
     named: BTreeMap<String, usize>,
     /// Groups numbered so far (named and anonymous).
     n_groups: usize,
-    /// Decisions whose gold value could not be chosen (decided under a wrong parent value):
-    /// wrong before and after, and no signal for the fit.
+    /// Decisions whose gold value could not be chosen (decided under a wrong parent value, or
+    /// a label not among the allowed values): wrong before and after, no signal for the fit.
     unreachable: usize,
 }
 

@@ -13,6 +13,7 @@ use triage_eval::run::{Resume, RunError};
 use triage_infer::calibration::{self, Calibration};
 use triage_infer::FieldConfidence;
 use triage_llm::GgufFile;
+use triage_taxonomy::Taxonomy;
 use triage_train::adapter;
 use triage_train::merge::{merge_gguf, MergeOptions};
 
@@ -314,7 +315,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             let n = ids.len();
             (decisions, n)
         }
-        _ => decode_decisions(cli, args, taxonomy.clone(), &labelled)?,
+        _ => decode_decisions(cli, args, &taxonomy, &labelled)?,
     };
     // The cross-validation keeps each example group (a synthetic scenario) in one
     // fold: the groups come from the data file, which the scores must have been decoded from.
@@ -382,14 +383,14 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The enum decisions of one decoded ticket (`decided`: its fields' confidences, with every
-/// allowed value's score) against the labels (`gold`: a field's labelled value); `parents`
-/// names each dependent field's parent field. A dependent field decided under another parent
-/// value than the labelled one is marked: it cannot be right, whatever its value's name
-/// (`Other` is under every category), as `triage eval` scores it.
+/// allowed value's score) against the labels (`gold`: a field's labelled value). A field that
+/// depends on another in `taxonomy`, decided under another parent value than the labelled
+/// one, is marked: it cannot be right, whatever its value's name (`Other` is under every
+/// category), as `triage eval` scores it.
 fn decisions_of<'a>(
     decided: &[FieldConfidence],
     gold: impl Fn(&str) -> Option<&'a str>,
-    parents: &HashMap<String, String>,
+    taxonomy: &Taxonomy,
 ) -> Vec<calibration::Decision> {
     let value = |field: &str| {
         decided
@@ -401,7 +402,10 @@ fn decisions_of<'a>(
         .iter()
         .map(|c| calibration::Decision {
             gold: gold(&c.field).unwrap_or_default().to_owned(),
-            wrong_parent: parents.get(&c.field).is_some_and(|p| value(p) != gold(p)),
+            wrong_parent: taxonomy
+                .field(&c.field)
+                .and_then(|f| f.dependency.as_ref())
+                .is_some_and(|d| value(&d.parent) != gold(&d.parent)),
             field: c.field.clone(),
             candidates: c.scores.clone(),
             group: None, // filled from the data by the caller, not journaled
@@ -438,7 +442,7 @@ fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8], n: usiz
 fn decode_decisions(
     cli: &Cli,
     args: &CalibrateArgs,
-    taxonomy: triage_taxonomy::Taxonomy,
+    taxonomy: &Taxonomy,
     labelled: &crate::eval_cmd::LabelledData,
 ) -> anyhow::Result<(Vec<(String, calibration::Decision)>, usize)> {
     let CalibrateArgs {
@@ -454,13 +458,7 @@ fn decode_decisions(
     if examples.is_empty() {
         anyhow::bail!("{}: no examples to calibrate on", data.display());
     }
-    // Each dependent field's parent field.
-    let parents: HashMap<String, String> = taxonomy
-        .fields
-        .iter()
-        .filter_map(|f| Some((f.name.clone(), f.dependency.as_ref()?.parent.clone())))
-        .collect();
-    let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy, "cpu", false)?;
+    let (_, base, model_path) = crate::train_cmd::base_structurer(cli, taxonomy.clone(), "cpu", false)?;
     let lora = crate::train_cmd::load_adapter(cli, dir, &base, &model_path)?;
     let s = base.with_adapter(Arc::new(lora));
     // One record per example: its decisions, or why it was not decoded.
@@ -502,7 +500,7 @@ fn decode_decisions(
         &mut |i| bar.set_position(i as u64),
         |e, out, _| -> Record {
             match out {
-                Ok(t) => Ok(decisions_of(&t.meta.confidence, |f| e.ticket.get(f), &parents)),
+                Ok(t) => Ok(decisions_of(&t.meta.confidence, |f| e.ticket.get(f), taxonomy)),
                 Err(err) => {
                     transients += triage_eval::run::transient(&err) as usize;
                     Err(err.to_string())
@@ -689,7 +687,7 @@ mod tests {
     /// one it is marked, even when its allowed values include the labelled name (`Other`).
     #[test]
     fn a_dependent_decision_under_a_wrong_parent_is_marked() {
-        let parents: HashMap<String, String> = [("subcategory".to_owned(), "category".to_owned())].into();
+        let taxonomy = Taxonomy::builtin_default(); // subcategory depends on category
         let gold = |f: &str| match f {
             "category" => Some("Hardware"),
             "subcategory" => Some("Other"),
@@ -702,7 +700,7 @@ mod tests {
             ]
         };
         let marks = |t: &[FieldConfidence]| -> Vec<(String, String, bool)> {
-            decisions_of(t, gold, &parents)
+            decisions_of(t, gold, &taxonomy)
                 .into_iter()
                 .map(|d| (d.field, d.gold, d.wrong_parent))
                 .collect()
