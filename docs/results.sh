@@ -76,7 +76,26 @@ report_field() { # report.json key: the report object's field (not a run's), '?'
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["report"][sys.argv[2]])' "$1" "$2" 2>/dev/null || echo '?'
 }
 
-section() { # report title split
+trained_on() { # adapter train: ends section's sentence with what the adapter records of its training file
+  python3 - "$1" "$2" <<'PY'
+import hashlib, json, sys
+adapter, train = sys.argv[1], sys.argv[2]
+try:
+    files = [d for d in json.load(open(f"{adapter}/triage.json")).get("data", []) if d.get("role") == "train"]
+except (OSError, ValueError):
+    files = []
+if not files:
+    print(f"the file its adapter was trained on (by `{adapter}/command`; the adapter predates")
+    print("the record of its training file's sha256 in `triage.json`).")
+elif files[0]["sha256"] == hashlib.sha256(open(train, "rb").read()).hexdigest():
+    print(f"the file its adapter was trained on (the sha256 `{adapter}/triage.json` records).")
+else:
+    print(f"**not the file its adapter was trained on**: `{adapter}/triage.json` records sha256")
+    print(f"{files[0]['sha256'][:16]}…, so the data has changed since and the baseline saw other examples.")
+PY
+}
+
+section() { # report title split adapter
   echo "## $2"
   echo
   if [ ! -f "reports/$1/report.md" ]; then
@@ -104,7 +123,7 @@ section() { # report title split
     local train
     train=$(cat "reports/$1/train")
     echo "The baseline was fitted on the $(grep -c . "$train") training examples of \`$train\`,"
-    echo "the file its adapter was trained on."
+    trained_on "$4" "$train"
   fi
   echo
   local made
@@ -140,9 +159,9 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   echo "about as often as its confidence says."
   echo
   [ -f docs/results-notes.md ] && cat docs/results-notes.md && echo
-  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth
-  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
-  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
+  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth adapters/default-1.5b
+  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth adapters/default-0.5b
+  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs adapters/cs-1.5b
   [ -f docs/ablation.md ] && cat docs/ablation.md
 } | cat -s > docs/results.md # one blank line between sections, kept or rebuilt
 echo "wrote docs/results.md"

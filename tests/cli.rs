@@ -1208,6 +1208,12 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     );
     // Three examples are too few to fit on: written, but no field calibrated.
     assert_eq!(cal["fields"], serde_json::json!({}));
+    // It names the weights it was fitted for.
+    let fitted_for = cal["adapter_sha256"].as_str().unwrap();
+    assert!(
+        fitted_for.len() == 64 && fitted_for.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{cal}"
+    );
 
     let incident = "The whole office has no internet since 9am, nobody can work.";
     let priority = |extra: &[&str]| {
@@ -1228,6 +1234,17 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     });
     std::fs::write(adapter.join("calibration.json"), forced.to_string()).unwrap();
     assert_eq!(priority(&[]), other);
+    assert_eq!(priority(&["--no-calibration"]), plain);
+    // The same calibration, fitted for other weights: refused, not applied to these.
+    let mut elsewhere = forced.clone();
+    elsewhere["adapter_sha256"] = serde_json::json!("0".repeat(64));
+    std::fs::write(adapter.join("calibration.json"), elsewhere.to_string()).unwrap();
+    let out = triage(&["--model", "0.5b", "infer", "--adapter", a], incident);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("other adapter weights") && err.contains("--no-calibration"),
+        "{err}"
+    );
     assert_eq!(priority(&["--no-calibration"]), plain);
 
     std::fs::write(adapter.join("calibration.json"), b"\x00not json").unwrap();

@@ -35,6 +35,11 @@ pub const MAX_BIAS: f32 = 1000.0;
 pub struct Calibration {
     /// What it was fitted on (data file, examples), for the record.
     pub fitted_on: String,
+    /// SHA-256 of the adapter weights (`adapter_model.safetensors`) whose scores it was fitted
+    /// on: a calibration corrects one adapter's leanings, and applied to other weights it
+    /// would move their decisions at random. Absent in files of an older triage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_sha256: Option<String>,
     /// By field name; a field not listed is left as the model scores it.
     pub fields: BTreeMap<String, FieldCalibration>,
     /// The fit figures of the fields the fit left alone (nothing beat the model's own

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use triage_data::import::{import_file, ColumnMapping, ImportOptions, LabelMap};
-use triage_data::{read_examples, DataError, Example};
+use triage_data::{parse_examples, DataError, Example};
 use triage_infer::Structurer;
 use triage_llm::qwen2::Qwen2;
 use triage_taxonomy::{Taxonomy, Validator};
@@ -929,7 +929,21 @@ fn run_job(
     let engine = desk.engine();
     let base = &engine.structurer;
     let validator = Validator::new(base.taxonomy());
-    let examples = read_examples(data, &validator)?;
+    let bytes = std::fs::read(data).map_err(|source| DataError::Io {
+        path: data.to_owned(),
+        source,
+    })?;
+    let examples = parse_examples(&bytes, data, &validator)?;
+    // What the adapter records it was trained on (split below into training and validation).
+    let dataset = adapter::DataFile {
+        role: "dataset".into(),
+        file: data.display().to_string(),
+        sha256: Sha256::digest(&bytes)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect(),
+        examples: examples.len(),
+    };
     // A tenth of the examples (by id hash) for validation, when there are enough.
     let (val, train): (Vec<Example>, Vec<Example>) = examples
         .into_iter()
@@ -961,7 +975,8 @@ fn run_job(
     ));
     let dir = s.config.data_dir.join("adapters").join(id);
     let metrics = serde_json::to_value(&summary).unwrap_or_default();
-    let meta = TriageMeta::new(base.taxonomy(), &ctx.base_sha256, &ctx.base_file, metrics.clone());
+    let mut meta = TriageMeta::new(base.taxonomy(), &ctx.base_sha256, &ctx.base_file, metrics.clone());
+    meta.data = vec![dataset];
     adapter::save(&dir, &trainer.lora, &ctx.base_model_name, &meta)?;
     {
         let mut g = status(st);

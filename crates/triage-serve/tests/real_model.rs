@@ -128,6 +128,20 @@ async fn every_endpoint_with_the_real_model() {
     let adapter_dir = std::path::PathBuf::from(status["adapter"].as_str().unwrap());
     assert!(adapter_dir.join("adapter_model.safetensors").exists());
     assert!(adapter_dir.join("adapter_config.json").exists());
+    // It records the upload it was trained on, by content.
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(adapter_dir.join("triage.json")).unwrap()).unwrap();
+    let data = &meta["data"][0];
+    assert_eq!(
+        (&data["role"], &data["examples"]),
+        (&json!("dataset"), &json!(12)),
+        "{meta}"
+    );
+    assert!(
+        data["file"].as_str().unwrap().ends_with(&format!("{id}.jsonl")),
+        "{meta}"
+    );
+    assert_eq!(data["sha256"].as_str().map(str::len), Some(64), "{meta}");
 
     let r = post(&format!("/api/v1/train/{job_id}/activate"), json!({}))
         .await

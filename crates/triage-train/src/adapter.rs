@@ -42,6 +42,25 @@ pub struct TriageMeta {
     /// Training summary (steps, losses, accuracies).
     #[serde(default)]
     pub metrics: Value,
+    /// The data files it was trained and validated on, by content (set by `triage train`;
+    /// absent in adapters of an older triage), so a report can check that its test split is
+    /// the one held out from this training file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<DataFile>,
+}
+
+/// One data file an adapter was trained or validated on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// `train`, `val`, or `dataset` (one file split into both, as `triage serve`'s training
+    /// jobs split an upload).
+    pub role: String,
+    /// The path it was given as.
+    pub file: String,
+    /// SHA-256 of its bytes.
+    pub sha256: String,
+    /// How many examples it held.
+    pub examples: usize,
 }
 
 impl TriageMeta {
@@ -61,6 +80,7 @@ impl TriageMeta {
             prompt_version: triage_infer::PROMPT_VERSION,
             scope: ADAPTER_SCOPE.into(),
             metrics,
+            data: Vec::new(),
         }
     }
 }

@@ -120,6 +120,7 @@ fn a_tiny_model_overfits_eight_examples_and_inference_reproduces_the_labels() {
         prompt_version: triage_infer::PROMPT_VERSION,
         scope: ADAPTER_SCOPE.into(),
         metrics: serde_json::to_value(&summary).unwrap(),
+        data: Vec::new(),
     };
     adapter::save(&dir, &trainer.lora, "tiny-random", &meta).unwrap();
     let loaded = adapter::load(&dir, &cfg, &common::device()).unwrap();

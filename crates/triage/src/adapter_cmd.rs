@@ -147,6 +147,7 @@ impl Resolved {
             None
         } else {
             let cal = Calibration::read(&path)?;
+            check_fitted_for(&cal, &path, dir)?;
             tracing::info!(file = %path.display(), fields = cal.fields.len(), "calibrating the enum scores (--no-calibration: off)");
             Some(cal)
         };
@@ -164,6 +165,35 @@ impl Resolved {
             key: files_key(&files)?,
         })
     }
+}
+
+/// The SHA-256 of adapter folder `dir`'s weights (`adapter_model.safetensors`): what a
+/// calibration records as the weights it was fitted for.
+fn weights_sha256(dir: &Path) -> anyhow::Result<String> {
+    let f = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
+    Ok(crate::data_cmd::sha256_hex(&bytes))
+}
+
+/// An error when calibration `cal` (read from `path`) was fitted for other weights than the
+/// adapter's in `dir` (weights replaced after calibrating, or a calibration copied from
+/// another adapter). A file of an older triage, which does not record them, is applied.
+fn check_fitted_for(cal: &Calibration, path: &Path, dir: &Path) -> anyhow::Result<()> {
+    let Some(fitted) = &cal.adapter_sha256 else {
+        tracing::debug!(file = %path.display(), "the calibration does not record its adapter's weights (older triage)");
+        return Ok(());
+    };
+    let actual = weights_sha256(dir)?;
+    anyhow::ensure!(
+        *fitted == actual,
+        "{}: fitted for other adapter weights (sha256 {fitted}) than {}'s (sha256 {actual}), \
+         so it would move this adapter's decisions at random; refit it with `triage adapter \
+         calibrate {} --data <validation split>`, or run with --no-calibration",
+        path.display(),
+        dir.join("adapter_model.safetensors").display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// The SHA-256 of `files`' contents, each named and length-prefixed.
@@ -342,6 +372,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     };
     let (mut cal, summaries) = calibration::fit(&decisions, &opts);
     cal.fitted_on = format!("{} ({examples} examples)", data.display());
+    cal.adapter_sha256 = Some(weights_sha256(dir)?);
     println!(
         "field               decisions  accuracy before → after   NLL before → after   temperature  biases"
     );
@@ -713,5 +744,29 @@ mod tests {
         };
         assert_eq!(marks(&ticket("Hardware")), expect(false));
         assert_eq!(marks(&ticket("Software")), expect(true));
+    }
+
+    /// A calibration is applied to the weights it was fitted for, refused (naming the file
+    /// and the way out) for others, and applied when it predates the record.
+    #[test]
+    fn a_calibration_for_other_weights_is_refused() {
+        let dir = std::env::temp_dir().join(format!("triage-cal-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_model.safetensors"), b"weights one").unwrap();
+        let path = dir.join(calibration::FILE_NAME);
+        let mut cal = Calibration {
+            adapter_sha256: Some(weights_sha256(&dir).unwrap()),
+            ..Calibration::default()
+        };
+        assert!(check_fitted_for(&cal, &path, &dir).is_ok());
+        std::fs::write(dir.join("adapter_model.safetensors"), b"weights two").unwrap();
+        let err = check_fitted_for(&cal, &path, &dir).unwrap_err().to_string();
+        assert!(
+            err.contains("calibration.json") && err.contains("--no-calibration"),
+            "{err}"
+        );
+        cal.adapter_sha256 = None;
+        assert!(check_fitted_for(&cal, &path, &dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use triage_data::read_examples;
+use triage_data::parse_examples;
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::qwen2::{LoadOptions, Qwen2};
 use triage_llm::GgufFile;
@@ -282,11 +282,12 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         true => resumed_config(&run_dir, load_config(args)?)?,
         false => load_config(args)?,
     };
-    let train = read_examples(&args.data, &validator)?;
-    let val = match &args.val {
-        Some(p) => read_examples(p, &validator)?,
-        None => Vec::new(),
+    let (train, train_file) = read_data(&args.data, "train", &validator)?;
+    let (val, val_file) = match &args.val {
+        Some(p) => read_data(p, "val", &validator).map(|(v, f)| (v, Some(f)))?,
+        None => (Vec::new(), None),
     };
+    let data: Vec<adapter::DataFile> = std::iter::once(train_file).chain(val_file).collect();
     // The estimated peak, before the model is loaded: printed by --dry-run, else compared
     // with what this process may use (memory admission).
     let gpu = args.device.spec != "cpu";
@@ -394,7 +395,8 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let sha = crate::model_cmd::model_sha256(cli, &model_path)?;
-    let meta = TriageMeta::new(&taxonomy, &sha, &base_file, serde_json::to_value(&summary)?);
+    let mut meta = TriageMeta::new(&taxonomy, &sha, &base_file, serde_json::to_value(&summary)?);
+    meta.data = data;
     adapter::save(&args.out, &trainer.lora, &base_name, &meta)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!(
@@ -403,6 +405,25 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The examples of data file `path`, and its record (`role`, sha256 of the bytes parsed) for
+/// the adapter's `triage.json`. A resumed run checks that the examples are the ones its
+/// checkpoint was trained on.
+fn read_data(
+    path: &Path,
+    role: &str,
+    validator: &Validator,
+) -> anyhow::Result<(Vec<triage_data::Example>, adapter::DataFile)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let examples = parse_examples(&bytes, path, validator)?;
+    let file = adapter::DataFile {
+        role: role.into(),
+        file: path.display().to_string(),
+        sha256: crate::data_cmd::sha256_hex(&bytes),
+        examples: examples.len(),
+    };
+    Ok((examples, file))
 }
 
 /// `base_model_name_or_path` for PEFT: the Hugging Face transformers repository of the
@@ -448,6 +469,35 @@ pub fn load_adapter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The adapter records each data file by the sha256 of the bytes parsed, under its role;
+    /// an unreadable or malformed file is an error naming it.
+    #[test]
+    fn the_data_files_are_recorded_by_content() {
+        let dir = std::env::temp_dir().join(format!("triage-data-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let validator = Validator::new(&triage_taxonomy::Taxonomy::builtin_default());
+        let blank = dir.join("blank.jsonl");
+        std::fs::write(&blank, b"\n\n").unwrap();
+        let (examples, file) = read_data(&blank, "val", &validator).unwrap();
+        assert!(examples.is_empty());
+        assert_eq!(
+            (file.role.as_str(), file.sha256.as_str(), file.examples),
+            (
+                "val",
+                "75a11da44c802486bc6f65640aa48a730f0f684c5c07a42ba3cd1735eb3fb070",
+                0
+            )
+        );
+        assert_eq!(file.file, blank.display().to_string());
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(&bad, b"{not json\n").unwrap();
+        for path in [bad, dir.join("gone.jsonl")] {
+            let err = format!("{:#}", read_data(&path, "train", &validator).unwrap_err());
+            assert!(err.contains(&*path.to_string_lossy()), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A resumed run keeps the checkpoint's configuration: the same flags are accepted, a
     /// changed one is refused by name (it used to be ignored silently, while the memory check
