@@ -6,8 +6,8 @@
 #      with adapters/default-0.5b;
 #   2. the shared customer-support dataset (its three releases together, split by
 #      near-duplicate clusters) with its own taxonomy: the 1.5B with adapters/cs-1.5b.
-# The adapter of each run is the default one `triage eval` finds for the taxonomy and model
-# (`triage adapter list`). Usage, from the repository root (about 3-4 h on 2 cores with nothing
+# Each run names its adapter (`--adapter`, the one `triage eval` would apply by default from
+# adapters/) and keeps a copy of its triage.json beside the report. Usage, from the repository root (about 3-4 h on 2 cores with nothing
 # else running, the whole customer-support test split included; N_CS=200 saves about 1.5 h):
 #   bash docs/results.sh            [TRIAGE=target/release/triage] [TRIAGE_BUILD=<commit>] [N_CS=0: all] [N_SYNTH=0: all]
 #                                   [ONLY="synth-1.5b synth-0.5b cs-1.5b": the evaluations to rerun]
@@ -52,17 +52,18 @@ cat "$OUT/cs-v3-5lang.jsonl" "$OUT/cs-v4-en-de.jsonl" "$OUT/cs-v5-en-de.jsonl" >
 "$TRIAGE" data split "$OUT/synth-4800.jsonl" --by template --keep "$OUT/synth" --out-dir "$OUT/synth-4800"
 
 limit() { [ "$1" -gt 0 ] && echo "--limit $1" || true; }
-evaluate() { # name model split train limit [global flags...]: reports/results-<name>, unless ONLY leaves it out
-  local name=$1 model=$2 split=$3 train=$4 n=$5; shift 5
+evaluate() { # name model split train limit adapter [global flags...]: reports/results-<name>, unless ONLY leaves it out
+  local name=$1 model=$2 split=$3 train=$4 n=$5 adapter=$6; shift 6
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
   "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$train" \
-    $(limit "$n") --out "reports/results-$name" --resume
+    --adapter "$adapter" $(limit "$n") --out "reports/results-$name" --resume
   echo "$BUILD" > "reports/results-$name/build" # the section names the build that measured it
   echo "$train" > "reports/results-$name/train" # and what its baseline was fitted on
+  cp "$adapter/triage.json" "reports/results-$name/adapter-triage.json" # and what the adapter was
 }
-evaluate synth-1.5b 1.5b synth "$(synth_train 1.5b)" "$N_SYNTH"
-evaluate synth-0.5b 0.5b synth "$(synth_train 0.5b)" "$N_SYNTH"
-evaluate cs-1.5b 1.5b cs "$OUT/cs/train.jsonl" "$N_CS" --taxonomy "$CS_TAXONOMY"
+evaluate synth-1.5b 1.5b synth "$(synth_train 1.5b)" "$N_SYNTH" adapters/default-1.5b
+evaluate synth-0.5b 0.5b synth "$(synth_train 0.5b)" "$N_SYNTH" adapters/default-0.5b
+evaluate cs-1.5b 1.5b cs "$OUT/cs/train.jsonl" "$N_CS" adapters/cs-1.5b --taxonomy "$CS_TAXONOMY"
 
 stale() { # made-sha256 split report: a section measured on another version of the split says so
   [ "$1" = "$(sha256sum "$OUT/$2/test.jsonl" | cut -d' ' -f1)" ] && return 0
@@ -76,26 +77,33 @@ report_field() { # report.json key: the report object's field (not a run's), '?'
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["report"][sys.argv[2]])' "$1" "$2" 2>/dev/null || echo '?'
 }
 
-trained_on() { # adapter train: ends section's sentence with what the adapter records of its training file
-  python3 - "$1" "$2" <<'PY'
+trained_on() { # report train: ends section's sentence with what its adapter records of its training file
+  python3 - "reports/$1/adapter-triage.json" "$2" <<'PY' || echo "the file its adapter was trained on (unchecked: the check failed)."
 import hashlib, json, sys
-adapter, train = sys.argv[1], sys.argv[2]
+meta, train = sys.argv[1], sys.argv[2]
 try:
-    files = [d for d in json.load(open(f"{adapter}/triage.json")).get("data", []) if d.get("role") == "train"]
-except (OSError, ValueError):
-    files = []
-if not files:
-    print(f"the file its adapter was trained on (by `{adapter}/command`; the adapter predates")
-    print("the record of its training file's sha256 in `triage.json`).")
-elif files[0]["sha256"] == hashlib.sha256(open(train, "rb").read()).hexdigest():
-    print(f"the file its adapter was trained on (the sha256 `{adapter}/triage.json` records).")
+    files = [d for d in json.load(open(meta)).get("data", []) if d.get("role") in ("train", "dataset")]
+    recorded = str(files[0]["sha256"]) if files else None
+except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    recorded = None
+try:
+    actual = hashlib.sha256(open(train, "rb").read()).hexdigest()
+except OSError:
+    actual = None
+if actual is None:
+    print("the file its adapter was trained on (unchecked: the file cannot be read now).")
+elif recorded is None:
+    print("the file its adapter was trained on (by its `command`; the adapter's `triage.json` does")
+    print("not record the sha256 of its training file).")
+elif recorded.lower() == actual:
+    print("the file its adapter was trained on (the sha256 its `triage.json` records).")
 else:
-    print(f"**not the file its adapter was trained on**: `{adapter}/triage.json` records sha256")
-    print(f"{files[0]['sha256'][:16]}…, so the data has changed since and the baseline saw other examples.")
+    print(f"**not the bytes its adapter was trained on**: its `triage.json` records sha256")
+    print(f"{recorded[:16]}…, so the file has changed since (or it names another file).")
 PY
 }
 
-section() { # report title split adapter
+section() { # report title split
   echo "## $2"
   echo
   if [ ! -f "reports/$1/report.md" ]; then
@@ -123,7 +131,7 @@ section() { # report title split adapter
     local train
     train=$(cat "reports/$1/train")
     echo "The baseline was fitted on the $(grep -c . "$train") training examples of \`$train\`,"
-    trained_on "$4" "$train"
+    trained_on "$1" "$train"
   fi
   echo
   local made
@@ -159,9 +167,9 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   echo "about as often as its confidence says."
   echo
   [ -f docs/results-notes.md ] && cat docs/results-notes.md && echo
-  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth adapters/default-1.5b
-  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth adapters/default-0.5b
-  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs adapters/cs-1.5b
+  section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth
+  section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
+  section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
   [ -f docs/ablation.md ] && cat docs/ablation.md
 } | cat -s > docs/results.md # one blank line between sections, kept or rebuilt
 echo "wrote docs/results.md"

@@ -1228,12 +1228,17 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     let other = if plain == "Low" { "Medium" } else { "Low" };
     let forced = serde_json::json!({
         "fitted_on": "test",
+        "adapter_sha256": fitted_for,
         "fields": {"priority": {"temperature": 1.0, "bias": {other: 50.0}, "fit": {
             "decisions": 0, "nll_before": 0.0, "nll_after": 0.0,
             "accuracy_before": 0.0, "accuracy_after": 0.0, "penalty": null}}}
     });
     std::fs::write(adapter.join("calibration.json"), forced.to_string()).unwrap();
-    assert_eq!(priority(&[]), other);
+    assert_eq!(
+        priority(&[]),
+        other,
+        "a calibration fitted for these weights is applied"
+    );
     assert_eq!(priority(&["--no-calibration"]), plain);
     // The same calibration, fitted for other weights: refused, not applied to these.
     let mut elsewhere = forced.clone();
@@ -1311,6 +1316,19 @@ fn shipped_adapters_are_complete_and_match_their_taxonomy_and_model() {
             .find(|m| format!("{}.gguf", m["name"].as_str().unwrap()) == file)
             .unwrap_or_else(|| panic!("{name}: base model {file} is not in the registry"));
         assert_eq!(t["base_model_sha256"], model["sha256"], "{name}: {file}");
+        // A calibration that names its weights names these (else infer refuses it).
+        if let Ok(cal) = std::fs::read(dir.join("calibration.json")) {
+            let cal: serde_json::Value = serde_json::from_slice(&cal).unwrap();
+            if let Some(fitted) = cal["adapter_sha256"].as_str() {
+                use sha2::Digest;
+                let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+                let actual: String = sha2::Sha256::digest(&weights)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                assert!(fitted.eq_ignore_ascii_case(&actual), "{name}: calibration.json");
+            }
+        }
     }
     assert!(shipped >= 3, "{shipped} shipped adapters");
 }

@@ -42,9 +42,9 @@ pub struct TriageMeta {
     /// Training summary (steps, losses, accuracies).
     #[serde(default)]
     pub metrics: Value,
-    /// The data files it was trained and validated on, by content (set by `triage train`;
-    /// absent in adapters of an older triage), so a report can check that its test split is
-    /// the one held out from this training file.
+    /// The data files it was trained and validated on, by content (set by `triage train` and
+    /// `triage serve`'s training jobs; absent in adapters of an older triage), so a report can
+    /// check that a baseline was fitted on the same training file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<DataFile>,
 }
@@ -55,7 +55,8 @@ pub struct DataFile {
     /// `train`, `val`, or `dataset` (one file split into both, as `triage serve`'s training
     /// jobs split an upload).
     pub role: String,
-    /// The path it was given as.
+    /// Its path as given to `triage train` (relative to where it ran), or the service's path
+    /// of an uploaded dataset.
     pub file: String,
     /// SHA-256 of its bytes.
     pub sha256: String,

@@ -185,7 +185,7 @@ fn check_fitted_for(cal: &Calibration, path: &Path, dir: &Path) -> anyhow::Resul
     };
     let actual = weights_sha256(dir)?;
     anyhow::ensure!(
-        *fitted == actual,
+        fitted.eq_ignore_ascii_case(&actual),
         "{}: fitted for other adapter weights (sha256 {fitted}) than {}'s (sha256 {actual}), \
          so it would move this adapter's decisions at random; refit it with `triage adapter \
          calibrate {} --data <validation split>`, or run with --no-calibration",
@@ -290,6 +290,9 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     } = args;
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let labelled = crate::eval_cmd::LabelledData::read(&taxonomy, data)?;
+    // The weights the scores come from, hashed before they are decoded or read: weights
+    // replaced while a long decode runs must not be recorded as the ones fitted for.
+    let weights = weights_sha256(dir)?;
     let (mut decisions, examples) = match scores.as_deref() {
         Some(f) if f.exists() => {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -372,7 +375,12 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     };
     let (mut cal, summaries) = calibration::fit(&decisions, &opts);
     cal.fitted_on = format!("{} ({examples} examples)", data.display());
-    cal.adapter_sha256 = Some(weights_sha256(dir)?);
+    anyhow::ensure!(
+        weights_sha256(dir)? == weights,
+        "{}: replaced while calibrating; run the calibration again for the new weights",
+        dir.join("adapter_model.safetensors").display()
+    );
+    cal.adapter_sha256 = Some(weights);
     println!(
         "field               decisions  accuracy before → after   NLL before → after   temperature  biases"
     );
@@ -762,8 +770,20 @@ mod tests {
         std::fs::write(dir.join("adapter_model.safetensors"), b"weights two").unwrap();
         let err = check_fitted_for(&cal, &path, &dir).unwrap_err().to_string();
         assert!(
-            err.contains("calibration.json") && err.contains("--no-calibration"),
+            err.contains("other adapter weights")
+                && err.contains(&format!("triage adapter calibrate {}", dir.display()))
+                && err.contains("--no-calibration"),
             "{err}"
+        );
+        cal.adapter_sha256 = cal.adapter_sha256.map(|s| s.to_uppercase());
+        assert!(
+            check_fitted_for(&cal, &path, &dir).is_err(),
+            "still other weights"
+        );
+        std::fs::write(dir.join("adapter_model.safetensors"), b"weights one").unwrap();
+        assert!(
+            check_fitted_for(&cal, &path, &dir).is_ok(),
+            "hex case does not matter"
         );
         cal.adapter_sha256 = None;
         assert!(check_fitted_for(&cal, &path, &dir).is_ok());

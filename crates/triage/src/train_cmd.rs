@@ -408,8 +408,7 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The examples of data file `path`, and its record (`role`, sha256 of the bytes parsed) for
-/// the adapter's `triage.json`. A resumed run checks that the examples are the ones its
-/// checkpoint was trained on.
+/// the adapter's `triage.json`.
 fn read_data(
     path: &Path,
     role: &str,
