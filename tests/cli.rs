@@ -832,13 +832,7 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
     // The report names the exact data it was made on (docs/results.sh tells stale sections by it).
-    let sha: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(std::fs::read(&test).unwrap())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let sha = triage_data::sha256_hex(&std::fs::read(&test).unwrap());
     assert_eq!(v["report"]["dataset_sha256"], sha.as_str());
     let systems = v["report"]["systems"].as_array().unwrap();
     let runs = v["runs"].as_array().unwrap();
@@ -1320,12 +1314,9 @@ fn shipped_adapters_are_complete_and_match_their_taxonomy_and_model() {
         if let Ok(cal) = std::fs::read(dir.join("calibration.json")) {
             let cal: serde_json::Value = serde_json::from_slice(&cal).unwrap();
             if let Some(fitted) = cal["adapter_sha256"].as_str() {
-                use sha2::Digest;
-                let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-                let actual: String = sha2::Sha256::digest(&weights)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let weights = dir.join("adapter_model.safetensors");
+                let actual =
+                    triage_registry::sha256_file(&weights, &indicatif::ProgressBar::hidden()).unwrap();
                 assert!(fitted.eq_ignore_ascii_case(&actual), "{name}: calibration.json");
             }
         }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use triage_taxonomy::{Ticket, Validator};
 
 use crate::{DataError, ExampleError, ValueError};
@@ -140,8 +141,23 @@ impl Example {
 /// Reads a canonical JSONL file. Blank lines are skipped; any other bad line is an error that
 /// names the file and line. Duplicate ids are an error too.
 pub fn read_examples(path: &Path, validator: &Validator) -> Result<Vec<Example>, DataError> {
+    read_examples_and_bytes(path, validator).map(|(examples, _)| examples)
+}
+
+/// [`read_examples`], with the bytes parsed: what to hash or key on is what was read, not a
+/// second read of a file that may have changed in between.
+pub fn read_examples_and_bytes(
+    path: &Path,
+    validator: &Validator,
+) -> Result<(Vec<Example>, Vec<u8>), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    parse_examples(&bytes, path, validator)
+    Ok((parse_examples(&bytes, path, validator)?, bytes))
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex: how data files are identified in reports and
+/// adapters.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// [`read_examples`] on the contents of a file already read; `path` names it in errors.

@@ -24,4 +24,7 @@ pub mod stats;
 pub mod synth;
 
 pub use error::{DataError, ExampleError, LabelMapError, RowError, TemplateError, ValueError};
-pub use example::{atomic_write, parse_examples, read_examples, write_examples, Example, Split};
+pub use example::{
+    atomic_write, parse_examples, read_examples, read_examples_and_bytes, sha256_hex, write_examples,
+    Example, Split,
+};

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use triage_data::import::{import_file, ColumnMapping, ImportOptions, LabelMap};
-use triage_data::{parse_examples, DataError, Example};
+use triage_data::{read_examples_and_bytes, DataError, Example};
 use triage_infer::Structurer;
 use triage_llm::qwen2::Qwen2;
 use triage_taxonomy::{Taxonomy, Validator};
@@ -929,19 +929,12 @@ fn run_job(
     let engine = desk.engine();
     let base = &engine.structurer;
     let validator = Validator::new(base.taxonomy());
-    let bytes = std::fs::read(data).map_err(|source| DataError::Io {
-        path: data.to_owned(),
-        source,
-    })?;
-    let examples = parse_examples(&bytes, data, &validator)?;
+    let (examples, bytes) = read_examples_and_bytes(data, &validator)?;
     // What the adapter records it was trained on (split below into training and validation).
     let dataset = adapter::DataFile {
         role: "dataset".into(),
         file: data.display().to_string(),
-        sha256: Sha256::digest(&bytes)
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect(),
+        sha256: triage_data::sha256_hex(&bytes),
         examples: examples.len(),
     };
     // A tenth of the examples (by id hash) for validation, when there are enough.

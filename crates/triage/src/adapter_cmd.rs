@@ -171,8 +171,8 @@ impl Resolved {
 /// calibration records as the weights it was fitted for.
 fn weights_sha256(dir: &Path) -> anyhow::Result<String> {
     let f = dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
-    Ok(crate::data_cmd::sha256_hex(&bytes))
+    triage_registry::sha256_file(&f, &indicatif::ProgressBar::hidden())
+        .with_context(|| format!("cannot read {}", f.display()))
 }
 
 /// An error when calibration `cal` (read from `path`) was fitted for other weights than the

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
 use triage_data::import::{self, ColumnMapping, ImportOptions, LabelMap};
 use triage_data::split::{self, Ratios, SplitBy, SplitOptions};
 use triage_data::stats::Counts;
@@ -154,11 +153,6 @@ pub fn run(cli: &Cli, cmd: &DataCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The SHA-256 of `bytes`, in lowercase hex.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn import_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &ImportArgs) -> anyhow::Result<ExitCode> {
     let mapping = ColumnMapping::parse(&a.map, taxonomy)?;
     let labels = match &a.labels {
@@ -295,7 +289,7 @@ fn synth_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SynthArgs) -> anyho
         seeds.scenario_count(),
         dir,
         a.out.display(),
-        sha256_hex(&bytes),
+        triage_data::sha256_hex(&bytes),
         report.exact_duplicates,
         report.near_duplicates
     );

@@ -122,7 +122,7 @@ impl LabelledData {
             examples,
             key: prompt_key(&[&taxonomy, &bytes], PROMPT_VERSION).into_bytes(),
             tickets_key: prompt_key(&[&taxonomy], PROMPT_VERSION).into_bytes(),
-            sha256: crate::data_cmd::sha256_hex(&bytes),
+            sha256: triage_data::sha256_hex(&bytes),
         })
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use triage_data::parse_examples;
+use triage_data::read_examples_and_bytes;
 use triage_infer::{Structurer, StructurerOptions};
 use triage_llm::qwen2::{LoadOptions, Qwen2};
 use triage_llm::GgufFile;
@@ -414,12 +414,11 @@ fn read_data(
     role: &str,
     validator: &Validator,
 ) -> anyhow::Result<(Vec<triage_data::Example>, adapter::DataFile)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let examples = parse_examples(&bytes, path, validator)?;
+    let (examples, bytes) = read_examples_and_bytes(path, validator)?;
     let file = adapter::DataFile {
         role: role.into(),
         file: path.display().to_string(),
-        sha256: crate::data_cmd::sha256_hex(&bytes),
+        sha256: triage_data::sha256_hex(&bytes),
         examples: examples.len(),
     };
     Ok((examples, file))
