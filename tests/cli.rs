@@ -1071,6 +1071,9 @@ fn json_output_of_model_list_taxonomy_and_adapter_show() {
     let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(a["peft_config"]["r"], 8);
     assert_eq!(a["triage"]["taxonomy"], "default");
+    // No calibration.json: none shown, and no claim about its weights.
+    assert_eq!(a["calibration"], serde_json::Value::Null);
+    assert_eq!(a["calibration_weights"], serde_json::Value::Null);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -1208,6 +1211,21 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
         fitted_for.len() == 64 && fitted_for.bytes().all(|b| b.is_ascii_hexdigit()),
         "{cal}"
     );
+    // `adapter show` says so, with what it was fitted on and calibrate's table.
+    let show = triage(&["adapter", "show", a], "");
+    let shown = text(&show.stdout);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    assert!(
+        shown.contains("(3 examples), for these weights; 0 of 5 fields")
+            && shown.contains("by nested 5-fold"),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("priority") && l.contains("not calibrated")),
+        "{shown}"
+    );
 
     let incident = "The whole office has no internet since 9am, nobody can work.";
     let priority = |extra: &[&str]| {
@@ -1234,6 +1252,13 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
         "a calibration fitted for these weights is applied"
     );
     assert_eq!(priority(&["--no-calibration"]), plain);
+    // Its figures have no chosen-on record, as a file of a triage before nested
+    // cross-validation: `adapter show` does not call them nested.
+    let shown = text(&triage(&["adapter", "show", a], "").stdout);
+    assert!(
+        shown.contains("for these weights") && shown.contains("not a nested estimate"),
+        "{shown}"
+    );
     // The same calibration, fitted for other weights: refused, not applied to these.
     let mut elsewhere = forced.clone();
     elsewhere["adapter_sha256"] = serde_json::json!("0".repeat(64));
@@ -1243,6 +1268,14 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     assert!(
         !out.status.success() && err.contains("other adapter weights") && err.contains("--no-calibration"),
         "{err}"
+    );
+    let show = triage(&["adapter", "show", a, "--json"], "");
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["calibration_weights"], "other", "{shown}");
+    assert_eq!(shown["calibration"]["fields"]["priority"]["bias"][other], 50.0);
+    assert!(
+        text(&triage(&["adapter", "show", a], "").stdout).contains("for OTHER weights"),
+        "the plain listing warns too"
     );
     assert_eq!(priority(&["--no-calibration"]), plain);
 
@@ -1313,11 +1346,16 @@ fn shipped_adapters_are_complete_and_match_their_taxonomy_and_model() {
         // A calibration that names its weights names these (else infer refuses it).
         if let Ok(cal) = std::fs::read(dir.join("calibration.json")) {
             let cal: serde_json::Value = serde_json::from_slice(&cal).unwrap();
+            assert_eq!(
+                show["calibration"]["fitted_on"], cal["fitted_on"],
+                "{name}: show reads calibration.json"
+            );
             if let Some(fitted) = cal["adapter_sha256"].as_str() {
                 let weights = dir.join("adapter_model.safetensors");
                 let actual =
                     triage_registry::sha256_file(&weights, &indicatif::ProgressBar::hidden()).unwrap();
                 assert!(fitted.eq_ignore_ascii_case(&actual), "{name}: calibration.json");
+                assert_eq!(show["calibration_weights"], "these", "{name}");
             }
         }
     }

@@ -25,11 +25,14 @@ pub enum AdapterCommand {
     /// List the adapters found in the adapter folders and say which one `infer`, `serve` and
     /// `eval` apply by default for the taxonomy and model in use.
     List,
-    /// Print an adapter's PEFT configuration and what it was trained for.
+    /// Print an adapter's PEFT configuration, what it was trained for, and its calibration:
+    /// what it was fitted on, its validation figures, and whether it was fitted for these
+    /// weights (else `infer`, `serve` and `eval` refuse it).
     Show {
         /// Adapter directory (`adapters/<name>`).
         dir: PathBuf,
-        /// Print one JSON document, `{"peft_config": …, "triage": …}`.
+        /// Print one JSON document, `{"peft_config": …, "triage": …, "calibration": … or null,
+        /// "calibration_weights": "these", "other", "not recorded" or null}`.
         #[arg(long)]
         json: bool,
     },
@@ -179,21 +182,104 @@ fn weights_sha256(dir: &Path) -> anyhow::Result<String> {
 /// adapter's in `dir` (weights replaced after calibrating, or a calibration copied from
 /// another adapter). A file of an older triage, which does not record them, is applied.
 fn check_fitted_for(cal: &Calibration, path: &Path, dir: &Path) -> anyhow::Result<()> {
+    match fitted_for(cal, dir)? {
+        FittedFor::These => Ok(()),
+        FittedFor::NotRecorded => {
+            tracing::debug!(file = %path.display(), "the calibration does not record its adapter's weights (older triage)");
+            Ok(())
+        }
+        FittedFor::Other { fitted, actual } => anyhow::bail!(
+            "{}: fitted for other adapter weights (sha256 {fitted}) than {}'s (sha256 {actual}), \
+             so it would move this adapter's decisions at random; refit it with `triage adapter \
+             calibrate {} --data <validation split>`, or run with --no-calibration",
+            path.display(),
+            dir.join("adapter_model.safetensors").display(),
+            dir.display()
+        ),
+    }
+}
+
+/// Which weights a calibration was fitted for, against the adapter folder's.
+enum FittedFor {
+    /// The folder's weights.
+    These,
+    /// Other weights: `fitted` (recorded) is not `actual` (the folder's).
+    Other { fitted: String, actual: String },
+    /// The file does not record them (written by a triage older than the record).
+    NotRecorded,
+}
+
+/// Whether calibration `cal` was fitted for the weights in adapter folder `dir` (hashes
+/// compared without regard to case).
+fn fitted_for(cal: &Calibration, dir: &Path) -> anyhow::Result<FittedFor> {
     let Some(fitted) = &cal.adapter_sha256 else {
-        tracing::debug!(file = %path.display(), "the calibration does not record its adapter's weights (older triage)");
-        return Ok(());
+        return Ok(FittedFor::NotRecorded);
     };
     let actual = weights_sha256(dir)?;
-    anyhow::ensure!(
-        fitted.eq_ignore_ascii_case(&actual),
-        "{}: fitted for other adapter weights (sha256 {fitted}) than {}'s (sha256 {actual}), \
-         so it would move this adapter's decisions at random; refit it with `triage adapter \
-         calibrate {} --data <validation split>`, or run with --no-calibration",
-        path.display(),
-        dir.join("adapter_model.safetensors").display(),
-        dir.display()
+    Ok(if fitted.eq_ignore_ascii_case(&actual) {
+        FittedFor::These
+    } else {
+        FittedFor::Other {
+            fitted: fitted.clone(),
+            actual,
+        }
+    })
+}
+
+/// Calibration `cal`'s validation figures, one line per enum field (calibrated or left
+/// alone), as `calibrate` prints them, with what "after" means.
+fn fit_table(cal: &Calibration) -> String {
+    let mut rows: Vec<(&String, &calibration::FitSummary, String, &str)> = cal
+        .fields
+        .iter()
+        .map(|(field, c)| {
+            let biases = if c.bias.is_empty() { "no" } else { "yes" };
+            (field, &c.fit, format!("{:.2}", c.temperature), biases)
+        })
+        .chain(
+            cal.left_alone
+                .iter()
+                .map(|(field, f)| (field, f, "not calibrated".to_owned(), "")),
+        )
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = String::from(
+        "field               decisions  accuracy before → after   NLL before → after   temperature  biases\n",
     );
-    Ok(())
+    for (field, f, temperature, biases) in rows {
+        out.push_str(&format!(
+            "{field:<20}{:>9}   {:>6.1}% → {:>5.1}%       {:>6.3} → {:>6.3}      {temperature:<12} {biases}\n",
+            f.decisions + f.unreachable,
+            100.0 * f.accuracy_before,
+            100.0 * f.accuracy_after,
+            f.nll_before,
+            f.nll_after
+        ));
+    }
+    // Files written before nested cross-validation hold the chosen-on figures in "after" and
+    // zero in `*_chosen_on` (see `FitSummary`).
+    let nested = cal
+        .fields
+        .values()
+        .map(|c| &c.fit)
+        .chain(cal.left_alone.values())
+        .any(|f| f.nll_chosen_on != 0.0);
+    if !nested {
+        out.push_str(
+            "(written by an older triage: \"after\" is the out-of-fold figure the choice was made \
+             on, not a nested estimate, and a dependent field's decisions under a wrong parent \
+             value were left out; `triage adapter calibrate` refits it with today's figures)\n",
+        );
+        return out;
+    }
+    out.push_str(
+        "(\"after\": out of fold, by nested 5-fold cross-validation on these examples, each example \
+         group in one fold: the choice of temperature, biases and penalty is made again without \
+         each held-out fold, so it estimates the fitting procedure, and for a field not calibrated \
+         it can differ from \"before\". Accuracy over every decision, one under a wrong parent \
+         value counted wrong; NLL over the others)\n",
+    );
+    out
 }
 
 /// The SHA-256 of `files`' contents, each named and length-prefixed.
@@ -381,35 +467,8 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         dir.join("adapter_model.safetensors").display()
     );
     cal.adapter_sha256 = Some(weights);
-    println!(
-        "field               decisions  accuracy before → after   NLL before → after   temperature  biases"
-    );
-    for (field, f) in &summaries {
-        let (temperature, biases) = cal.fields.get(field).map_or_else(
-            || ("not calibrated".to_owned(), ""),
-            |c| {
-                (
-                    format!("{:.2}", c.temperature),
-                    if c.bias.is_empty() { "no" } else { "yes" },
-                )
-            },
-        );
-        println!(
-            "{field:<20}{:>9}   {:>6.1}% → {:>5.1}%       {:>6.3} → {:>6.3}      {temperature:<12} {biases}",
-            f.decisions + f.unreachable,
-            100.0 * f.accuracy_before,
-            100.0 * f.accuracy_after,
-            f.nll_before,
-            f.nll_after
-        );
-    }
-    println!(
-        "(\"after\": out of fold, by nested 5-fold cross-validation on these examples, each example \
-         group in one fold: the choice of temperature, biases and penalty is made again without \
-         each held-out fold, so it estimates the fitting procedure, and for a field not calibrated \
-         it can differ from \"before\". Accuracy over every decision, one under a wrong parent \
-         value counted wrong; NLL over the others)"
-    );
+    debug_assert_eq!(summaries.len(), cal.fields.len() + cal.left_alone.len());
+    print!("{}", fit_table(&cal));
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
     eprintln!(
@@ -658,15 +717,66 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
             let meta = adapter::read_meta(dir)?;
             let peft = std::fs::read_to_string(dir.join("adapter_config.json"))
                 .with_context(|| format!("cannot read {}", dir.join("adapter_config.json").display()))?;
+            let cal_path = dir.join(calibration::FILE_NAME);
+            let calibration = match cal_path.exists() {
+                true => {
+                    let cal = Calibration::read(&cal_path)?;
+                    let fitted = fitted_for(&cal, dir)?;
+                    Some((cal, fitted))
+                }
+                false => None,
+            };
             if *json {
                 let peft: serde_json::Value = serde_json::from_str(&peft)
                     .with_context(|| format!("{}: not JSON", dir.join("adapter_config.json").display()))?;
-                let doc = serde_json::json!({ "peft_config": peft, "triage": meta });
+                let (cal, weights) = match &calibration {
+                    Some((cal, fitted)) => (
+                        serde_json::to_value(cal)?,
+                        serde_json::json!(match fitted {
+                            FittedFor::These => "these",
+                            FittedFor::Other { .. } => "other",
+                            FittedFor::NotRecorded => "not recorded",
+                        }),
+                    ),
+                    None => (serde_json::Value::Null, serde_json::Value::Null),
+                };
+                let doc = serde_json::json!({
+                    "peft_config": peft,
+                    "triage": meta,
+                    "calibration": cal,
+                    "calibration_weights": weights,
+                });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(ExitCode::SUCCESS);
             }
             println!("{peft}");
             println!("{}", serde_json::to_string_pretty(&meta)?);
+            println!();
+            match &calibration {
+                None => println!(
+                    "no {}: the adapter's scores are used as they are (`triage adapter calibrate` fits one)",
+                    cal_path.display()
+                ),
+                Some((cal, fitted)) => {
+                    let weights = match fitted {
+                        FittedFor::These => "for these weights".to_owned(),
+                        FittedFor::Other { fitted, .. } => format!(
+                            "for OTHER weights (sha256 {fitted}): infer, serve and eval refuse it; refit it"
+                        ),
+                        FittedFor::NotRecorded => {
+                            "weights not recorded (an older triage): applied as it is".to_owned()
+                        }
+                    };
+                    println!(
+                        "{}: fitted on {}, {weights}; {} of {} fields calibrated",
+                        cal_path.display(),
+                        cal.fitted_on,
+                        cal.fields.len(),
+                        cal.fields.len() + cal.left_alone.len()
+                    );
+                    print!("{}", fit_table(cal));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         AdapterCommand::Merge { dir, out, q8_0 } => {
