@@ -1216,7 +1216,7 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     let shown = text(&show.stdout);
     assert!(show.status.success(), "{}", text(&show.stderr));
     assert!(
-        shown.contains("(3 examples), for these weights; 0 of 5 fields")
+        shown.contains("(3 examples), for these weights; calibrated fields: 0 of 5")
             && shown.contains("by nested 5-fold"),
         "{shown}"
     );
@@ -1252,11 +1252,15 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
         "a calibration fitted for these weights is applied"
     );
     assert_eq!(priority(&["--no-calibration"]), plain);
-    // Its figures have no chosen-on record, as a file of a triage before nested
-    // cross-validation: `adapter show` does not call them nested.
+    // Without the weights' record and with no chosen-on figures, it is a file of a triage
+    // before nested cross-validation: `adapter show` says so and does not call them nested.
+    let mut older = forced.clone();
+    older.as_object_mut().unwrap().remove("adapter_sha256");
+    older["fields"]["priority"]["fit"]["nll_before"] = serde_json::json!(1.2);
+    std::fs::write(adapter.join("calibration.json"), older.to_string()).unwrap();
     let shown = text(&triage(&["adapter", "show", a], "").stdout);
     assert!(
-        shown.contains("for these weights") && shown.contains("not a nested estimate"),
+        shown.contains("applied as it is; calibrated fields: 1\n") && shown.contains("not a nested estimate"),
         "{shown}"
     );
     // The same calibration, fitted for other weights: refused, not applied to these.
@@ -1285,6 +1289,26 @@ fn adapter_calibrate_writes_a_calibration_that_infer_applies() {
     assert!(
         !out.status.success() && err.contains("calibration.json") && err.contains("triage adapter calibrate"),
         "{err}"
+    );
+    // `adapter show` is a diagnostic: it still shows the adapter, and says what is wrong.
+    let show = triage(&["adapter", "show", a], "");
+    let shown = text(&show.stdout);
+    assert!(
+        show.status.success()
+            && shown.contains("\"peft_type\"")
+            && shown.contains("not a calibration file")
+            && shown.contains("refuse"),
+        "{shown}"
+    );
+    let show = triage(&["adapter", "show", a, "--json"], "");
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert!(shown["calibration"].is_null(), "{shown}");
+    assert!(
+        shown["calibration_error"]
+            .as_str()
+            .unwrap()
+            .contains("calibration.json"),
+        "{shown}"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -1356,6 +1380,8 @@ fn shipped_adapters_are_complete_and_match_their_taxonomy_and_model() {
                     triage_registry::sha256_file(&weights, &indicatif::ProgressBar::hidden()).unwrap();
                 assert!(fitted.eq_ignore_ascii_case(&actual), "{name}: calibration.json");
                 assert_eq!(show["calibration_weights"], "these", "{name}");
+            } else {
+                assert_eq!(show["calibration_weights"], "not recorded", "{name}");
             }
         }
     }

@@ -32,7 +32,8 @@ pub enum AdapterCommand {
         /// Adapter directory (`adapters/<name>`).
         dir: PathBuf,
         /// Print one JSON document, `{"peft_config": …, "triage": …, "calibration": … or null,
-        /// "calibration_weights": "these", "other", "not recorded" or null}`.
+        /// "calibration_weights": "these", "other", "not recorded", "unknown" or null,
+        /// "calibration_error": why it cannot be read or checked, or null}`.
         #[arg(long)]
         json: bool,
     },
@@ -226,9 +227,23 @@ fn fitted_for(cal: &Calibration, dir: &Path) -> anyhow::Result<FittedFor> {
     })
 }
 
+/// Whether calibration `cal` was written before nested cross-validation: such a file records
+/// no weights, holds the chosen-on figures in "after", leaves `*_chosen_on` at zero (see
+/// `FitSummary`) and lists no fields left alone.
+fn predates_nested(cal: &Calibration) -> bool {
+    cal.adapter_sha256.is_none()
+        && cal
+            .fields
+            .values()
+            .map(|c| &c.fit)
+            .chain(cal.left_alone.values())
+            .any(|f| f.nll_chosen_on == 0.0 && f.nll_before > 0.0)
+}
+
 /// Calibration `cal`'s validation figures, one line per enum field (calibrated or left
-/// alone), as `calibrate` prints them, with what "after" means.
-fn fit_table(cal: &Calibration) -> String {
+/// alone), as `calibrate` prints them, with what "after" means (`older`: as in a file
+/// written before nested cross-validation, [`predates_nested`]).
+fn fit_table(cal: &Calibration, older: bool) -> String {
     let mut rows: Vec<(&String, &calibration::FitSummary, String, &str)> = cal
         .fields
         .iter()
@@ -256,15 +271,11 @@ fn fit_table(cal: &Calibration) -> String {
             f.nll_after
         ));
     }
-    // Files written before nested cross-validation hold the chosen-on figures in "after" and
-    // zero in `*_chosen_on` (see `FitSummary`).
-    let nested = cal
-        .fields
-        .values()
-        .map(|c| &c.fit)
-        .chain(cal.left_alone.values())
-        .any(|f| f.nll_chosen_on != 0.0);
-    if !nested {
+    if cal.fields.is_empty() && cal.left_alone.is_empty() {
+        out.push_str("(no enum field had decisions to fit on)\n");
+        return out;
+    }
+    if older {
         out.push_str(
             "(written by an older triage: \"after\" is the out-of-fold figure the choice was made \
              on, not a nested estimate, and a dependent field's decisions under a wrong parent \
@@ -468,7 +479,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     );
     cal.adapter_sha256 = Some(weights);
     debug_assert_eq!(summaries.len(), cal.fields.len() + cal.left_alone.len());
-    print!("{}", fit_table(&cal));
+    print!("{}", fit_table(&cal, false));
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
     eprintln!(
@@ -717,34 +728,41 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
             let meta = adapter::read_meta(dir)?;
             let peft = std::fs::read_to_string(dir.join("adapter_config.json"))
                 .with_context(|| format!("cannot read {}", dir.join("adapter_config.json").display()))?;
+            // A diagnostic: a calibration that cannot be used is reported, not fatal.
             let cal_path = dir.join(calibration::FILE_NAME);
-            let calibration = match cal_path.exists() {
-                true => {
-                    let cal = Calibration::read(&cal_path)?;
-                    let fitted = fitted_for(&cal, dir)?;
-                    Some((cal, fitted))
-                }
-                false => None,
-            };
+            let calibration = cal_path.exists().then(|| {
+                Calibration::read(&cal_path).map(|cal| {
+                    let fitted = fitted_for(&cal, dir);
+                    (cal, fitted)
+                })
+            });
             if *json {
                 let peft: serde_json::Value = serde_json::from_str(&peft)
                     .with_context(|| format!("{}: not JSON", dir.join("adapter_config.json").display()))?;
-                let (cal, weights) = match &calibration {
-                    Some((cal, fitted)) => (
+                let null = serde_json::Value::Null;
+                let (cal, weights, error) = match &calibration {
+                    None => (null.clone(), null.clone(), null),
+                    Some(Err(e)) => (null.clone(), null, serde_json::json!(e.to_string())),
+                    Some(Ok((cal, fitted))) => (
                         serde_json::to_value(cal)?,
                         serde_json::json!(match fitted {
-                            FittedFor::These => "these",
-                            FittedFor::Other { .. } => "other",
-                            FittedFor::NotRecorded => "not recorded",
+                            Ok(FittedFor::These) => "these",
+                            Ok(FittedFor::Other { .. }) => "other",
+                            Ok(FittedFor::NotRecorded) => "not recorded",
+                            Err(_) => "unknown",
                         }),
+                        fitted
+                            .as_ref()
+                            .err()
+                            .map_or(null, |e| serde_json::json!(format!("{e:#}"))),
                     ),
-                    None => (serde_json::Value::Null, serde_json::Value::Null),
                 };
                 let doc = serde_json::json!({
                     "peft_config": peft,
                     "triage": meta,
                     "calibration": cal,
                     "calibration_weights": weights,
+                    "calibration_error": error,
                 });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(ExitCode::SUCCESS);
@@ -757,24 +775,34 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
                     "no {}: the adapter's scores are used as they are (`triage adapter calibrate` fits one)",
                     cal_path.display()
                 ),
-                Some((cal, fitted)) => {
+                Some(Err(e)) => println!("{e}\n(infer, serve and eval refuse it)"),
+                Some(Ok((cal, fitted))) => {
                     let weights = match fitted {
-                        FittedFor::These => "for these weights".to_owned(),
-                        FittedFor::Other { fitted, .. } => format!(
+                        Ok(FittedFor::These) => "for these weights".to_owned(),
+                        Ok(FittedFor::Other { fitted, .. }) => format!(
                             "for OTHER weights (sha256 {fitted}): infer, serve and eval refuse it; refit it"
                         ),
-                        FittedFor::NotRecorded => {
+                        Ok(FittedFor::NotRecorded) => {
                             "weights not recorded (an older triage): applied as it is".to_owned()
                         }
+                        Err(e) => format!("weights unknown ({e:#})"),
+                    };
+                    let older = predates_nested(cal);
+                    let count = match older {
+                        // Such files list only the fields they calibrate.
+                        true => format!("calibrated fields: {}", cal.fields.len()),
+                        false => format!(
+                            "calibrated fields: {} of {}",
+                            cal.fields.len(),
+                            cal.fields.len() + cal.left_alone.len()
+                        ),
                     };
                     println!(
-                        "{}: fitted on {}, {weights}; {} of {} fields calibrated",
+                        "{}: fitted on {}, {weights}; {count}",
                         cal_path.display(),
-                        cal.fitted_on,
-                        cal.fields.len(),
-                        cal.fields.len() + cal.left_alone.len()
+                        cal.fitted_on
                     );
-                    print!("{}", fit_table(cal));
+                    print!("{}", fit_table(cal, older));
                 }
             }
             Ok(ExitCode::SUCCESS)
