@@ -1077,6 +1077,21 @@ fn json_output_of_model_list_taxonomy_and_adapter_show() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `adapter list` names each adapter folder once: run from the source tree, `./adapters` and
+/// the source tree's `adapters/` are the same folder, and its adapters are listed once.
+#[test]
+fn adapter_list_names_each_folder_once() {
+    let out = triage(&["adapter", "list"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    assert_eq!(
+        listed.matches("default-0.5b  taxonomy default").count(),
+        1,
+        "{listed}"
+    );
+    assert!(!listed.contains("../../adapters"), "{listed}");
+}
+
 /// `triage adapter calibrate` decodes labelled examples with the adapter and writes a
 /// calibration file with one line per enum field; `infer` then applies the adapter folder's
 /// `calibration.json` (a value's bias decides), `--no-calibration` leaves it out, and a

@@ -313,7 +313,8 @@ fn files_key(files: &[PathBuf]) -> anyhow::Result<String> {
 
 /// Where default adapters are looked for, in order: `$TRIAGE_ADAPTERS`, `./adapters`, the
 /// user's data folder (`$XDG_DATA_HOME/triage/adapters`, else `~/.local/share/triage/adapters`),
-/// and the `adapters/` folder of the source tree this binary was built from.
+/// and the `adapters/` folder of the source tree this binary was built from; a folder that is
+/// an earlier one under another name (run from the source tree) is listed once.
 pub fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(v) = std::env::var_os("TRIAGE_ADAPTERS") {
@@ -327,6 +328,15 @@ pub fn search_dirs() -> Vec<PathBuf> {
         dirs.push(d.join("triage").join("adapters"));
     }
     dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../adapters"));
+    let mut seen = Vec::new();
+    dirs.retain(|d| match d.canonicalize() {
+        Ok(real) if seen.contains(&real) => false,
+        Ok(real) => {
+            seen.push(real);
+            true
+        }
+        Err(_) => true, // not there (listed as not found) or unreadable
+    });
     dirs
 }
 
