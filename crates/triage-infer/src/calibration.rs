@@ -92,6 +92,11 @@ pub struct FitSummary {
     /// The L2 penalty on the biases chosen by cross-validation (none: no biases, the
     /// temperature alone or nothing).
     pub penalty: Option<f64>,
+    /// The cross-validation folds the figures come from: 0 when there were too few decisions
+    /// or example groups for folds (nothing fitted, "after" is "before"); none in files
+    /// written before this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
 }
 
 /// Why a calibration file cannot be used.
@@ -546,8 +551,9 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
         );
         let (nll, right) = score(&Params::identity(n_values), &all);
         let (choice, (nll_cv, right_cv)) = choose(&all, &data.groups, n_values, opts);
-        let (nll_after, right_after) = match folds(&data.groups, opts) {
-            Some((fold, k)) => nested(&all, &data.groups, (&fold, k), n_values, opts),
+        let plan = folds(&data.groups, opts);
+        let (nll_after, right_after) = match &plan {
+            Some((fold, k)) => nested(&all, &data.groups, (fold, *k), n_values, opts),
             None => (nll, right),
         };
         let summary = FitSummary {
@@ -563,6 +569,7 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
                 Choice::Biases(penalty) => Some(penalty),
                 _ => None,
             },
+            folds: Some(plan.map_or(0, |(_, k)| k)),
         };
         if choice == Choice::Identity {
             cal.left_alone.insert(field.to_owned(), summary.clone());
@@ -712,6 +719,7 @@ mod tests {
             assert!(f.bias.values().all(|b| b.abs() < 0.3), "{f:?}");
         }
         assert_eq!(summary["f"].decisions, 300);
+        assert_eq!(summary["f"].folds, Some(FitOptions::default().folds));
     }
 
     #[test]
@@ -873,8 +881,9 @@ mod tests {
         let (cal, summary) = fit(&d, &FitOptions::default());
         assert!(cal.is_empty(), "{cal:?}");
         assert_eq!(summary["f"].decisions, 200);
-        // Its figures are kept for the record all the same.
+        // Its figures are kept for the record all the same, saying that no folds were made.
         assert_eq!(cal.left_alone["f"], summary["f"]);
+        assert_eq!(summary["f"].folds, Some(0));
     }
 
     #[test]

@@ -283,13 +283,43 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
         );
         return out;
     }
-    out.push_str(
-        "(\"after\": out of fold, by nested 5-fold cross-validation on these examples, each example \
+    let summaries = || cal.fields.values().map(|c| &c.fit).chain(cal.left_alone.values());
+    // Fields without folds had too few decisions or example groups: nothing was fitted there.
+    let unfolded: Vec<&str> = cal
+        .fields
+        .iter()
+        .map(|(f, c)| (f, &c.fit))
+        .chain(&cal.left_alone)
+        .filter(|(_, s)| s.folds == Some(0))
+        .map(|(f, _)| f.as_str())
+        .collect();
+    if unfolded.len() == cal.fields.len() + cal.left_alone.len() {
+        out.push_str(
+            "(too few decisions or example groups to cross-validate: nothing was fitted, and \
+             \"after\" is \"before\")\n",
+        );
+        return out;
+    }
+    // Files written before the folds were recorded were fitted with the default number.
+    let k = summaries()
+        .filter_map(|s| s.folds)
+        .max()
+        .unwrap_or(calibration::FitOptions::default().folds);
+    out.push_str(&format!(
+        "(\"after\": out of fold, by nested {k}-fold cross-validation on these examples, each example \
          group in one fold: the choice of temperature, biases and penalty is made again without \
          each held-out fold, so it estimates the fitting procedure, and for a field not calibrated \
          it can differ from \"before\". Accuracy over every decision, one under a wrong parent \
-         value counted wrong; NLL over the others)\n",
-    );
+         value counted wrong; NLL over the others{})\n",
+        match unfolded.is_empty() {
+            true => String::new(),
+            false => format!(
+                ". {}: too few decisions or example groups for folds, so nothing was fitted and \
+                 \"after\" is \"before\"",
+                unfolded.join(", ")
+            ),
+        }
+    ));
     out
 }
 
