@@ -97,6 +97,16 @@ pub struct FitSummary {
     /// written before this record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folds: Option<usize>,
+    /// Of those folds, how many left too few decisions or example groups in the others for
+    /// the choice to be cross-validated there: the nested estimate scored the identity in
+    /// them, whatever the data (0, and absent, when every fold could choose).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unfolded_inner: usize,
+}
+
+/// For serde: leave a zero count out.
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Why a calibration file cannot be used.
@@ -468,26 +478,29 @@ fn choose(rows: &[&Row], groups: &[usize], n_values: usize, opts: &FitOptions) -
 /// Out-of-fold (summed NLL, right) of the whole procedure of [`choose`] (nested
 /// cross-validation): for each outer fold, the choice is made by cross-validation on the other
 /// folds alone and fitted there, then scored on the fold. Unlike the figures the choice was
-/// made on, this is not biased upwards by picking the best of several fits.
+/// made on, this is not biased upwards by picking the best of several fits. Also returns in
+/// how many outer folds the other folds were too few to cross-validate, so that the choice
+/// there was the identity whatever the data.
 fn nested(
     rows: &[&Row],
     groups: &[usize],
     (fold, k): (&[usize], usize),
     n_values: usize,
     opts: &FitOptions,
-) -> (f64, usize) {
+) -> (f64, usize, usize) {
     // Each outer-train part holds (k-1)/k of the rows: the least that the whole set needs,
     // scaled the same way, so that a field just above the minimum is still fitted inside.
     let inner = FitOptions {
         min_decisions: (opts.min_decisions * (k - 1)).div_ceil(k),
         ..opts.clone()
     };
-    (0..k).fold((0.0, 0), |(nll, right), f| {
+    (0..k).fold((0.0, 0, 0), |(nll, right, unfolded), f| {
         let ((train, idx), held) = split_fold(rows, fold, f);
         let train_groups: Vec<usize> = idx.iter().map(|&i| groups[i]).collect();
         let (choice, _) = choose(&train, &train_groups, n_values, &inner);
         let (l, r) = score(&choice.fit(&train, n_values), &held);
-        (nll + l, right + r)
+        let no_folds = folds(&train_groups, &inner).is_none();
+        (nll + l, right + r, unfolded + no_folds as usize)
     })
 }
 
@@ -552,9 +565,9 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
         let (nll, right) = score(&Params::identity(n_values), &all);
         let (choice, (nll_cv, right_cv)) = choose(&all, &data.groups, n_values, opts);
         let plan = folds(&data.groups, opts);
-        let (nll_after, right_after) = match &plan {
+        let (nll_after, right_after, unfolded_inner) = match &plan {
             Some((fold, k)) => nested(&all, &data.groups, (fold, *k), n_values, opts),
-            None => (nll, right),
+            None => (nll, right, 0),
         };
         let summary = FitSummary {
             decisions: all.len(),
@@ -570,6 +583,7 @@ pub fn fit(decisions: &[Decision], opts: &FitOptions) -> (Calibration, BTreeMap<
                 _ => None,
             },
             folds: Some(plan.map_or(0, |(_, k)| k)),
+            unfolded_inner,
         };
         if choice == Choice::Identity {
             cal.left_alone.insert(field.to_owned(), summary.clone());
@@ -870,6 +884,23 @@ mod tests {
             by_group.accuracy_after < by_group.accuracy_before + 0.05,
             "by group {by_group:?}"
         );
+    }
+
+    #[test]
+    fn as_many_groups_as_folds_leave_no_inner_folds() {
+        // Five groups, five folds: each outer fold's other folds hold four groups, too few to
+        // choose on, so the nested estimate scores the identity in all five.
+        let mut d = decisions(200, &["a", "b"], 1.0, &mut Rng(5), |z| z[0] -= 1.0);
+        for (i, x) in d.iter_mut().enumerate() {
+            x.group = Some(format!("g{}", i % 5));
+        }
+        let (_, summary) = fit(&d, &FitOptions::default());
+        let s = &summary["f"];
+        assert_eq!((s.folds, s.unfolded_inner), (Some(5), 5), "{s:?}");
+        assert_eq!(s.accuracy_after, s.accuracy_before, "{s:?}");
+        // With many groups every fold can choose.
+        let d = decisions(300, &["a", "b", "c"], 1.0, &mut Rng(7), |_| {});
+        assert_eq!(fit(&d, &FitOptions::default()).1["f"].unfolded_inner, 0);
     }
 
     #[test]

@@ -300,6 +300,16 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
         );
         return out;
     }
+    // Fields whose nested estimate scored the identity in some folds (the other folds were
+    // too few to choose on there).
+    let partly: Vec<String> = cal
+        .fields
+        .iter()
+        .map(|(f, c)| (f, &c.fit))
+        .chain(&cal.left_alone)
+        .filter(|(_, s)| s.unfolded_inner > 0)
+        .map(|(f, s)| format!("{f} in {}", s.unfolded_inner))
+        .collect();
     // Files written before the folds were recorded were fitted with the default number.
     let k = summaries()
         .filter_map(|s| s.folds)
@@ -317,6 +327,12 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
                 ". {}: too few decisions or example groups for folds, so nothing was fitted and \
                  \"after\" is \"before\"",
                 unfolded.join(", ")
+            ),
+        } + &match partly.is_empty() {
+            true => String::new(),
+            false => format!(
+                ". Folds whose others were too few to choose on, scored uncalibrated: {}",
+                partly.join(", ")
             ),
         }
     ));
@@ -889,6 +905,44 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fit_table_says_where_no_folds_were_made() {
+        let summary = |folds, unfolded_inner| calibration::FitSummary {
+            decisions: 100,
+            nll_before: 1.0,
+            nll_chosen_on: 0.9,
+            folds,
+            unfolded_inner,
+            ..Default::default()
+        };
+        let mut cal = Calibration {
+            adapter_sha256: Some("ab".repeat(32)),
+            ..Default::default()
+        };
+        cal.left_alone.insert("few".into(), summary(Some(0), 0));
+        cal.left_alone.insert("some".into(), summary(Some(5), 2));
+        cal.left_alone.insert("all".into(), summary(Some(5), 0));
+        let table = fit_table(&cal, predates_nested(&cal));
+        assert!(table.contains("by nested 5-fold"), "{table}");
+        assert!(table.contains("few: too few decisions"), "{table}");
+        assert!(table.contains("scored uncalibrated: some in 2)"), "{table}");
+        assert_eq!(
+            table
+                .lines()
+                .filter(|l| l.trim_end().ends_with("not calibrated"))
+                .count(),
+            3
+        );
+        // Every field without folds: no claim of cross-validation at all.
+        cal.left_alone.retain(|f, _| f == "few");
+        let table = fit_table(&cal, false);
+        assert!(
+            !table.contains("nested")
+                && table.contains("too few decisions or example groups to cross-validate"),
+            "{table}"
+        );
+    }
 
     fn decided(field: &str, value: &str, allowed: &[&str]) -> FieldConfidence {
         FieldConfidence {
