@@ -890,11 +890,7 @@ mod tests {
     fn as_many_groups_as_folds_leave_no_inner_folds() {
         // Five groups, five folds: each outer fold's other folds hold four groups, too few to
         // choose on, so the nested estimate scores the identity in all five.
-        let mut d = decisions(200, &["a", "b"], 1.0, &mut Rng(5), |z| z[0] -= 1.0);
-        for (i, x) in d.iter_mut().enumerate() {
-            x.group = Some(format!("g{}", i % 5));
-        }
-        let (_, summary) = fit(&d, &FitOptions::default());
+        let (_, summary) = fit(&leaning_in_groups(5), &FitOptions::default());
         let s = &summary["f"];
         assert_eq!((s.folds, s.unfolded_inner), (Some(5), 5), "{s:?}");
         assert_eq!(s.accuracy_after, s.accuracy_before, "{s:?}");
@@ -903,13 +899,19 @@ mod tests {
         assert_eq!(fit(&d, &FitOptions::default()).1["f"].unfolded_inner, 0);
     }
 
-    #[test]
-    fn fewer_groups_than_folds_leave_the_field_alone() {
+    /// 200 decisions of a model that leans away from "a", in `groups` example groups taken in
+    /// turn.
+    fn leaning_in_groups(groups: usize) -> Vec<Decision> {
         let mut d = decisions(200, &["a", "b"], 1.0, &mut Rng(5), |z| z[0] -= 1.0);
         for (i, x) in d.iter_mut().enumerate() {
-            x.group = Some(format!("g{}", i % 3));
+            x.group = Some(format!("g{}", i % groups));
         }
-        let (cal, summary) = fit(&d, &FitOptions::default());
+        d
+    }
+
+    #[test]
+    fn fewer_groups_than_folds_leave_the_field_alone() {
+        let (cal, summary) = fit(&leaning_in_groups(3), &FitOptions::default());
         assert!(cal.is_empty(), "{cal:?}");
         assert_eq!(summary["f"].decisions, 200);
         // Its figures are kept for the record all the same, saying that no folds were made.
