@@ -172,6 +172,14 @@ impl Calibration {
         self.fields.is_empty()
     }
 
+    /// Every field's validation figures, calibrated or left alone, by field name.
+    pub fn summaries(&self) -> BTreeMap<&str, &FitSummary> {
+        let calibrated = self.fields.iter().map(|(f, c)| (f.as_str(), &c.fit));
+        calibrated
+            .chain(self.left_alone.iter().map(|(f, s)| (f.as_str(), s)))
+            .collect()
+    }
+
     /// Calibrates the log-probabilities `logp` of `values` (the allowed values of `field`
     /// at this point, in the same order) in place; a field without calibration is unchanged.
     pub fn apply(&self, field: &str, values: &[&str], logp: &mut [f32]) {

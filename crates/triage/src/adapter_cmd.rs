@@ -233,10 +233,8 @@ fn fitted_for(cal: &Calibration, dir: &Path) -> anyhow::Result<FittedFor> {
 fn predates_nested(cal: &Calibration) -> bool {
     cal.adapter_sha256.is_none()
         && cal
-            .fields
+            .summaries()
             .values()
-            .map(|c| &c.fit)
-            .chain(cal.left_alone.values())
             .any(|f| f.nll_chosen_on == 0.0 && f.nll_before > 0.0)
 }
 
@@ -244,24 +242,20 @@ fn predates_nested(cal: &Calibration) -> bool {
 /// alone), as `calibrate` prints them, with what "after" means (`older`: as in a file
 /// written before nested cross-validation, [`predates_nested`]).
 fn fit_table(cal: &Calibration, older: bool) -> String {
-    let mut rows: Vec<(&String, &calibration::FitSummary, String, &str)> = cal
-        .fields
-        .iter()
-        .map(|(field, c)| {
-            let biases = if c.bias.is_empty() { "no" } else { "yes" };
-            (field, &c.fit, format!("{:.2}", c.temperature), biases)
-        })
-        .chain(
-            cal.left_alone
-                .iter()
-                .map(|(field, f)| (field, f, "not calibrated".to_owned(), "")),
-        )
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(b.0));
+    let summaries = cal.summaries();
     let mut out = String::from(
         "field               decisions  accuracy before → after   NLL before → after   temperature  biases\n",
     );
-    for (field, f, temperature, biases) in rows {
+    for (field, f) in &summaries {
+        let (temperature, biases) = cal.fields.get(*field).map_or_else(
+            || ("not calibrated".to_owned(), ""),
+            |c| {
+                (
+                    format!("{:.2}", c.temperature),
+                    if c.bias.is_empty() { "no" } else { "yes" },
+                )
+            },
+        );
         out.push_str(&format!(
             "{field:<20}{:>9}   {:>6.1}% → {:>5.1}%       {:>6.3} → {:>6.3}      {temperature:<12} {biases}\n",
             f.decisions + f.unreachable,
@@ -271,7 +265,7 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
             f.nll_after
         ));
     }
-    if cal.fields.is_empty() && cal.left_alone.is_empty() {
+    if summaries.is_empty() {
         out.push_str("(no enum field had decisions to fit on)\n");
         return out;
     }
@@ -283,17 +277,13 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
         );
         return out;
     }
-    let summaries = || cal.fields.values().map(|c| &c.fit).chain(cal.left_alone.values());
     // Fields without folds had too few decisions or example groups: nothing was fitted there.
-    let unfolded: Vec<&str> = cal
-        .fields
+    let unfolded: Vec<&str> = summaries
         .iter()
-        .map(|(f, c)| (f, &c.fit))
-        .chain(&cal.left_alone)
         .filter(|(_, s)| s.folds == Some(0))
-        .map(|(f, _)| f.as_str())
+        .map(|(f, _)| *f)
         .collect();
-    if unfolded.len() == cal.fields.len() + cal.left_alone.len() {
+    if unfolded.len() == summaries.len() {
         out.push_str(
             "(too few decisions or example groups to cross-validate: nothing was fitted, and \
              \"after\" is \"before\")\n",
@@ -302,16 +292,14 @@ fn fit_table(cal: &Calibration, older: bool) -> String {
     }
     // Fields whose nested estimate scored the identity in some folds (the other folds were
     // too few to choose on there).
-    let partly: Vec<String> = cal
-        .fields
+    let partly: Vec<String> = summaries
         .iter()
-        .map(|(f, c)| (f, &c.fit))
-        .chain(&cal.left_alone)
         .filter(|(_, s)| s.unfolded_inner > 0)
         .map(|(f, s)| format!("{f} in {}", s.unfolded_inner))
         .collect();
     // Files written before the folds were recorded were fitted with the default number.
-    let k = summaries()
+    let k = summaries
+        .values()
         .filter_map(|s| s.folds)
         .max()
         .unwrap_or(calibration::FitOptions::default().folds);
@@ -534,7 +522,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         dir.join("adapter_model.safetensors").display()
     );
     cal.adapter_sha256 = Some(weights);
-    debug_assert_eq!(summaries.len(), cal.fields.len() + cal.left_alone.len());
+    debug_assert_eq!(summaries.len(), cal.summaries().len());
     print!("{}", fit_table(&cal, false));
     let path = out.clone().unwrap_or_else(|| dir.join(calibration::FILE_NAME));
     triage_data::atomic_write(&path, &serde_json::to_vec_pretty(&cal)?)?;
@@ -850,7 +838,7 @@ pub fn run(cli: &Cli, cmd: &AdapterCommand) -> anyhow::Result<ExitCode> {
                         false => format!(
                             "calibrated fields: {} of {}",
                             cal.fields.len(),
-                            cal.fields.len() + cal.left_alone.len()
+                            cal.summaries().len()
                         ),
                     };
                     println!(
