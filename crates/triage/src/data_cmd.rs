@@ -122,9 +122,10 @@ pub struct SplitArgs {
     /// Field to stratify by (default: the taxonomy's first field); `none` to disable.
     #[arg(long)]
     stratify: Option<String>,
-    /// Near-duplicate threshold (Jaccard similarity, over 0, at most 1): for --by hash, and
-    /// for the leak check of every split.
-    #[arg(long, default_value_t = 0.8, value_parser = near_dup_threshold)]
+    /// Near-duplicate threshold (Jaccard similarity of character 5-grams, over 0, at most 1):
+    /// for --by hash, for --keep's text matches, and for the leak check. 0.5 keeps reworded
+    /// copies of one ticket together; 0.8 (synth's and an import's) only re-sent copies.
+    #[arg(long, default_value_t = triage_data::split::SPLIT_NEAR_DUP, value_parser = near_dup_threshold)]
     near_dup: f64,
     /// Folder for train.jsonl, val.jsonl and test.jsonl.
     #[arg(long, value_name = "DIR")]
