@@ -221,7 +221,18 @@ impl Structurer {
             .token_to_id("<|im_end|>")
             .or_else(|| tokenizer.eos_ids().first().copied())
             .ok_or_else(|| InferError::Grammar("the tokenizer has no end-of-turn token".into()))?;
-        let env = crate::grammar::token_env(&tokenizer, model.config().vocab_size, end_of_turn)?;
+        let vocab_size = model.config().vocab_size;
+        if end_of_turn as usize >= vocab_size {
+            // A tokenizer longer than the embedding table: a GGUF put together from two models.
+            return Err(triage_llm::LlmError::BadGguf {
+                path: gguf.path().to_path_buf(),
+                message: format!(
+                    "its end-of-turn token id {end_of_turn} is past the model's {vocab_size}                      embedding rows: the tokenizer and the weights come from different models;                      pull the model again (`triage model pull`)"
+                ),
+            }
+            .into());
+        }
+        let env = crate::grammar::token_env(&tokenizer, vocab_size, end_of_turn)?;
         let grammar = Grammar::new(&env, &schema)?;
         let system = [ChatMessage::new(Role::System, prompt.system())];
         let prefix = tokenizer.encode_prompt(&chat.render(&system, false)?)?;

@@ -334,3 +334,36 @@ fn a_calibration_moves_decisions_and_keeps_the_raw_scores() {
         "{json}"
     );
 }
+
+/// Weights whose embedding table is shorter than the tokenizer's vocabulary (a GGUF put
+/// together from two models) are refused with an error naming the file, before the grammar
+/// engine would index past the table.
+#[test]
+fn weights_shorter_than_the_tokenizer_are_refused() {
+    let store = ModelStore::from_env();
+    let spec = store.registry().get("0.5b").unwrap();
+    let gguf = GgufFile::open(store.ensure(spec, None).unwrap()).unwrap();
+    let cfg = triage_llm::qwen2::Config {
+        vocab_size: 1000,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_layers: 1,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 16,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        max_position: 512,
+    };
+    let model = triage_llm::qwen2::Qwen2::random(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+    let taxonomy = Taxonomy::builtin_default();
+    let err = Structurer::with_model(model.into(), &gguf, taxonomy, StructurerOptions::default())
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, InferError::Model(_)), "{msg}");
+    assert!(
+        msg.contains(&gguf.path().display().to_string()) && msg.contains("1000"),
+        "{msg}"
+    );
+}

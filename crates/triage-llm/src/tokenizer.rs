@@ -40,8 +40,12 @@ impl Tokenizer {
             .map(|t| t.content.clone())
             .collect();
         let mut eos_ids: Vec<u32> = Vec::new();
-        if let Some(id) = gguf.meta_u64("tokenizer.ggml.eos_token_id") {
-            eos_ids.push(id as u32);
+        // An id past u32 (a corrupt header) is no token: the chat end-of-turn tokens remain.
+        if let Some(id) = gguf
+            .meta_u64("tokenizer.ggml.eos_token_id")
+            .and_then(|id| u32::try_from(id).ok())
+        {
+            eos_ids.push(id);
         }
         for t in END_OF_TURN_TOKENS {
             if let Some(id) = inner.token_to_id(t) {

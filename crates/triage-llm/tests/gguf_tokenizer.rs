@@ -95,6 +95,22 @@ fn untrusted_text_cannot_produce_control_tokens() {
 }
 
 #[test]
+fn decomposed_accents_are_read_as_composed() {
+    // Text pasted from some systems (macOS file names, some mail clients) carries accents as a
+    // letter plus a combining mark (NFD). Qwen2's tokenizer normalises to NFC first, as its
+    // `tokenizer.json` does, so the model reads the same tokens either way.
+    let (_, tok) = open();
+    let composed = "Der Drucker im Büro zeigt \"Fehler\" – café, São Paulo, Ålesund";
+    let decomposed =
+        "Der Drucker im Bu\u{308}ro zeigt \"Fehler\" – cafe\u{301}, Sa\u{303}o Paulo, A\u{30a}lesund";
+    assert_ne!(composed, decomposed);
+    assert_eq!(
+        tok.encode_text(decomposed).unwrap(),
+        tok.encode_text(composed).unwrap()
+    );
+}
+
+#[test]
 fn token_ids_match_the_independent_implementation() {
     let (_, tok) = open();
     let fx = fixtures();

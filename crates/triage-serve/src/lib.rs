@@ -149,10 +149,8 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 /// The host part of a `Host` header or of an origin's authority (`[::1]:8080` → `[::1]`).
 fn host_name(authority: &str) -> &str {
     match authority.strip_prefix('[') {
-        Some(v6) => v6
-            .split(']')
-            .next()
-            .map_or(authority, |h| &authority[..h.len() + 2]),
+        // Up to and including the `]`; without one, the whole (refused) authority.
+        Some(v6) => v6.find(']').map_or(authority, |i| &authority[..i + 2]),
         None => authority.split(':').next().unwrap_or(authority),
     }
 }

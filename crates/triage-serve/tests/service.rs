@@ -330,6 +330,18 @@ async fn requests_from_other_web_origins_and_rebound_hosts_are_refused() {
     );
     let localhost = format!("localhost:{}", server.addr.port());
     assert_eq!(ticket(None, Some(&localhost)).await.unwrap().status(), 200);
+    let v6 = format!("[::1]:{}", server.addr.port());
+    assert_eq!(ticket(None, Some(&v6)).await.unwrap().status(), 200);
+    // An unclosed IPv6 bracket is refused like any other name (it once cut the header past
+    // its end: a panic and a dropped connection).
+    for host in ["[", "[::1", "[::1:8080"] {
+        let (s, body) = code(ticket(None, Some(host)).await.unwrap()).await;
+        assert_eq!(
+            (s.as_u16(), body["error"]["code"].as_str()),
+            (403, Some("host_not_allowed")),
+            "{host}: {body}"
+        );
+    }
     server.shutdown();
     server.done.await.unwrap().unwrap();
 

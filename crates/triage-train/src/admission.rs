@@ -550,12 +550,14 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b
+        // A byte value: `\000` to `\377` (above, e.g. `\400`, it is not an escape).
+        let byte = b
             .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], oct) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::try_from(d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'))).ok());
+        match (b[i], byte) {
+            (b'\\', Some(v)) => {
+                out.push(v);
                 i += 4;
             }
             (c, _) => {
@@ -654,6 +656,8 @@ mod tests {
             ]
         );
         assert_eq!(unescape_mount(r"/a\040b\134c"), r"/a b\c");
+        // Not byte values: kept as written (no overflow), as is a short or non-octal escape.
+        assert_eq!(unescape_mount(r"/a\400b\777\09\04"), r"/a\400b\777\09\04");
     }
 
     #[test]

@@ -113,6 +113,9 @@ struct ModelReport {
 /// Runs the inference benchmark and writes its section of the report.
 pub fn run(cli: &Cli, args: &InferBenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let incidents = read_incidents(&args.incidents)?;
+    if incidents.is_empty() || args.n == 0 {
+        anyhow::bail!("need incidents and --n ≥ 1 (every variant times the first --n tickets)");
+    }
     let taxonomy = crate::taxonomy_cmd::load_taxonomy(cli)?;
     let store = crate::model_cmd::store(cli)?;
     let mut reports = Vec::new();
