@@ -68,7 +68,7 @@ evaluate cs-1.5b 1.5b cs "$OUT/cs/train.jsonl" "$N_CS" adapters/cs-1.5b --taxono
 stale() { # made-sha256 split report: a section measured on another version of the split says so
   [ "$1" = "$(sha256sum "$OUT/$2/test.jsonl" | cut -d' ' -f1)" ] && return 0
   echo "**Measured on an earlier version of this test split**: the data has been regenerated"
-  echo "since (new seeds or import), so these figures are not of today's split. \`ONLY=${3#results-} bash"
+  echo "since (new seeds, import or split), so these figures are not of today's split. \`ONLY=${3#results-} bash"
   echo "docs/results.sh\` measures it again."
   echo
 }
