@@ -580,6 +580,94 @@ fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The three customer-support releases hold reworded copies of one ticket (character 5-gram
+/// Jaccard 0.5 to 0.8, the same labels): `data split --by hash` keeps them on one side, checked
+/// here by exact Jaccard over every test × training pair (no MinHash), and the import-style 0.8
+/// does not (so the check can fail).
+#[test]
+fn data_split_of_the_shared_releases_keeps_reworded_copies_on_one_side() {
+    use triage_data::dedup::{jaccard, shingles};
+    let dir = std::env::temp_dir().join(format!("triage-cli-cs-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let all = dir.join("cs.jsonl");
+    let mut joined = String::new();
+    for v in ["v3-5lang", "v4-en-de", "v5-en-de"] {
+        let out_path = dir.join(format!("cs-{v}.jsonl"));
+        let csv = format!("../shared/datasets/customer-support-tickets/tickets-{v}.csv");
+        let mut args = vec![
+            "data",
+            "import",
+            &csv,
+            "--taxonomy",
+            "configs/taxonomy/customer-support.toml",
+        ];
+        for m in [
+            "text=body",
+            "subject=subject",
+            "category=queue",
+            "priority=priority",
+            "request_type=type",
+            "lang=language",
+        ] {
+            args.extend(["--map", m]);
+        }
+        args.extend(["-o", out_path.to_str().unwrap()]);
+        let out = triage(&args, "");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        joined.push_str(&std::fs::read_to_string(&out_path).unwrap());
+    }
+    std::fs::write(&all, joined).unwrap();
+    let texts = |file: &Path| -> Vec<Vec<u64>> {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                shingles(
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                        .as_str()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Test tickets with a training text at Jaccard ≥ 0.5 (a size ratio under 0.5 cannot reach it).
+    let crossing = |near_dup: Option<&str>| -> usize {
+        let out_dir = dir.join(format!("split-{}", near_dup.unwrap_or("default")));
+        let mut args = vec![
+            "data",
+            "split",
+            all.to_str().unwrap(),
+            "--taxonomy",
+            "configs/taxonomy/customer-support.toml",
+            "--by",
+            "hash",
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ];
+        if let Some(t) = near_dup {
+            args.extend(["--near-dup", t]);
+        }
+        let out = triage(&args, "");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let train = texts(&out_dir.join("train.jsonl"));
+        texts(&out_dir.join("test.jsonl"))
+            .iter()
+            .filter(|t| {
+                train.iter().any(|r| {
+                    let (a, b) = (t.len().min(r.len()), t.len().max(r.len()));
+                    2 * a >= b && jaccard(t, r) >= 0.5
+                })
+            })
+            .count()
+    };
+    assert_eq!(crossing(None), 0, "test tickets with a reworded twin in training");
+    assert!(
+        crossing(Some("0.8")) > 0,
+        "0.8 was expected to let reworded copies cross"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn train_dry_run_prints_a_memory_estimate_and_bad_adapters_are_refused() {
     let dir = std::env::temp_dir().join(format!("triage-cli-train-{}", std::process::id()));
