@@ -91,6 +91,9 @@ pub struct SplitOptions {
 pub struct SplitSummary {
     /// `(rows, groups)` for train, val, test.
     pub per_split: [(usize, usize); 3],
+    /// Rows in the largest group (a group goes to one split whole, so one that is large
+    /// against a split's share keeps the splits from their ratios).
+    pub largest_group: usize,
 }
 
 /// The key that keeps examples together, per example.
@@ -198,6 +201,7 @@ pub fn assign_splits_keeping(
             hold_out(&mut group_pins, key.as_str(), p);
         }
     }
+    let mut summary = SplitSummary::default();
     // group key -> (stratum, member indices), in first-seen order.
     let mut groups: BTreeMap<&str, (String, Vec<usize>)> = BTreeMap::new();
     for (i, key) in keys.iter().enumerate() {
@@ -215,11 +219,11 @@ pub fn assign_splits_keeping(
     }
     let mut strata: BTreeMap<String, Vec<(&str, Vec<usize>)>> = BTreeMap::new();
     for (key, (stratum, members)) in groups {
+        summary.largest_group = summary.largest_group.max(members.len());
         strata.entry(stratum).or_default().push((key, members));
     }
     let ratio_sum: f64 = options.ratios.0.iter().map(|&r| r as f64).sum();
     let shares: Vec<f64> = options.ratios.0.iter().map(|&r| r as f64 / ratio_sum).collect();
-    let mut summary = SplitSummary::default();
     for (_, mut stratum_groups) in strata {
         stratum_groups.sort_by_key(|(key, _)| {
             (

@@ -281,6 +281,40 @@ fn split_by_hash_keeps_near_duplicates_together() {
     }
 }
 
+/// The summary names the largest group (which goes to one split whole): here six copies of
+/// one text among four different ones.
+#[test]
+fn split_summary_names_the_largest_group() {
+    let taxonomy = Taxonomy::builtin_default();
+    let validator = Validator::new(&taxonomy);
+    let line = |id: &str, text: &str| vpn_ticket(&validator, id, text, None);
+    let mut examples: Vec<Example> = (0..6)
+        .map(|i| line(&format!("c{i}"), "Printer on floor 3 is out of toner again"))
+        .collect();
+    for (i, t) in [
+        "VPN keeps dropping since this morning",
+        "Outlook crashes when I open an attachment",
+        "New starter needs a laptop on Monday",
+        "Password expired and the reset link fails",
+    ]
+    .iter()
+    .enumerate()
+    {
+        examples.push(line(&format!("u{i}"), t));
+    }
+    let opts = SplitOptions {
+        by: SplitBy::Hash,
+        ratios: Ratios([34, 33, 33]),
+        seed: 0,
+        near_dup_threshold: 0.5,
+        stratify: None,
+    };
+    let summary = assign_splits(&mut examples, &opts).unwrap();
+    assert_eq!(summary.largest_group, 6, "{summary:?}");
+    let groups: usize = summary.per_split.iter().map(|(_, g)| g).sum();
+    assert_eq!(groups, 5, "{summary:?}");
+}
+
 /// `--by hash` also keeps examples that share a `group` together (one scenario or thread in
 /// different words), as the README says `group` does; examples without one are unaffected.
 #[test]

@@ -350,10 +350,14 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
         eprintln!("{s}: {rows} examples in {groups} groups -> {}", path.display());
     }
     eprintln!(
-        "no group appears in two splits ({} by {:?})",
+        "no group appears in two splits ({} by {:?}; the largest group holds {})",
         examples.len(),
-        a.by
+        a.by,
+        summary.largest_group
     );
+    if let Some(warning) = large_group_warning(summary.largest_group, examples.len(), a.by) {
+        eprintln!("{warning}");
+    }
     if let Some(dir) = &a.keep {
         eprintln!(
             "the {} examples of {} kept their split: their scenarios and texts went to the same files",
@@ -362,6 +366,26 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A warning when one group holds more than 5 % of the `n` examples: it goes to one split
+/// whole, so the splits can miss their ratios (and a held-out split may be mostly that group).
+fn large_group_warning(largest: usize, n: usize, by: SplitBy) -> Option<String> {
+    if n == 0 || largest * 20 <= n {
+        return None;
+    }
+    let hint = match by {
+        SplitBy::Hash => {
+            "texts cut from one template (monitoring alerts, web forms) cluster together; a \
+             higher --near-dup splits them, at the risk of reworded copies of one ticket crossing"
+        }
+        SplitBy::Template => "one scenario or thread has that many examples",
+    };
+    Some(format!(
+        "warning: one group holds {largest} of the {n} examples ({:.1} %) and goes to one split \
+         whole, so the splits can miss their ratios: {hint}",
+        100.0 * largest as f64 / n as f64
+    ))
 }
 
 /// The examples of an earlier split's `train.jsonl`, `val.jsonl` and `test.jsonl` in `dir`, each
@@ -386,7 +410,22 @@ fn read_kept_split(dir: &Path, validator: &Validator) -> anyhow::Result<Vec<Exam
 
 #[cfg(test)]
 mod tests {
-    use super::near_dup_threshold;
+    use super::{large_group_warning, near_dup_threshold};
+    use triage_data::split::SplitBy;
+
+    /// One group over 5 % of the examples is named, with what to do for the split mode.
+    #[test]
+    fn a_group_over_a_twentieth_of_the_data_is_warned_about() {
+        assert_eq!(large_group_warning(5, 100, SplitBy::Hash), None);
+        assert_eq!(large_group_warning(0, 0, SplitBy::Hash), None);
+        let w = large_group_warning(30, 100, SplitBy::Hash).unwrap();
+        assert!(
+            w.contains("30 of the 100 examples (30.0 %)") && w.contains("--near-dup"),
+            "{w}"
+        );
+        let w = large_group_warning(6, 100, SplitBy::Template).unwrap();
+        assert!(w.contains("scenario") && !w.contains("--near-dup"), "{w}");
+    }
 
     /// `--near-dup` takes a similarity in (0, 1]; anything else (which would turn the
     /// clustering off, or make everything one cluster) is refused with the range.
