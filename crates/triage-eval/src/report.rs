@@ -96,6 +96,60 @@ pub struct Report {
     pub examples: usize,
     /// One entry per system, in run order.
     pub systems: Vec<SystemReport>,
+    /// The leak check against the baseline's training file, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_overlap: Option<TrainOverlap>,
+}
+
+/// How many evaluated examples have a copy, re-sent or reworded, in a training file: figures on
+/// those favour whatever memorises its training data (a TF-IDF baseline most of all).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainOverlap {
+    /// The training file, as given.
+    pub train: String,
+    /// Its examples.
+    pub train_examples: usize,
+    /// The Jaccard similarity of character 5-grams from which a text counts as a copy.
+    pub threshold: f64,
+    /// Evaluated examples with an exact or near duplicate among the training texts.
+    pub near_duplicates: usize,
+}
+
+impl TrainOverlap {
+    /// Checks every example of `examples` against the texts of `train` (read from file
+    /// `train_name`) at Jaccard `threshold`.
+    pub fn check(train_name: &str, train: &[Example], examples: &[Example], threshold: f64) -> Self {
+        let mut index = triage_data::dedup::NearDupIndex::new(threshold);
+        for e in train {
+            index.insert(&e.text);
+        }
+        Self {
+            train: train_name.to_owned(),
+            train_examples: train.len(),
+            threshold,
+            near_duplicates: examples.iter().filter(|e| index.find(&e.text).is_some()).count(),
+        }
+    }
+
+    /// One sentence for the reports.
+    pub fn sentence(&self, examples: usize) -> String {
+        let verdict = if self.near_duplicates == 0 {
+            "none of".to_owned()
+        } else {
+            format!("**{} of**", self.near_duplicates)
+        };
+        let warning = if self.near_duplicates == 0 {
+            ""
+        } else {
+            ": figures on them favour systems that memorise their training data (`triage data \
+             split` keeps such texts on one side)"
+        };
+        format!(
+            "Leak check: {verdict} the {examples} examples have a copy (character 5-gram Jaccard \
+             ≥ {}) among the {} training examples of `{}`{warning}.",
+            self.threshold, self.train_examples, self.train
+        )
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -403,6 +457,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
         taxonomy: taxonomy.name.clone(),
         examples: examples.len(),
         systems,
+        train_overlap: None,
     }
 }
 
@@ -477,6 +532,9 @@ pub fn markdown(r: &Report) -> String {
         "# Evaluation: {} ({} examples, taxonomy `{}`)\n\n",
         r.dataset, r.examples, r.taxonomy
     );
+    if let Some(o) = &r.train_overlap {
+        let _ = write!(md, "{}\n\n", o.sentence(r.examples));
+    }
     md.push_str("## Per field: accuracy / macro-F1\n\n| field |");
     for s in &r.systems {
         let _ = write!(md, " {} |", s.name);
@@ -702,6 +760,10 @@ pub fn html(r: &Report) -> String {
         r.examples,
         esc(&r.taxonomy)
     );
+    if let Some(o) = &r.train_overlap {
+        let plain = o.sentence(r.examples).replace("**", "").replace('`', "");
+        let _ = writeln!(h, "<p>{}</p>", esc(&plain));
+    }
     let names: Vec<String> = r.systems.iter().map(|s| esc(&s.name)).collect();
     h.push_str("<h2 id=\"fields\">Per field: accuracy / macro-F1</h2>\n");
     let mut head = vec!["field".to_owned()];
@@ -934,6 +996,58 @@ mod tests {
                 Example::from_json_line(&line, &validator).unwrap()
             })
             .collect()
+    }
+
+    /// Examples of `texts` with one VPN ticket's labels (ids t0, t1, …).
+    fn with_texts(taxonomy: &Taxonomy, texts: &[&str]) -> Vec<Example> {
+        let validator = Validator::new(taxonomy);
+        let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let line = serde_json::json!({"id": format!("t{i}"), "text": t, "lang": "en", "source": "t", "ticket": serde_json::from_str::<serde_json::Value>(ticket).unwrap()});
+                Example::from_json_line(&line.to_string(), &validator).unwrap()
+            })
+            .collect()
+    }
+
+    /// The leak check counts evaluated examples with a re-sent or reworded copy in the
+    /// training file, and the reports say so (in bold, with what it means) or say none.
+    #[test]
+    fn the_leak_check_counts_copies_of_training_texts() {
+        let taxonomy = Taxonomy::builtin_default();
+        let train = with_texts(
+            &taxonomy,
+            &[
+                "Since this morning my laptop keeps dropping the Wi-Fi connection every few minutes, and applications take much longer to open than usual. I restarted it and checked the network settings, but nothing changed. Could you advise how to fix this?",
+                "The printer on the third floor is out of toner and prints faint pages.",
+            ],
+        );
+        let test = with_texts(
+            &taxonomy,
+            &[
+                "Since this morning my laptop keeps losing its Wi-Fi connection every few minutes, and programs take far longer to open than usual. I have restarted it and checked the network settings, but the problem persists. Could you advise how to fix it?",
+                "Outlook crashes whenever I open a PDF attachment.",
+                "the printer on the third floor is out of toner and prints faint pages",
+            ],
+        );
+        let o = TrainOverlap::check("train.jsonl", &train, &test, 0.5);
+        assert_eq!(o.near_duplicates, 2, "{o:?}");
+        assert_eq!(
+            TrainOverlap::check("train.jsonl", &train, &test, 0.8).near_duplicates,
+            1
+        );
+        let mut r = build(&taxonomy, "test.jsonl", &test, &[]);
+        r.train_overlap = Some(o);
+        let md = markdown(&r);
+        assert!(
+            md.contains("Leak check: **2 of** the 3 examples") && md.contains("memorise"),
+            "{md}"
+        );
+        assert!(html(&r).contains("Leak check: 2 of the 3 examples"));
+        let clean = TrainOverlap::check("train.jsonl", &train, &test[1..2], 0.5);
+        assert_eq!(clean.sentence(1), "Leak check: none of the 1 examples have a copy (character 5-gram Jaccard ≥ 0.5) among the 2 training examples of `train.jsonl`.");
     }
 
     /// `Other` is a subcategory of every category: filed under another category it is wrong,

@@ -166,8 +166,17 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{}: no examples to evaluate", args.data.display());
     }
     let mut runs: Vec<SystemRun> = Vec::new();
-    if let Some(train) = &args.train {
-        let train = read_examples(train, &Validator::new(&taxonomy))?;
+    let mut overlap = None;
+    if let Some(path) = &args.train {
+        let train = read_examples(path, &Validator::new(&taxonomy))?;
+        let o = report::TrainOverlap::check(
+            &path.display().to_string(),
+            &train,
+            &examples,
+            triage_data::split::SPLIT_NEAR_DUP,
+        );
+        eprintln!("{}", o.sentence(examples.len()).replace("**", ""));
+        overlap = Some(o);
         eprintln!("tfidf-baseline: fitting on {} examples", train.len());
         runs.push(run_baseline(&taxonomy, &train, &examples, 7));
     }
@@ -193,7 +202,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         ]);
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &remote, &examples, args.batch_size, resume)?);
-        return finish(&taxonomy, args, &sha256, &examples, &runs);
+        return finish(&taxonomy, args, &sha256, &examples, &runs, overlap);
     }
     let (gguf, base, model_path) =
         crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
@@ -227,7 +236,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &tuned, &examples, args.batch_size, resume)?);
     }
-    finish(&taxonomy, args, &sha256, &examples, &runs)
+    finish(&taxonomy, args, &sha256, &examples, &runs, overlap)
 }
 
 /// [`run_llm`] with a progress bar, journaled, stopped by Ctrl-C.
@@ -261,9 +270,11 @@ fn finish(
     sha256: &str,
     examples: &[triage_data::Example],
     runs: &[SystemRun],
+    overlap: Option<report::TrainOverlap>,
 ) -> anyhow::Result<ExitCode> {
     let mut r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
     r.dataset_sha256 = Some(sha256.to_owned());
+    r.train_overlap = overlap;
     report::write(&args.out, &r, runs)?;
     for s in &r.systems {
         let fields: Vec<String> = s
