@@ -582,8 +582,8 @@ fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
 
 /// The three customer-support releases hold reworded copies of one ticket (character 5-gram
 /// Jaccard 0.5 to 0.8, the same labels): `data split --by hash` keeps them on one side, checked
-/// here by exact Jaccard over every test × training pair (no MinHash), and the import-style 0.8
-/// does not (so the check can fail).
+/// here by exact Jaccard over every test × training pair (no MinHash), and the earlier default
+/// 0.8 does not (so the check can fail).
 #[test]
 fn data_split_of_the_shared_releases_keeps_reworded_copies_on_one_side() {
     use triage_data::dedup::{jaccard, shingles};

@@ -98,10 +98,12 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn minhash(shingles: &[u64]) -> [u64; HASHES] {
+/// The first `used` MinHash values of `shingles` (the rest stay `u64::MAX`): hash `i` does
+/// not depend on how many are computed, so a layout that uses fewer gets the same values.
+fn minhash(shingles: &[u64], used: usize) -> [u64; HASHES] {
     let mut sig = [u64::MAX; HASHES];
     for &s in shingles {
-        for (i, slot) in sig.iter_mut().enumerate() {
+        for (i, slot) in sig.iter_mut().enumerate().take(used) {
             let h = mix(s ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             if h < *slot {
                 *slot = h;
@@ -161,24 +163,29 @@ impl NearDupIndex {
             return Some(Duplicate::Exact(i));
         }
         let sh = shingles(text);
-        let sig = minhash(&sh);
-        let mut best: Option<(usize, f64)> = None;
-        for (b, band) in self.bands.iter().enumerate() {
-            let key = band_key(&sig, b, self.rows);
-            for &i in band.get(&key).into_iter().flatten() {
-                let sim = jaccard(&sh, &self.shingles[i]);
-                if sim >= self.threshold && best.is_none_or(|(j, _)| i < j) {
-                    best = Some((i, sim));
-                }
-            }
-        }
-        best.map(|(i, s)| Duplicate::Near(i, s))
+        let sig = minhash(&sh, self.used());
+        // Each candidate once (a similar text shares many bands), the earliest first.
+        let mut candidates: Vec<usize> = (self.bands.iter().enumerate())
+            .flat_map(|(b, band)| band.get(&band_key(&sig, b, self.rows)).into_iter().flatten())
+            .copied()
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.into_iter().find_map(|i| {
+            let sim = jaccard(&sh, &self.shingles[i]);
+            (sim >= self.threshold).then_some(Duplicate::Near(i, sim))
+        })
+    }
+
+    /// How many MinHash values the band layout uses.
+    fn used(&self) -> usize {
+        self.rows * self.bands.len()
     }
 
     /// Adds a text (duplicate or not) and returns its index.
     pub fn insert(&mut self, text: &str) -> usize {
         let sh = shingles(text);
-        let sig = minhash(&sh);
+        let sig = minhash(&sh, self.used());
         self.insert_parts(normalize(text), sh, &sig)
     }
 
@@ -216,7 +223,7 @@ pub fn clusters(texts: &[&str], threshold: f64) -> Vec<usize> {
     for (i, text) in texts.iter().enumerate() {
         let normalized = normalize(text);
         let sh = shingles(text);
-        let sig = minhash(&sh);
+        let sig = minhash(&sh, index.used());
         if let Some(&j) = index.exact.get(&normalized) {
             // An exact copy joins its original's cluster, which already holds every text the
             // copy would match.
@@ -350,8 +357,25 @@ mod tests {
         assert_eq!(banding(0.5), (3, 42));
     }
 
+    /// The signature and the 0.8 layout's first band key of a fixed text, as every triage
+    /// before the threshold-dependent layout computed them: synth and the synthetic splits
+    /// (0.8) must stay byte for byte what the shipped adapters were trained on.
+    #[test]
+    fn signatures_at_0_8_are_those_of_earlier_versions() {
+        let sig = minhash(&shingles("My VPN drops every 10 minutes since the update"), 64);
+        assert_eq!(
+            (sig[0], sig[63], band_key(&sig, 0, 4)),
+            (282637894424273003, 460605636778321561, 10450139424340920577)
+        );
+        assert!(sig[64..].iter().all(|&h| h == u64::MAX), "only the used hashes");
+        assert_eq!(
+            minhash(&shingles("x y z"), HASHES)[..64],
+            minhash(&shingles("x y z"), 64)[..64]
+        );
+    }
+
     /// A reworded copy of one ticket (Jaccard ≈ 0.56): a split at 0.5 keeps the two together,
-    /// the import-style 0.8 does not call them duplicates.
+    /// synth's 0.8 does not call them duplicates.
     #[test]
     fn reworded_copies_are_near_duplicates_from_0_5() {
         let texts = [

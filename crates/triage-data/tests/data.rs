@@ -311,6 +311,7 @@ fn split_summary_names_the_largest_group() {
     };
     let summary = assign_splits(&mut examples, &opts).unwrap();
     assert_eq!(summary.largest_group, 6, "{summary:?}");
+    assert_eq!(summary.largest_group_key, "dup:c0", "{summary:?}");
     let groups: usize = summary.per_split.iter().map(|(_, g)| g).sum();
     assert_eq!(groups, 5, "{summary:?}");
 }
@@ -399,6 +400,7 @@ fn split_keeping_an_earlier_split_never_moves_a_scenario_or_text() {
     let mut keeping = larger.clone();
     let summary = assign_splits_keeping(&mut keeping, &kept, &opts).unwrap();
     assert_eq!(moved(&keeping), 0);
+    assert_eq!(summary.moved_from_kept_scenario, 0, "{summary:?}");
     for e in &keeping {
         if let Some(s) = kept_text.get(e.text.as_str()) {
             assert_eq!(e.split, Some(*s), "{}: a kept text changed sides", e.id);
@@ -464,13 +466,17 @@ fn split_keeping_an_earlier_split_never_moves_a_scenario_or_text() {
                 stratify: None,
                 ..opts.clone()
             };
-            assign_splits_keeping(&mut ex, &kept, &o).unwrap();
+            let summary = assign_splits_keeping(&mut ex, &kept, &o).unwrap();
             let split_of = |id: &str| ex.iter().find(|e| e.id == id).unwrap().split;
             assert_eq!(split_of("n1"), Some(Split::Test), "{by:?} seed {seed}");
             assert_eq!(split_of("n2"), Some(Split::Test), "{by:?} seed {seed}");
             if by == SplitBy::Template {
                 // n3 is in the printer scenario, which now touches a held-out text.
                 assert_eq!(split_of("n3"), Some(Split::Test), "{by:?} seed {seed}");
+                // n2 and n3: a scenario kept in train, now in test; the summary says so.
+                assert_eq!(summary.moved_from_kept_scenario, 2, "{summary:?}");
+            } else {
+                assert_eq!(summary.moved_from_kept_scenario, 0, "no scenarios by hash");
             }
         }
     }

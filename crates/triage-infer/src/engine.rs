@@ -227,7 +227,9 @@ impl Structurer {
             return Err(triage_llm::LlmError::BadGguf {
                 path: gguf.path().to_path_buf(),
                 message: format!(
-                    "its end-of-turn token id {end_of_turn} is past the model's {vocab_size}                      embedding rows: the tokenizer and the weights come from different models;                      pull the model again (`triage model pull`)"
+                    "its end-of-turn token id {end_of_turn} is past the model's {vocab_size} \
+                     embedding rows: the tokenizer and the weights come from different models; \
+                     pull the model again (`triage model pull`)"
                 ),
             }
             .into());

@@ -366,4 +366,8 @@ fn weights_shorter_than_the_tokenizer_are_refused() {
         msg.contains(&gguf.path().display().to_string()) && msg.contains("1000"),
         "{msg}"
     );
+    assert!(
+        msg.contains("past the model's 1000 embedding rows: the tokenizer"),
+        "{msg}"
+    );
 }

@@ -124,7 +124,8 @@ pub struct SplitArgs {
     stratify: Option<String>,
     /// Near-duplicate threshold (Jaccard similarity of character 5-grams, over 0, at most 1):
     /// for --by hash, for --keep's text matches, and for the leak check. 0.5 keeps reworded
-    /// copies of one ticket together; 0.8 (synth's and an import's) only re-sent copies.
+    /// copies of one ticket together; 0.8 (synth's, and the split's earlier default) only re-sent
+    /// and lightly edited ones.
     #[arg(long, default_value_t = triage_data::split::SPLIT_NEAR_DUP, value_parser = near_dup_threshold)]
     near_dup: f64,
     /// Folder for train.jsonl, val.jsonl and test.jsonl.
@@ -350,20 +351,34 @@ fn split_cmd(taxonomy: &Taxonomy, validator: &Validator, a: &SplitArgs) -> anyho
         eprintln!("{s}: {rows} examples in {groups} groups -> {}", path.display());
     }
     eprintln!(
-        "no group appears in two splits ({} by {:?}; the largest group holds {})",
+        "no group appears in two splits ({} by {:?}; the largest group, {}, holds {})",
         examples.len(),
         a.by,
+        summary.largest_group_key,
         summary.largest_group
     );
     if let Some(warning) = large_group_warning(summary.largest_group, examples.len(), a.by) {
         eprintln!("{warning}");
     }
     if let Some(dir) = &a.keep {
-        eprintln!(
-            "the {} examples of {} kept their split: their scenarios and texts went to the same files",
-            kept.len(),
-            dir.display()
-        );
+        if summary.moved_from_kept_scenario == 0 {
+            eprintln!(
+                "the {} examples of {} kept their split: their scenarios and texts went to the same files",
+                kept.len(),
+                dir.display()
+            );
+        } else {
+            eprintln!(
+                "warning: {} examples of scenarios kept in a less held-out split went to val or \
+                 test, because their text or their scenario's nearly duplicates a held-out kept \
+                 text (--near-dup {}): a model trained on {}/train.jsonl has seen their scenarios, \
+                 so do not evaluate it on them (texts sharing boilerplate, such as one injected \
+                 sentence, meet at a low --near-dup)",
+                summary.moved_from_kept_scenario,
+                a.near_dup,
+                dir.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -376,8 +391,9 @@ fn large_group_warning(largest: usize, n: usize, by: SplitBy) -> Option<String> 
     }
     let hint = match by {
         SplitBy::Hash => {
-            "texts cut from one template (monitoring alerts, web forms) cluster together; a \
-             higher --near-dup splits them, at the risk of reworded copies of one ticket crossing"
+            "texts cut from one template (monitoring alerts, web forms) cluster together, and so \
+             do examples that share a `group`; a higher --near-dup splits the former, at the \
+             risk of reworded copies of one ticket crossing"
         }
         SplitBy::Template => "one scenario or thread has that many examples",
     };
