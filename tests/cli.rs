@@ -996,6 +996,11 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(md.contains("| field | tfidf-baseline | zero-shot |"), "{md}");
+    // The leak check against the baseline's training file opens the report.
+    let leak = &v["report"]["leak_checks"][0];
+    assert_eq!(leak["of"], "the baseline's", "{leak}");
+    assert!(leak["near_duplicates"].is_u64(), "{leak}");
+    assert!(md.contains("Leak check, the baseline's training file `"), "{md}");
     // `--resume` over one more example keeps the 3 journaled ones and decodes only the 4th.
     assert!(out_dir.join("journal-zero-shot.jsonl").exists());
     let more = eval("4", &["--resume"]);
@@ -1020,6 +1025,62 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     let preds = zero_shot(&again["runs"]);
     assert_eq!(preds.len(), 4);
     assert_eq!(preds[..3], zero_shot(&v["runs"])[..]);
+
+    // An adapter's own training file, as its triage.json records it, is checked too: here a
+    // copy of the shipped 0.5B adapter said to be trained on this train split; with other
+    // bytes recorded, the report says it could not check.
+    let adapter = dir.join("a");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for entry in std::fs::read_dir(root().join("adapters/default-0.5b")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
+    }
+    let train_lines = std::fs::read_to_string(&train).unwrap().lines().count();
+    let record = |sha: &str| {
+        let path = adapter.join("triage.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        meta["data"] = serde_json::json!([{"role": "train", "file": train.to_str().unwrap(), "sha256": sha, "examples": train_lines}]);
+        std::fs::write(&path, meta.to_string()).unwrap();
+    };
+    let adapter_leak = |sha: &str| {
+        record(sha);
+        let out_dir = dir.join("report-adapter");
+        let mut args = vec![
+            "--model",
+            "0.5b",
+            "eval",
+            "--data",
+            test.to_str().unwrap(),
+            "--limit",
+            "1",
+        ];
+        args.extend([
+            "--no-zero-shot",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--resume",
+        ]);
+        args.extend(["--out", out_dir.to_str().unwrap()]);
+        let out = triage(&args, "");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+        v["report"]["leak_checks"][0].clone()
+    };
+    let checked = adapter_leak(&triage_data::sha256_hex(&std::fs::read(&train).unwrap()));
+    assert_eq!(checked["of"], "adapter a's", "{checked}");
+    assert_eq!(checked["train_examples"], train_lines, "{checked}");
+    assert!(checked["near_duplicates"].is_u64(), "{checked}");
+    let stale = adapter_leak(&"0".repeat(64));
+    assert!(stale["near_duplicates"].is_null(), "{stale}");
+    assert!(
+        stale["unchecked"]
+            .as_str()
+            .unwrap()
+            .contains("not the ones the adapter was trained on"),
+        "{stale}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

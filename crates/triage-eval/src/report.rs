@@ -96,58 +96,95 @@ pub struct Report {
     pub examples: usize,
     /// One entry per system, in run order.
     pub systems: Vec<SystemReport>,
-    /// The leak check against the baseline's training file, when one was given.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub train_overlap: Option<TrainOverlap>,
+    /// Leak checks against the training files: the baseline's (`--train`) and the adapter's
+    /// (as its `triage.json` records it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leak_checks: Vec<TrainOverlap>,
 }
 
 /// How many evaluated examples have a copy, re-sent or reworded, in a training file: figures on
 /// those favour whatever memorises its training data (a TF-IDF baseline most of all).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainOverlap {
-    /// The training file, as given.
+    /// Whose training file: `the baseline's`, `adapter <name>'s`.
+    pub of: String,
+    /// The training file, as given or recorded (empty when none is recorded).
     pub train: String,
     /// Its examples.
     pub train_examples: usize,
     /// The Jaccard similarity of character 5-grams from which a text counts as a copy.
     pub threshold: f64,
-    /// Evaluated examples with an exact or near duplicate among the training texts.
-    pub near_duplicates: usize,
+    /// Evaluated examples with an exact or near duplicate among the training texts; `None`
+    /// when the file could not be checked.
+    pub near_duplicates: Option<usize>,
+    /// Why the file could not be checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unchecked: Option<String>,
 }
 
 impl TrainOverlap {
     /// Checks every example of `examples` against the texts of `train` (read from file
-    /// `train_name`) at Jaccard `threshold`.
-    pub fn check(train_name: &str, train: &[Example], examples: &[Example], threshold: f64) -> Self {
+    /// `train_name`, `of` whom) at Jaccard `threshold`.
+    pub fn check(
+        of: &str,
+        train_name: &str,
+        train: &[Example],
+        examples: &[Example],
+        threshold: f64,
+    ) -> Self {
         let mut index = triage_data::dedup::NearDupIndex::new(threshold);
         for e in train {
             index.insert(&e.text);
         }
         Self {
+            of: of.to_owned(),
             train: train_name.to_owned(),
             train_examples: train.len(),
             threshold,
-            near_duplicates: examples.iter().filter(|e| index.find(&e.text).is_some()).count(),
+            near_duplicates: Some(examples.iter().filter(|e| index.find(&e.text).is_some()).count()),
+            unchecked: None,
+        }
+    }
+
+    /// A check that could not be made, and why (`train_name` empty when none is recorded).
+    pub fn unchecked(of: &str, train_name: &str, reason: &str) -> Self {
+        Self {
+            of: of.to_owned(),
+            train: train_name.to_owned(),
+            train_examples: 0,
+            threshold: triage_data::split::SPLIT_NEAR_DUP,
+            near_duplicates: None,
+            unchecked: Some(reason.to_owned()),
         }
     }
 
     /// One sentence for the reports.
     pub fn sentence(&self, examples: usize) -> String {
-        let verdict = if self.near_duplicates == 0 {
-            "none of".to_owned()
+        let file = if self.train.is_empty() {
+            String::new()
         } else {
-            format!("**{} of**", self.near_duplicates)
+            format!(" `{}`", self.train)
         };
-        let warning = if self.near_duplicates == 0 {
-            ""
+        let Some(k) = self.near_duplicates else {
+            let why = self.unchecked.as_deref().unwrap_or("unknown");
+            return format!(
+                "Leak check, {} training file{file}: not checked ({why}).",
+                self.of
+            );
+        };
+        let (verdict, warning) = if k == 0 {
+            ("none of".to_owned(), "")
         } else {
-            ": figures on them favour systems that memorise their training data (`triage data \
-             split` keeps such texts on one side)"
+            (
+                format!("**{k} of**"),
+                ": figures on them favour systems that memorise their training data (`triage data \
+                 split` keeps such texts on one side)",
+            )
         };
         format!(
-            "Leak check: {verdict} the {examples} examples have a copy (character 5-gram Jaccard \
-             ≥ {}) among the {} training examples of `{}`{warning}.",
-            self.threshold, self.train_examples, self.train
+            "Leak check, {} training file{file} ({} examples): {verdict} the {examples} \
+             examples here have a copy there (character 5-gram Jaccard ≥ {}){warning}.",
+            self.of, self.train_examples, self.threshold
         )
     }
 }
@@ -457,7 +494,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
         taxonomy: taxonomy.name.clone(),
         examples: examples.len(),
         systems,
-        train_overlap: None,
+        leak_checks: Vec::new(),
     }
 }
 
@@ -532,7 +569,7 @@ pub fn markdown(r: &Report) -> String {
         "# Evaluation: {} ({} examples, taxonomy `{}`)\n\n",
         r.dataset, r.examples, r.taxonomy
     );
-    if let Some(o) = &r.train_overlap {
+    for o in &r.leak_checks {
         let _ = write!(md, "{}\n\n", o.sentence(r.examples));
     }
     md.push_str("## Per field: accuracy / macro-F1\n\n| field |");
@@ -760,7 +797,7 @@ pub fn html(r: &Report) -> String {
         r.examples,
         esc(&r.taxonomy)
     );
-    if let Some(o) = &r.train_overlap {
+    for o in &r.leak_checks {
         let plain = o.sentence(r.examples).replace("**", "").replace('`', "");
         let _ = writeln!(h, "<p>{}</p>", esc(&plain));
     }
@@ -1032,22 +1069,32 @@ mod tests {
                 "the printer on the third floor is out of toner and prints faint pages",
             ],
         );
-        let o = TrainOverlap::check("train.jsonl", &train, &test, 0.5);
-        assert_eq!(o.near_duplicates, 2, "{o:?}");
-        assert_eq!(
-            TrainOverlap::check("train.jsonl", &train, &test, 0.8).near_duplicates,
-            1
-        );
+        let o = TrainOverlap::check("the baseline's", "train.jsonl", &train, &test, 0.5);
+        assert_eq!(o.near_duplicates, Some(2), "{o:?}");
+        let strict = TrainOverlap::check("the baseline's", "train.jsonl", &train, &test, 0.8);
+        assert_eq!(strict.near_duplicates, Some(1));
         let mut r = build(&taxonomy, "test.jsonl", &test, &[]);
-        r.train_overlap = Some(o);
+        r.leak_checks = vec![
+            o,
+            TrainOverlap::unchecked("adapter a's", "", "its triage.json records no training file"),
+        ];
         let md = markdown(&r);
         assert!(
-            md.contains("Leak check: **2 of** the 3 examples") && md.contains("memorise"),
+            md.contains("Leak check, the baseline's training file `train.jsonl` (2 examples): **2 of** the 3 examples here")
+                && md.contains("memorise"),
             "{md}"
         );
-        assert!(html(&r).contains("Leak check: 2 of the 3 examples"));
-        let clean = TrainOverlap::check("train.jsonl", &train, &test[1..2], 0.5);
-        assert_eq!(clean.sentence(1), "Leak check: none of the 1 examples have a copy (character 5-gram Jaccard ≥ 0.5) among the 2 training examples of `train.jsonl`.");
+        assert!(
+            md.contains("Leak check, adapter a's training file: not checked (its triage.json records no training file)."),
+            "{md}"
+        );
+        assert!(html(&r)
+            .contains("Leak check, the baseline's training file train.jsonl (2 examples): 2 of the 3"));
+        let clean = TrainOverlap::check("the baseline's", "train.jsonl", &train, &test[1..2], 0.5);
+        assert_eq!(
+            clean.sentence(1),
+            "Leak check, the baseline's training file `train.jsonl` (2 examples): none of the 1 examples here have a copy there (character 5-gram Jaccard ≥ 0.5)."
+        );
     }
 
     /// `Other` is a subcategory of every category: filed under another category it is wrong,

@@ -111,6 +111,8 @@ pub struct AdapterArgs {
 pub struct Resolved {
     /// Its folder's name.
     pub name: String,
+    /// Its folder.
+    pub dir: PathBuf,
     /// The LoRA weights.
     pub lora: triage_llm::lora::Lora,
     /// `calibration.json` from its folder, unless absent or `--no-calibration`.
@@ -164,6 +166,7 @@ impl Resolved {
         }
         Ok(Resolved {
             name,
+            dir: dir.to_path_buf(),
             lora,
             calibration,
             key: files_key(&files)?,

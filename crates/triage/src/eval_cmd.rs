@@ -166,17 +166,16 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{}: no examples to evaluate", args.data.display());
     }
     let mut runs: Vec<SystemRun> = Vec::new();
-    let mut overlap = None;
+    let mut leaks = Vec::new();
     if let Some(path) = &args.train {
         let train = read_examples(path, &Validator::new(&taxonomy))?;
-        let o = report::TrainOverlap::check(
+        leaks.push(report::TrainOverlap::check(
+            "the baseline's",
             &path.display().to_string(),
             &train,
             &examples,
             triage_data::split::SPLIT_NEAR_DUP,
-        );
-        eprintln!("{}", o.sentence(examples.len()).replace("**", ""));
-        overlap = Some(o);
+        ));
         eprintln!("tfidf-baseline: fitting on {} examples", train.len());
         runs.push(run_baseline(&taxonomy, &train, &examples, 7));
     }
@@ -202,7 +201,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         ]);
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &remote, &examples, args.batch_size, resume)?);
-        return finish(&taxonomy, args, &sha256, &examples, &runs, overlap);
+        return finish(&taxonomy, args, &sha256, &examples, &runs, leaks);
     }
     let (gguf, base, model_path) =
         crate::train_cmd::base_structurer(cli, taxonomy.clone(), &args.device.spec, false)?;
@@ -219,6 +218,7 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         runs.push(decode("zero-shot", &base, &examples, args.batch_size, resume)?);
     }
     if let Some(r) = crate::adapter_cmd::resolve(cli, &args.adapter, &base, &model_path)? {
+        leaks.push(adapter_leak_check(&r, &taxonomy, &examples));
         let label = r.label();
         let key = journal_key(&[
             label.as_bytes(),
@@ -236,7 +236,42 @@ pub fn run(cli: &Cli, args: &EvalArgs) -> anyhow::Result<ExitCode> {
         let resume = journal(args, &label, &key, &examples)?;
         runs.push(decode(&label, &tuned, &examples, args.batch_size, resume)?);
     }
-    finish(&taxonomy, args, &sha256, &examples, &runs, overlap)
+    finish(&taxonomy, args, &sha256, &examples, &runs, leaks)
+}
+
+/// The leak check against the training file adapter `r`'s `triage.json` records (a path as
+/// given to `triage train`, so relative to where it ran), when it is here with the recorded
+/// bytes; else the reason it cannot be made.
+fn adapter_leak_check(
+    r: &crate::adapter_cmd::Resolved,
+    taxonomy: &triage_taxonomy::Taxonomy,
+    examples: &[triage_data::Example],
+) -> report::TrainOverlap {
+    let of = format!("adapter {}'s", r.name);
+    let unchecked = |file: &str, why: &str| report::TrainOverlap::unchecked(&of, file, why);
+    let meta = match triage_train::adapter::read_meta(&r.dir) {
+        Ok(m) => m,
+        Err(e) => return unchecked("", &format!("{e}")),
+    };
+    let Some(f) = meta.data.iter().find(|d| d.role == "train") else {
+        let why = if meta.data.is_empty() {
+            "its triage.json records no training file: an adapter of an older triage"
+        } else {
+            "trained on a split of one uploaded dataset"
+        };
+        return unchecked("", why);
+    };
+    let path = std::path::Path::new(&f.file);
+    match triage_data::read_examples_and_bytes(path, &Validator::new(taxonomy)) {
+        Err(_) if !path.exists() => unchecked(&f.file, "the file is not here"),
+        Err(e) => unchecked(&f.file, &format!("cannot read it: {e}")),
+        Ok((_, bytes)) if !triage_data::sha256_hex(&bytes).eq_ignore_ascii_case(&f.sha256) => {
+            unchecked(&f.file, "its bytes are not the ones the adapter was trained on")
+        }
+        Ok((train, _)) => {
+            report::TrainOverlap::check(&of, &f.file, &train, examples, triage_data::split::SPLIT_NEAR_DUP)
+        }
+    }
 }
 
 /// [`run_llm`] with a progress bar, journaled, stopped by Ctrl-C.
@@ -270,11 +305,14 @@ fn finish(
     sha256: &str,
     examples: &[triage_data::Example],
     runs: &[SystemRun],
-    overlap: Option<report::TrainOverlap>,
+    leak_checks: Vec<report::TrainOverlap>,
 ) -> anyhow::Result<ExitCode> {
     let mut r = report::build(taxonomy, &args.data.display().to_string(), examples, runs);
     r.dataset_sha256 = Some(sha256.to_owned());
-    r.train_overlap = overlap;
+    for o in &leak_checks {
+        eprintln!("{}", o.sentence(examples.len()).replace("**", ""));
+    }
+    r.leak_checks = leak_checks;
     report::write(&args.out, &r, runs)?;
     for s in &r.systems {
         let fields: Vec<String> = s
