@@ -528,31 +528,35 @@ fn data_synth_is_reproducible_and_split_keeps_scenarios_apart() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `triage data import` of a customer-support export `file` into `out`, with the README's
+/// column mapping.
+fn import_cs(file: &str, out: &Path) -> Output {
+    let mut args = vec![
+        "data",
+        "import",
+        file,
+        "--taxonomy",
+        "configs/taxonomy/customer-support.toml",
+    ];
+    for m in [
+        "text=body",
+        "subject=subject",
+        "category=queue",
+        "priority=priority",
+        "request_type=type",
+        "lang=language",
+    ] {
+        args.extend(["--map", m]);
+    }
+    args.extend(["-o", out.to_str().unwrap()]);
+    triage(&args, "")
+}
+
 #[test]
 fn data_import_of_the_shared_dataset_reports_counts_and_keeps_every_row() {
     let dir = std::env::temp_dir().join(format!("triage-cli-import-{}", std::process::id()));
     let out_path = dir.join("cs.jsonl");
-    let import = |file: &str| {
-        let mut args = vec![
-            "data",
-            "import",
-            file,
-            "--taxonomy",
-            "configs/taxonomy/customer-support.toml",
-        ];
-        for m in [
-            "text=body",
-            "subject=subject",
-            "category=queue",
-            "priority=priority",
-            "request_type=type",
-            "lang=language",
-        ] {
-            args.extend(["--map", m]);
-        }
-        args.extend(["-o", out_path.to_str().unwrap()]);
-        triage(&args, "")
-    };
+    let import = |file: &str| import_cs(file, &out_path);
     let out = import("../shared/datasets/customer-support-tickets/tickets-v3-5lang.csv");
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -594,25 +598,7 @@ fn data_split_of_the_shared_releases_keeps_reworded_copies_on_one_side() {
     for v in ["v3-5lang", "v4-en-de", "v5-en-de"] {
         let out_path = dir.join(format!("cs-{v}.jsonl"));
         let csv = format!("../shared/datasets/customer-support-tickets/tickets-{v}.csv");
-        let mut args = vec![
-            "data",
-            "import",
-            &csv,
-            "--taxonomy",
-            "configs/taxonomy/customer-support.toml",
-        ];
-        for m in [
-            "text=body",
-            "subject=subject",
-            "category=queue",
-            "priority=priority",
-            "request_type=type",
-            "lang=language",
-        ] {
-            args.extend(["--map", m]);
-        }
-        args.extend(["-o", out_path.to_str().unwrap()]);
-        let out = triage(&args, "");
+        let out = import_cs(&csv, &out_path);
         assert!(out.status.success(), "{}", text(&out.stderr));
         joined.push_str(&std::fs::read_to_string(&out_path).unwrap());
     }
@@ -890,7 +876,7 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     let out_dir = dir.join("report");
     let (test, train) = (splits.join("test.jsonl"), splits.join("train.jsonl"));
     // Zero-shot (and the baseline with `--train`) only, whether or not an adapter is shipped.
-    let eval = |limit: &str, more: &[&str]| {
+    let eval_into = |out: &Path, limit: &str, more: &[&str]| {
         let mut args = vec![
             "--model",
             "0.5b",
@@ -899,12 +885,16 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
             test.to_str().unwrap(),
             "--limit",
             limit,
-            "--no-adapter",
             "--out",
-            out_dir.to_str().unwrap(),
+            out.to_str().unwrap(),
         ];
         args.extend_from_slice(more);
         triage(&args, "")
+    };
+    let eval = |limit: &str, more: &[&str]| {
+        let mut args = vec!["--no-adapter"];
+        args.extend_from_slice(more);
+        eval_into(&out_dir, limit, &args)
     };
     let out = eval("3", &["--train", train.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -1046,23 +1036,8 @@ fn eval_writes_reports_whose_numbers_match_the_per_example_outputs() {
     let adapter_leak = |sha: &str| {
         record(sha);
         let out_dir = dir.join("report-adapter");
-        let mut args = vec![
-            "--model",
-            "0.5b",
-            "eval",
-            "--data",
-            test.to_str().unwrap(),
-            "--limit",
-            "1",
-        ];
-        args.extend([
-            "--no-zero-shot",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--resume",
-        ]);
-        args.extend(["--out", out_dir.to_str().unwrap()]);
-        let out = triage(&args, "");
+        let a = adapter.to_str().unwrap();
+        let out = eval_into(&out_dir, "1", &["--no-zero-shot", "--adapter", a, "--resume"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
