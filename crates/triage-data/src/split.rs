@@ -3,9 +3,10 @@
 //! Examples are first grouped: `--by template` uses each example's `group` (for synthetic data
 //! the scenario id, so every rewording of one scenario stays together); `--by hash` clusters
 //! near-duplicate texts (MinHash, see [`crate::dedup`]) so a ticket and its re-sent or reworded
-//! copy cannot land on both sides ([`SPLIT_NEAR_DUP`]). Whole groups are then assigned to splits, stratified by a field
-//! (default: the taxonomy's first field): within each stratum, groups are taken in a seeded
-//! order and each goes to the split furthest below its target share.
+//! copy cannot land on both sides ([`SPLIT_NEAR_DUP`]). Whole groups are then assigned to
+//! splits, stratified by a field (default: the taxonomy's first field): within each stratum,
+//! groups are taken in a seeded order and each goes to the split furthest below its target
+//! share.
 //!
 //! A dataset that grows can keep an earlier split ([`assign_splits_keeping`], `triage data
 //! split --keep DIR`): a group that meets an already split example (the same `group` with
@@ -24,8 +25,8 @@ use crate::{DataError, Example, Split, ValueError};
 /// 231 pairs from 0.5 up, 229 of them with the same category, priority and request type
 /// (chance: about 2 %); 0.8 (the split's earlier default, still synth's, which finds re-sent
 /// and lightly edited copies) left 30 of their 519 test tickets with a reworded twin in
-/// training. Below 0.5 the pairs turn into different tickets
-/// that share boilerplate: of the 234 from 0.35 to 0.5, 79 differ in category.
+/// training. Below 0.5 the pairs turn into different tickets that share boilerplate: of the
+/// 234 from 0.35 to 0.5, 79 differ in category.
 pub const SPLIT_NEAR_DUP: f64 = 0.5;
 
 /// What keeps examples together.

@@ -1023,19 +1023,10 @@ mod tests {
 
     /// Four examples of one VPN ticket (ids e0..e3).
     fn four_examples(taxonomy: &Taxonomy) -> Vec<Example> {
-        let validator = Validator::new(taxonomy);
-        let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
-        (0..4)
-            .map(|i| {
-                let line = format!(
-                    r#"{{"id":"e{i}","text":"vpn down","ticket":{ticket},"lang":"en","source":"t"}}"#
-                );
-                Example::from_json_line(&line, &validator).unwrap()
-            })
-            .collect()
+        with_texts(taxonomy, &["vpn down"; 4])
     }
 
-    /// Examples of `texts` with one VPN ticket's labels (ids t0, t1, …).
+    /// Examples of `texts` with one VPN ticket's labels (ids e0, e1, …).
     fn with_texts(taxonomy: &Taxonomy, texts: &[&str]) -> Vec<Example> {
         let validator = Validator::new(taxonomy);
         let ticket = r#"{"summary":"VPN down","category":"Network","subcategory":"VPN","priority":"High","assignment_group":"Network Operations","request_type":"Incident"}"#;
@@ -1043,7 +1034,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let line = serde_json::json!({"id": format!("t{i}"), "text": t, "lang": "en", "source": "t", "ticket": serde_json::from_str::<serde_json::Value>(ticket).unwrap()});
+                let line = serde_json::json!({"id": format!("e{i}"), "text": t, "lang": "en", "source": "t", "ticket": serde_json::from_str::<serde_json::Value>(ticket).unwrap()});
                 Example::from_json_line(&line.to_string(), &validator).unwrap()
             })
             .collect()
