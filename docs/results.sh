@@ -164,7 +164,8 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   echo "are per example, often measured beside a training run on the same cores (speed figures:"
   echo "\`docs/benchmarks.md\`)."
   echo "\"Reliability\" groups every field decision by its confidence: a calibrated model is right"
-  echo "about as often as its confidence says."
+  echo "about as often as its confidence says (sections measured by newer builds also give each"
+  echo "bucket's mean confidence and the expected calibration error)."
   echo
   [ -f docs/results-notes.md ] && cat docs/results-notes.md && echo
   section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth

@@ -7,8 +7,9 @@
 //! * [`report`]: turns runs into `report.json` (with every per-example output, so every
 //!   number can be recomputed), `report.md`, `report.html` and confusion-matrix SVGs.
 //! * [`metrics`]: per-field accuracy, macro-F1, per-class precision/recall, confusion
-//!   matrices, and the reliability of confidences (accuracy per confidence bucket and the
-//!   coverage/accuracy trade-off of a review threshold).
+//!   matrices, and the reliability of confidences (accuracy and mean confidence per confidence
+//!   bucket, the expected calibration error, and the coverage/accuracy trade-off of a review
+//!   threshold).
 //! * [`baseline`]: the classical baseline measured in the same run: TF-IDF features (word
 //!   unigrams and bigrams plus character 4-grams inside words, robust to typos and
 //!   inflection across languages) and a multinomial logistic regression per field.

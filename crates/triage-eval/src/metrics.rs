@@ -97,23 +97,60 @@ pub fn field_report(field: &str, classes: &[&str], gold: &[&str], predicted: &[&
     }
 }
 
-/// Accuracy per confidence bucket: `(lower bound, upper bound, count, accuracy)` for
-/// `buckets` equal-width buckets over [0, 1].
-pub fn reliability(confidence: &[f64], correct: &[bool], buckets: usize) -> Vec<(f64, f64, usize, f64)> {
+/// One confidence bucket of a reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bucket {
+    /// The lowest confidence in the bucket (included).
+    pub lower: f64,
+    /// The highest (excluded, except 1.0 in the last bucket).
+    pub upper: f64,
+    /// Decisions whose confidence falls in the bucket.
+    pub decisions: usize,
+    /// The share of them that is right (0 when there are none).
+    pub accuracy: f64,
+    /// Their mean confidence (0 when there are none): for a calibrated model, about the
+    /// accuracy ("does 0.9 mean 90 % right?").
+    pub mean_confidence: f64,
+}
+
+/// Accuracy and mean confidence per confidence bucket, for `buckets` equal-width buckets over
+/// [0, 1].
+pub fn reliability(confidence: &[f64], correct: &[bool], buckets: usize) -> Vec<Bucket> {
     let b = buckets.max(1);
     let mut n = vec![0usize; b];
     let mut ok = vec![0usize; b];
+    let mut sum = vec![0f64; b];
     for (c, r) in confidence.iter().zip(correct) {
-        let i = ((c.clamp(0.0, 1.0) * b as f64) as usize).min(b - 1);
+        let c = c.clamp(0.0, 1.0);
+        let i = ((c * b as f64) as usize).min(b - 1);
         n[i] += 1;
         ok[i] += *r as usize;
+        sum[i] += c;
     }
+    let share = |x: f64, n: usize| if n > 0 { x / n as f64 } else { 0.0 };
     (0..b)
-        .map(|i| {
-            let acc = if n[i] > 0 { ok[i] as f64 / n[i] as f64 } else { 0.0 };
-            (i as f64 / b as f64, (i + 1) as f64 / b as f64, n[i], acc)
+        .map(|i| Bucket {
+            lower: i as f64 / b as f64,
+            upper: (i + 1) as f64 / b as f64,
+            decisions: n[i],
+            accuracy: share(ok[i] as f64, n[i]),
+            mean_confidence: share(sum[i], n[i]),
         })
         .collect()
+}
+
+/// The expected calibration error over `buckets`: the mean, weighted by decisions, of each
+/// bucket's gap between mean confidence and accuracy (0 is perfectly calibrated, at the
+/// buckets' resolution); `None` without decisions.
+pub fn calibration_error(buckets: &[Bucket]) -> Option<f64> {
+    let total: usize = buckets.iter().map(|b| b.decisions).sum();
+    (total > 0).then(|| {
+        buckets
+            .iter()
+            .map(|b| b.decisions as f64 * (b.mean_confidence - b.accuracy).abs())
+            .sum::<f64>()
+            / total as f64
+    })
 }
 
 /// For each threshold: the share of examples kept (confidence ≥ threshold, the rest goes to
@@ -199,9 +236,18 @@ mod tests {
         let conf = [0.95, 0.9, 0.55, 0.2];
         let ok = [true, true, false, false];
         let rel = reliability(&conf, &ok, 2);
-        assert_eq!(rel[0].2, 1);
-        assert_eq!(rel[1].2, 3);
-        assert!((rel[1].3 - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(rel[0].decisions, 1);
+        assert_eq!(rel[1].decisions, 3);
+        assert!((rel[1].accuracy - 2.0 / 3.0).abs() < 1e-12);
+        assert!((rel[0].mean_confidence - 0.2).abs() < 1e-12);
+        assert!((rel[1].mean_confidence - 0.8).abs() < 1e-12);
+        // (1 × |0.2 − 0| + 3 × |0.8 − 2/3|) / 4 = 0.15
+        let ece = calibration_error(&rel).unwrap();
+        assert!((ece - 0.15).abs() < 1e-12, "{ece}");
+        // Right as often as confident: no error; no decisions: no figure.
+        let even = reliability(&[0.5, 0.5, 1.0], &[true, false, true], 2);
+        assert_eq!(calibration_error(&even), Some(0.0));
+        assert_eq!(calibration_error(&reliability(&[], &[], 5)), None);
         let cov = coverage_curve(&conf, &ok, &[0.0, 0.8]);
         assert_eq!(cov[0], (0.0, 1.0, 0.5));
         assert_eq!(cov[1], (0.8, 0.5, 1.0));

@@ -8,7 +8,9 @@ use serde::Serialize;
 use triage_data::Example;
 use triage_taxonomy::Taxonomy;
 
-use crate::metrics::{coverage_curve, field_report, mcnemar_exact, reliability, FieldReport};
+use crate::metrics::{
+    calibration_error, coverage_curve, field_report, mcnemar_exact, reliability, Bucket, FieldReport,
+};
 use crate::run::{Prediction, SystemRun};
 
 /// Accuracy per field for one language.
@@ -68,8 +70,10 @@ pub struct SystemReport {
     pub fields: Vec<FieldReport>,
     /// Per-language accuracy.
     pub by_lang: Vec<LangRow>,
-    /// `(lower, upper, decisions, accuracy)` over all field decisions, by confidence.
-    pub reliability: Vec<(f64, f64, usize, f64)>,
+    /// All field decisions with a confidence, by confidence: five buckets of 0.2.
+    pub reliability: Vec<Bucket>,
+    /// The expected calibration error over those buckets (`None` without confidences).
+    pub calibration_error: Option<f64>,
     /// `(threshold, coverage, exact-match accuracy of the covered)`: sending examples whose
     /// lowest field confidence is under the threshold to human review.
     pub coverage: Vec<(f64, f64, f64)>,
@@ -469,6 +473,7 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                         .collect(),
                 })
                 .collect();
+            let buckets = reliability(&conf, &ok, 5);
             SystemReport {
                 name: run.name.clone(),
                 validity_rate: preds.iter().filter(|p| p.valid).count() as f64 / n,
@@ -478,7 +483,8 @@ pub fn build(taxonomy: &Taxonomy, dataset: &str, examples: &[Example], runs: &[S
                 latency_p95_ms: percentile(&lat, 0.95),
                 fields: field_reports,
                 by_lang,
-                reliability: reliability(&conf, &ok, 5),
+                calibration_error: calibration_error(&buckets),
+                reliability: buckets,
                 coverage: coverage_curve(&min_conf, &all_right, &[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]),
                 worst,
                 vs_first: match i {
@@ -659,13 +665,17 @@ pub fn markdown(r: &Report) -> String {
             }
             md.push('\n');
         }
-        md.push_str("\n### Reliability (all field decisions)\n\n| confidence | decisions | accuracy |\n|---|---|---|\n");
-        for (lo, hi, n, a) in &s.reliability {
+        md.push_str("\n### Reliability (all field decisions)\n\n| confidence | decisions | mean confidence | accuracy |\n|---|---|---|---|\n");
+        for b in &s.reliability {
+            let [mean, acc] = bucket_cells(b);
             let _ = writeln!(
                 md,
-                "| {lo:.1}–{hi:.1} | {n} | {} |",
-                if *n > 0 { pct(*a) } else { "–".into() }
+                "| {:.1}–{:.1} | {} | {mean} | {acc} |",
+                b.lower, b.upper, b.decisions
             );
+        }
+        if let Some(line) = calibration_line(s.calibration_error) {
+            let _ = writeln!(md, "\n{line}");
         }
         md.push_str("\n### Review threshold (`--min-confidence`): coverage vs accuracy\n\n| threshold | auto-handled | all fields right among them |\n|---|---|---|\n");
         for (t, c, a) in &s.coverage {
@@ -702,9 +712,29 @@ pub fn markdown(r: &Report) -> String {
     md
 }
 
+/// A bucket's mean confidence and accuracy as table cells (`–` for an empty bucket).
+fn bucket_cells(b: &Bucket) -> [String; 2] {
+    match b.decisions {
+        0 => ["–".into(), "–".into()],
+        _ => [format!("{:.2}", b.mean_confidence), pct(b.accuracy)],
+    }
+}
+
+/// The sentence under a reliability table: the expected calibration error, and what it means.
+fn calibration_line(error: Option<f64>) -> Option<String> {
+    error.map(|e| {
+        format!(
+            "Expected calibration error over these buckets: {:.1} points (the decision-weighted \
+             mean gap between a bucket's mean confidence and its accuracy; 0 is calibrated).",
+            100.0 * e
+        )
+    })
+}
+
 /// A reliability diagram as an SVG: accuracy per confidence bucket (bars, labelled with the
-/// number of decisions) against the diagonal of perfect calibration.
-pub fn reliability_svg(title: &str, buckets: &[(f64, f64, usize, f64)]) -> String {
+/// number of decisions), each bucket's mean confidence and accuracy as a dot, against the
+/// diagonal of perfect calibration.
+pub fn reliability_svg(title: &str, buckets: &[Bucket]) -> String {
     let (left, top, w, h) = (50.0, 40.0, 300.0, 300.0);
     let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     let mut svg = format!(
@@ -737,20 +767,20 @@ pub fn reliability_svg(title: &str, buckets: &[(f64, f64, usize, f64)]) -> Strin
         top + h / 2.0,
         top + h / 2.0
     );
-    for (lo, hi, n, acc) in buckets {
-        if *n == 0 {
-            continue;
-        }
-        let (x, bw) = (left + w * lo, w * (hi - lo));
-        let bh = h * acc.clamp(0.0, 1.0);
+    for b in buckets.iter().filter(|b| b.decisions > 0) {
+        let (x, bw) = (left + w * b.lower, w * (b.upper - b.lower));
+        let bh = h * b.accuracy.clamp(0.0, 1.0);
         let _ = write!(
             svg,
-            r##"<rect x="{}" y="{}" width="{}" height="{bh}" fill="#4a7ebb" fill-opacity="0.8" stroke="white"/><text x="{}" y="{}" text-anchor="middle">{n}</text>"##,
+            r##"<rect x="{}" y="{}" width="{}" height="{bh}" fill="#4a7ebb" fill-opacity="0.8" stroke="white"/><text x="{}" y="{}" text-anchor="middle">{}</text><circle cx="{}" cy="{}" r="3.5" fill="#d9822b" stroke="white"/>"##,
             x + 1.0,
             top + h - bh,
             (bw - 2.0).max(1.0),
             x + bw / 2.0,
-            (top + h - bh - 4.0).max(top + 12.0)
+            (top + h - bh - 4.0).max(top + 12.0),
+            b.decisions,
+            left + w * b.mean_confidence.clamp(0.0, 1.0),
+            top + h - bh
         );
     }
     svg.push_str("</svg>");
@@ -882,23 +912,33 @@ pub fn html(r: &Report) -> String {
         let rows: Vec<Vec<String>> = s
             .reliability
             .iter()
-            .map(|(lo, hi, n, a)| {
+            .map(|b| {
+                let [mean, acc] = bucket_cells(b);
                 vec![
-                    format!("{lo:.1}–{hi:.1}"),
-                    n.to_string(),
-                    if *n > 0 { pct(*a) } else { "–".into() },
+                    format!("{:.1}–{:.1}", b.lower, b.upper),
+                    b.decisions.to_string(),
+                    mean,
+                    acc,
                 ]
             })
             .collect();
         table(
             &mut h,
             "reliability",
-            &["confidence".into(), "decisions".into(), "accuracy".into()],
+            &[
+                "confidence".into(),
+                "decisions".into(),
+                "mean confidence".into(),
+                "accuracy".into(),
+            ],
             &rows,
         );
+        if let Some(line) = calibration_line(s.calibration_error) {
+            let _ = writeln!(h, "<p>{}</p>", esc(&line));
+        }
         let _ = writeln!(
             h,
-            "<figure class=\"reliability\">{}<figcaption>reliability diagram: accuracy per confidence bucket; the dashed line is perfect calibration</figcaption></figure>",
+            "<figure class=\"reliability\">{}<figcaption>reliability diagram: accuracy per confidence bucket (bars), at the bucket's mean confidence (dots); the dashed line is perfect calibration</figcaption></figure>",
             reliability_svg(&format!("{} — reliability", s.name), &s.reliability)
         );
         h.push_str("<h3>Review threshold (<code>--min-confidence</code>): coverage vs accuracy</h3>\n");
@@ -1137,8 +1177,19 @@ mod tests {
             "a predicted-only class is missing"
         );
         // 2 examples x 5 fields, one without a confidence.
-        let decisions: usize = r.systems[0].reliability.iter().map(|b| b.2).sum();
+        let decisions: usize = r.systems[0].reliability.iter().map(|b| b.decisions).sum();
         assert_eq!(decisions, 9);
+        let ece = r.systems[0]
+            .calibration_error
+            .expect("9 decisions with a confidence");
+        assert!(
+            md.contains("| confidence | decisions | mean confidence | accuracy |")
+                && md.contains(&format!(
+                    "Expected calibration error over these buckets: {:.1} points",
+                    100.0 * ece
+                )),
+            "{md}"
+        );
         let at = |t: f64| r.systems[0].coverage.iter().find(|c| c.0 == t).unwrap().1;
         assert_eq!(
             at(0.5),
