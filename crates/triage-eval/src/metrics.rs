@@ -100,9 +100,9 @@ pub fn field_report(field: &str, classes: &[&str], gold: &[&str], predicted: &[&
 /// One confidence bucket of a reliability diagram.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Bucket {
-    /// The lowest confidence in the bucket (included).
+    /// The bucket's lower bound (included).
     pub lower: f64,
-    /// The highest (excluded, except 1.0 in the last bucket).
+    /// Its upper bound (excluded, except 1.0 in the last bucket).
     pub upper: f64,
     /// Decisions whose confidence falls in the bucket.
     pub decisions: usize,
@@ -114,13 +114,14 @@ pub struct Bucket {
 }
 
 /// Accuracy and mean confidence per confidence bucket, for `buckets` equal-width buckets over
-/// [0, 1].
+/// [0, 1]; a confidence outside [0, 1] counts as its nearest bound, and one that is not a
+/// number (none of triage's engines gives one) is left out rather than spoiling its bucket.
 pub fn reliability(confidence: &[f64], correct: &[bool], buckets: usize) -> Vec<Bucket> {
     let b = buckets.max(1);
     let mut n = vec![0usize; b];
     let mut ok = vec![0usize; b];
     let mut sum = vec![0f64; b];
-    for (c, r) in confidence.iter().zip(correct) {
+    for (c, r) in confidence.iter().zip(correct).filter(|(c, _)| !c.is_nan()) {
         let c = c.clamp(0.0, 1.0);
         let i = ((c * b as f64) as usize).min(b - 1);
         n[i] += 1;
@@ -244,6 +245,17 @@ mod tests {
         // (1 × |0.2 − 0| + 3 × |0.8 − 2/3|) / 4 = 0.15
         let ece = calibration_error(&rel).unwrap();
         assert!((ece - 0.15).abs() < 1e-12, "{ece}");
+        // Underconfidence counts as much as overconfidence: (|0.3 − 1| + |0.9 − 1|) / 2.
+        let under = reliability(&[0.3, 0.9], &[true, true], 2);
+        assert!((calibration_error(&under).unwrap() - 0.4).abs() < 1e-12);
+        // A bucket's lower bound is in it, its upper bound in the next; 1.0 in the last.
+        let edges = reliability(&[0.0, 0.5, 1.0], &[false, true, true], 2);
+        assert_eq!((edges[0].decisions, edges[1].decisions), (1, 2));
+        // Out of [0, 1] counts as the bound; not a number is left out.
+        let odd = reliability(&[1.2, -0.1, f64::NAN], &[true, false, true], 2);
+        assert_eq!((odd[0].decisions, odd[1].decisions), (1, 1));
+        assert_eq!((odd[0].mean_confidence, odd[1].mean_confidence), (0.0, 1.0));
+        assert_eq!(calibration_error(&odd), Some(0.0));
         // Right as often as confident: no error; no decisions: no figure.
         let even = reliability(&[0.5, 0.5, 1.0], &[true, false, true], 2);
         assert_eq!(calibration_error(&even), Some(0.0));

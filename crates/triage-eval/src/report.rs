@@ -767,6 +767,12 @@ pub fn reliability_svg(title: &str, buckets: &[Bucket]) -> String {
         top + h / 2.0,
         top + h / 2.0
     );
+    let _ = write!(
+        svg,
+        r##"<text x="{}" y="{}" fill="#555">bars: accuracy; dots: at the mean confidence</text>"##,
+        left + 6.0,
+        top + 14.0
+    );
     for b in buckets.iter().filter(|b| b.decisions > 0) {
         let (x, bw) = (left + w * b.lower, w * (b.upper - b.lower));
         let bh = h * b.accuracy.clamp(0.0, 1.0);
@@ -1176,18 +1182,17 @@ mod tests {
             md.contains("Software › Other 0.00/0.00/0"),
             "a predicted-only class is missing"
         );
-        // 2 examples x 5 fields, one without a confidence.
+        // 2 examples x 5 fields, one without a confidence: the wrong category at 0.7, the
+        // subcategory under it at 0.9 (wrong), seven right at 0.9. ECE: (1 × 0.7 + 8 × |0.9 −
+        // 7/8|) / 9 = 0.1.
         let decisions: usize = r.systems[0].reliability.iter().map(|b| b.decisions).sum();
         assert_eq!(decisions, 9);
-        let ece = r.systems[0]
-            .calibration_error
-            .expect("9 decisions with a confidence");
         assert!(
             md.contains("| confidence | decisions | mean confidence | accuracy |")
-                && md.contains(&format!(
-                    "Expected calibration error over these buckets: {:.1} points",
-                    100.0 * ece
-                )),
+                && md.contains("| 0.6–0.8 | 1 | 0.70 | 0.0% |")
+                && md.contains("| 0.8–1.0 | 8 | 0.90 | 87.5% |")
+                && md.contains("| 0.0–0.2 | 0 | – | – |")
+                && md.contains("Expected calibration error over these buckets: 10.0 points"),
             "{md}"
         );
         let at = |t: f64| r.systems[0].coverage.iter().find(|c| c.0 == t).unwrap().1;

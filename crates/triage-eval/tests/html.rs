@@ -78,6 +78,21 @@ fn report_html_is_a_page_of_tables_with_inline_figures() {
     assert_eq!(html.matches("<figure class=\"reliability\">").count(), systems);
     assert!(html.contains("<th>tfidf-baseline</th>") && html.contains("x&lt;b&gt;&amp;&quot;y&quot;"));
     assert!(!html.contains("x<b>"), "names are escaped");
+    // The reliability table's mean confidence, the calibration error under it, and each
+    // non-empty bucket's dot on the diagram.
+    assert_eq!(html.matches("<th>mean confidence</th>").count(), systems);
+    assert_eq!(
+        html.matches("Expected calibration error over these buckets")
+            .count(),
+        systems
+    );
+    let dots: usize = r
+        .systems
+        .iter()
+        .map(|s| s.reliability.iter().filter(|b| b.decisions > 0).count())
+        .sum();
+    assert!(dots > 0);
+    assert_eq!(html.matches("<circle").count(), dots);
     assert!(dir.join("reliability-tfidf-baseline.svg").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
