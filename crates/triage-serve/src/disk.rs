@@ -295,6 +295,52 @@ fn alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// Puts back what a writer killed between the two renames of an atomic folder swap left only
+/// moved aside, which [`sweep`] would otherwise remove as a dead writer's temporaries with the
+/// complete new copy beside them: a run's checkpoint (`runs/<job>/.checkpoint.old-<pid>`) and
+/// an adapter (`adapters/.<name>.old-<pid>`). Only swaps of processes no longer alive; called
+/// at start-up, before the first sweep. Returns the folders restored.
+pub(crate) fn recover_swaps(data_dir: &Path) -> Vec<PathBuf> {
+    // The names `X` of `dir`'s `.X.old-<pid>` entries whose writer is gone.
+    fn moved_aside(dir: &Path) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let rest = name.strip_prefix('.')?;
+                let (swapped, pid) = rest.rsplit_once(".old-")?;
+                (!alive(pid.parse().ok()?)).then(|| swapped.to_owned())
+            })
+            .collect()
+    }
+    let mut restored = Vec::new();
+    let mut restore = |dir: PathBuf, r: Result<bool, triage_train::TrainError>| match r {
+        Ok(true) => restored.push(dir),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("cannot restore {}: {e}", dir.display()),
+    };
+    let runs = std::fs::read_dir(data_dir.join("runs"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for run in runs.map(|e| e.path()) {
+        if moved_aside(&run).iter().any(|n| n == "checkpoint") {
+            let r = triage_train::trainer::recover_checkpoint(&run);
+            restore(triage_train::trainer::checkpoint_dir(&run), r);
+        }
+    }
+    let adapters = data_dir.join("adapters");
+    for name in moved_aside(&adapters) {
+        let dir = adapters.join(&name);
+        let r = triage_train::adapter::recover(&dir);
+        restore(dir, r);
+    }
+    restored
+}
+
 /// Removes temporaries under the data folder that no live writer owns: those of dead
 /// processes, and this process's own except those of the running job `skip_job` (uploads hold
 /// the disk lock while they write, so none is in flight). Returns what was removed.
@@ -444,6 +490,43 @@ mod tests {
         // Once the job is over, its leftovers go too.
         let removed = sweep(&d, &disk.lock(), None);
         assert_eq!(removed.len(), 2, "{removed:?}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A kill between a swap's two renames leaves the complete new copy and the old one aside,
+    /// and nothing under the real name: start-up puts the new one back before the sweep, which
+    /// would remove both. A live writer's swap is left alone.
+    #[test]
+    fn a_swap_cut_short_is_restored_before_the_sweep() {
+        let d = std::env::temp_dir().join(format!("triage-disk-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let dead = 999_999_999u32;
+        for (f, body) in [
+            (format!("runs/job-3/.checkpoint.old-{dead}/state.json"), "old"),
+            (format!("runs/job-3/.checkpoint.tmp-{dead}/state.json"), "new"),
+            (
+                format!("adapters/.job-3.old-{dead}/adapter_model.safetensors"),
+                "old",
+            ),
+            // pid 1 is alive: a swap in flight.
+            ("runs/job-4/.checkpoint.old-1/state.json".to_owned(), "old"),
+        ] {
+            let p = d.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let restored = recover_swaps(&d);
+        assert_eq!(restored.len(), 2, "{restored:?}");
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).ok();
+        assert_eq!(read("runs/job-3/checkpoint/state.json").as_deref(), Some("new"));
+        assert_eq!(
+            read("adapters/job-3/adapter_model.safetensors").as_deref(),
+            Some("old")
+        );
+        assert!(!d.join("runs/job-4/checkpoint").exists());
+        let removed = sweep(&d, &Disk::default().lock(), None);
+        assert!(removed.is_empty(), "{removed:?}");
+        assert_eq!(read("runs/job-3/checkpoint/state.json").as_deref(), Some("new"));
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -224,6 +224,9 @@ impl AppState {
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
         });
+        for dir in crate::disk::recover_swaps(&state.config.data_dir) {
+            tracing::warn!("{}: restored (a write of it was cut short)", dir.display());
+        }
         crate::disk::sweep(&state.config.data_dir, &state.disk.lock(), None);
         let served: Vec<String> = state
             .desks

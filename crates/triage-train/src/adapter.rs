@@ -261,6 +261,12 @@ fn remove_stale(parent: &Path, name: &str) {
     }
 }
 
+/// Restores adapter folder `dir` when a kill between the two renames of its replacement
+/// ([`save`]) left it only moved aside (see [`recover_dir`]); returns whether it was.
+pub fn recover(dir: &Path) -> Result<bool, TrainError> {
+    recover_dir(dir, "adapter_model.safetensors")
+}
+
 /// Puts back a directory that [`write_dir`] moved aside and did not replace: a kill between
 /// its two renames leaves no `dir`, only the old one as `.<name>.old-<pid>` and the new one,
 /// complete (it is synced before the swap), as `.<name>.tmp-<pid>`. The new one is restored

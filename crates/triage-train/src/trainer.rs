@@ -716,7 +716,16 @@ impl<'a> Trainer<'a> {
             sum += l;
             weight += mb.weight;
         }
-        Ok(Some(sum / weight.max(1e-9)))
+        let loss = sum / weight.max(1e-9);
+        // Not a number cannot be written to (and read back from) a checkpoint, and says the
+        // adapter has diverged.
+        if !loss.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "after step {}: validation loss is {loss}; lower the learning rate",
+                self.state.step
+            )));
+        }
+        Ok(Some(loss))
     }
 
     /// Per-field accuracy of constrained decoding (the real inference path) with the current
@@ -787,8 +796,16 @@ impl<'a> Trainer<'a> {
                 fingerprint: Some(self.fingerprint.clone()),
             };
             let p = tmp.join(STATE_FILE);
-            std::fs::write(&p, serde_json::to_string_pretty(&state).expect("json"))
-                .map_err(|e| file_err(&p, e))
+            let json = serde_json::to_string_pretty(&state).expect("json");
+            // What `--resume` could not read must not replace the last good checkpoint (JSON
+            // has no NaN: a non-finite figure would be written as null).
+            serde_json::from_str::<Checkpoint>(&json).map_err(|e| {
+                TrainError::Invalid(format!(
+                    "step {}: the run state would not read back ({e}); the previous checkpoint is kept",
+                    self.state.step
+                ))
+            })?;
+            std::fs::write(&p, json).map_err(|e| file_err(&p, e))
         })
     }
 
@@ -862,7 +879,12 @@ impl<'a> Trainer<'a> {
                 }
                 _ => {}
             },
-            false => self.truncate_log()?,
+            // The curve of a resumed run is redrawn from the records kept: one drawn after the
+            // checkpoint (before a kill) shows steps that will run again.
+            false => {
+                self.truncate_log()?;
+                self.plot()?;
+            }
         }
         let val_before = if fresh {
             self.val_loss()?
@@ -949,15 +971,15 @@ impl<'a> Trainer<'a> {
                 .collect::<Result<_, _>>()?;
             let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm)?;
             let lr = lr_at(c.optimizer.lr, self.state.step, c.warmup_steps, c.steps);
-            if !grad_norm.is_finite() {
+            let loss = loss_sum / c.grad_accum as f64;
+            if !grad_norm.is_finite() || !loss.is_finite() {
                 return Err(TrainError::Invalid(format!(
-                    "step {}: gradient norm is {grad_norm}; lower the learning rate",
+                    "step {}: gradient norm is {grad_norm}, loss {loss}; lower the learning rate",
                     self.state.step + 1
                 )));
             }
             self.opt.update(&grads, lr)?;
             self.state.step += 1;
-            let loss = loss_sum / c.grad_accum as f64;
             self.state.train_loss.push((self.state.step, loss));
             let secs = t0.elapsed().as_secs_f64();
             let report = StepReport {
@@ -1053,6 +1075,43 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
 /// The run state of `run_dir`'s checkpoint; it exists once a checkpoint was written.
 pub fn checkpoint_state(run_dir: &Path) -> PathBuf {
     checkpoint_dir(run_dir).join(STATE_FILE)
+}
+
+/// An exclusive hold on a run folder while it lives (see [`lock_run_dir`]).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+/// Takes `run_dir`'s lock (`run_dir/.lock`; the folder is created): two runs in one folder
+/// would interleave their `metrics.jsonl` and remove each other's checkpoint swaps. Released
+/// when the [`RunLock`] is dropped or the process ends, however it ends. On a file system
+/// without file locks, a warning and no lock.
+pub fn lock_run_dir(run_dir: &Path) -> Result<RunLock, TrainError> {
+    std::fs::create_dir_all(run_dir).map_err(|e| file_err(run_dir, e))?;
+    let path = run_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| file_err(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(RunLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::Invalid(format!(
+            "{}: another run is using this run folder; wait for it to finish, stop it, or give \
+             another --run-dir",
+            run_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(
+                "{}: file locks are not supported here, so nothing stops a second run in this folder",
+                path.display()
+            );
+            Ok(RunLock { _file: file })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(file_err(&path, e)),
+    }
 }
 
 /// Restores `run_dir`'s checkpoint if a kill in the middle of replacing it left only the

@@ -241,3 +241,18 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// One run per folder: a second lock on it is refused, naming the folder, until the first is
+/// released (as when its process ends).
+#[test]
+fn a_run_folder_holds_one_run_at_a_time() {
+    let dir = temp_root("lock").join("run");
+    let first = triage_train::trainer::lock_run_dir(&dir).unwrap();
+    let e = triage_train::trainer::lock_run_dir(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("another run is using this run folder") && e.contains(&dir.display().to_string()),
+        "{e}"
+    );
+    drop(first);
+    drop(triage_train::trainer::lock_run_dir(&dir).expect("released with its holder"));
+}

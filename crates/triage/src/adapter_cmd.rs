@@ -76,7 +76,7 @@ pub struct CalibrateArgs {
     /// when the file exists, read instead of decoding (refitting without the model), provided
     /// `FILE.key` says it was decoded with this model, adapter and data. While
     /// decoding, every example is journaled in `FILE.partial`, so an interrupted run started
-    /// again with the same arguments continues where it stopped.
+    /// again with the same arguments (or another `--limit`) continues where it stopped.
     #[arg(long, value_name = "FILE")]
     scores: Option<PathBuf>,
     /// Examples decoded at once, sharing every forward pass.
@@ -451,7 +451,7 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
                         dir,
                         &model_path,
                         &labelled.key,
-                        first_n(&labelled, args.limit),
+                        Some(first_n(&labelled, args.limit)),
                     )? => {}
                 Some(_) => anyhow::bail!(
                     "{}: decoded with another model, adapter, data file or --limit than {} and \
@@ -576,20 +576,28 @@ fn first_n(labelled: &crate::eval_cmd::LabelledData, limit: Option<usize>) -> us
 
 /// What decoded decisions depend on: the base model, the adapter's weights, the data file and
 /// how many of its examples (`n`, the first ones), and the record's format (v2: decisions
-/// under a wrong parent value are marked). Keys the `--scores` file (in `<scores>.key`) and
-/// its `.partial` journal.
-fn scores_key(cli: &Cli, dir: &Path, model_path: &Path, data_key: &[u8], n: usize) -> anyhow::Result<String> {
-    Ok(crate::eval_cmd::journal_key(&[
-        b"calibrate-v2",
-        n.to_string().as_bytes(),
-        crate::model_cmd::model_sha256(cli, model_path)?.as_bytes(),
-        files_key(&[
-            dir.join("adapter_model.safetensors"),
-            dir.join("adapter_config.json"),
-        ])?
-        .as_bytes(),
-        data_key,
-    ]))
+/// under a wrong parent value are marked). Keys the `--scores` file (in `<scores>.key`); with
+/// `n` `None`, its `.partial` journal, whose records (one per example, in file order) do not
+/// depend on `--limit`, so another limit keeps them.
+fn scores_key(
+    cli: &Cli,
+    dir: &Path,
+    model_path: &Path,
+    data_key: &[u8],
+    n: Option<usize>,
+) -> anyhow::Result<String> {
+    let n = n.map(|n| n.to_string());
+    let mut parts: Vec<&[u8]> = match &n {
+        Some(n) => vec![b"calibrate-v2", n.as_bytes()],
+        None => vec![b"calibrate-partial-v2"],
+    };
+    let model = crate::model_cmd::model_sha256(cli, model_path)?;
+    let adapter = files_key(&[
+        dir.join("adapter_model.safetensors"),
+        dir.join("adapter_config.json"),
+    ])?;
+    parts.extend([model.as_bytes(), adapter.as_bytes(), data_key]);
+    Ok(crate::eval_cmd::journal_key(&parts))
 }
 
 /// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
@@ -619,18 +627,19 @@ fn decode_decisions(
     let s = base.with_adapter(Arc::new(lora));
     // One record per example: its decisions, or why it was not decoded.
     type Record = Result<Vec<calibration::Decision>, String>;
-    // With --scores: its journal (`<scores>.partial`) and the key of the journal and of the
-    // finished file (hashed once).
+    // With --scores: its journal (`<scores>.partial`, keyed without `--limit`: its records
+    // are per example, in file order, so another limit keeps them) and the finished file's key.
     let journaled = scores
         .map(|f| {
             anyhow::Ok((
                 beside(f, "partial"),
-                scores_key(cli, dir, &model_path, data_key, examples.len())?,
+                scores_key(cli, dir, &model_path, data_key, Some(examples.len()))?,
+                scores_key(cli, dir, &model_path, data_key, None)?,
             ))
         })
         .transpose()?;
     let resume: Option<Resume<Record>> = match &journaled {
-        Some((partial, key)) => {
+        Some((partial, _, key)) => {
             let ids = triage_eval::run::journal_ids(examples);
             let (j, kept) = Journal::open(partial, key, &ids, true)?;
             if !kept.is_empty() {
@@ -703,7 +712,7 @@ fn decode_decisions(
     if failed > 0 {
         eprintln!("{failed} examples could not be decoded (see the warnings); fitting on the rest");
     }
-    if let (Some(f), Some((partial, key))) = (scores, &journaled) {
+    if let (Some(f), Some((partial, key, _))) = (scores, &journaled) {
         let mut lines = String::new();
         for (id, d) in &decisions {
             lines.push_str(&serde_json::to_string(&(id, d))?);

@@ -277,6 +277,13 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    // One run per folder, held until this command returns: taken here, before a checkpoint
+    // is recovered or read, when the folder exists; else just before the run creates it, so a
+    // refused run leaves no folder (and --dry-run writes nothing).
+    let lock = match !args.dry_run && run_dir.exists() {
+        true => Some(triage_train::trainer::lock_run_dir(&run_dir)?),
+        false => None,
+    };
     triage_train::trainer::recover_checkpoint(&run_dir)?;
     let config = match args.resume {
         true => resumed_config(&run_dir, load_config(args)?)?,
@@ -339,6 +346,10 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         train.len(),
         val.len()
     );
+    let _lock = match lock {
+        Some(held) => held,
+        None => triage_train::trainer::lock_run_dir(&run_dir)?,
+    };
     let mut trainer = Trainer::new(&base, &gguf, config, &train, &val, &run_dir, args.resume)?;
     eprintln!(
         "training {} LoRA parameters (rank {}, {:?}) on {} examples, {} steps; run dir {}",
