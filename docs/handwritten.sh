@@ -17,14 +17,22 @@ DATA=data/handwritten/incidents.jsonl
 for m in $MODELS; do
   t=$(synth_train "$m")
   [ -f "$t" ] || { echo "$t is missing: run docs/results.sh (its data steps) first" >&2; exit 1; }
-  "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "reports/handwritten-$m" --resume
-  echo "$t" > "reports/handwritten-$m/train"
+  r=reports/handwritten-$m
+  # The build that decoded: this one if it decoded anything (a journal grew or started over),
+  # else the one recorded when the journals were written (a run resumed to the end decodes
+  # nothing, and its tickets are the earlier build's).
+  journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
+  before=$(journals)
+  "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "$r" --resume
+  if [ "$before" != "$(journals)" ] || [ ! -s "$r/build" ]; then echo "$BUILD" > "$r/build"; fi
+  echo "$t" > "$r/train"
 done
 measured=$(mktemp)
 trap 'rm -f "$measured"' EXIT
 {
   echo "<!-- begin measured: written by docs/handwritten.sh, do not edit by hand -->"
-  echo "Measured on $(date -u +%Y-%m-%d) with \`triage\` built from $BUILD, models: $MODELS."
+  echo "Measured on $(date -u +%Y-%m-%d), models: $MODELS; decoded by \`triage\` built from" \
+    "$(for m in $MODELS; do printf '%s (%s), ' "$(cat "reports/handwritten-$m/build")" "$m"; done | sed 's/, $//')."
   echo
   python3 docs/handwritten.py "$MODELS" "$DATA"
   echo "<!-- end measured -->"
@@ -36,6 +44,9 @@ text = open(path).read()
 a, b = text.find("<!-- begin measured"), text.find("<!-- end measured -->")
 if a < 0 or b < 0:
     sys.exit(f"{path}: no begin/end measured markers")
-open(path, "w").write(text[:a] + block + text[b + len("<!-- end measured -->\n"):])
+import os
+with open(path + ".tmp", "w") as f:  # replaced whole: a kill mid-write leaves the old page
+    f.write(text[:a] + block + text[b + len("<!-- end measured -->\n"):])
+os.replace(path + ".tmp", path)
 EOF
 echo "wrote docs/handwritten.md"

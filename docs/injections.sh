@@ -50,5 +50,6 @@ cp docs/injections.md "$PREV" 2>/dev/null || true
   echo "(an injection naming two is left out). \"On the clean text\" is how often the adapter gave"
   echo "that same value without the injection: the level to compare the injected count with."
   echo "Training data with injections: \`triage data synth --injections SHARE\` (labels unchanged)."
-} > docs/injections.md
+} > docs/injections.md.tmp
+mv docs/injections.md.tmp docs/injections.md # whole: a kill while writing leaves the old page
 echo "wrote docs/injections.md"

@@ -55,9 +55,14 @@ limit() { [ "$1" -gt 0 ] && echo "--limit $1" || true; }
 evaluate() { # name model split train limit adapter [global flags...]: reports/results-<name>, unless ONLY leaves it out
   local name=$1 model=$2 split=$3 train=$4 n=$5 adapter=$6; shift 6
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
+  local r=reports/results-$name before
+  # The section names the build that decoded: this one if it decoded anything (a journal grew
+  # or started over), else the one recorded when the journals were written.
+  journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
+  before=$(journals)
   "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$train" \
-    --adapter "$adapter" $(limit "$n") --out "reports/results-$name" --resume
-  echo "$BUILD" > "reports/results-$name/build" # the section names the build that measured it
+    --adapter "$adapter" $(limit "$n") --out "$r" --resume
+  if [ "$before" != "$(journals)" ] || [ ! -s "$r/build" ]; then echo "$BUILD" > "$r/build"; fi
   echo "$train" > "reports/results-$name/train" # and what its baseline was fitted on
   cp "$adapter/triage.json" "reports/results-$name/adapter-triage.json" # and what the adapter was
 }
@@ -172,5 +177,6 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
   section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
   [ -f docs/ablation.md ] && cat docs/ablation.md
-} | cat -s > docs/results.md # one blank line between sections, kept or rebuilt
+} | cat -s > docs/results.md.tmp # one blank line between sections, kept or rebuilt
+mv docs/results.md.tmp docs/results.md # whole: a kill while writing leaves the old page
 echo "wrote docs/results.md"
