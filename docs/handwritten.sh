@@ -18,9 +18,9 @@ for m in $MODELS; do
   t=$(synth_train "$m")
   [ -f "$t" ] || { echo "$t is missing: run docs/results.sh (its data steps) first" >&2; exit 1; }
   r=reports/handwritten-$m
-  # The build that decoded: this one if it decoded anything (a journal grew or started over),
-  # else the one recorded when the journals were written (a run resumed to the end decodes
-  # nothing, and its tickets are the earlier build's).
+  # The last build that decoded: this one if it decoded anything (a journal grew or started
+  # over), else the one recorded when the journals were last written (a run resumed to the end
+  # decodes nothing, and its tickets are the earlier build's).
   journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
   before=$(journals)
   "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "$r" --resume

@@ -56,8 +56,8 @@ evaluate() { # name model split train limit adapter [global flags...]: reports/r
   local name=$1 model=$2 split=$3 train=$4 n=$5 adapter=$6; shift 6
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
   local r=reports/results-$name before
-  # The section names the build that decoded: this one if it decoded anything (a journal grew
-  # or started over), else the one recorded when the journals were written.
+  # The section names the last build that decoded: this one if it decoded anything (a journal
+  # grew or started over), else the one recorded when the journals were last written.
   journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
   before=$(journals)
   "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$train" \
@@ -130,7 +130,10 @@ section() { # report title split
   built=$(cat "reports/$1/build" 2>/dev/null || echo "a build this report did not record")
   n=$(report_field "reports/$1/report.json" examples)
   total=$(grep -c . "$OUT/$3/test.jsonl")
-  echo "Evaluated on $(date -u -r "reports/$1/report.md" +%Y-%m-%d) with \`triage\` built from $built,"
+  # The date and build of the last decoding (the build file is rewritten only then).
+  local when=reports/$1/build
+  [ -f "$when" ] || when=reports/$1/report.md
+  echo "Evaluated on $(date -u -r "$when" +%Y-%m-%d) with \`triage\` built from $built,"
   if [ "$n" = "$total" ]; then echo "on all $n examples of the test split."; else echo "on the first $n of the test split's $total examples."; fi
   if [ -f "reports/$1/train" ]; then
     local train
@@ -176,7 +179,7 @@ cp docs/results.md "$PREV" 2>/dev/null || true
   section results-synth-1.5b "Synthetic test split, Qwen2.5-Coder 1.5B" synth
   section results-synth-0.5b "Synthetic test split, Qwen2.5-Coder 0.5B" synth
   section results-cs-1.5b "Customer-support test split, Qwen2.5-Coder 1.5B" cs
-  [ -f docs/ablation.md ] && cat docs/ablation.md
+  if [ -f docs/ablation.md ]; then cat docs/ablation.md; fi
 } | cat -s > docs/results.md.tmp # one blank line between sections, kept or rebuilt
 mv docs/results.md.tmp docs/results.md # whole: a kill while writing leaves the old page
 echo "wrote docs/results.md"

@@ -295,27 +295,14 @@ fn alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// Puts back what a writer killed between the two renames of an atomic folder swap left only
-/// moved aside, which [`sweep`] would otherwise remove as a dead writer's temporaries with the
-/// complete new copy beside them: a run's checkpoint (`runs/<job>/.checkpoint.old-<pid>`) and
-/// an adapter (`adapters/.<name>.old-<pid>`). Only swaps of processes no longer alive; called
-/// at start-up, before the first sweep. Returns the folders restored.
-pub(crate) fn recover_swaps(data_dir: &Path) -> Vec<PathBuf> {
-    // The names `X` of `dir`'s `.X.old-<pid>` entries whose writer is gone.
-    fn moved_aside(dir: &Path) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let rest = name.strip_prefix('.')?;
-                let (swapped, pid) = rest.rsplit_once(".old-")?;
-                (!alive(pid.parse().ok()?)).then(|| swapped.to_owned())
-            })
-            .collect()
-    }
+/// Puts back what a writer killed between the two renames of an atomic folder swap left,
+/// which [`sweep`] would otherwise remove as a dead writer's temporaries: the old copy moved
+/// aside and the complete new one beside it (`.X.old-<pid>` and `.X.tmp-<pid>`, no `X`), for
+/// a run's checkpoint (`runs/<job>/checkpoint`) and an adapter (`adapters/<name>`). Only when
+/// that writer is gone and no live one has a swap of `X` in flight; a lone old copy (a finished
+/// swap whose folder was deleted since, as quota eviction does) is not brought back. Called at
+/// start-up, before the first sweep. Returns the folders restored.
+pub fn recover_swaps(data_dir: &Path) -> Vec<PathBuf> {
     let mut restored = Vec::new();
     let mut restore = |dir: PathBuf, r: Result<bool, triage_train::TrainError>| match r {
         Ok(true) => restored.push(dir),
@@ -327,18 +314,51 @@ pub(crate) fn recover_swaps(data_dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten();
     for run in runs.map(|e| e.path()) {
-        if moved_aside(&run).iter().any(|n| n == "checkpoint") {
+        if cut_swaps(&run).iter().any(|n| n == "checkpoint") {
             let r = triage_train::trainer::recover_checkpoint(&run);
             restore(triage_train::trainer::checkpoint_dir(&run), r);
         }
     }
     let adapters = data_dir.join("adapters");
-    for name in moved_aside(&adapters) {
+    for name in cut_swaps(&adapters) {
         let dir = adapters.join(&name);
         let r = triage_train::adapter::recover(&dir);
         restore(dir, r);
     }
     restored
+}
+
+/// The names `X` in `dir` of swaps cut between their two renames: no `X`, and `.X.old-<pid>`
+/// beside `.X.tmp-<pid>` of one writer that is gone, with no swap of `X` by a live one.
+fn cut_swaps(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut swaps: std::collections::HashMap<String, Vec<(&'static str, u32)>> = Default::default();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.') else {
+            continue;
+        };
+        for kind in ["old", "tmp"] {
+            if let Some((x, pid)) = rest.rsplit_once(&format!(".{kind}-")) {
+                if let Ok(pid) = pid.parse() {
+                    swaps.entry(x.to_owned()).or_default().push((kind, pid));
+                }
+            }
+        }
+    }
+    swaps
+        .into_iter()
+        .filter(|(x, parts)| {
+            !dir.join(x).exists()
+                && parts.iter().all(|(_, pid)| !alive(*pid))
+                && parts
+                    .iter()
+                    .any(|(k, pid)| *k == "old" && parts.contains(&("tmp", *pid)))
+        })
+        .map(|(x, _)| x)
+        .collect()
 }
 
 /// Removes temporaries under the data folder that no live writer owns: those of dead
@@ -508,8 +528,18 @@ mod tests {
                 format!("adapters/.job-3.old-{dead}/adapter_model.safetensors"),
                 "old",
             ),
+            (
+                format!("adapters/.job-3.tmp-{dead}/adapter_model.safetensors"),
+                "new",
+            ),
+            // A lone old copy: a finished swap whose folder was deleted since (evicted).
+            (
+                format!("adapters/.job-5.old-{dead}/adapter_model.safetensors"),
+                "old",
+            ),
             // pid 1 is alive: a swap in flight.
             ("runs/job-4/.checkpoint.old-1/state.json".to_owned(), "old"),
+            ("runs/job-4/.checkpoint.tmp-1/state.json".to_owned(), "new"),
         ] {
             let p = d.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -521,11 +551,12 @@ mod tests {
         assert_eq!(read("runs/job-3/checkpoint/state.json").as_deref(), Some("new"));
         assert_eq!(
             read("adapters/job-3/adapter_model.safetensors").as_deref(),
-            Some("old")
+            Some("new")
         );
-        assert!(!d.join("runs/job-4/checkpoint").exists());
+        assert!(!d.join("runs/job-4/checkpoint").exists() && !d.join("adapters/job-5").exists());
+        // Left: the lone old copy, a dead writer's temporary, which the sweep removes.
         let removed = sweep(&d, &Disk::default().lock(), None);
-        assert!(removed.is_empty(), "{removed:?}");
+        assert_eq!(removed, vec![d.join(format!("adapters/.job-5.old-{dead}"))]);
         assert_eq!(read("runs/job-3/checkpoint/state.json").as_deref(), Some("new"));
         std::fs::remove_dir_all(d).unwrap();
     }

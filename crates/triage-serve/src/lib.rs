@@ -54,7 +54,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 
-pub use disk::QuotaError;
+pub use disk::{recover_swaps, QuotaError};
 pub use error::ApiError;
 pub use jobs::{JobState, JobStatus};
 pub use limits::TrainLimits;

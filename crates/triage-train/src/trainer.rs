@@ -1085,8 +1085,8 @@ pub struct RunLock {
 
 /// Takes `run_dir`'s lock (`run_dir/.lock`; the folder is created): two runs in one folder
 /// would interleave their `metrics.jsonl` and remove each other's checkpoint swaps. Released
-/// when the [`RunLock`] is dropped or the process ends, however it ends. On a file system
-/// without file locks, a warning and no lock.
+/// when the [`RunLock`] is dropped or the process ends, however it ends. Where the file cannot
+/// be locked (a file system without locks), a warning and no lock.
 pub fn lock_run_dir(run_dir: &Path) -> Result<RunLock, TrainError> {
     std::fs::create_dir_all(run_dir).map_err(|e| file_err(run_dir, e))?;
     let path = run_dir.join(".lock");
@@ -1103,14 +1103,15 @@ pub fn lock_run_dir(run_dir: &Path) -> Result<RunLock, TrainError> {
              another --run-dir",
             run_dir.display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+        // No file locks here (a network file system without a lock service): the lock only
+        // guards against a mistake, so the run goes on, warned.
+        Err(std::fs::TryLockError::Error(e)) => {
             tracing::warn!(
-                "{}: file locks are not supported here, so nothing stops a second run in this folder",
+                "{}: cannot lock ({e}), so nothing stops a second run in this folder",
                 path.display()
             );
             Ok(RunLock { _file: file })
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(file_err(&path, e)),
     }
 }
 

@@ -76,7 +76,8 @@ pub struct CalibrateArgs {
     /// when the file exists, read instead of decoding (refitting without the model), provided
     /// `FILE.key` says it was decoded with this model, adapter and data. While
     /// decoding, every example is journaled in `FILE.partial`, so an interrupted run started
-    /// again with the same arguments (or another `--limit`) continues where it stopped.
+    /// again with the same arguments continues where it stopped (also with another `--limit`,
+    /// until a run finishes and removes the journal).
     #[arg(long, value_name = "FILE")]
     scores: Option<PathBuf>,
     /// Examples decoded at once, sharing every forward pass.
@@ -628,7 +629,8 @@ fn decode_decisions(
     // One record per example: its decisions, or why it was not decoded.
     type Record = Result<Vec<calibration::Decision>, String>;
     // With --scores: its journal (`<scores>.partial`, keyed without `--limit`: its records
-    // are per example, in file order, so another limit keeps them) and the finished file's key.
+    // are per example, in file order, so an interrupted run restarted with another limit keeps
+    // them) and the finished file's key.
     let journaled = scores
         .map(|f| {
             anyhow::Ok((

@@ -277,14 +277,16 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
-    // One run per folder, held until this command returns: taken here, before a checkpoint
-    // is recovered or read, when the folder exists; else just before the run creates it, so a
-    // refused run leaves no folder (and --dry-run writes nothing).
+    // One `triage train` per folder, held until this command returns: taken here, before a
+    // checkpoint is recovered or read, when the folder exists; else just before the run
+    // creates it, so a refused run leaves no folder. --dry-run only reads.
     let lock = match !args.dry_run && run_dir.exists() {
         true => Some(triage_train::trainer::lock_run_dir(&run_dir)?),
         false => None,
     };
-    triage_train::trainer::recover_checkpoint(&run_dir)?;
+    if !args.dry_run {
+        triage_train::trainer::recover_checkpoint(&run_dir)?;
+    }
     let config = match args.resume {
         true => resumed_config(&run_dir, load_config(args)?)?,
         false => load_config(args)?,
@@ -332,7 +334,9 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     // Refused now rather than after hours of training: an --out that is not an adapter
     // folder (it would be replaced), a fresh run over a run directory's checkpoint.
     triage_train::adapter::check_replaceable(&args.out)?;
-    if !args.resume && triage_train::trainer::checkpoint_state(&run_dir).exists() {
+    let fresh_over_a_checkpoint =
+        || !args.resume && triage_train::trainer::checkpoint_state(&run_dir).exists();
+    if fresh_over_a_checkpoint() {
         anyhow::bail!(
             "{} holds the checkpoint of an earlier run: continue it with --resume, or start afresh \
              with another --run-dir (or after deleting {})",
@@ -348,7 +352,17 @@ pub fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     );
     let _lock = match lock {
         Some(held) => held,
-        None => triage_train::trainer::lock_run_dir(&run_dir)?,
+        None => {
+            let held = triage_train::trainer::lock_run_dir(&run_dir)?;
+            // A run that finished in this folder while the model loaded left its checkpoint.
+            anyhow::ensure!(
+                !fresh_over_a_checkpoint(),
+                "{} holds the checkpoint of a run that finished meanwhile: continue it with \
+                 --resume, or use another --run-dir",
+                run_dir.display()
+            );
+            held
+        }
     };
     let mut trainer = Trainer::new(&base, &gguf, config, &train, &val, &run_dir, args.resume)?;
     eprintln!(
