@@ -224,9 +224,8 @@ impl AppState {
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
         });
-        for dir in crate::disk::recover_swaps(&state.config.data_dir) {
-            tracing::warn!("{}: restored (a write of it was cut short)", dir.display());
-        }
+        // Before the sweep, which would delete a cut swap's copies (each restore is logged).
+        crate::disk::recover_swaps(&state.config.data_dir);
         crate::disk::sweep(&state.config.data_dir, &state.disk.lock(), None);
         let served: Vec<String> = state
             .desks

@@ -417,7 +417,7 @@ pub fn resolve(
     Resolved::new(args, dir, lora).map(Some)
 }
 
-/// The file beside a `--scores` file with `suffix`: `key` holds its [`scores_key`], `partial`
+/// The file beside a `--scores` file with `suffix`: `key` holds its [`scores_keys`], `partial`
 /// the journal of its decoding.
 fn beside(scores: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(format!("{}.{suffix}", scores.display()))
@@ -447,13 +447,14 @@ fn calibrate(cli: &Cli, args: &CalibrateArgs) -> anyhow::Result<ExitCode> {
             let model_path = crate::model_cmd::model_path(cli)?;
             match recorded.as_deref().map(str::trim) {
                 Some(k)
-                    if k == scores_key(
+                    if k == scores_keys(
                         cli,
                         dir,
                         &model_path,
                         &labelled.key,
-                        Some(first_n(&labelled, args.limit)),
-                    )? => {}
+                        first_n(&labelled, args.limit),
+                    )?
+                    .0 => {}
                 Some(_) => anyhow::bail!(
                     "{}: decoded with another model, adapter, data file or --limit than {} and \
                      {}, or by an older triage; delete it (or give another --scores) to decode \
@@ -577,28 +578,29 @@ fn first_n(labelled: &crate::eval_cmd::LabelledData, limit: Option<usize>) -> us
 
 /// What decoded decisions depend on: the base model, the adapter's weights, the data file and
 /// how many of its examples (`n`, the first ones), and the record's format (v2: decisions
-/// under a wrong parent value are marked). Keys the `--scores` file (in `<scores>.key`); with
-/// `n` `None`, its `.partial` journal, whose records (one per example, in file order) do not
-/// depend on `--limit`, so another limit keeps them.
-fn scores_key(
+/// under a wrong parent value are marked). Returns the key of the `--scores` file (in
+/// `<scores>.key`) and that of its `.partial` journal, the same without `n`: the journal's
+/// records (one per example, in file order) do not depend on `--limit`, so another limit
+/// keeps them. The model and adapter are hashed once for both.
+fn scores_keys(
     cli: &Cli,
     dir: &Path,
     model_path: &Path,
     data_key: &[u8],
-    n: Option<usize>,
-) -> anyhow::Result<String> {
-    let n = n.map(|n| n.to_string());
-    let mut parts: Vec<&[u8]> = match &n {
-        Some(n) => vec![b"calibrate-v2", n.as_bytes()],
-        None => vec![b"calibrate-partial-v2"],
-    };
+    n: usize,
+) -> anyhow::Result<(String, String)> {
     let model = crate::model_cmd::model_sha256(cli, model_path)?;
     let adapter = files_key(&[
         dir.join("adapter_model.safetensors"),
         dir.join("adapter_config.json"),
     ])?;
-    parts.extend([model.as_bytes(), adapter.as_bytes(), data_key]);
-    Ok(crate::eval_cmd::journal_key(&parts))
+    let inputs: [&[u8]; 3] = [model.as_bytes(), adapter.as_bytes(), data_key];
+    let n = n.to_string();
+    let key = |head: &[&[u8]]| crate::eval_cmd::journal_key(&[head, &inputs[..]].concat());
+    Ok((
+        key(&[&b"calibrate-v2"[..], n.as_bytes()]),
+        key(&[&b"calibrate-partial-v2"[..]]),
+    ))
 }
 
 /// Decodes `labelled` (read from `args.data`) with the adapter in `args.dir` (uncalibrated)
@@ -633,11 +635,8 @@ fn decode_decisions(
     // them) and the finished file's key.
     let journaled = scores
         .map(|f| {
-            anyhow::Ok((
-                beside(f, "partial"),
-                scores_key(cli, dir, &model_path, data_key, Some(examples.len()))?,
-                scores_key(cli, dir, &model_path, data_key, None)?,
-            ))
+            let (key, partial_key) = scores_keys(cli, dir, &model_path, data_key, examples.len())?;
+            anyhow::Ok((beside(f, "partial"), key, partial_key))
         })
         .transpose()?;
     let resume: Option<Resume<Record>> = match &journaled {

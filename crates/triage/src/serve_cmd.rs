@@ -200,10 +200,9 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         &LoadOptions::default(),
     )?);
     // Before the desks resolve their adapters: one whose replacement a kill cut short is put
-    // back first (the state's start-up does it too, for library users; the second finds none).
-    for dir in triage_serve::recover_swaps(&config.data_dir) {
-        tracing::warn!("{}: restored (a write of it was cut short)", dir.display());
-    }
+    // back first (logged as it is; the state's start-up does it too, for library users, and
+    // then finds none).
+    triage_serve::recover_swaps(&config.data_dir);
     let mut desks = Vec::new();
     for (i, t) in taxonomies.into_iter().enumerate() {
         if i > 0 {
