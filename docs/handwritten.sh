@@ -13,18 +13,13 @@ TRIAGE=${TRIAGE:-target/release/triage}
 MODELS=${MODELS:-1.5b 0.5b}
 BUILD=${BUILD:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 DATA=data/handwritten/incidents.jsonl
-. docs/train-files.sh # synth_train: each default adapter's training file
+. docs/train-files.sh # synth_train: each default adapter's training file; eval_into
 for m in $MODELS; do
   t=$(synth_train "$m")
   [ -f "$t" ] || { echo "$t is missing: run docs/results.sh (its data steps) first" >&2; exit 1; }
   r=reports/handwritten-$m
-  # The last build that decoded: this one if it decoded anything (a journal grew or started
-  # over), else the one recorded when the journals were last written (a run resumed to the end
-  # decodes nothing, and its tickets are the earlier build's).
-  journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
-  before=$(journals)
-  "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "$r" --resume
-  if [ "$before" != "$(journals)" ] || [ ! -s "$r/build" ]; then echo "$BUILD" > "$r/build"; fi
+  # Records the last build that decoded it (docs/train-files.sh).
+  eval_into "$r" "$BUILD" "$TRIAGE" --model "$m" eval --data "$DATA" --train "$t" --out "$r" --resume
   echo "$t" > "$r/train"
 done
 measured=$(mktemp)

@@ -32,7 +32,7 @@ CS_TAXONOMY=configs/taxonomy/customer-support.toml
 CS_DIR=../shared/datasets/customer-support-tickets
 OUT=data/results
 mkdir -p "$OUT" reports
-. docs/train-files.sh # synth_train: each default adapter's training file
+. docs/train-files.sh # synth_train: each default adapter's training file; eval_into
 
 # The same data as the training runs (README, "Training"): deterministic seeds.
 "$TRIAGE" data synth --n 2500 --seed 7 -o "$OUT/synth.jsonl"
@@ -55,14 +55,10 @@ limit() { [ "$1" -gt 0 ] && echo "--limit $1" || true; }
 evaluate() { # name model split train limit adapter [global flags...]: reports/results-<name>, unless ONLY leaves it out
   local name=$1 model=$2 split=$3 train=$4 n=$5 adapter=$6; shift 6
   case " $ONLY " in *" $name "*) ;; *) return 0;; esac
-  local r=reports/results-$name before
-  # The section names the last build that decoded: this one if it decoded anything (a journal
-  # grew or started over), else the one recorded when the journals were last written.
-  journals() { stat -c '%n %s %Y' "$r"/journal-*.jsonl 2>/dev/null || true; }
-  before=$(journals)
-  "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" --train "$train" \
-    --adapter "$adapter" $(limit "$n") --out "$r" --resume
-  if [ "$before" != "$(journals)" ] || [ ! -s "$r/build" ]; then echo "$BUILD" > "$r/build"; fi
+  local r=reports/results-$name
+  # The section names the last build that decoded it (docs/train-files.sh).
+  eval_into "$r" "$BUILD" "$TRIAGE" --model "$model" "$@" eval --data "$OUT/$split/test.jsonl" \
+    --train "$train" --adapter "$adapter" $(limit "$n") --out "$r" --resume
   echo "$train" > "reports/results-$name/train" # and what its baseline was fitted on
   cp "$adapter/triage.json" "reports/results-$name/adapter-triage.json" # and what the adapter was
 }
